@@ -1,0 +1,279 @@
+"""The engine: load the pipeline once, apply the stack, warm up, then run one job at a time.
+
+No FastAPI here. ``generate`` is called from the single GPU worker thread (see queue.py); it never runs
+concurrently with itself, so the per-request scheduler swap below is safe.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import platform
+import threading
+import time
+
+import torch
+from PIL import Image
+
+from flux_kontext.jobs import PHASES, EngineNotReady, EngineOutOfMemory, Job, JobResult
+from flux_kontext.models import LoadedModel, load_model
+from flux_kontext.optimizations import OptimizationContext, Report, apply_all, plan_for_request
+from flux_kontext.optimizations.scheduler import DEFAULT_STEPS, make_scheduler
+from flux_kontext.resolution import kontext_resolution
+from flux_kontext.settings import Settings
+from utils import PhaseTimer
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TEXT_TO_IMAGE_SIZE = (1024, 1024)
+
+
+class Engine:
+    """Owns the pipeline and its lifecycle state: loading -> warming_up -> ready | failed."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.state = "starting"
+        self.reason: str | None = "not loaded yet"
+        self.model: LoadedModel | None = None
+        self.reports: list[Report] = []
+        self._config_error: str | None = None
+        try:
+            self.device = _resolve_device(settings.device)
+        except ValueError as exc:  # reported by load(), so /health can say why
+            self.device, self._config_error = torch.device("cpu"), str(exc)
+        self.dtype = _resolve_dtype(settings.dtype, self.device)
+        self._scheduler_config: dict = {}
+        self.load_seconds: float | None = None
+        self._timer: PhaseTimer | None = None
+        self._lock = threading.Lock()
+
+    # ----- lifecycle -------------------------------------------------------------------------------
+    def load(self) -> None:
+        """Load, optimize and warm up. Never raises: a failure is recorded in ``state``/``reason``."""
+        start = time.perf_counter()
+        try:
+            if self._config_error:
+                raise ValueError(self._config_error)
+            self._set_state("loading", f"loading model {self.settings.model!r}")
+            self.model = load_model(self.settings, self.device, self.dtype)
+            self._instrument(self.model.pipe)
+            self._scheduler_config = dict(self.model.pipe.scheduler.config)
+            self.reports = apply_all(self.model.pipe, self._optimization_context())
+            if self.settings.warmup:
+                self._set_state("warming_up", "running a warm-up generation")
+                self._warm_up()
+            self.load_seconds = time.perf_counter() - start
+            self._set_state("ready", None)
+            log.info("engine ready in %.1f s (%s)", self.load_seconds, self.model.kind)
+        except Exception as exc:
+            log.exception("engine failed to start")
+            self._set_state("failed", f"{type(exc).__name__}: {exc}")
+
+    def _set_state(self, state: str, reason: str | None) -> None:
+        self.state, self.reason = state, reason
+
+    @property
+    def ready(self) -> bool:
+        return self.state == "ready"
+
+    def _optimization_context(self) -> OptimizationContext:
+        capability = torch.cuda.get_device_capability(self.device) if self.device.type == "cuda" else None
+        return OptimizationContext(device_type=self.device.type, capability=capability, settings=self.settings)
+
+    def _warm_up(self) -> None:
+        image = Image.new("RGB", (64, 48), (128, 64, 32))
+        self._generate(Job(prompt="warm-up", seed=self.settings.seed_for_warmup, image=image, steps=2))
+
+    def _instrument(self, pipe) -> None:
+        # The pipeline encodes the context image inside its own call; wrapping vae.encode on this instance
+        # (not the class) is how image encoding gets its own timing.
+        original = pipe.vae.encode
+
+        def timed_encode(*args, **kwargs):
+            timer = self._timer
+            if timer is None:
+                return original(*args, **kwargs)
+            with timer.measure("image_encoding"):
+                return original(*args, **kwargs)
+
+        pipe.vae.encode = timed_encode
+
+    # ----- generation ------------------------------------------------------------------------------
+    def generate(self, job: Job) -> JobResult:
+        """Run one job. Raises EngineNotReady, EngineOutOfMemory, or ValueError for bad parameters."""
+        if not self.ready:
+            raise EngineNotReady(f"engine is {self.state}: {self.reason}")
+        try:
+            return self._generate(job)
+        except torch.OutOfMemoryError as exc:
+            self._release_memory()
+            raise EngineOutOfMemory(
+                f"out of GPU memory for this request ({job.num_images} image(s)); "
+                "retry with fewer images or a smaller size"
+            ) from exc
+
+    def _generate(self, job: Job) -> JobResult:
+        with self._lock:
+            return self._run(job)
+
+    def _output_size(self, job: Job) -> tuple[int, int, str, tuple[int, int] | None]:
+        context = kontext_resolution(*job.image.size) if job.image is not None else None
+        if job.width is not None and job.height is not None:
+            return job.width, job.height, "request", context
+        if context is not None:
+            return context[0], context[1], "input_aspect_snapped", context
+        return (*DEFAULT_TEXT_TO_IMAGE_SIZE, "default", None)
+
+    def _run(self, job: Job) -> JobResult:
+        pipe = self.model.pipe
+        plan = plan_for_request(self.reports, job.flags)
+        width, height, size_source, context = self._output_size(job)
+        steps = job.steps or DEFAULT_STEPS[job.scheduler]
+        seeds = [job.seed + i for i in range(job.num_images)]
+        generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+        timer = PhaseTimer(sync=self._sync)
+        true_cfg = job.true_cfg_scale > 1.0 and bool(job.negative_prompt)
+        total_start = time.perf_counter()
+        self._timer = timer
+        try:
+            pipe.scheduler = make_scheduler(job.scheduler, self._scheduler_config)
+            with contextlib.ExitStack() as stack, torch.inference_mode():
+                for switch in plan.switches:
+                    stack.enter_context(switch())
+                with timer.measure("text_encoding"):
+                    embeds = self._encode_text(job.prompt, job.num_images)
+                    negative = self._encode_text(job.negative_prompt, job.num_images) if true_cfg else (None, None)
+                denoise_start = time.perf_counter()
+                latents = pipe(
+                    image=job.image.resize(context, Image.LANCZOS) if job.image is not None else None,
+                    prompt_embeds=embeds[0],
+                    pooled_prompt_embeds=embeds[1],
+                    negative_prompt_embeds=negative[0],
+                    negative_pooled_prompt_embeds=negative[1],
+                    true_cfg_scale=job.true_cfg_scale,
+                    width=width,
+                    height=height,
+                    # The pipeline rescales to max_area at the input's aspect ratio: pin it to the size asked.
+                    max_area=width * height,
+                    _auto_resize=False,  # the context image is already at its snapped Kontext resolution
+                    num_inference_steps=steps,
+                    guidance_scale=job.guidance_scale,
+                    generator=generators,
+                    max_sequence_length=self.model.max_sequence_length,
+                    output_type="latent",
+                    return_dict=False,
+                )[0]
+                self._sync()
+                timer.add(
+                    "denoising",
+                    (time.perf_counter() - denoise_start) * 1000.0 - timer.phases.get("image_encoding", 0.0),
+                )
+                with timer.measure("decoding"):
+                    images = self._decode(latents, width, height)
+        finally:
+            self._timer = None
+        timings = {phase: round(timer.phases.get(phase, 0.0), 2) for phase in PHASES}
+        timings["engine_total"] = round((time.perf_counter() - total_start) * 1000.0, 2)
+        return JobResult(
+            images=images,
+            seeds=seeds,
+            width=width,
+            height=height,
+            context_size=context,
+            size_source=size_source,
+            steps=steps,
+            scheduler=job.scheduler,
+            true_cfg=true_cfg,
+            timings_ms=timings,
+            optimizations=plan.public(),
+        )
+
+    def _encode_text(self, prompt: str, num_images: int):
+        prompt_embeds, pooled, _ = self.model.pipe.encode_prompt(
+            prompt=prompt,
+            prompt_2=None,
+            device=self.device,
+            num_images_per_prompt=num_images,
+            max_sequence_length=self.model.max_sequence_length,
+        )
+        return prompt_embeds, pooled
+
+    def _decode(self, latents: torch.Tensor, width: int, height: int) -> list[Image.Image]:
+        pipe = self.model.pipe
+        latents = pipe._unpack_latents(latents, height, width, pipe.vae_scale_factor)
+        latents = latents / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor
+        decoded = pipe.vae.decode(latents.to(pipe.vae.dtype), return_dict=False)[0]
+        return pipe.image_processor.postprocess(decoded, output_type="pil")
+
+    # ----- device helpers --------------------------------------------------------------------------
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def _release_memory(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def reset_peak_memory(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def peak_memory_gib(self) -> float | None:
+        if self.device.type != "cuda":
+            return None
+        return round(torch.cuda.max_memory_allocated(self.device) / 2**30, 3)
+
+    # ----- reporting -------------------------------------------------------------------------------
+    def describe_device(self) -> dict:
+        info = {"type": self.device.type, "dtype": str(self.dtype).removeprefix("torch.")}
+        if self.device.type == "cuda":
+            props = torch.cuda.get_device_properties(self.device)
+            info.update(
+                name=props.name,
+                capability=f"sm_{props.major}{props.minor}",
+                memory_gib=round(props.total_memory / 2**30, 1),
+            )
+        else:
+            info.update(name=platform.processor() or platform.machine(), threads=torch.get_num_threads())
+        return info
+
+    def describe_model(self) -> dict:
+        if self.model is None:
+            return {"source": self.settings.model, "kind": self.settings.model_kind, "demo": None}
+        return {
+            "source": self.model.source,
+            "kind": self.model.kind,
+            "demo": self.model.demo,
+            "fallback_reason": self.model.fallback_reason,
+            "max_sequence_length": self.model.max_sequence_length,
+        }
+
+    def versions(self) -> dict:
+        import diffusers
+        import transformers
+
+        versions = {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "diffusers": diffusers.__version__,
+            "transformers": transformers.__version__,
+        }
+        if self.device.type == "cuda":
+            versions["cuda"] = torch.version.cuda
+        return versions
+
+
+def _resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"FLUX_DEVICE={name} but no CUDA device is available")
+    return device
+
+
+def _resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, name)

@@ -1,0 +1,50 @@
+"""Jobs and results exchanged between the HTTP layer and the engine (no torch here)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from PIL import Image
+
+PHASES = ("text_encoding", "image_encoding", "denoising", "decoding")
+
+
+class EngineNotReady(RuntimeError):
+    """The engine is loading, warming up or failed; carries the reason."""
+
+
+class EngineOutOfMemory(RuntimeError):
+    """The GPU ran out of memory for this request; the engine itself is fine."""
+
+
+@dataclass
+class Job:
+    """One generation, already validated; engine-level, independent of HTTP."""
+
+    prompt: str
+    seed: int
+    image: Image.Image | None = None
+    width: int | None = None
+    height: int | None = None
+    steps: int | None = None
+    guidance_scale: float = 3.5
+    true_cfg_scale: float = 1.0
+    negative_prompt: str | None = None
+    num_images: int = 1
+    scheduler: str = "euler"
+    flags: dict[str, bool] = field(default_factory=dict)
+
+
+@dataclass
+class JobResult:
+    images: list[Image.Image]
+    seeds: list[int]
+    width: int
+    height: int
+    context_size: tuple[int, int] | None
+    size_source: str
+    steps: int
+    scheduler: str
+    true_cfg: bool
+    timings_ms: dict[str, float]
+    optimizations: dict

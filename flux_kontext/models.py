@@ -1,0 +1,227 @@
+"""Pipeline sources: real weights (hub id or local folder), random full-size, tiny random.
+
+The random and tiny sources keep the real geometry (8x VAE downsample, 2x2 latent packing, 16 latent
+channels, the FLUX scheduler config), so everything above this module runs the same code for all four.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass
+
+import torch
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxKontextPipeline, FluxTransformer2DModel
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast, T5Config, T5EncoderModel
+
+from flux_kontext.settings import Settings, hub_token
+
+log = logging.getLogger(__name__)
+
+# FLUX.1's scheduler: flow matching with resolution-dependent shift (see FACTS.md).
+SCHEDULER_CONFIG = dict(
+    num_train_timesteps=1000,
+    shift=3.0,
+    use_dynamic_shifting=True,
+    base_shift=0.5,
+    max_shift=1.15,
+    base_image_seq_len=256,
+    max_image_seq_len=4096,
+)
+VAE_SCALING = dict(scaling_factor=0.3611, shift_factor=0.1159, latent_channels=16)
+
+FULL_TRANSFORMER = dict(
+    patch_size=1,
+    in_channels=64,
+    num_layers=19,
+    num_single_layers=38,
+    attention_head_dim=128,
+    num_attention_heads=24,
+    joint_attention_dim=4096,
+    pooled_projection_dim=768,
+    guidance_embeds=True,
+    axes_dims_rope=(16, 56, 56),
+)
+FULL_T5 = dict(
+    vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64, feed_forward_proj="gated-gelu"
+)
+FULL_CLIP = dict(
+    vocab_size=49408,
+    hidden_size=768,
+    intermediate_size=3072,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    max_position_embeddings=77,
+    hidden_act="quick_gelu",
+    projection_dim=768,
+    # Ids of the in-process tokenizer below; CLIP pools the hidden state at the end-of-sequence token.
+    pad_token_id=0,
+    eos_token_id=1,
+    bos_token_id=0,
+)
+FULL_VAE = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32)
+
+# Tiny: same structure, widths cut so a 1024x1024 edit runs in about a second on two CPU cores.
+TINY_TRANSFORMER = dict(
+    FULL_TRANSFORMER,
+    num_layers=1,
+    num_single_layers=1,
+    attention_head_dim=16,
+    num_attention_heads=2,
+    joint_attention_dim=32,
+    pooled_projection_dim=32,
+    axes_dims_rope=(4, 6, 6),
+)
+TINY_T5 = dict(vocab_size=320, d_model=32, d_kv=16, d_ff=64, num_layers=2, num_heads=2, feed_forward_proj="gated-gelu")
+TINY_CLIP = dict(
+    FULL_CLIP,
+    vocab_size=320,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    projection_dim=32,
+)
+TINY_VAE = dict(block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4)
+TINY_MAX_SEQUENCE_LENGTH = 64
+FULL_MAX_SEQUENCE_LENGTH = 512
+CLIP_MAX_LENGTH = 77
+
+
+@dataclass
+class LoadedModel:
+    """A pipeline plus what the service reports about where it came from."""
+
+    pipe: FluxKontextPipeline
+    source: str
+    kind: str  # hub | local | random | tiny
+    demo: bool
+    max_sequence_length: int
+    fallback_reason: str | None = None
+
+
+def byte_level_tokenizer(model_max_length: int) -> PreTrainedTokenizerFast:
+    """A tokenizer built in-process: one token per UTF-8 byte, then an end-of-sequence token.
+
+    Different prompts give different ids (unlike a word-level tokenizer with an empty vocabulary), and it
+    needs no download. Ids stay below 260, valid for the tiny and the full-size vocabularies.
+    """
+    specials = ["<pad>", "</s>", "<unk>"]
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {token: i for i, token in enumerate(specials + alphabet)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        model_max_length=model_max_length,
+    )
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype):
+    # Parameters are created directly in the target dtype: a 12B model built in fp32 first would need 48 GB.
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def build_random_pipeline(
+    *, tiny: bool, device: torch.device, dtype: torch.dtype, seed: int = 0
+) -> FluxKontextPipeline:
+    """Construct a FluxKontextPipeline with random weights, full-size or tiny, directly on ``device``."""
+    torch.manual_seed(seed)
+    transformer_cfg, t5_cfg, clip_cfg, vae_cfg = (
+        (TINY_TRANSFORMER, TINY_T5, TINY_CLIP, TINY_VAE) if tiny else (FULL_TRANSFORMER, FULL_T5, FULL_CLIP, FULL_VAE)
+    )
+    with torch.device(device), _default_dtype(dtype):
+        transformer = FluxTransformer2DModel(**transformer_cfg)
+        text_encoder_2 = T5EncoderModel(T5Config(**t5_cfg))
+        text_encoder = CLIPTextModel(CLIPTextConfig(**clip_cfg))
+        vae = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            use_quant_conv=False,
+            use_post_quant_conv=False,
+            sample_size=1024,
+            **vae_cfg,
+            **VAE_SCALING,
+        )
+    max_len = TINY_MAX_SEQUENCE_LENGTH if tiny else FULL_MAX_SEQUENCE_LENGTH
+    pipe = FluxKontextPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=byte_level_tokenizer(CLIP_MAX_LENGTH),
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=byte_level_tokenizer(max_len),
+        transformer=transformer,
+    )
+    for module in (transformer, text_encoder, text_encoder_2, vae):
+        module.eval().requires_grad_(False)
+    return pipe
+
+
+def _load_pretrained(source: str, settings: Settings, device: torch.device, dtype: torch.dtype) -> FluxKontextPipeline:
+    pipe = FluxKontextPipeline.from_pretrained(
+        source,
+        torch_dtype=dtype,
+        token=hub_token(),
+        revision=settings.revision,
+    )
+    return pipe.to(device)
+
+
+def load_model(settings: Settings, device: torch.device, dtype: torch.dtype) -> LoadedModel:
+    """Load the configured source. A defaulted hub model that cannot be found falls back to tiny (demo)."""
+    kind = settings.model_kind
+    if kind in ("random", "tiny"):
+        tiny = kind == "tiny"
+        log.info("building %s random FLUX.1-Kontext pipeline on %s (%s)", kind, device, dtype)
+        pipe = build_random_pipeline(tiny=tiny, device=device, dtype=dtype)
+        return LoadedModel(
+            pipe=pipe,
+            source=settings.model,
+            kind=kind,
+            demo=tiny,
+            max_sequence_length=settings.max_sequence_length
+            or (TINY_MAX_SEQUENCE_LENGTH if tiny else FULL_MAX_SEQUENCE_LENGTH),
+        )
+    try:
+        log.info("loading FLUX.1-Kontext pipeline from %s %s", kind, settings.model)
+        pipe = _load_pretrained(settings.model, settings, device, dtype)
+    except Exception as exc:
+        if settings.model_is_explicit:
+            raise
+        reason = f"could not load default model {settings.model!r}: {type(exc).__name__}: {exc}"
+        log.warning("=" * 78)
+        log.warning("DEMO MODE: %s", reason)
+        log.warning("Serving the TINY RANDOM pipeline: images are noise, not FLUX.1-Kontext output.")
+        log.warning("Set HF_TOKEN (gated repo) or FLUX_MODEL=<hub id | folder> to serve the real model.")
+        log.warning("=" * 78)
+        pipe = build_random_pipeline(tiny=True, device=device, dtype=dtype)
+        return LoadedModel(
+            pipe=pipe,
+            source="tiny",
+            kind="tiny",
+            demo=True,
+            max_sequence_length=settings.max_sequence_length or TINY_MAX_SEQUENCE_LENGTH,
+            fallback_reason=reason,
+        )
+    return LoadedModel(
+        pipe=pipe,
+        source=settings.model,
+        kind=kind,
+        demo=False,
+        max_sequence_length=settings.max_sequence_length or FULL_MAX_SEQUENCE_LENGTH,
+    )

@@ -1,0 +1,109 @@
+"""HTTP request and response models. No torch or diffusers here."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from utils import MAX_SEED
+
+MIN_SIDE, MAX_SIDE, SIZE_MULTIPLE = 256, 1568, 16
+
+
+class InferenceRequest(BaseModel):
+    """POST /inference. Editing when ``image`` is given, text-to-image otherwise."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(..., min_length=1, max_length=4000, description="Instruction (edit) or description.")
+    image: str | None = Field(
+        None, description="Input image for editing: base64 or a data: URI (PNG, JPEG, WebP). Omit for text-to-image."
+    )
+    negative_prompt: str | None = Field(
+        None, max_length=4000, description="Used only with true_cfg_scale > 1 (true classifier-free guidance)."
+    )
+    width: int | None = Field(
+        None,
+        ge=MIN_SIDE,
+        le=MAX_SIDE,
+        description="Output width, a multiple of 16 (256-1568; the seed capped at 1024, raised so every "
+        "preferred Kontext resolution is reachable). Default: edit follows the input's aspect ratio snapped "
+        "to the nearest preferred Kontext resolution; text-to-image is 1024.",
+    )
+    height: int | None = Field(None, ge=MIN_SIDE, le=MAX_SIDE, description="Output height; see width.")
+    steps: int | None = Field(None, ge=1, le=50, description="Denoising steps; default 14.")
+    guidance_scale: float = Field(3.5, ge=0, le=20, description="Distilled guidance (prompt adherence).")
+    true_cfg_scale: float = Field(1.0, ge=0, le=20, description="True CFG; > 1 with a negative_prompt runs it.")
+    num_images: int = Field(1, ge=1, le=4, description="Images for this prompt; image i uses seed + i.")
+    seed: int | None = Field(None, ge=0, le=MAX_SEED - 4, description="Random when absent; returned per image.")
+    output_format: Literal["png", "jpeg", "webp"] = "png"
+    use_flash_attention: bool = Field(True, description="Allow FlashAttention 3 if the server loaded it.")
+    use_mxfp4: bool = Field(True, description="Allow the best low-precision GEMMs the GPU has (MXFP4 or FP8).")
+    use_dpm_solver: bool = Field(True, description="Allow DPM-Solver++ 2M if the server has it.")
+    use_cuda_graphs: bool = Field(True, description="Allow CUDA graphs if the server captured them.")
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("prompt must not be empty or only whitespace")
+        return value
+
+    @field_validator("width", "height")
+    @classmethod
+    def _multiple_of_16(cls, value: int | None) -> int | None:
+        if value is not None and value % SIZE_MULTIPLE:
+            raise ValueError(f"must be a multiple of {SIZE_MULTIPLE}, got {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _both_sides_or_neither(self) -> InferenceRequest:
+        if (self.width is None) != (self.height is None):
+            raise ValueError("give both width and height, or neither (then the size follows the input image)")
+        return self
+
+    def flags(self) -> dict[str, bool]:
+        return {
+            "use_flash_attention": self.use_flash_attention,
+            "use_mxfp4": self.use_mxfp4,
+            "use_dpm_solver": self.use_dpm_solver,
+            "use_cuda_graphs": self.use_cuda_graphs,
+        }
+
+
+class GeneratedImage(BaseModel):
+    image: str = Field(..., description="Base64-encoded image bytes.")
+    seed: int
+    width: int
+    height: int
+    format: str
+
+
+class InferenceResponse(BaseModel):
+    id: str
+    mode: Literal["edit", "text_to_image"]
+    prompt: str
+    images: list[GeneratedImage]
+    size_source: str = Field(..., description="request | input_aspect_snapped | default")
+    context_size: list[int] | None = Field(None, description="Size the input image was resized to (edit).")
+    steps: int
+    scheduler: str
+    guidance_scale: float
+    true_cfg_scale: float
+    true_cfg_active: bool
+    timings_ms: dict[str, float]
+    model: dict
+    optimizations: dict
+
+
+class ErrorBody(BaseModel):
+    type: str
+    message: str
+    details: list[dict] | None = None
+
+
+class ErrorEnvelope(BaseModel):
+    """Every failure, whatever the status code, has this shape."""
+
+    error: ErrorBody

@@ -1,0 +1,226 @@
+"""HTTP layer: create_app(settings, engine_factory) -> FastAPI. Routes stay thin; no torch here."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+import uuid
+from contextlib import asynccontextmanager
+from typing import Callable, Literal
+
+from fastapi import FastAPI, Query, Request
+from fastapi.responses import JSONResponse, Response
+
+from flux_kontext.benchmark import BenchmarkParams, run_benchmark
+from flux_kontext.body_limit import BodySizeLimit
+from flux_kontext.errors import ServiceError, install_error_handlers
+from flux_kontext.jobs import EngineNotReady, EngineOutOfMemory, Job, JobResult
+from flux_kontext.metrics import Metrics
+from flux_kontext.queue import JobQueue, QueueFull
+from flux_kontext.schemas import (
+    MAX_SIDE,
+    MIN_SIDE,
+    ErrorEnvelope,
+    GeneratedImage,
+    InferenceRequest,
+    InferenceResponse,
+)
+from flux_kontext.settings import Settings
+from utils import ImageInputError, decode_image, encode_image, new_seed
+
+log = logging.getLogger(__name__)
+ERRORS = {status: {"model": ErrorEnvelope} for status in (400, 409, 413, 415, 422, 429, 503, 504)}
+
+
+def default_engine_factory(settings: Settings):
+    from flux_kontext.engine import Engine  # torch is imported here, not by the HTTP layer
+
+    return Engine(settings)
+
+
+class Service:
+    """State shared by the routes: settings, engine, queue, metrics."""
+
+    def __init__(self, settings: Settings, engine):
+        self.settings = settings
+        self.engine = engine
+        self.queue = JobQueue(engine.generate, settings.max_queue)
+        self.metrics = Metrics(lambda: self.queue.depth)
+        self.benchmark_lock = asyncio.Lock()
+
+    def require_ready(self) -> None:
+        if not self.engine.ready:
+            raise ServiceError(
+                503,
+                "not_ready",
+                f"model is {self.engine.state}: {self.engine.reason}",
+                headers={"Retry-After": str(self.settings.retry_after_s)},
+            )
+
+    async def submit(self, job: Job) -> tuple[JobResult, float]:
+        """Run a job through the bounded queue, mapping engine failures to HTTP errors."""
+        self.require_ready()
+        retry = {"Retry-After": str(self.settings.retry_after_s)}
+        try:
+            return await self.queue.submit(job, self.settings.request_timeout_s)
+        except QueueFull as exc:
+            raise ServiceError(429, "overloaded", f"server is busy: {exc}; retry later", headers=retry) from None
+        except EngineOutOfMemory as exc:
+            raise ServiceError(503, "out_of_memory", str(exc), headers=retry) from None
+        except EngineNotReady as exc:
+            raise ServiceError(503, "not_ready", str(exc), headers=retry) from None
+        except asyncio.TimeoutError:
+            raise ServiceError(
+                504, "timeout", f"no result within {self.settings.request_timeout_s:.0f} s (FLUX_REQUEST_TIMEOUT_S)"
+            ) from None
+        except ValueError as exc:
+            raise ServiceError(422, "invalid_request", str(exc)) from None
+
+    def health(self) -> dict:
+        engine = self.engine
+        return {
+            "status": "ok" if engine.ready else engine.state,
+            "state": engine.state,
+            "reason": engine.reason,
+            "demo": engine.model.demo if engine.model else None,
+            "model": engine.describe_model(),
+            "device": engine.describe_device(),
+            "optimizations": [report.public() for report in engine.reports],
+            "queue": {"depth": self.queue.depth, "max_waiting": self.queue.max_waiting},
+            "load_seconds": round(engine.load_seconds, 2) if engine.load_seconds else None,
+        }
+
+
+def to_job(request: InferenceRequest, settings: Settings) -> Job:
+    """Convert a validated request into an engine job; decodes the image (call off the event loop)."""
+    try:
+        image = decode_image(request.image, settings.max_input_pixels) if request.image is not None else None
+    except ImageInputError as exc:
+        raise ServiceError(exc.status, exc.code, exc.message) from None
+    return Job(
+        prompt=request.prompt,
+        seed=request.seed if request.seed is not None else new_seed(),
+        image=image,
+        width=request.width,
+        height=request.height,
+        steps=request.steps,
+        guidance_scale=request.guidance_scale,
+        true_cfg_scale=request.true_cfg_scale,
+        negative_prompt=request.negative_prompt,
+        num_images=request.num_images,
+        flags=request.flags(),
+    )
+
+
+def to_response(request: InferenceRequest, job: Job, result: JobResult, wait_ms: float, model: dict) -> dict:
+    """Build the response body; encodes images (call off the event loop)."""
+    images = [
+        GeneratedImage(
+            image=encode_image(img, request.output_format),
+            seed=seed,
+            width=img.width,
+            height=img.height,
+            format=request.output_format,
+        )
+        for img, seed in zip(result.images, result.seeds)
+    ]
+    return InferenceResponse(
+        id=f"req-{uuid.uuid4().hex[:16]}",
+        mode="edit" if job.image is not None else "text_to_image",
+        prompt=request.prompt,
+        images=images,
+        size_source=result.size_source,
+        context_size=list(result.context_size) if result.context_size else None,
+        steps=result.steps,
+        scheduler=result.scheduler,
+        guidance_scale=request.guidance_scale,
+        true_cfg_scale=request.true_cfg_scale,
+        true_cfg_active=result.true_cfg,
+        timings_ms={"queue_wait": round(wait_ms, 2), **result.timings_ms},
+        model=model,
+        optimizations=result.optimizations,
+    ).model_dump()
+
+
+def create_app(settings: Settings | None = None, engine_factory: Callable[[Settings], object] | None = None) -> FastAPI:
+    """Build the app. The model loads in a background thread at startup; /health is 503 until ready."""
+    settings = settings or Settings()
+    engine = (engine_factory or default_engine_factory)(settings)
+    service = Service(settings, engine)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        service.queue.start()
+        loader = threading.Thread(target=engine.load, name="model-loader", daemon=True)
+        loader.start()
+        try:
+            yield
+        finally:
+            await service.queue.stop()
+
+    app = FastAPI(title="FLUX.1-Kontext optimized", version="0.1.0", lifespan=lifespan)
+    app.state.service = service
+    install_error_handlers(app)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+
+    @app.middleware("http")
+    async def count_requests(request: Request, call_next):
+        response = await call_next(request)
+        route = request.scope.get("route")
+        endpoint = route.path if route is not None else "unmatched"
+        service.metrics.requests.labels(endpoint=endpoint, status=str(response.status_code)).inc()
+        return response
+
+    @app.post("/inference", response_model=InferenceResponse, responses=ERRORS)
+    async def inference(request: InferenceRequest):
+        """Edit an image (``image`` given) or generate one from text."""
+        service.require_ready()
+        start = time.perf_counter()
+        job = await asyncio.to_thread(to_job, request, settings)
+        result, wait_ms = await service.submit(job)
+        body = await asyncio.to_thread(to_response, request, job, result, wait_ms, engine.describe_model())
+        body["timings_ms"]["total"] = round((time.perf_counter() - start) * 1000.0, 2)
+        service.metrics.observe_timings(body["timings_ms"])
+        service.metrics.images.inc(len(body["images"]))
+        return JSONResponse(body)
+
+    @app.get("/benchmark", responses=ERRORS)
+    async def benchmark(
+        runs: int = Query(3, ge=1, le=settings.benchmark_max_runs, description="Timed runs after one warm-up."),
+        width: int = Query(1024, ge=MIN_SIDE, le=MAX_SIDE, multiple_of=16),
+        height: int = Query(1024, ge=MIN_SIDE, le=MAX_SIDE, multiple_of=16),
+        steps: int | None = Query(None, ge=1, le=50, description="Default: the scheduler's default."),
+        mode: Literal["edit", "text_to_image"] = Query("edit"),
+    ):
+        """Timed generations on the live model, through the same queue as /inference."""
+        service.require_ready()
+        if service.benchmark_lock.locked():
+            raise ServiceError(409, "benchmark_running", "a benchmark is already running; try again when it ends")
+        async with service.benchmark_lock:
+            params = BenchmarkParams(runs=runs, width=width, height=height, steps=steps, mode=mode)
+            return await run_benchmark(engine, params, service.submit)
+
+    @app.get("/health")
+    async def health():
+        """200 when ready to serve; 503 while loading, warming up or failed (with the reason)."""
+        return JSONResponse(service.health(), status_code=200 if engine.ready else 503)
+
+    @app.get("/health/live")
+    async def live():
+        """Liveness: the process and its event loop answer."""
+        return {"status": "alive"}
+
+    @app.get("/health/ready")
+    async def ready():
+        """Readiness: 200 only when the model is loaded and warmed up."""
+        body = {"ready": engine.ready, "state": engine.state, "reason": engine.reason}
+        return JSONResponse(body, status_code=200 if engine.ready else 503)
+
+    @app.get("/metrics")
+    async def metrics():
+        """Prometheus text format."""
+        return Response(service.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    return app

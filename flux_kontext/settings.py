@@ -1,0 +1,73 @@
+"""The one place where the service's defaults live (environment prefix FLUX_)."""
+
+from __future__ import annotations
+
+import os
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_MODEL = "black-forest-labs/FLUX.1-Kontext-dev"
+# Sources that are not a hub id or a folder: built in-process with random weights.
+RANDOM_MODEL = "random"
+TINY_MODEL = "tiny"
+
+
+class Settings(BaseSettings):
+    """Service configuration, read from FLUX_* environment variables or passed directly."""
+
+    model_config = SettingsConfigDict(env_prefix="FLUX_", extra="forbid", frozen=True)
+
+    model: str = Field(
+        DEFAULT_MODEL,
+        description="Hugging Face repo id, local diffusers folder, 'random' (full size) or 'tiny'.",
+    )
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
+    device: str = Field("auto", description="'auto' picks cuda when available, else cpu.")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="'auto' is bfloat16 on cuda and float32 on cpu."
+    )
+    max_queue: int = Field(16, ge=1, le=1024, description="Jobs waiting for the GPU before 429.")
+    max_body_mb: float = Field(32.0, gt=0, description="Largest request body accepted (413 above).")
+    max_input_pixels: int = Field(
+        4096 * 4096, ge=64 * 64, description="Largest input image (width*height), checked before decoding."
+    )
+    request_timeout_s: float = Field(600.0, gt=0, description="Longest a request waits for its result.")
+    warmup: bool = Field(True, description="Run one small generation before reporting ready.")
+    max_sequence_length: int | None = Field(
+        None, ge=16, le=512, description="T5 tokens; default 512 (real/random) or 64 (tiny)."
+    )
+    benchmark_max_runs: int = Field(20, ge=1, le=200, description="Upper bound for /benchmark?runs=.")
+    retry_after_s: int = Field(5, ge=1, description="Retry-After header sent with 429 and 503.")
+    seed_for_warmup: int = 0
+
+    @model_validator(mode="after")
+    def _check_device(self) -> Settings:
+        if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
+            raise ValueError(f"FLUX_DEVICE must be 'auto', 'cpu' or 'cuda[:N]', not {self.device!r}")
+        return self
+
+    @property
+    def model_is_explicit(self) -> bool:
+        """True when the model was chosen by the user (argument or FLUX_MODEL), not defaulted."""
+        return "model" in self.model_fields_set
+
+    @property
+    def model_kind(self) -> Literal["hub", "local", "random", "tiny"]:
+        if self.model == RANDOM_MODEL:
+            return "random"
+        if self.model == TINY_MODEL:
+            return "tiny"
+        if os.path.isdir(os.path.expanduser(self.model)):
+            return "local"
+        return "hub"
+
+    @property
+    def max_body_bytes(self) -> int:
+        return int(self.max_body_mb * 1024 * 1024)
+
+
+def hub_token() -> str | None:
+    """The Hugging Face token, from the environment variables huggingface_hub itself honours."""
+    return os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN") or None

@@ -1,0 +1,126 @@
+"""Small leaf helpers: image decoding/encoding, seeds, timers. Imports nothing of this project."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import re
+import secrets
+import time
+from dataclasses import dataclass, field
+
+from PIL import Image
+
+ACCEPTED_INPUT_FORMATS = ("PNG", "JPEG", "WEBP")
+OUTPUT_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
+MAX_SEED = 2**63 - 1
+_DATA_URI = re.compile(r"^data:(?P<mime>[\w/+.-]*)?(;[\w=.-]+)*;base64,", re.IGNORECASE)
+
+
+class ImageInputError(ValueError):
+    """An input image that cannot be used; carries the HTTP status and a machine-readable code."""
+
+    def __init__(self, status: int, code: str, message: str):
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+def _b64_payload(data: str) -> bytes:
+    text = data.strip()
+    match = _DATA_URI.match(text)
+    if match:
+        text = text[match.end() :]
+    elif text.startswith("data:"):
+        raise ImageInputError(400, "invalid_image", "data: URI must be base64-encoded ('data:image/png;base64,...')")
+    text = re.sub(r"\s+", "", text)
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise ImageInputError(400, "invalid_base64", f"'image' is not valid base64: {exc}") from None
+
+
+def decode_image(data: str, max_pixels: int) -> Image.Image:
+    """Decode a base64 string or data: URI into an RGB PIL image.
+
+    The size is read from the header and checked against ``max_pixels`` before any pixel is decoded,
+    so a decompression bomb costs nothing.
+    """
+    raw = _b64_payload(data)
+    if not raw:
+        raise ImageInputError(400, "invalid_image", "'image' is empty")
+    try:
+        img = Image.open(io.BytesIO(raw))
+    except Image.DecompressionBombError as exc:
+        raise ImageInputError(413, "image_too_large", str(exc)) from None
+    except Exception:
+        raise ImageInputError(
+            400, "invalid_image", "'image' is not a readable image; send a base64 PNG, JPEG or WebP"
+        ) from None
+    if img.format not in ACCEPTED_INPUT_FORMATS:
+        raise ImageInputError(
+            415, "unsupported_image_format", f"image format {img.format} is not accepted; send PNG, JPEG or WebP"
+        )
+    width, height = img.size
+    if width * height > max_pixels:
+        raise ImageInputError(
+            413,
+            "image_too_large",
+            f"input image is {width}x{height} = {width * height} pixels; the limit is {max_pixels} "
+            "(FLUX_MAX_INPUT_PIXELS). Downscale it first: it is resized to at most 1568 px a side anyway.",
+        )
+    try:
+        img.load()
+    except Image.DecompressionBombError as exc:
+        raise ImageInputError(413, "image_too_large", str(exc)) from None
+    except Exception as exc:
+        raise ImageInputError(400, "invalid_image", f"'image' could not be decoded (truncated or corrupt?): {exc}") from None
+    return img.convert("RGB")
+
+
+def encode_image(img: Image.Image, output_format: str) -> str:
+    """Encode an image as base64 in png, jpeg or webp (deterministic for the same pixels)."""
+    buffer = io.BytesIO()
+    pil_format = OUTPUT_FORMATS[output_format]
+    options = {"quality": 95} if pil_format in ("JPEG", "WEBP") else {}
+    img.save(buffer, format=pil_format, **options)
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def new_seed() -> int:
+    """A fresh random seed (32 bits: short enough to copy by hand, valid for every generator)."""
+    return secrets.randbelow(2**32)
+
+
+@dataclass
+class PhaseTimer:
+    """Accumulates wall-clock milliseconds per named phase; ``sync`` is called at every boundary."""
+
+    sync: object = None
+    phases: dict[str, float] = field(default_factory=dict)
+
+    def _now(self) -> float:
+        if callable(self.sync):
+            self.sync()
+        return time.perf_counter()
+
+    def measure(self, name: str):
+        return _Measured(self, name)
+
+    def add(self, name: str, ms: float) -> None:
+        self.phases[name] = self.phases.get(name, 0.0) + ms
+
+
+class _Measured:
+    def __init__(self, timer: PhaseTimer, name: str):
+        self.timer, self.name = timer, name
+
+    def __enter__(self):
+        self.start = self.timer._now()
+        return self
+
+    def __exit__(self, *exc):
+        self.timer.add(self.name, (self.timer._now() - self.start) * 1000.0)
+        return False
