@@ -53,8 +53,8 @@ def decode_image(data: str, max_pixels: int) -> Image.Image:
         raise ImageInputError(400, "invalid_image", "'image' is empty")
     try:
         img = Image.open(io.BytesIO(raw))
-    except Image.DecompressionBombError as exc:
-        raise ImageInputError(413, "image_too_large", str(exc)) from None
+    except Image.DecompressionBombError as exc:  # PIL's own, larger limit, hit while reading the header
+        raise ImageInputError(413, "image_too_large", _too_large(max_pixels, str(exc))) from None
     except Exception:
         raise ImageInputError(
             400, "invalid_image", "'image' is not a readable image; send a base64 PNG, JPEG or WebP"
@@ -65,19 +65,19 @@ def decode_image(data: str, max_pixels: int) -> Image.Image:
         )
     width, height = img.size
     if width * height > max_pixels:
-        raise ImageInputError(
-            413,
-            "image_too_large",
-            f"input image is {width}x{height} = {width * height} pixels; the limit is {max_pixels} "
-            "(FLUX_MAX_INPUT_PIXELS). Downscale it first: it is resized to at most 1568 px a side anyway.",
-        )
+        raise ImageInputError(413, "image_too_large", _too_large(max_pixels, f"it is {width}x{height}"))
     try:
         img.load()
-    except Image.DecompressionBombError as exc:
-        raise ImageInputError(413, "image_too_large", str(exc)) from None
     except Exception as exc:
         raise ImageInputError(400, "invalid_image", f"'image' could not be decoded (truncated or corrupt?): {exc}") from None
     return img.convert("RGB")
+
+
+def _too_large(max_pixels: int, what: str) -> str:
+    return (
+        f"input image is too large ({what}); the limit is {max_pixels} pixels (FLUX_MAX_INPUT_PIXELS). "
+        "Downscale it first: it is resized to at most 1568 px a side anyway."
+    )
 
 
 def encode_image(img: Image.Image, output_format: str) -> str:

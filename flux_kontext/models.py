@@ -175,7 +175,7 @@ def build_random_pipeline(
 def _load_pretrained(source: str, settings: Settings, device: torch.device, dtype: torch.dtype) -> FluxKontextPipeline:
     pipe = FluxKontextPipeline.from_pretrained(
         source,
-        torch_dtype=dtype,
+        dtype=dtype,
         token=hub_token(),
         revision=settings.revision,
     )
