@@ -69,7 +69,9 @@ def decode_image(data: str, max_pixels: int) -> Image.Image:
     try:
         img.load()
     except Exception as exc:
-        raise ImageInputError(400, "invalid_image", f"'image' could not be decoded (truncated or corrupt?): {exc}") from None
+        raise ImageInputError(
+            400, "invalid_image", f"'image' could not be decoded (truncated or corrupt?): {exc}"
+        ) from None
     return img.convert("RGB")
 
 

@@ -187,7 +187,7 @@ def load_model(settings: Settings, device: torch.device, dtype: torch.dtype) -> 
     kind = settings.model_kind
     if kind in ("random", "tiny"):
         tiny = kind == "tiny"
-        log.info("building %s random FLUX.1-Kontext pipeline on %s (%s)", kind, device, dtype)
+        log.info("building the %s FLUX.1-Kontext architecture with random weights on %s (%s)", kind, device, dtype)
         pipe = build_random_pipeline(tiny=tiny, device=device, dtype=dtype)
         return LoadedModel(
             pipe=pipe,

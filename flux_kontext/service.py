@@ -7,8 +7,9 @@ import logging
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from contextlib import asynccontextmanager
-from typing import Callable, Literal
+from typing import Literal
 
 from fastapi import FastAPI, Query, Request
 from fastapi.responses import JSONResponse, Response
@@ -124,7 +125,7 @@ def to_response(request: InferenceRequest, job: Job, result: JobResult, wait_ms:
             height=img.height,
             format=request.output_format,
         )
-        for img, seed in zip(result.images, result.seeds)
+        for img, seed in zip(result.images, result.seeds, strict=True)
     ]
     return InferenceResponse(
         id=f"req-{uuid.uuid4().hex[:16]}",

@@ -53,9 +53,7 @@ def gated_client(load_open=True, run_open=True, **settings):
         load_gate.set()
     if run_open:
         run_gate.set()
-    app = create_app(
-        Settings(model="tiny", warmup=False, **settings), lambda s: GatedEngine(s, load_gate, run_gate)
-    )
+    app = create_app(Settings(model="tiny", warmup=False, **settings), lambda s: GatedEngine(s, load_gate, run_gate))
     return TestClient(app), load_gate, run_gate
 
 

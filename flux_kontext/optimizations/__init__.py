@@ -17,8 +17,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Literal
+from typing import Literal
 
 log = logging.getLogger(__name__)
 
@@ -122,5 +123,7 @@ def plan_for_request(reports: list[Report], flags: dict[str, bool]) -> RequestPl
             plan.switches.append(report.disable)
         else:
             plan.ran.append(report.name)
-            plan.forced_on.append({**entry, "reason": "applied to the loaded weights; it cannot be switched per request"})
+            plan.forced_on.append(
+                {**entry, "reason": "applied to the loaded weights; it cannot be switched per request"}
+            )
     return plan

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Idempotent install into a virtual environment (default .venv; VENV=... to change).
+#   ./setup_flux_optimized.sh          runtime dependencies
+#   ./setup_flux_optimized.sh --dev    plus test and lint tools
+# torch: a CUDA build where nvidia-smi sees a GPU, otherwise a CPU build. Override with
+# TORCH_SPEC (e.g. "torch==2.11.0") and TORCH_INDEX_URL (e.g. https://download.pytorch.org/whl/cpu).
+# Nothing is ever copied into site-packages by hand.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+VENV="${VENV:-.venv}"
+PYTHON="${PYTHON:-python3}"
+REQUIREMENTS=requirements.txt
+[[ "${1:-}" == "--dev" ]] && REQUIREMENTS=requirements-dev.txt
+
+if [[ ! -x "$VENV/bin/python" ]]; then
+  echo "creating virtual environment $VENV"
+  "$PYTHON" -m venv "$VENV"
+fi
+PIP=("$VENV/bin/python" -m pip --disable-pip-version-check)
+"${PIP[@]}" install -q --upgrade pip
+
+if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+  DEFAULT_TORCH="torch"          # PyPI's Linux wheels are CUDA builds
+else
+  DEFAULT_TORCH="torch==2.13.0"  # a CPU machine: a pinned release (a CPU build where one is available)
+fi
+TORCH_SPEC="${TORCH_SPEC:-$DEFAULT_TORCH}"
+if ! "$VENV/bin/python" -c "import torch" >/dev/null 2>&1; then
+  echo "installing $TORCH_SPEC"
+  if [[ -n "${TORCH_INDEX_URL:-}" ]]; then
+    "${PIP[@]}" install -q "$TORCH_SPEC" --index-url "$TORCH_INDEX_URL"
+  else
+    "${PIP[@]}" install -q "$TORCH_SPEC"
+  fi
+fi
+
+echo "installing $REQUIREMENTS"
+"${PIP[@]}" install -q -r "$REQUIREMENTS"
+"$VENV/bin/python" -c "import torch, diffusers; print(f'torch {torch.__version__} (cuda: {torch.cuda.is_available()}), diffusers {diffusers.__version__}')"

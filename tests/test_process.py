@@ -1,0 +1,127 @@
+"""The service as users run it: a real uvicorn process, and the command-line entry point."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+from PIL import Image
+
+from tests.conftest import decode_b64_image, image_b64
+from tests.test_inference import SEED_CURL_BODY
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server():
+    """uvicorn flux_kontext_optimized:app with the tiny model and a queue of 4."""
+    port = free_port()
+    env = {**os.environ, "FLUX_MODEL": "tiny", "FLUX_MAX_QUEUE": "4", "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "flux_kontext_optimized:app", "--host", "127.0.0.1", "--port", str(port)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    base = f"http://127.0.0.1:{port}"
+    seen = []
+    deadline = time.monotonic() + 180
+    try:
+        while time.monotonic() < deadline:
+            assert process.poll() is None, process.stdout.read()
+            try:
+                status = httpx.get(f"{base}/health", timeout=5).status_code
+            except httpx.TransportError:
+                time.sleep(0.2)
+                continue
+            seen.append(status)
+            if status == 200:
+                break
+            time.sleep(0.05)
+        assert seen and seen[-1] == 200, f"not ready; statuses seen: {seen}"
+        yield base, seen
+    finally:
+        process.terminate()
+        try:
+            process.wait(15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+def test_health_is_503_until_the_model_is_ready(server):
+    _, seen = server
+    assert set(seen) <= {503, 200}
+
+
+def test_seed_curl_example_verbatim(server):
+    base, _ = server
+    response = httpx.post(f"{base}/inference", json=SEED_CURL_BODY, timeout=120)
+    assert response.status_code == 200, response.text
+    assert decode_b64_image(response.json()["images"][0]["image"]).size == (1024, 1024)
+
+
+def test_edit_of_non_square_png_returns_the_snapped_preferred_size(server):
+    base, _ = server
+    body = {"prompt": "make it night", "image": image_b64(640, 480), "steps": 2, "seed": 9}
+    response = httpx.post(f"{base}/inference", json=body, timeout=120)
+    assert response.status_code == 200, response.text
+    assert decode_b64_image(response.json()["images"][0]["image"]).size == (1184, 880)
+
+
+def test_twenty_concurrent_requests_with_a_queue_of_four(server):
+    base, _ = server
+
+    def one(i: int) -> tuple[int, httpx.Response]:
+        size = 256 + 16 * (i % 4)
+        body = {"prompt": f"request {i}", "width": size, "height": 256, "steps": 4, "seed": 500 + i}
+        return i, httpx.post(f"{base}/inference", json=body, timeout=300)
+
+    with ThreadPoolExecutor(20) as pool:
+        results = list(pool.map(one, range(20)))
+    statuses = [response.status_code for _, response in results]
+    assert set(statuses) <= {200, 429}, statuses
+    assert statuses.count(429) >= 1 and statuses.count(200) >= 5, statuses
+    for i, response in results:
+        if response.status_code == 429:
+            assert response.headers["Retry-After"]
+            continue
+        body = response.json()
+        image = body["images"][0]
+        assert body["prompt"] == f"request {i}"
+        assert image["seed"] == 500 + i
+        assert decode_b64_image(image["image"]).size == (256 + 16 * (i % 4), 256)
+    assert httpx.get(f"{base}/health", timeout=5).json()["queue"]["depth"] == 0
+
+
+def test_metrics_endpoint_in_prometheus_format(server):
+    base, _ = server
+    response = httpx.get(f"{base}/metrics", timeout=10)
+    assert response.status_code == 200
+    assert "# TYPE flux_requests_total counter" in response.text
+
+
+def test_cli_generate_writes_an_image(tmp_path):
+    source = tmp_path / "in.png"
+    Image.new("RGB", (200, 400), (10, 200, 30)).save(source)
+    out = tmp_path / "out.png"
+    command = [sys.executable, "flux_kontext_optimized.py", "--model", "tiny", "generate", "--prompt", "add a moon"]
+    command += ["--image", str(source), "--steps", "1", "--seed", "3", "--out", str(out)]
+    completed = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    assert Image.open(out).size == (720, 1456)
