@@ -65,6 +65,7 @@ def _generate(args: argparse.Namespace) -> int:
         height=args.height,
         steps=args.steps,
         guidance_scale=args.guidance_scale,
+        scheduler=args.scheduler,
     )
     result = engine.generate(job)
     out = Path(args.out)
@@ -83,7 +84,9 @@ def _benchmark(args: argparse.Namespace) -> int:
     async def submit(job):
         return engine.generate(job), 0.0
 
-    params = BenchmarkParams(runs=args.runs, width=args.width, height=args.height, steps=args.steps, mode=args.mode)
+    params = BenchmarkParams(
+        runs=args.runs, width=args.width, height=args.height, steps=args.steps, mode=args.mode, scheduler=args.scheduler
+    )
     report = asyncio.run(run_benchmark(engine, params, submit))
     text = json.dumps(report, indent=2)
     if args.out:
@@ -110,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     generate.add_argument("--steps", type=int)
     generate.add_argument("--seed", type=int)
     generate.add_argument("--guidance-scale", type=float, default=3.5)
+    generate.add_argument("--scheduler", help="euler, dpmpp_2m or dpmpp_2m_karras (default: dpmpp_2m)")
 
     bench = sub.add_parser("benchmark", help="timed generations on the loaded model, JSON to stdout")
     bench.add_argument("--runs", type=int, default=3)
@@ -117,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--height", type=int, default=1024)
     bench.add_argument("--steps", type=int)
     bench.add_argument("--mode", choices=("edit", "text_to_image"), default="edit")
+    bench.add_argument("--scheduler", help="default: the server's default (DPM when available)")
     bench.add_argument("--out", help="also write the JSON report here")
 
     for sp in (serve, generate, bench):  # --model accepted before or after the subcommand

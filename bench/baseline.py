@@ -45,7 +45,9 @@ def main() -> int:
 
     results = {"load_seconds": round(engine.load_seconds, 2), "runs": {}}
     for mode in ("edit", "text_to_image"):
-        params = BenchmarkParams(runs=args.runs, width=args.size, height=args.size, steps=args.steps, mode=mode)
+        params = BenchmarkParams(
+            runs=args.runs, width=args.size, height=args.size, steps=args.steps, mode=mode, scheduler="euler"
+        )
         results["runs"][mode] = asyncio.run(run_benchmark(engine, params, submit))
         t = results["runs"][mode]["timings_ms"]
         log.info(

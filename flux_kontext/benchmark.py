@@ -22,7 +22,7 @@ class BenchmarkParams:
     steps: int | None = None
     mode: Literal["edit", "text_to_image"] = "edit"
     warmup_runs: int = 1
-    scheduler: str = "euler"
+    scheduler: str | None = None  # None: the server's default
 
 
 def synthetic_input(width: int, height: int) -> Image.Image:

@@ -15,10 +15,11 @@ import time
 import torch
 from PIL import Image
 
-from flux_kontext.jobs import PHASES, EngineNotReady, EngineOutOfMemory, Job, JobResult
+from flux_kontext.jobs import DEFAULT_DPM, PHASES, EngineNotReady, EngineOutOfMemory, Job, JobResult
 from flux_kontext.models import LoadedModel, load_model
-from flux_kontext.optimizations import OptimizationContext, Report, apply_all, plan_for_request
+from flux_kontext.optimizations import OptimizationContext, Report, RequestPlan, apply_all, plan_for_request
 from flux_kontext.optimizations.scheduler import DEFAULT_STEPS, make_scheduler
+from flux_kontext.optimizations.scheduler import NAME as DPM_REPORT
 from flux_kontext.resolution import kontext_resolution
 from flux_kontext.settings import Settings
 from utils import PhaseTimer
@@ -125,11 +126,22 @@ class Engine:
             return context[0], context[1], "input_aspect_snapped", context
         return (*DEFAULT_TEXT_TO_IMAGE_SIZE, "default", None)
 
+    def _scheduler_for(self, job: Job, plan: RequestPlan) -> str:
+        """The request's scheduler, else DPM when it is loaded and allowed, else the model's Euler."""
+        name = job.scheduler or (DEFAULT_DPM if DPM_REPORT in plan.ran else "euler")
+        if name == "euler" and DPM_REPORT in plan.ran:  # the request chose euler over the default DPM
+            plan.ran.remove(DPM_REPORT)
+            plan.not_applied.append(
+                {"flag": "use_dpm_solver", "optimization": DPM_REPORT, "reason": "the request chose scheduler 'euler'"}
+            )
+        return name
+
     def _run(self, job: Job) -> JobResult:
         pipe = self.model.pipe
         plan = plan_for_request(self.reports, job.flags)
+        scheduler = self._scheduler_for(job, plan)
         width, height, size_source, context = self._output_size(job)
-        steps = job.steps or DEFAULT_STEPS[job.scheduler]
+        steps = job.steps or DEFAULT_STEPS[scheduler]
         seeds = [job.seed + i for i in range(job.num_images)]
         generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
         timer = PhaseTimer(sync=self._sync)
@@ -137,7 +149,7 @@ class Engine:
         total_start = time.perf_counter()
         self._timer = timer
         try:
-            pipe.scheduler = make_scheduler(job.scheduler, self._scheduler_config)
+            pipe.scheduler = make_scheduler(scheduler, self._scheduler_config)
             with contextlib.ExitStack() as stack, torch.inference_mode():
                 for switch in plan.switches:
                     stack.enter_context(switch())
@@ -183,7 +195,7 @@ class Engine:
             context_size=context,
             size_source=size_source,
             steps=steps,
-            scheduler=job.scheduler,
+            scheduler=scheduler,
             true_cfg=true_cfg,
             timings_ms=timings,
             optimizations=plan.public(),

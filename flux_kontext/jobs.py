@@ -7,6 +7,10 @@ from dataclasses import dataclass, field
 from PIL import Image
 
 PHASES = ("text_encoding", "image_encoding", "denoising", "decoding")
+# Scheduler names and their default step counts (the classes live in optimizations/scheduler.py).
+SCHEDULER_DEFAULT_STEPS = {"euler": 28, "dpmpp_2m": 14, "dpmpp_2m_karras": 14}
+SCHEDULERS = tuple(SCHEDULER_DEFAULT_STEPS)
+DEFAULT_DPM = "dpmpp_2m"  # what the seed's use_dpm_solver: true selects
 
 
 class EngineNotReady(RuntimeError):
@@ -31,7 +35,7 @@ class Job:
     true_cfg_scale: float = 1.0
     negative_prompt: str | None = None
     num_images: int = 1
-    scheduler: str = "euler"
+    scheduler: str | None = None  # None: DEFAULT_DPM when use_dpm_solver allows it, else euler
     flags: dict[str, bool] = field(default_factory=dict)
 
 

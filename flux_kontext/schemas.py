@@ -6,6 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from flux_kontext.jobs import DEFAULT_DPM, SCHEDULER_DEFAULT_STEPS, SCHEDULERS
 from utils import MAX_SEED
 
 MIN_SIDE, MAX_SIDE, SIZE_MULTIPLE = 256, 1568, 16
@@ -32,7 +33,14 @@ class InferenceRequest(BaseModel):
         "to the nearest preferred Kontext resolution; text-to-image is 1024.",
     )
     height: int | None = Field(None, ge=MIN_SIDE, le=MAX_SIDE, description="Output height; see width.")
-    steps: int | None = Field(None, ge=1, le=50, description="Denoising steps; default 14.")
+    steps: int | None = Field(
+        None, ge=1, le=50, description="Denoising steps; default follows the scheduler: 14 for DPM, 28 for euler."
+    )
+    scheduler: str | None = Field(
+        None,
+        description=f"One of {', '.join(SCHEDULERS)}. Default: {DEFAULT_DPM} when use_dpm_solver is true "
+        "(and the server has it), else euler.",
+    )
     guidance_scale: float = Field(3.5, ge=0, le=20, description="Distilled guidance (prompt adherence).")
     true_cfg_scale: float = Field(1.0, ge=0, le=20, description="True CFG; > 1 with a negative_prompt runs it.")
     num_images: int = Field(1, ge=1, le=4, description="Images for this prompt; image i uses seed + i.")
@@ -57,10 +65,19 @@ class InferenceRequest(BaseModel):
             raise ValueError(f"must be a multiple of {SIZE_MULTIPLE}, got {value}")
         return value
 
+    @field_validator("scheduler")
+    @classmethod
+    def _known_scheduler(cls, value: str | None) -> str | None:
+        if value is not None and value not in SCHEDULER_DEFAULT_STEPS:
+            raise ValueError(f"unknown scheduler {value!r}; valid: {', '.join(SCHEDULERS)}")
+        return value
+
     @model_validator(mode="after")
-    def _both_sides_or_neither(self) -> InferenceRequest:
+    def _consistent(self) -> InferenceRequest:
         if (self.width is None) != (self.height is None):
             raise ValueError("give both width and height, or neither (then the size follows the input image)")
+        if self.scheduler not in (None, "euler") and not self.use_dpm_solver:
+            raise ValueError(f"scheduler {self.scheduler!r} is a DPM solver but use_dpm_solver is false")
         return self
 
     def flags(self) -> dict[str, bool]:

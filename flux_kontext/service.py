@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse, Response
 from flux_kontext.benchmark import BenchmarkParams, run_benchmark
 from flux_kontext.body_limit import BodySizeLimit
 from flux_kontext.errors import ServiceError, install_error_handlers
-from flux_kontext.jobs import EngineNotReady, EngineOutOfMemory, Job, JobResult
+from flux_kontext.jobs import SCHEDULERS, EngineNotReady, EngineOutOfMemory, Job, JobResult
 from flux_kontext.metrics import Metrics
 from flux_kontext.queue import JobQueue, QueueFull
 from flux_kontext.schemas import (
@@ -111,6 +111,7 @@ def to_job(request: InferenceRequest, settings: Settings) -> Job:
         true_cfg_scale=request.true_cfg_scale,
         negative_prompt=request.negative_prompt,
         num_images=request.num_images,
+        scheduler=request.scheduler,
         flags=request.flags(),
     )
 
@@ -194,13 +195,14 @@ def create_app(settings: Settings | None = None, engine_factory: Callable[[Setti
         height: int = Query(1024, ge=MIN_SIDE, le=MAX_SIDE, multiple_of=16),
         steps: int | None = Query(None, ge=1, le=50, description="Default: the scheduler's default."),
         mode: Literal["edit", "text_to_image"] = Query("edit"),
+        scheduler: Literal[SCHEDULERS] | None = Query(None, description="Default: the server's default."),
     ):
         """Timed generations on the live model, through the same queue as /inference."""
         service.require_ready()
         if service.benchmark_lock.locked():
             raise ServiceError(409, "benchmark_running", "a benchmark is already running; try again when it ends")
         async with service.benchmark_lock:
-            params = BenchmarkParams(runs=runs, width=width, height=height, steps=steps, mode=mode)
+            params = BenchmarkParams(runs=runs, width=width, height=height, steps=steps, mode=mode, scheduler=scheduler)
             return await run_benchmark(engine, params, service.submit)
 
     @app.get("/health")

@@ -66,11 +66,12 @@ def test_seed_curl_example_works_verbatim_and_reports_what_did_not_run(client):
     assert body["steps"] == 14
     assert decode_b64_image(body["images"][0]["image"]).size == (1024, 1024)
     assert isinstance(body["images"][0]["seed"], int)
+    assert body["scheduler"] == "dpmpp_2m"
     not_applied = {entry["flag"]: entry["reason"] for entry in body["optimizations"]["not_applied"]}
-    # Nothing of the low-level stack is loaded on a CPU: each requested flag must say why it did not run.
-    assert set(not_applied) == {"use_flash_attention", "use_mxfp4", "use_dpm_solver", "use_cuda_graphs"}
+    # None of the GPU stack is loaded on a CPU: each requested flag must say why it did not run.
+    assert set(not_applied) == {"use_flash_attention", "use_mxfp4", "use_cuda_graphs"}
     assert all(reason for reason in not_applied.values())
-    assert "attention" in body["optimizations"]["ran"]
+    assert {"attention", "dpm_solver"} <= set(body["optimizations"]["ran"])
     assert body["model"]["kind"] == "tiny" and body["model"]["demo"] is True
 
 
@@ -145,3 +146,34 @@ def test_kontext_resolution_matches_every_preferred_size():
     assert kontext_resolution(100, 4000) == (672, 1568)
     with pytest.raises(ValueError):
         kontext_resolution(0, 10)
+
+
+@pytest.mark.parametrize(
+    ("fields", "scheduler", "steps", "dpm_ran"),
+    [
+        ({}, "dpmpp_2m", 14, True),
+        ({"use_dpm_solver": False}, "euler", 28, False),
+        ({"scheduler": "euler"}, "euler", 28, False),
+        ({"scheduler": "dpmpp_2m_karras"}, "dpmpp_2m_karras", 14, True),
+        ({"scheduler": "dpmpp_2m", "steps": 3}, "dpmpp_2m", 3, True),
+    ],
+)
+def test_scheduler_choice_and_default_steps_are_reported(client, fields, scheduler, steps, dpm_ran):
+    body = {"prompt": "a hill", "width": 256, "height": 256, "seed": 4, **fields}
+    response = client.post("/inference", json=body).json()
+    assert response["scheduler"] == scheduler
+    assert response["steps"] == steps
+    assert ("dpm_solver" in response["optimizations"]["ran"]) is dpm_ran
+    if not dpm_ran and fields.get("use_dpm_solver", True):
+        reasons = {e["flag"]: e["reason"] for e in response["optimizations"]["not_applied"]}
+        assert "euler" in reasons["use_dpm_solver"]
+
+
+def test_each_scheduler_is_deterministic_and_they_differ(client):
+    images = {}
+    for name in ("euler", "dpmpp_2m", "dpmpp_2m_karras"):
+        body = {"prompt": "a hill", "width": 256, "height": 256, "seed": 4, "steps": 4, "scheduler": name}
+        first = client.post("/inference", json=body).json()["images"][0]["image"]
+        assert client.post("/inference", json=body).json()["images"][0]["image"] == first
+        images[name] = first
+    assert len(set(images.values())) == 3

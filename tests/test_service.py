@@ -174,7 +174,7 @@ def test_benchmark_reports_phase_statistics(client):
     assert "ran" in body["optimizations"]
 
 
-@pytest.mark.parametrize("query", ["runs=0", "runs=1000", "width=1000", "mode=video", "steps=0"])
+@pytest.mark.parametrize("query", ["runs=0", "runs=1000", "width=1000", "mode=video", "steps=0", "scheduler=ddim"])
 def test_benchmark_rejects_bad_parameters(client, query):
     response = client.get(f"/benchmark?{query}")
     assert response.status_code == 422
