@@ -1,7 +1,7 @@
 """Scheduler accuracy table: RMS error to the exact flow solution, per scheduler, step count and problem.
 
 Run from the repo root:  PYTHONPATH=. .venv/bin/python bench/scheduler_accuracy.py
-Writes bench/results/scheduler_accuracy.json and bench/scheduler_accuracy.md. The problems and the solve loop
+Writes bench/results/scheduler_accuracy.json and bench/results/scheduler_accuracy.md. The problems and the solve loop
 (the pipeline's own scheduler calls) are the ones tests/test_scheduler_accuracy.py asserts on, imported so the
 table and the tests cannot drift apart. CPU only, float64, a few seconds.
 """
@@ -73,7 +73,7 @@ def main() -> None:
     out = ROOT / "bench" / "results" / "scheduler_accuracy.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(dict(date=now, command=COMMAND, versions=versions, rows=rows), indent=1) + "\n")
-    (ROOT / "bench" / "scheduler_accuracy.md").write_text(
+    (ROOT / "bench" / "results" / "scheduler_accuracy.md").write_text(
         "# Scheduler accuracy on closed-form flows\n\n"
         "RMS error at sigma = 0 against the exact solution (Gaussian: closed form; mixtures: float64 RK4, 800 steps),\n"
         "driving each scheduler exactly as FluxKontextPipeline does (sigmas = linspace(1, 1/n, n), FLUX's dynamic\n"

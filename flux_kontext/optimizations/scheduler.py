@@ -22,7 +22,7 @@ _CLASSES = {
     "dpmpp_2m_karras": FlowDPMSolverKarrasScheduler,
 }
 # 2M at 14 steps is at least as accurate as Euler at 28 on unit-scale data, though not on narrow modes at
-# 1024px (bench/scheduler_accuracy.md).
+# 1024px (BENCHMARKS.md, bench/scheduler_accuracy.py).
 DEFAULT_STEPS = SCHEDULER_DEFAULT_STEPS
 
 
