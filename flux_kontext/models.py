@@ -189,6 +189,7 @@ def load_model(settings: Settings, device: torch.device, dtype: torch.dtype) -> 
         tiny = kind == "tiny"
         log.info("building the %s FLUX.1-Kontext architecture with random weights on %s (%s)", kind, device, dtype)
         pipe = build_random_pipeline(tiny=tiny, device=device, dtype=dtype)
+        log.warning("random weights (%s): images are noise, not FLUX.1-Kontext output; timings are real", kind)
         return LoadedModel(
             pipe=pipe,
             source=settings.model,
