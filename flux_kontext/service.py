@@ -91,6 +91,7 @@ class Service:
             "optimizations": [report.public() for report in engine.reports],
             "queue": {"depth": self.queue.depth, "max_waiting": self.queue.max_waiting},
             "load_seconds": round(engine.load_seconds, 2) if engine.load_seconds else None,
+            "warmup_seconds": round(engine.warmup_seconds, 2) if engine.warmup_seconds else None,
         }
 
 

@@ -42,6 +42,19 @@ class Settings(BaseSettings):
     retry_after_s: int = Field(5, ge=1, description="Retry-After header sent with 429 and 503.")
     seed_for_warmup: int = 0
 
+    # ----- the optimization stack (each is reported in /health with what really happened) -----
+    attention: Literal["auto", "sdpa", "cudnn", "fa3"] = Field(
+        "auto", description="'auto' measures the available kernels on this GPU at start-up and keeps the fastest."
+    )
+    fuse_qkv: bool = Field(True, description="Fuse the Q/K/V projections of the transformer and the VAE.")
+    quantize: Literal["auto", "none", "fp8", "mxfp4"] = Field(
+        "auto", description="'auto': MXFP4 where FP4 tensor cores exist (sm_100+), FP8 rowwise on sm_89/sm_90."
+    )
+    compile: bool = Field(True, description="Regional torch.compile of the transformer blocks (GPU only).")
+    channels_last: bool = Field(
+        False, description="Channels-last VAE; off by default: measured slower for the eager VAE decode on H100."
+    )
+
     @model_validator(mode="after")
     def _check_device(self) -> Settings:
         if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):

@@ -1,15 +1,19 @@
 """The optimization stack: one entry per optimization, applied in a fixed order, each reporting its state.
 
-Contract: every module exports ``apply(pipe, context) -> Report``. ``Report.status`` is one of
+Contract: every step is ``apply(pipe, context) -> Report | list[Report]``. ``Report.status`` is one of
 applied | skipped | unavailable | failed, and ``detail`` always says why. What /health and each response
 report comes from these reports, never from a requested flag.
 
-Order (each constraint has its reason):
-1. attention  - picks the attention kernel; must precede compile so the compiled graph holds the kernel.
-2. scheduler  - per request, no weights touched; listed so its state is reported like the rest.
-The rest of the seed's stack (QKV fusion, channels-last, first-block cache, FlashAttention 3,
-FP8/MXFP4, compile, CUDA graphs) is listed in PLANNED and reported as unavailable until it is built,
-with the reason, so that no response claims what did not run.
+Order (each constraint has its reason), see STEPS:
+1. fuse_qkv      - before quantization, so the fused (q|k|v) weight is what gets quantized.
+2. channels_last - VAE only; independent of the transformer steps.
+3. attention     - installs our processor (kernel chosen by measurement); before compile so the compiled
+                   graph holds the kernel call.
+4. quantization  - swaps Linear weights for FP8/MXFP4 tensors; before compile, which must trace them.
+5. compile       - last transformer step: it captures everything above.
+6. dpm_solver    - per request, no weights touched; listed so its state is reported like the rest.
+Not built yet (reported as unavailable, with the reason, so no response claims them): first-block cache,
+CUDA graphs.
 """
 
 from __future__ import annotations
@@ -36,6 +40,8 @@ class Report:
     seconds: float = 0.0
     # Request flag (the seed's API) that may turn this off per request, if any.
     flag: str | None = None
+    # Measurements behind the decision (kernel timings, per-layer errors); shown in /health.
+    data: dict = field(default_factory=dict)
     # Context manager factory that disables it for one request; None when it cannot be switched off.
     disable: Callable[[], contextlib.AbstractContextManager] | None = field(default=None, repr=False)
 
@@ -58,38 +64,42 @@ class OptimizationContext:
 
 # Optimizations of the seed's stack not built yet: (name, request flag, what it will be).
 PLANNED: tuple[tuple[str, str | None, str], ...] = (
-    ("fuse_qkv", None, "QKV projection fusion"),
-    ("channels_last", None, "channels-last VAE"),
     ("first_block_cache", None, "first-block cache"),
-    ("flash_attention_3", "use_flash_attention", "FlashAttention 3"),
-    ("low_precision_gemm", "use_mxfp4", "FP8 rowwise on Hopper / MXFP4 on Blackwell"),
-    ("dpm_solver", "use_dpm_solver", "DPM-Solver++ 2M"),
-    ("compile", None, "Inductor compile"),
     ("cuda_graphs", "use_cuda_graphs", "CUDA graphs"),
 )
 NOT_BUILT = "not built into this server version yet (planned: see the optimization-stack issue)"
 
 
-def _timed(name: str, apply: Callable[[], Report]) -> Report:
+def _steps():
+    from flux_kontext.optimizations import attention, compile, layout, quantization, scheduler
+
+    return (
+        ("fuse_qkv", layout.apply_fuse_qkv),
+        ("channels_last", layout.apply_channels_last),
+        ("attention", attention.apply),
+        (quantization.NAME, quantization.apply),
+        ("compile", compile.apply),
+        (scheduler.NAME, scheduler.apply),
+    )
+
+
+def _timed(name: str, apply: Callable) -> list[Report]:
     start = time.perf_counter()
     try:
-        report = apply()
+        result = apply()
+        reports = result if isinstance(result, list) else [result]
     except Exception as exc:  # an optimization that breaks must not take the service down
         log.exception("optimization %s failed", name)
-        report = Report(name, "failed", f"{type(exc).__name__}: {exc}")
-    report.seconds = time.perf_counter() - start
-    return report
+        reports = [Report(name, "failed", f"{type(exc).__name__}: {exc}")]
+    reports[0].seconds = time.perf_counter() - start
+    return reports
 
 
 def apply_all(pipe, context: OptimizationContext) -> list[Report]:
     """Apply the stack in order; return one report per optimization, built or planned."""
-    from flux_kontext.optimizations import attention, scheduler
-
-    reports = [_timed(module.NAME, lambda m=module: m.apply(pipe, context)) for module in (attention, scheduler)]
-    built = {r.name for r in reports}
+    reports = [report for name, step in _steps() for report in _timed(name, lambda s=step: s(pipe, context))]
     for name, flag, what in PLANNED:
-        if name not in built:
-            reports.append(Report(name, "unavailable", f"{what}: {NOT_BUILT}", flag=flag))
+        reports.append(Report(name, "unavailable", f"{what}: {NOT_BUILT}", flag=flag))
     for report in reports:
         log.info("optimization %-20s %-11s %s", report.name, report.status, report.detail)
     return reports

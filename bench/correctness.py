@@ -1,0 +1,126 @@
+"""Does each optimization compute the same function? Full-size random transformer, fixed inputs, on a GPU.
+
+Reference: the eager bf16 transformer with diffusers' own attention processor. Each variant's output is
+compared by ||out - ref|| / ||ref|| (fp32): our processor per kernel, fused QKV, regional compile, and FP8
+(end to end, plus the per-layer errors that quantization.apply measures). Also times one forward each.
+
+    python bench/correctness.py --out bench/results/correctness-h100.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+from diffusers import FluxTransformer2DModel  # noqa: E402
+
+from flux_kontext.logging_setup import configure_logging  # noqa: E402
+from flux_kontext.models import FULL_TRANSFORMER  # noqa: E402
+from flux_kontext.optimizations import OptimizationContext, attention, quantization  # noqa: E402
+from flux_kontext.settings import Settings  # noqa: E402
+
+log = logging.getLogger("bench.correctness")
+DEVICE = torch.device("cuda")
+
+
+def inputs(image_tokens: int, context_tokens: int) -> dict:
+    """Transformer inputs of a 1024² step: 512 text tokens, image tokens (+ context tokens for an edit)."""
+    g = torch.Generator(device="cpu").manual_seed(1)
+    tokens = image_tokens + context_tokens
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g).to(DEVICE, torch.bfloat16)
+
+    side = int(image_tokens**0.5)
+    ids = torch.stack(torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij"), -1).reshape(-1, 2)
+    img_ids = torch.cat([torch.zeros(len(ids), 1), ids.float()], 1)
+    if context_tokens:
+        img_ids = torch.cat([img_ids, torch.cat([torch.ones(len(ids), 1), ids.float()], 1)])
+    return dict(
+        hidden_states=randn(1, tokens, 64),
+        encoder_hidden_states=randn(1, 512, 4096),
+        pooled_projections=randn(1, 768),
+        timestep=torch.tensor([0.7], device=DEVICE, dtype=torch.bfloat16),
+        guidance=torch.tensor([3.5], device=DEVICE, dtype=torch.float32),
+        img_ids=img_ids.to(DEVICE),
+        txt_ids=torch.zeros(512, 3, device=DEVICE),
+        return_dict=False,
+    )
+
+
+@torch.inference_mode()
+def forward(model, kwargs) -> tuple[torch.Tensor, float]:
+    model(**kwargs)  # warm (or compile)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    out = model(**kwargs)[0]
+    torch.cuda.synchronize()
+    return out.float(), (time.perf_counter() - start) * 1000.0
+
+
+def rel(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((out - ref).norm() / ref.norm())
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    configure_logging()
+    torch.manual_seed(0)
+    with torch.device(DEVICE):
+        reference_model = FluxTransformer2DModel(**FULL_TRANSFORMER).to(torch.bfloat16).eval()
+    cases = {"text_to_image": inputs(4096, 0), "edit": inputs(4096, 4096)}
+    results = {"cases": {}, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "torch": torch.__version__}
+    refs = {}
+    for case, kwargs in cases.items():
+        refs[case], ms = forward(reference_model, kwargs)
+        finite = bool(torch.isfinite(refs[case]).all())
+        results["cases"][case] = {"reference_ms": round(ms, 1), "reference_finite": finite, "variants": {}}
+    fp8_model = copy.deepcopy(reference_model)
+
+    def record(name: str, model) -> None:
+        for case, kwargs in cases.items():
+            out, ms = forward(model, kwargs)
+            results["cases"][case]["variants"][name] = {"relative_error": rel(out, refs[case]), "ms": round(ms, 1)}
+            log.info("%-28s %-13s rel err %.2e  %.1f ms", name, case, rel(out, refs[case]), ms)
+
+    usable, measured, rejected = attention.measure_kernels("auto", DEVICE)
+    results["kernels"] = {"measured": measured, "rejected": rejected}
+    choice = attention.KernelChoice(kernels=usable)
+    reference_model.set_attn_processor(attention.KernelFluxAttnProcessor(choice))
+    for name in usable:
+        choice.active = name
+        record(f"processor[{name}]", reference_model)
+    choice.active = min(measured, key=lambda n: sum(v for k, v in measured[n].items() if k.startswith("ms_")))
+    reference_model.fuse_qkv_projections()
+    record(f"fused_qkv[{choice.active}]", reference_model)
+    reference_model.compile_repeated_blocks(fullgraph=True)
+    record(f"compiled+fused[{choice.active}]", reference_model)
+
+    context = OptimizationContext("cuda", torch.cuda.get_device_capability(), Settings(quantize="auto"))
+    fp8_model.fuse_qkv_projections()
+    fp8_model.set_attn_processor(attention.KernelFluxAttnProcessor(choice))
+    report = quantization.apply(SimpleNamespace(transformer=fp8_model), context)
+    errors = report.data.get("layer_errors", {})
+    results["fp8"] = {"status": report.status, "detail": report.detail, "layer_errors": errors}
+    if report.status == "applied":
+        record(f"fp8+fused[{choice.active}]", fp8_model)
+        fp8_model.compile_repeated_blocks(fullgraph=True)
+        record(f"fp8+compiled+fused[{choice.active}]", fp8_model)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
