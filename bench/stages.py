@@ -98,7 +98,7 @@ def measure_stage(stage, what, overrides, scheduler, runs: int, only_steps: int 
             "raw": result,
         }
         log.info("stage %d %s: %.1f ms/step, end-to-end %.0f ms", stage, mode, per_step, t["engine_total"]["median"])
-    del engine
+    engine.model = None  # drop the pipeline (tens of GB) before the next stage builds its own
     gc.collect()
     torch._dynamo.reset()
     torch.cuda.empty_cache()
@@ -108,7 +108,7 @@ def measure_stage(stage, what, overrides, scheduler, runs: int, only_steps: int 
 def add_speedups(rows: list[dict]) -> None:
     for mode in ("edit", "text_to_image"):
         valid = [r for r in rows if mode in r.get("modes", {})]
-        for previous, row in zip([None, *valid], valid, strict=False):
+        for previous, row in zip([None, *valid[:-1]], valid, strict=True):
             base = valid[0]["modes"][mode]["end_to_end_ms"]
             here = row["modes"][mode]
             here["speedup_vs_stage0"] = round(base / here["end_to_end_ms"], 2)
