@@ -1,0 +1,121 @@
+"""The optimization stack's logic on CPU: format choice, per-request plans, and our attention processor."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+
+from flux_kontext.models import build_random_pipeline
+from flux_kontext.optimizations import OptimizationContext, Report, plan_for_request
+from flux_kontext.optimizations.attention import KernelChoice, KernelFluxAttnProcessor, _sdpa
+from flux_kontext.optimizations.attention import apply as apply_attention
+from flux_kontext.optimizations.quantization import choose_format
+from flux_kontext.settings import Settings
+
+
+@pytest.mark.parametrize(
+    ("setting", "capability", "expected", "words"),
+    [
+        ("auto", None, None, "this is a CPU"),
+        ("auto", (9, 0), "fp8", "MXFP4 needs FP4 tensor cores (sm_100+), this GPU is sm_90"),
+        ("mxfp4", (9, 0), "fp8", "it would only emulate"),
+        ("fp8", (9, 0), "fp8", "FP8 e4m3 rowwise (sm_90)"),
+        ("auto", (8, 9), "fp8", "sm_89"),
+        ("auto", (10, 0), "mxfp4", "FP4 tensor cores (sm_100)"),
+        ("fp8", (10, 0), "fp8", "sm_100"),
+        ("auto", (8, 0), None, "this GPU is sm_80: bf16"),
+        ("none", (9, 0), None, "FLUX_QUANTIZE=none"),
+    ],
+)
+def test_low_precision_format_follows_the_hardware(setting, capability, expected, words):
+    fmt, why = choose_format(setting, capability)
+    assert fmt == expected
+    assert words in why
+
+
+def test_plan_reports_what_ran_what_did_not_and_what_could_not_be_turned_off():
+    switched = []
+    reports = [
+        Report("attention", "applied", "sdpa"),
+        Report(
+            "flash_attention_3",
+            "applied",
+            "fa3",
+            flag="use_flash_attention",
+            disable=lambda: contextlib.nullcontext(switched.append("fa3 off")),
+        ),
+        Report("low_precision_gemm", "applied", "fp8", flag="use_mxfp4"),
+        Report("cuda_graphs", "unavailable", "not built", flag="use_cuda_graphs"),
+    ]
+    default = plan_for_request(reports, {})
+    assert default.ran == ["attention", "flash_attention_3", "low_precision_gemm"]
+    assert default.not_applied == [{"flag": "use_cuda_graphs", "optimization": "cuda_graphs", "reason": "not built"}]
+    off = plan_for_request(reports, {"use_flash_attention": False, "use_mxfp4": False, "use_cuda_graphs": False})
+    assert off.ran == ["attention", "low_precision_gemm"]
+    assert off.not_applied == []
+    assert [entry["flag"] for entry in off.forced_on] == ["use_mxfp4"]
+    assert len(off.switches) == 1
+    with off.switches[0]():
+        pass
+    assert switched == ["fa3 off"]
+
+
+def test_kernel_choice_switches_for_one_request_and_restores():
+    choice = KernelChoice(kernels={"a": lambda *x: "a", "b": lambda *x: "b"}, active="a", fallback="b")
+    with choice.use(choice.fallback):
+        assert choice(None, None, None) == "b"
+    assert choice(None, None, None) == "a"
+
+
+def transformer_inputs(transformer, generator):
+    config = transformer.config
+    return dict(
+        hidden_states=torch.randn(1, 64, config.in_channels, generator=generator),
+        encoder_hidden_states=torch.randn(1, 8, config.joint_attention_dim, generator=generator),
+        pooled_projections=torch.randn(1, config.pooled_projection_dim, generator=generator),
+        timestep=torch.tensor([0.5]),
+        guidance=torch.tensor([3.5]),
+        img_ids=torch.cat([torch.zeros(64, 1), torch.rand(64, 2, generator=generator) * 8], 1),
+        txt_ids=torch.zeros(8, 3),
+        return_dict=False,
+    )
+
+
+@torch.inference_mode()
+def test_our_processor_and_fused_qkv_compute_what_diffusers_computes():
+    pipe = build_random_pipeline(tiny=True, device=torch.device("cpu"), dtype=torch.float32)
+    transformer = pipe.transformer
+    kwargs = transformer_inputs(transformer, torch.Generator().manual_seed(0))
+    reference = transformer(**kwargs)[0]
+    transformer.set_attn_processor(KernelFluxAttnProcessor(KernelChoice(kernels={"sdpa": _sdpa})))
+    ours = transformer(**kwargs)[0]
+    transformer.fuse_qkv_projections()
+    fused = transformer(**kwargs)[0]
+    assert reference.abs().max() > 0
+    torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fused, reference, rtol=1e-4, atol=1e-4)
+    # A wrong kernel would be caught: a zero kernel changes the output.
+    transformer.set_attn_processor(KernelFluxAttnProcessor(KernelChoice(kernels={"sdpa": lambda q, k, v: q * 0})))
+    assert not torch.allclose(transformer(**kwargs)[0], reference, atol=1e-3)
+
+
+def test_attention_on_cpu_reports_sdpa_and_why_fa3_is_unavailable():
+    pipe = build_random_pipeline(tiny=True, device=torch.device("cpu"), dtype=torch.float32)
+    reports = apply_attention(pipe, OptimizationContext("cpu", None, Settings(model="tiny")))
+    assert [(r.name, r.status) for r in reports] == [("attention", "applied"), ("flash_attention_3", "unavailable")]
+    assert "sm_90" in reports[1].detail and "CPU" in reports[1].detail
+    with pytest.raises(ValueError, match="needs a CUDA GPU"):
+        apply_attention(pipe, OptimizationContext("cpu", None, Settings(model="tiny", attention="fa3")))
+
+
+def test_health_on_cpu_names_every_optimization_with_a_reason(client):
+    reports = {r["name"]: r for r in client.get("/health").json()["optimizations"]}
+    assert reports["fuse_qkv"]["status"] == "applied"
+    assert reports["compile"]["status"] == "skipped"
+    assert reports["low_precision_gemm"]["status"] == "unavailable"
+    assert "CPU" in reports["low_precision_gemm"]["detail"]
+    assert reports["channels_last"]["status"] == "skipped"
+    assert {"first_block_cache", "cuda_graphs", "dpm_solver", "attention", "flash_attention_3"} <= set(reports)
+    assert all(r["detail"] for r in reports.values())
