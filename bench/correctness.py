@@ -25,7 +25,7 @@ from diffusers import FluxTransformer2DModel  # noqa: E402
 
 from flux_kontext.logging_setup import configure_logging  # noqa: E402
 from flux_kontext.models import FULL_TRANSFORMER  # noqa: E402
-from flux_kontext.optimizations import OptimizationContext, attention, quantization  # noqa: E402
+from flux_kontext.optimizations import OptimizationContext, attention, layout, quantization  # noqa: E402
 from flux_kontext.settings import Settings  # noqa: E402
 
 log = logging.getLogger("bench.correctness")
@@ -102,17 +102,18 @@ def main() -> int:
         choice.active = name
         record(f"processor[{name}]", reference_model)
     choice.active = min(measured, key=lambda n: sum(v for k, v in measured[n].items() if k.startswith("ms_")))
-    reference_model.fuse_qkv_projections()
+    context = OptimizationContext("cuda", torch.cuda.get_device_capability(), Settings(quantize="auto"))
+    layout.apply_fuse_qkv(SimpleNamespace(transformer=reference_model, vae=None), context)
     record(f"fused_qkv[{choice.active}]", reference_model)
     reference_model.compile_repeated_blocks(fullgraph=True)
     record(f"compiled+fused[{choice.active}]", reference_model)
 
-    context = OptimizationContext("cuda", torch.cuda.get_device_capability(), Settings(quantize="auto"))
-    fp8_model.fuse_qkv_projections()
+    layout.apply_fuse_qkv(SimpleNamespace(transformer=fp8_model, vae=None), context)
     fp8_model.set_attn_processor(attention.KernelFluxAttnProcessor(choice))
     report = quantization.apply(SimpleNamespace(transformer=fp8_model), context)
     errors = report.data.get("layer_errors", {})
     results["fp8"] = {"status": report.status, "detail": report.detail, "layer_errors": errors}
+    log.info("fp8: %s", report.detail)
     if report.status == "applied":
         record(f"fp8+fused[{choice.active}]", fp8_model)
         fp8_model.compile_repeated_blocks(fullgraph=True)

@@ -21,6 +21,7 @@ def test_random_model_is_full_size_and_serves_a_1024_edit():
         engine = app.state.service.engine
         transformer = engine.model.pipe.transformer
         assert len(transformer.transformer_blocks) == 19 and len(transformer.single_transformer_blocks) == 38
+        # 11.9B: the fused q|k|v layers replace the separate ones (layout.apply_fuse_qkv drops those).
         assert 11.5e9 < sum(p.numel() for p in transformer.parameters()) < 12.5e9
         t5 = engine.model.pipe.text_encoder_2
         assert 4.5e9 < sum(p.numel() for p in t5.parameters()) < 5.0e9

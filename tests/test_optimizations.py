@@ -119,3 +119,24 @@ def test_health_on_cpu_names_every_optimization_with_a_reason(client):
     assert reports["channels_last"]["status"] == "skipped"
     assert {"first_block_cache", "cuda_graphs", "dpm_solver", "attention", "flash_attention_3"} <= set(reports)
     assert all(r["detail"] for r in reports.values())
+
+
+@torch.inference_mode()
+def test_fuse_qkv_step_frees_the_unfused_weights_and_keeps_the_output():
+    from types import SimpleNamespace
+
+    from flux_kontext.optimizations.layout import apply_fuse_qkv
+
+    pipe = build_random_pipeline(tiny=True, device=torch.device("cpu"), dtype=torch.float32)
+    kwargs = transformer_inputs(pipe.transformer, torch.Generator().manual_seed(1))
+    reference = pipe.transformer(**kwargs)[0]
+    before = sum(p.numel() for p in pipe.transformer.parameters())
+    report = apply_fuse_qkv(SimpleNamespace(transformer=pipe.transformer, vae=pipe.vae), _cpu_context())
+    assert report.status == "applied" and "VAE" in report.detail
+    assert sum(p.numel() for p in pipe.transformer.parameters()) == before  # fused copies replace the originals
+    assert all(block.attn.to_q is None for block in pipe.transformer.transformer_blocks)
+    torch.testing.assert_close(pipe.transformer(**kwargs)[0], reference, rtol=1e-4, atol=1e-4)
+
+
+def _cpu_context(**settings) -> OptimizationContext:
+    return OptimizationContext("cpu", None, Settings(model="tiny", **settings))
