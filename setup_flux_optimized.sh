@@ -20,7 +20,9 @@ fi
 PIP=("$VENV/bin/python" -m pip --disable-pip-version-check)
 "${PIP[@]}" install -q --upgrade pip
 
+HAS_GPU=0
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+  HAS_GPU=1
   DEFAULT_TORCH="torch"          # PyPI's Linux wheels are CUDA builds
 else
   DEFAULT_TORCH="torch==2.13.0"  # a CPU machine: a pinned release (a CPU build where one is available)
@@ -37,4 +39,8 @@ fi
 
 echo "installing $REQUIREMENTS"
 "${PIP[@]}" install -q -r "$REQUIREMENTS"
+if [[ "$HAS_GPU" == 1 ]]; then
+  echo "installing requirements-gpu.txt (torchao, fa3-fwd)"
+  "${PIP[@]}" install -q -r requirements-gpu.txt || echo "GPU extras not installed: /health will report them unavailable"
+fi
 "$VENV/bin/python" -c "import torch, diffusers; print(f'torch {torch.__version__} (cuda: {torch.cuda.is_available()}), diffusers {diffusers.__version__}')"
