@@ -156,50 +156,31 @@ class Engine:
         return name
 
     def _run(self, job: Job) -> JobResult:
-        pipe = self.model.pipe
         plan = plan_for_request(self.reports, job.flags)
         scheduler = self._scheduler_for(job, plan)
         width, height, size_source, context = self._output_size(job)
         steps = job.steps or DEFAULT_STEPS[scheduler]
         seeds = [job.seed + i for i in range(job.num_images)]
-        generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
         timer = PhaseTimer(sync=self._sync)
         true_cfg = job.true_cfg_scale > 1.0 and bool(job.negative_prompt)
+        cache = getattr(self.model.pipe, "first_block_cache", None)
         total_start = time.perf_counter()
         self._timer = timer
         try:
-            pipe.scheduler = make_scheduler(scheduler, self._scheduler_config)
+            self.model.pipe.scheduler = make_scheduler(scheduler, self._scheduler_config)
             with contextlib.ExitStack() as stack, torch.inference_mode():
                 for switch in plan.switches:
                     stack.enter_context(switch())
                 with timer.measure("text_encoding"):
                     embeds = self._encode_text(job.prompt, job.num_images)
                     negative = self._encode_text(job.negative_prompt, job.num_images) if true_cfg else (None, None)
+                if cache is not None:
+                    stack.enter_context(cache.request(job.cache_threshold, negative[0]))
                 denoise_start = time.perf_counter()
-                latents = pipe(
-                    image=job.image.resize(context, Image.LANCZOS) if job.image is not None else None,
-                    prompt_embeds=embeds[0],
-                    pooled_prompt_embeds=embeds[1],
-                    negative_prompt_embeds=negative[0],
-                    negative_pooled_prompt_embeds=negative[1],
-                    true_cfg_scale=job.true_cfg_scale,
-                    width=width,
-                    height=height,
-                    # The pipeline rescales to max_area at the input's aspect ratio: pin it to the size asked.
-                    max_area=width * height,
-                    _auto_resize=False,  # the context image is already at its snapped Kontext resolution
-                    num_inference_steps=steps,
-                    guidance_scale=job.guidance_scale,
-                    generator=generators,
-                    max_sequence_length=self.model.max_sequence_length,
-                    output_type="latent",
-                    return_dict=False,
-                )[0]
+                latents = self._denoise(job, embeds, negative, width, height, context, steps, seeds)
                 self._sync()
-                timer.add(
-                    "denoising",
-                    (time.perf_counter() - denoise_start) * 1000.0 - timer.phases.get("image_encoding", 0.0),
-                )
+                denoise_ms = (time.perf_counter() - denoise_start) * 1000.0
+                timer.add("denoising", denoise_ms - timer.phases.get("image_encoding", 0.0))
                 with timer.measure("decoding"):
                     images = self._decode(latents, width, height)
         finally:
@@ -218,7 +199,30 @@ class Engine:
             true_cfg=true_cfg,
             timings_ms=timings,
             optimizations=plan.public(),
+            first_block_cache=cache.summary() if cache is not None else None,
         )
+
+    def _denoise(self, job: Job, embeds, negative, width, height, context, steps, seeds) -> torch.Tensor:
+        """The pipeline's denoising loop (with the context image's VAE encode); returns packed latents."""
+        return self.model.pipe(
+            image=job.image.resize(context, Image.LANCZOS) if job.image is not None else None,
+            prompt_embeds=embeds[0],
+            pooled_prompt_embeds=embeds[1],
+            negative_prompt_embeds=negative[0],
+            negative_pooled_prompt_embeds=negative[1],
+            true_cfg_scale=job.true_cfg_scale,
+            width=width,
+            height=height,
+            # The pipeline rescales to max_area at the input's aspect ratio: pin it to the size asked.
+            max_area=width * height,
+            _auto_resize=False,  # the context image is already at its snapped Kontext resolution
+            num_inference_steps=steps,
+            guidance_scale=job.guidance_scale,
+            generator=[torch.Generator("cpu").manual_seed(seed) for seed in seeds],
+            max_sequence_length=self.model.max_sequence_length,
+            output_type="latent",
+            return_dict=False,
+        )[0]
 
     def _encode_text(self, prompt: str, num_images: int):
         prompt_embeds, pooled, _ = self.model.pipe.encode_prompt(

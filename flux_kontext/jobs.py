@@ -36,6 +36,7 @@ class Job:
     negative_prompt: str | None = None
     num_images: int = 1
     scheduler: str | None = None  # None: DEFAULT_DPM when use_dpm_solver allows it, else euler
+    cache_threshold: float | None = None  # None: the server's FLUX_CACHE_THRESHOLD
     flags: dict[str, bool] = field(default_factory=dict)
 
 
@@ -52,3 +53,4 @@ class JobResult:
     true_cfg: bool
     timings_ms: dict[str, float]
     optimizations: dict
+    first_block_cache: dict | None = None  # threshold, transformer calls computed and skipped

@@ -43,6 +43,13 @@ class InferenceRequest(BaseModel):
     )
     guidance_scale: float = Field(3.5, ge=0, le=20, description="Distilled guidance (prompt adherence).")
     true_cfg_scale: float = Field(1.0, ge=0, le=20, description="True CFG; > 1 with a negative_prompt runs it.")
+    cache_threshold: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="First-block cache residual threshold for this request (server default 0.12; 0 never skips). "
+        "Higher skips more transformer steps: faster, less faithful.",
+    )
     num_images: int = Field(1, ge=1, le=4, description="Images for this prompt; image i uses seed + i.")
     seed: int | None = Field(None, ge=0, le=MAX_SEED - 4, description="Random when absent; returned per image.")
     output_format: Literal["png", "jpeg", "webp"] = "png"
@@ -109,6 +116,9 @@ class InferenceResponse(BaseModel):
     guidance_scale: float
     true_cfg_scale: float
     true_cfg_active: bool
+    first_block_cache: dict | None = Field(
+        None, description="Threshold and transformer calls computed/skipped; null when the cache is not loaded."
+    )
     timings_ms: dict[str, float]
     model: dict
     optimizations: dict

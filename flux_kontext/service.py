@@ -113,6 +113,7 @@ def to_job(request: InferenceRequest, settings: Settings) -> Job:
         negative_prompt=request.negative_prompt,
         num_images=request.num_images,
         scheduler=request.scheduler,
+        cache_threshold=request.cache_threshold,
         flags=request.flags(),
     )
 
@@ -141,6 +142,7 @@ def to_response(request: InferenceRequest, job: Job, result: JobResult, wait_ms:
         guidance_scale=request.guidance_scale,
         true_cfg_scale=request.true_cfg_scale,
         true_cfg_active=result.true_cfg,
+        first_block_cache=result.first_block_cache,
         timings_ms={"queue_wait": round(wait_ms, 2), **result.timings_ms},
         model=model,
         optimizations=result.optimizations,

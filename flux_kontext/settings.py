@@ -50,6 +50,10 @@ class Settings(BaseSettings):
     quantize: Literal["auto", "none", "fp8", "mxfp4"] = Field(
         "auto", description="'auto': MXFP4 where FP4 tensor cores exist (sm_100+), FP8 rowwise on sm_89/sm_90."
     )
+    first_block_cache: bool = Field(True, description="diffusers' first-block cache (threshold per request).")
+    cache_threshold: float = Field(
+        0.12, ge=0, le=1, description="First-block cache residual threshold (the seed's 0.12); 0 never skips."
+    )
     compile: bool = Field(True, description="Regional torch.compile of the transformer blocks (GPU only).")
     channels_last: bool = Field(
         False, description="Channels-last VAE; off by default: measured slower for the eager VAE decode on H100."

@@ -10,10 +10,11 @@ Order (each constraint has its reason), see STEPS:
 3. attention     - installs our processor (kernel chosen by measurement); before compile so the compiled
                    graph holds the kernel call.
 4. quantization  - swaps Linear weights for FP8/MXFP4 tensors; before compile, which must trace them.
-5. compile       - last transformer step: it captures everything above.
-6. dpm_solver    - per request, no weights touched; listed so its state is reported like the rest.
-Not built yet (reported as unavailable, with the reason, so no response claims them): first-block cache,
-CUDA graphs.
+5. first_block_cache - block hooks; before compile so the compiled blocks include them (its per-step
+                   decision is a graph break in the first block, so compile then drops fullgraph).
+6. compile       - last transformer step: it captures everything above.
+7. dpm_solver    - per request, no weights touched; listed so its state is reported like the rest.
+Not built yet (reported as unavailable, with the reason, so no response claims them): CUDA graphs.
 """
 
 from __future__ import annotations
@@ -63,21 +64,19 @@ class OptimizationContext:
 
 
 # Optimizations of the seed's stack not built yet: (name, request flag, what it will be).
-PLANNED: tuple[tuple[str, str | None, str], ...] = (
-    ("first_block_cache", None, "first-block cache"),
-    ("cuda_graphs", "use_cuda_graphs", "CUDA graphs"),
-)
+PLANNED: tuple[tuple[str, str | None, str], ...] = (("cuda_graphs", "use_cuda_graphs", "CUDA graphs"),)
 NOT_BUILT = "not built into this server version yet (planned: see the optimization-stack issue)"
 
 
 def _steps():
-    from flux_kontext.optimizations import attention, compile, layout, quantization, scheduler
+    from flux_kontext.optimizations import attention, caching, compile, layout, quantization, scheduler
 
     return (
         ("fuse_qkv", layout.apply_fuse_qkv),
         ("channels_last", layout.apply_channels_last),
         ("attention", attention.apply),
         (quantization.NAME, quantization.apply),
+        (caching.NAME, caching.apply),
         ("compile", compile.apply),
         (scheduler.NAME, scheduler.apply),
     )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+
 from flux_kontext.optimizations import OptimizationContext, Report
 
 
@@ -16,10 +18,14 @@ def apply(pipe, context: OptimizationContext) -> Report:
         return Report("compile", "skipped", "compile is for the GPU path; the CPU demo runs eager")
     if not context.settings.compile:
         return Report("compile", "skipped", "FLUX_COMPILE=false")
-    pipe.transformer.compile_repeated_blocks(fullgraph=True)
+    # The first-block cache decides per step in Python (a graph break in the first block): fullgraph only without it.
+    fullgraph = getattr(pipe, "first_block_cache", None) is None
+    # Variants per block: shapes (static, then dynamic) x attention kernel x cache context and decision.
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    pipe.transformer.compile_repeated_blocks(fullgraph=fullgraph)
     return Report(
         "compile",
         "applied",
-        "regional torch.compile of FluxTransformerBlock and FluxSingleTransformerBlock (fullgraph, default mode); "
-        "warm-up compiles the 1024² shapes, another resolution compiles on its first request",
+        f"regional torch.compile of FluxTransformerBlock and FluxSingleTransformerBlock (default mode, "
+        f"fullgraph={fullgraph}); warm-up compiles the 1024² shapes, another resolution compiles on its first request",
     )
