@@ -88,5 +88,6 @@ async def run_benchmark(
         "versions": engine.versions(),
         "model": engine.describe_model(),
         "optimizations": last.optimizations,
+        "first_block_cache": last.first_block_cache,  # of the last run: threshold, computed, skipped
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }

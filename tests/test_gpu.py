@@ -1,4 +1,4 @@
-"""GPU checks (skipped without CUDA): the full-size random model builds and serves a 1024² edit."""
+"""GPU checks (skipped without CUDA): the full-size random model, the whole stack, a 1024² edit over HTTP."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from tests.conftest import decode_b64_image, image_b64, wait_ready
 pytestmark = pytest.mark.gpu
 
 
-def test_random_model_is_full_size_and_serves_a_1024_edit():
+def test_random_model_is_full_size_and_serves_a_1024_edit_with_the_stack():
     app = create_app(Settings(model="random"))
     with TestClient(app) as client:
         health = wait_ready(client, timeout_s=600)
@@ -26,11 +26,30 @@ def test_random_model_is_full_size_and_serves_a_1024_edit():
         t5 = engine.model.pipe.text_encoder_2
         assert 4.5e9 < sum(p.numel() for p in t5.parameters()) < 5.0e9
 
+        statuses = {r["name"]: r for r in health["optimizations"]}
+        for name in ("fuse_qkv", "attention", "first_block_cache", "compile", "dpm_solver"):
+            assert statuses[name]["status"] == "applied", statuses[name]
+        if health["device"]["capability"] in ("sm_89", "sm_90"):
+            assert statuses["low_precision_gemm"]["status"] == "applied"
+            assert "FP8" in statuses["low_precision_gemm"]["detail"]
+            assert "MXFP4 needs FP4 tensor cores" in statuses["low_precision_gemm"]["detail"]
+        assert statuses["flash_attention_3"]["status"] in ("applied", "skipped", "unavailable")
+
         response = client.post(
-            "/inference", json={"prompt": "make the sky purple", "image": image_b64(1024, 1024), "steps": 4, "seed": 1}
+            "/inference", json={"prompt": "make the sky purple", "image": image_b64(1024, 1024), "seed": 1}
         )
         assert response.status_code == 200, response.text
         body = response.json()
         assert (body["images"][0]["width"], body["images"][0]["height"]) == (1024, 1024)
         assert decode_b64_image(body["images"][0]["image"]).size == (1024, 1024)
-        assert body["timings_ms"]["denoising"] > 0
+        assert body["steps"] == 14 and body["scheduler"] == "dpmpp_2m"
+        assert {"compile", "fuse_qkv", "dpm_solver"} <= set(body["optimizations"]["ran"])
+
+        flags_off = {"use_mxfp4": False, "use_flash_attention": False, "use_dpm_solver": False, "steps": 4}
+        response = client.post("/inference", json={"prompt": "a red fox", "width": 1024, "height": 1024, **flags_off})
+        assert response.status_code == 200, response.text
+        optimizations = response.json()["optimizations"]
+        assert "flash_attention_3" not in optimizations["ran"] and "dpm_solver" not in optimizations["ran"]
+        assert response.json()["scheduler"] == "euler"
+        if statuses["low_precision_gemm"]["status"] == "applied":
+            assert [e["flag"] for e in optimizations["could_not_turn_off"]] == ["use_mxfp4"]
