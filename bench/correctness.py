@@ -111,7 +111,7 @@ def main() -> int:
     layout.apply_fuse_qkv(SimpleNamespace(transformer=fp8_model, vae=None), context)
     fp8_model.set_attn_processor(attention.KernelFluxAttnProcessor(choice))
     report = quantization.apply(SimpleNamespace(transformer=fp8_model), context)
-    errors = report.data.get("layer_errors", {})
+    errors = report.data.get("_layer_errors", {})
     results["fp8"] = {"status": report.status, "detail": report.detail, "layer_errors": errors}
     log.info("fp8: %s", report.detail)
     if report.status == "applied":

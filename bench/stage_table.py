@@ -1,6 +1,6 @@
 """Render a stages JSON (bench/stages.py) as the markdown table in BENCHMARKS.md.
 
-    python bench/stage_table.py bench/results/stages-h100-2026-11-25b.json
+python bench/stage_table.py bench/results/stages-h100-2026-11-25b.json
 """
 
 from __future__ import annotations

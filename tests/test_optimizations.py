@@ -140,3 +140,18 @@ def test_fuse_qkv_step_frees_the_unfused_weights_and_keeps_the_output():
 
 def _cpu_context(**settings) -> OptimizationContext:
     return OptimizationContext("cpu", None, Settings(model="tiny", **settings))
+
+
+@pytest.mark.parametrize(
+    ("timing", "expected"),
+    [
+        ({"cudnn": 1.80, "sdpa": 1.90, "fa3": 1.79}, ("cudnn", "cudnn", True)),  # a 0.6% win is noise
+        ({"cudnn": 1.80, "sdpa": 1.90, "fa3": 1.60}, ("fa3", "cudnn", False)),
+        ({"cudnn": 1.80, "sdpa": 1.70, "fa3": 1.90}, ("sdpa", "sdpa", False)),
+        ({"fa3": 1.0}, ("fa3", "fa3", False)),
+    ],
+)
+def test_fa3_is_kept_only_when_it_is_measurably_faster(timing, expected):
+    from flux_kontext.optimizations.attention import select_kernel
+
+    assert select_kernel(timing) == expected

@@ -41,7 +41,8 @@ class Report:
     seconds: float = 0.0
     # Request flag (the seed's API) that may turn this off per request, if any.
     flag: str | None = None
-    # Measurements behind the decision (kernel timings, per-layer errors); shown in /health.
+    # Measurements behind the decision (kernel timings, per-layer errors); shown in /health except keys
+    # starting with "_" (bulky: e.g. the error of each of 342 quantized layers).
     data: dict = field(default_factory=dict)
     # Context manager factory that disables it for one request; None when it cannot be switched off.
     disable: Callable[[], contextlib.AbstractContextManager] | None = field(default=None, repr=False)
@@ -49,6 +50,7 @@ class Report:
     def public(self) -> dict:
         data = asdict(self)
         data.pop("disable")
+        data["data"] = {key: value for key, value in self.data.items() if not key.startswith("_")}
         data["seconds"] = round(self.seconds, 3)
         data["switchable_per_request"] = self.disable is not None
         return data

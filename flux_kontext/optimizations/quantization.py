@@ -104,4 +104,4 @@ def apply(pipe, context: OptimizationContext) -> Report:
         f"{why}; {len(errors)} linear layers quantized, {', '.join(KEEP_BF16)} kept bf16; output relative error "
         f"median {ordered[len(ordered) // 2]:.2e}, max {errors[worst]:.2e} ({worst}) on random activations"
     )
-    return Report(NAME, "applied", detail, flag=FLAG, data={"format": fmt, "layer_errors": errors})
+    return Report(NAME, "applied", detail, flag=FLAG, data={"format": fmt, "_layer_errors": errors})
