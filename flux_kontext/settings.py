@@ -50,6 +50,9 @@ class Settings(BaseSettings):
     quantize: Literal["auto", "none", "fp8", "mxfp4"] = Field(
         "auto", description="'auto': MXFP4 where FP4 tensor cores exist (sm_100+), FP8 rowwise on sm_89/sm_90."
     )
+    fp8_max_layer_error: float = Field(
+        0.06, gt=0, description="Layers whose simulated FP8 output error exceeds this stay bf16 (typical: 0.037)."
+    )
     first_block_cache: bool = Field(True, description="diffusers' first-block cache (threshold per request).")
     cache_threshold: float = Field(
         0.12, ge=0, le=1, description="First-block cache residual threshold (the seed's 0.12); 0 never skips."

@@ -155,3 +155,20 @@ def test_fa3_is_kept_only_when_it_is_measurably_faster(timing, expected):
     from flux_kontext.optimizations.attention import select_kernel
 
     assert select_kernel(timing) == expected
+
+
+def test_fp8_screening_keeps_layers_with_outlier_input_channels_in_bf16():
+    from flux_kontext.optimizations.quantization import select_fp8_layers, simulated_fp8_error
+
+    torch.manual_seed(0)
+    normal, outlier = torch.nn.Linear(256, 128, bias=False), torch.nn.Linear(256, 128, bias=False)
+    with torch.no_grad():
+        # One input channel 1e5x the rest: under a per-row scale the other entries fall below e4m3's normal range.
+        outlier.weight[:, 0] *= 1e5
+    x = torch.randn(64, 256)
+    x[:, 0] = 0.0  # ...while that channel carries nothing: the output lives in the crushed entries
+    assert 0.01 < simulated_fp8_error(normal, x) < 0.06
+    assert simulated_fp8_error(outlier, x) > 0.1
+    references = {"normal": (x, None), "outlier": (x, None)}
+    selected, kept = select_fp8_layers(references, {"normal": normal, "outlier": outlier}, max_error=0.06)
+    assert selected == {"normal"} and set(kept) == {"outlier"}
