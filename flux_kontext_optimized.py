@@ -48,25 +48,34 @@ def _loaded_engine(args: argparse.Namespace):
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from PIL import Image
+    """One generation through the same request validation and conversion as POST /inference."""
+    import base64
 
-    from flux_kontext.jobs import Job
-    from utils import new_seed
+    from pydantic import ValidationError
 
-    engine = _loaded_engine(args)
-    if not engine.ready:
-        return 1
-    image = Image.open(args.image).convert("RGB") if args.image else None
-    job = Job(
-        prompt=args.prompt,
-        seed=args.seed if args.seed is not None else new_seed(),
-        image=image,
-        width=args.width,
-        height=args.height,
-        steps=args.steps,
-        guidance_scale=args.guidance_scale,
-        scheduler=args.scheduler,
-    )
+    from flux_kontext.errors import ServiceError
+    from flux_kontext.schemas import InferenceRequest
+    from flux_kontext.service import to_job
+
+    fields = {
+        "prompt": args.prompt,
+        "image": base64.b64encode(Path(args.image).read_bytes()).decode() if args.image else None,
+        "width": args.width,
+        "height": args.height,
+        "steps": args.steps,
+        "seed": args.seed,
+        "guidance_scale": args.guidance_scale,
+        "scheduler": args.scheduler,
+    }
+    try:
+        request = InferenceRequest(**{key: value for key, value in fields.items() if value is not None})
+        engine = _loaded_engine(args)
+        if not engine.ready:
+            return 1
+        job = to_job(request, engine.settings)
+    except (ValidationError, ServiceError) as exc:
+        log.error("invalid request: %s", exc)
+        return 2
     result = engine.generate(job)
     out = Path(args.out)
     result.images[0].save(out)

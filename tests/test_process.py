@@ -125,3 +125,12 @@ def test_cli_generate_writes_an_image(tmp_path):
     completed = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert completed.returncode == 0, completed.stderr[-2000:]
     assert Image.open(out).size == (720, 1456)
+
+
+def test_cli_generate_validates_like_the_api(tmp_path):
+    command = [sys.executable, "flux_kontext_optimized.py", "--model", "tiny", "generate", "--prompt", "x"]
+    command += ["--width", "1000", "--height", "256", "--out", str(tmp_path / "never.png")]
+    completed = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 2
+    assert "multiple of 16" in completed.stderr
+    assert not (tmp_path / "never.png").exists()

@@ -7,9 +7,9 @@
 The embedders and the output projection stay bf16 (first and last layers, a few % of the FLOPs, the most
 sensitive). Before quantizing, each layer's FP8 error is simulated (rowwise e4m3 quantize-dequantize of the
 weight and of random activations); a layer above FLUX_FP8_MAX_LAYER_ERROR stays bf16 (e4m3 spans about
-2^-9..448, so a row whose largest entry is ~1e5x its typical one pushes the rest into subnormals). After quantizing, each layer's real output
-error is measured and reported. Random activations have no outlier channels; real ones may, so real-weight
-errors can be higher than what is measured here.
+2^-9..448, so a row whose largest entry is ~1e5x its typical one pushes the rest into subnormals). After
+quantizing, each layer's real output error is measured and reported. Random activations have no outlier
+channels; real ones may, so real-weight errors can be higher than what is measured here.
 Weights are quantized at load: a request cannot switch this off (its response says so).
 """
 
