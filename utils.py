@@ -10,11 +10,16 @@ import secrets
 import time
 from dataclasses import dataclass, field
 
-from PIL import Image
+import numpy as np
+from PIL import Image, ImageOps
 
-ACCEPTED_INPUT_FORMATS = ("PNG", "JPEG", "WEBP")
+DECODERS = ("PNG", "JPEG", "WEBP")  # the only decoders untrusted bytes reach (the JPEG one also opens MPO)
+# MPO: a JPEG holding more than one image (phone "Ultra HDR" / gain-map photos); its first frame is the photo.
+ACCEPTED_INPUT_FORMATS = ("PNG", "JPEG", "MPO", "WEBP")
 OUTPUT_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
 MAX_SEED = 2**63 - 1
+# Recognised only to answer 415 with the format's name; never decoded.
+_RECOGNISED_ONLY = ("GIF", "BMP", "TIFF", "ICO")
 _DATA_URI = re.compile(r"^data:(?P<mime>[\w/+.-]*)?(;[\w=.-]+)*;base64,", re.IGNORECASE)
 
 
@@ -52,7 +57,7 @@ def decode_image(data: str, max_pixels: int) -> Image.Image:
     if not raw:
         raise ImageInputError(400, "invalid_image", "'image' is empty")
     try:
-        img = Image.open(io.BytesIO(raw))
+        img = Image.open(io.BytesIO(raw), formats=DECODERS + _RECOGNISED_ONLY)
     except Image.DecompressionBombError as exc:  # PIL's own, larger limit, hit while reading the header
         raise ImageInputError(413, "image_too_large", _too_large(max_pixels, str(exc))) from None
     except Exception:
@@ -72,6 +77,18 @@ def decode_image(data: str, max_pixels: int) -> Image.Image:
         raise ImageInputError(
             400, "invalid_image", f"'image' could not be decoded (truncated or corrupt?): {exc}"
         ) from None
+    return to_rgb(ImageOps.exif_transpose(img))
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """RGB as the model sees it: 16-bit scaled to 8, transparency composited on white."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # convert() would clip 16-bit values at 255 (a mid-grey of 40000 turns white); scale them instead.
+        top = 65535 if img.mode.startswith("I;16") else max(int(np.asarray(img).max()), 1)
+        img = Image.fromarray((np.asarray(img, dtype=np.float64) * (255.0 / top)).round().astype(np.uint8))
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
     return img.convert("RGB")
 
 
