@@ -15,7 +15,16 @@ import time
 import torch
 from PIL import Image
 
-from flux_kontext.jobs import DEFAULT_DPM, PHASES, EngineNotReady, EngineOutOfMemory, Job, JobResult
+from flux_kontext.jobs import (
+    DEFAULT_DPM,
+    PHASES,
+    EngineNotReady,
+    EngineOutOfMemory,
+    Job,
+    JobCancelled,
+    JobRejected,
+    JobResult,
+)
 from flux_kontext.models import LoadedModel, load_model
 from flux_kontext.optimizations import OptimizationContext, Report, RequestPlan, apply_all, plan_for_request
 from flux_kontext.optimizations.scheduler import DEFAULT_STEPS, make_scheduler
@@ -132,6 +141,13 @@ class Engine:
                 f"out of GPU memory for this request ({job.num_images} image(s)); "
                 "retry with fewer images or a smaller size"
             ) from exc
+        except RuntimeError as exc:
+            if self.device.type == "cuda" and _is_sticky_gpu_error(exc):
+                # After an illegal access or device assert every later CUDA call fails: say so, so that
+                # /health and the readiness probe turn 503 and the orchestrator restarts the process.
+                self._set_state("failed", f"GPU error, the process needs a restart: {exc}")
+                raise EngineNotReady(self.reason) from exc
+            raise
 
     def _generate(self, job: Job) -> JobResult:
         with self._lock:
@@ -147,6 +163,9 @@ class Engine:
 
     def _scheduler_for(self, job: Job, plan: RequestPlan) -> str:
         """The request's scheduler, else DPM when it is loaded and allowed, else the model's Euler."""
+        dpm_loaded = any(r.name == DPM_REPORT and r.status == "applied" for r in self.reports)
+        if job.scheduler not in (None, "euler") and not dpm_loaded:
+            raise JobRejected(f"scheduler {job.scheduler!r} is not available on this server; use 'euler'")
         name = job.scheduler or (DEFAULT_DPM if DPM_REPORT in plan.ran else "euler")
         if name == "euler" and DPM_REPORT in plan.ran:  # the request chose euler over the default DPM
             plan.ran.remove(DPM_REPORT)
@@ -156,6 +175,8 @@ class Engine:
         return name
 
     def _run(self, job: Job) -> JobResult:
+        if job.cancelled.is_set():
+            raise JobCancelled("the caller went away before the job started")
         plan = plan_for_request(self.reports, job.flags)
         scheduler = self._scheduler_for(job, plan)
         width, height, size_source, context = self._output_size(job)
@@ -179,6 +200,8 @@ class Engine:
                 denoise_start = time.perf_counter()
                 latents = self._denoise(job, embeds, negative, width, height, context, steps, seeds)
                 self._sync()
+                if job.cancelled.is_set():
+                    raise JobCancelled("the caller went away; denoising stopped early")
                 denoise_ms = (time.perf_counter() - denoise_start) * 1000.0
                 timer.add("denoising", denoise_ms - timer.phases.get("image_encoding", 0.0))
                 with timer.measure("decoding"):
@@ -220,6 +243,8 @@ class Engine:
             guidance_scale=job.guidance_scale,
             generator=[torch.Generator("cpu").manual_seed(seed) for seed in seeds],
             max_sequence_length=self.model.max_sequence_length,
+            callback_on_step_end=_stop_when_cancelled(job),
+            callback_on_step_end_tensor_inputs=[],
             output_type="latent",
             return_dict=False,
         )[0]
@@ -297,6 +322,23 @@ class Engine:
         if self.device.type == "cuda":
             versions["cuda"] = torch.version.cuda
         return versions
+
+
+def _stop_when_cancelled(job: Job):
+    """A step callback that makes the pipeline skip its remaining steps once the job is cancelled."""
+
+    def callback(pipe, step, timestep, tensors):
+        if job.cancelled.is_set():
+            pipe._interrupt = True  # the pipeline's own flag: each later step is skipped
+        return {}
+
+    return callback
+
+
+def _is_sticky_gpu_error(exc: BaseException) -> bool:
+    accelerator_error = getattr(torch, "AcceleratorError", ())
+    text = str(exc)
+    return isinstance(exc, accelerator_error) or "CUDA error" in text or "device-side assert" in text
 
 
 def _resolve_device(name: str) -> torch.device:

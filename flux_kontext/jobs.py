@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 
 from PIL import Image
@@ -21,6 +22,14 @@ class EngineOutOfMemory(RuntimeError):
     """The GPU ran out of memory for this request; the engine itself is fine."""
 
 
+class JobRejected(ValueError):
+    """The request asks for something this server cannot do (a 422 with the reason)."""
+
+
+class JobCancelled(RuntimeError):
+    """The caller went away (disconnect or timeout); the job stopped at the next step."""
+
+
 @dataclass
 class Job:
     """One generation, already validated; engine-level, independent of HTTP."""
@@ -38,6 +47,11 @@ class Job:
     scheduler: str | None = None  # None: DEFAULT_DPM when use_dpm_solver allows it, else euler
     cache_threshold: float | None = None  # None: the server's FLUX_CACHE_THRESHOLD
     flags: dict[str, bool] = field(default_factory=dict)
+    cancelled: threading.Event = field(default_factory=threading.Event, repr=False)
+
+    def cancel(self) -> None:
+        """Ask the engine to stop this job at its next denoising step (called from the event loop)."""
+        self.cancelled.set()
 
 
 @dataclass

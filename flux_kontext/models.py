@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from dataclasses import dataclass
 
 import torch
@@ -174,7 +175,7 @@ def build_random_pipeline(
 
 def _load_pretrained(source: str, settings: Settings, device: torch.device, dtype: torch.dtype) -> FluxKontextPipeline:
     pipe = FluxKontextPipeline.from_pretrained(
-        source,
+        os.path.expanduser(source),
         dtype=dtype,
         token=hub_token(),
         revision=settings.revision,
@@ -183,6 +184,13 @@ def _load_pretrained(source: str, settings: Settings, device: torch.device, dtyp
 
 
 def load_model(settings: Settings, device: torch.device, dtype: torch.dtype) -> LoadedModel:
+    """Load the configured source (progress bars off: a server logs, it does not draw)."""
+    model = _load_model(settings, device, dtype)
+    model.pipe.set_progress_bar_config(disable=True)
+    return model
+
+
+def _load_model(settings: Settings, device: torch.device, dtype: torch.dtype) -> LoadedModel:
     """Load the configured source. A defaulted hub model that cannot be found falls back to tiny (demo)."""
     kind = settings.model_kind
     if kind in ("random", "tiny"):

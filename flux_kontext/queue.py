@@ -7,6 +7,7 @@ import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -16,10 +17,24 @@ class QueueFull(RuntimeError):
     """No room for another job; the caller should answer 429 with Retry-After."""
 
 
-class JobQueue:
-    """FIFO of at most ``max_waiting`` jobs; one worker runs them one at a time in a dedicated thread.
+class WorkerStopped(RuntimeError):
+    """The GPU worker died; the service cannot run jobs until it is restarted."""
 
-    A job whose caller went away (cancelled future) before it started is skipped, not run.
+
+@dataclass
+class _Item:
+    job: Any
+    future: asyncio.Future
+    enqueued: float
+    started: bool = False
+    abandoned: bool = False  # the caller left (disconnect, timeout) before the job started
+
+
+class JobQueue:
+    """One job running plus at most ``max_waiting`` waiting; one worker runs them in a dedicated thread.
+
+    A caller that goes away (its task cancelled, or its timeout) frees its place at once; its job is skipped
+    if it has not started, and told to stop (``job.cancel()``) if it has.
     """
 
     def __init__(self, run: Callable[[Any], Any], max_waiting: int):
@@ -28,16 +43,22 @@ class JobQueue:
         self._queue: asyncio.Queue | None = None
         self._worker: asyncio.Task | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gpu-worker")
+        self.waiting = 0
         self.running = 0
+        self.failure: str | None = None
 
     @property
     def depth(self) -> int:
         """Jobs waiting plus the one running."""
-        return (self._queue.qsize() if self._queue else 0) + self.running
+        return self.waiting + self.running
+
+    def has_room(self) -> bool:
+        return self.depth < self.max_waiting + 1
 
     def start(self) -> None:
-        self._queue = asyncio.Queue(maxsize=self.max_waiting)
+        self._queue = asyncio.Queue()
         self._worker = asyncio.get_running_loop().create_task(self._work(), name="gpu-worker")
+        self._worker.add_done_callback(self._on_worker_exit)
 
     async def stop(self) -> None:
         if self._worker:
@@ -45,30 +66,49 @@ class JobQueue:
             await asyncio.gather(self._worker, return_exceptions=True)
         self._executor.shutdown(wait=False, cancel_futures=True)
 
+    def _on_worker_exit(self, task: asyncio.Task) -> None:
+        if task.cancelled():
+            return
+        self.failure = f"GPU worker stopped: {task.exception()!r}"
+        log.critical(self.failure)
+
     async def submit(self, job: Any, timeout_s: float) -> tuple[Any, float]:
         """Queue a job and wait for it; returns (result, queue wait in ms). Raises QueueFull at once."""
-        future = asyncio.get_running_loop().create_future()
+        if self.failure:
+            raise WorkerStopped(self.failure)
+        if not self.has_room():
+            raise QueueFull(f"{self.depth} jobs queued or running; the limit is {self.max_waiting} waiting")
+        item = _Item(job, asyncio.get_running_loop().create_future(), time.perf_counter())
+        self.waiting += 1
+        self._queue.put_nowait(item)
         try:
-            self._queue.put_nowait((job, future, time.perf_counter()))
-        except asyncio.QueueFull:
-            raise QueueFull(f"{self.depth} jobs queued or running; the limit is {self.max_waiting} waiting") from None
-        return await asyncio.wait_for(future, timeout_s)
+            return await asyncio.wait_for(item.future, timeout_s)
+        except BaseException:  # cancelled (client gone) or timed out: free the place, stop the work
+            if not item.started:
+                item.abandoned = True
+                self.waiting -= 1
+            cancel = getattr(job, "cancel", None)
+            if cancel is not None:
+                cancel()
+            raise
 
     async def _work(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            job, future, enqueued = await self._queue.get()
-            if future.done():  # caller disconnected or timed out while waiting
+            item = await self._queue.get()
+            if item.abandoned:
                 continue
-            wait_ms = (time.perf_counter() - enqueued) * 1000.0
+            item.started = True
+            self.waiting -= 1
             self.running = 1
+            wait_ms = (time.perf_counter() - item.enqueued) * 1000.0
             try:
-                result = await loop.run_in_executor(self._executor, self._run, job)
+                result = await loop.run_in_executor(self._executor, self._run, item.job)
             except Exception as exc:
-                if not future.done():
-                    future.set_exception(exc)
+                if not item.future.done():
+                    item.future.set_exception(exc)
             else:
-                if not future.done():
-                    future.set_result((result, wait_ms))
+                if not item.future.done():
+                    item.future.set_result((result, wait_ms))
             finally:
                 self.running = 0

@@ -15,11 +15,11 @@ from fastapi import FastAPI, Query, Request
 from fastapi.responses import JSONResponse, Response
 
 from flux_kontext.benchmark import BenchmarkParams, run_benchmark
-from flux_kontext.body_limit import BodySizeLimit
 from flux_kontext.errors import ServiceError, install_error_handlers
-from flux_kontext.jobs import SCHEDULERS, EngineNotReady, EngineOutOfMemory, Job, JobResult
+from flux_kontext.jobs import SCHEDULERS, EngineNotReady, EngineOutOfMemory, Job, JobRejected, JobResult
 from flux_kontext.metrics import Metrics
-from flux_kontext.queue import JobQueue, QueueFull
+from flux_kontext.queue import JobQueue, QueueFull, WorkerStopped
+from flux_kontext.request_body import DISCONNECTED, RequestBodyMiddleware
 from flux_kontext.schemas import (
     MAX_SIDE,
     MIN_SIDE,
@@ -51,32 +51,47 @@ class Service:
         self.metrics = Metrics(lambda: self.queue.depth)
         self.benchmark_lock = asyncio.Lock()
 
+    @property
+    def retry_after(self) -> dict[str, str]:
+        return {"Retry-After": str(self.settings.retry_after_s)}
+
     def require_ready(self) -> None:
+        if self.queue.failure:
+            raise ServiceError(503, "not_ready", self.queue.failure, headers=self.retry_after)
         if not self.engine.ready:
             raise ServiceError(
-                503,
-                "not_ready",
-                f"model is {self.engine.state}: {self.engine.reason}",
-                headers={"Retry-After": str(self.settings.retry_after_s)},
+                503, "not_ready", f"model is {self.engine.state}: {self.engine.reason}", headers=self.retry_after
+            )
+
+    def require_room(self) -> None:
+        """429 before any work (image decoding included) when the queue is full."""
+        if not self.queue.has_room():
+            raise ServiceError(
+                429,
+                "overloaded",
+                f"server is busy: {self.queue.depth} jobs queued or running; retry later",
+                headers=self.retry_after,
             )
 
     async def submit(self, job: Job) -> tuple[JobResult, float]:
         """Run a job through the bounded queue, mapping engine failures to HTTP errors."""
         self.require_ready()
-        retry = {"Retry-After": str(self.settings.retry_after_s)}
+        retry = self.retry_after
         try:
             return await self.queue.submit(job, self.settings.request_timeout_s)
         except QueueFull as exc:
             raise ServiceError(429, "overloaded", f"server is busy: {exc}; retry later", headers=retry) from None
         except EngineOutOfMemory as exc:
             raise ServiceError(503, "out_of_memory", str(exc), headers=retry) from None
-        except EngineNotReady as exc:
+        except (EngineNotReady, WorkerStopped) as exc:
             raise ServiceError(503, "not_ready", str(exc), headers=retry) from None
         except asyncio.TimeoutError:
             raise ServiceError(
-                504, "timeout", f"no result within {self.settings.request_timeout_s:.0f} s (FLUX_REQUEST_TIMEOUT_S)"
+                504,
+                "timeout",
+                f"no result within {self.settings.request_timeout_s:g} s (FLUX_REQUEST_TIMEOUT_S); the job was stopped",
             ) from None
-        except ValueError as exc:
+        except JobRejected as exc:
             raise ServiceError(422, "invalid_request", str(exc)) from None
 
     def health(self) -> dict:
@@ -149,6 +164,48 @@ def to_response(request: InferenceRequest, job: Job, result: JobResult, wait_ms:
     ).model_dump()
 
 
+async def until_disconnect(request: Request, work):
+    """Await ``work``; if the client disconnects first, cancel it (the queue then stops the job)."""
+    disconnected: asyncio.Event | None = request.scope.get(DISCONNECTED)
+    task = asyncio.ensure_future(work)
+    if disconnected is None:
+        return await task
+    gone = asyncio.ensure_future(disconnected.wait())
+    try:
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+        if not task.done():
+            log.info("client disconnected; cancelling its job")
+            task.cancel()
+        return await task
+    finally:
+        gone.cancel()
+
+
+class RequestMetrics:
+    """ASGI middleware counting every response by route and status, the 500s of escaped exceptions too."""
+
+    def __init__(self, app, metrics: Metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        status = 500  # an exception escaping the app becomes a 500 further out
+
+        async def record_status(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, record_status)
+        finally:
+            route = scope.get("route")
+            endpoint = route.path if route is not None else "unmatched"
+            self.metrics.requests.labels(endpoint=endpoint, status=str(status)).inc()
+
+
 def create_app(settings: Settings | None = None, engine_factory: Callable[[Settings], object] | None = None) -> FastAPI:
     """Build the app. The model loads in a background thread at startup; /health is 503 until ready."""
     settings = settings or Settings()
@@ -168,23 +225,18 @@ def create_app(settings: Settings | None = None, engine_factory: Callable[[Setti
     app = FastAPI(title="FLUX.1-Kontext optimized", version="0.1.0", lifespan=lifespan)
     app.state.service = service
     install_error_handlers(app)
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
-
-    @app.middleware("http")
-    async def count_requests(request: Request, call_next):
-        response = await call_next(request)
-        route = request.scope.get("route")
-        endpoint = route.path if route is not None else "unmatched"
-        service.metrics.requests.labels(endpoint=endpoint, status=str(response.status_code)).inc()
-        return response
+    # Outermost first: count every response (413s included), then own the body (limit, disconnect watch).
+    app.add_middleware(RequestBodyMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestMetrics, metrics=service.metrics)
 
     @app.post("/inference", response_model=InferenceResponse, responses=ERRORS)
-    async def inference(request: InferenceRequest):
+    async def inference(request: InferenceRequest, http_request: Request):
         """Edit an image (``image`` given) or generate one from text."""
         service.require_ready()
+        service.require_room()
         start = time.perf_counter()
         job = await asyncio.to_thread(to_job, request, settings)
-        result, wait_ms = await service.submit(job)
+        result, wait_ms = await until_disconnect(http_request, service.submit(job))
         body = await asyncio.to_thread(to_response, request, job, result, wait_ms, engine.describe_model())
         body["timings_ms"]["total"] = round((time.perf_counter() - start) * 1000.0, 2)
         service.metrics.observe_timings(body["timings_ms"])

@@ -134,3 +134,18 @@ def test_cli_generate_validates_like_the_api(tmp_path):
     assert completed.returncode == 2
     assert "multiple of 16" in completed.stderr
     assert not (tmp_path / "never.png").exists()
+
+
+def test_a_client_that_disconnects_has_its_job_stopped(server):
+    base, _ = server
+    # About 5 s of denoising on the tiny model (50 steps, 1024² output plus a 1024² context image).
+    slow = {"prompt": "slow", "image": image_b64(512, 512), "steps": 50, "scheduler": "euler"}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{base}/inference", json=slow, timeout=0.5)
+    gave_up = time.monotonic()
+    while httpx.get(f"{base}/health", timeout=5).json()["queue"]["depth"] and time.monotonic() < gave_up + 30:
+        time.sleep(0.05)
+    assert httpx.get(f"{base}/health", timeout=5).json()["queue"]["depth"] == 0
+    assert time.monotonic() - gave_up < 2.5, "the job ran on after its client left"
+    fast = httpx.post(f"{base}/inference", json={"prompt": "next", "width": 256, "height": 256, "steps": 1}, timeout=60)
+    assert fast.status_code == 200

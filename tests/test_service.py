@@ -11,6 +11,7 @@ import torch
 from fastapi.testclient import TestClient
 
 from flux_kontext.engine import Engine
+from flux_kontext.jobs import Job, JobCancelled
 from flux_kontext.models import build_random_pipeline
 from flux_kontext.service import create_app
 from flux_kontext.settings import Settings
@@ -100,9 +101,14 @@ def test_explicit_model_that_fails_to_load_is_an_error_not_a_fallback():
         assert client.post("/inference", json=SMALL).status_code == 503
 
 
-def test_defaulted_model_that_cannot_be_found_falls_back_to_a_loud_demo(monkeypatch, tmp_path, caplog):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path))  # an empty cache: the real weights are not there
+def weights_not_found(source, settings, device, dtype):
+    """What from_pretrained raises on a machine without the gated weights (and without network)."""
+    raise OSError(f"Cannot load model {source}: the model is not fully cached locally")
+
+
+def test_defaulted_model_that_cannot_be_found_falls_back_to_a_loud_demo(monkeypatch, caplog):
+    # Patched rather than left to the network: a developer with the weights cached must not load 12B on CPU here.
+    monkeypatch.setattr("flux_kontext.models._load_pretrained", weights_not_found)
     monkeypatch.delenv("FLUX_MODEL", raising=False)
     settings = Settings(warmup=False)
     assert not settings.model_is_explicit
@@ -203,3 +209,64 @@ def test_metrics_count_requests_and_phases(client):
     assert 'flux_requests_total{endpoint="/inference",status="422"}' in text
     assert 'flux_phase_seconds_count{phase="denoising"}' in text
     assert "flux_queue_depth" in text
+
+
+def test_timeout_answers_504_and_stops_the_job_so_the_next_request_is_not_stuck_behind_it():
+    app = create_app(Settings(model="tiny", warmup=False, request_timeout_s=0.5))
+    with TestClient(app) as client:
+        wait_ready(client)
+        slow = client.post("/inference", json={"prompt": "slow", "width": 1024, "height": 1024, "steps": 50})
+        assert slow.status_code == 504
+        assert "FLUX_REQUEST_TIMEOUT_S" in slow.json()["error"]["message"]
+        deadline = time.monotonic() + 10
+        while app.state.service.queue.depth and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert app.state.service.queue.depth == 0  # stopped within a step or two, not after 50
+        assert client.post("/inference", json=SMALL).status_code == 200
+
+
+def test_engine_stops_a_cancelled_job_at_the_next_step():
+    engine = Engine(Settings(model="tiny", warmup=False))
+    engine.load()
+    calls = []
+    engine.model.pipe.transformer.register_forward_hook(lambda *args: calls.append(1))
+    job = Job(prompt="x", seed=1, width=256, height=256, steps=30)
+    original = engine._encode_text
+
+    def encode_then_cancel(*args):  # the client leaves right after text encoding
+        result = original(*args)
+        job.cancel()
+        return result
+
+    engine._encode_text = encode_then_cancel
+    with pytest.raises(JobCancelled):
+        engine.generate(job)
+    assert len(calls) <= 1
+    with pytest.raises(JobCancelled):  # a job cancelled while waiting never starts
+        engine.generate(job)
+
+
+def test_an_unexpected_engine_error_is_a_500_in_the_envelope_and_counted():
+    class Broken(Engine):
+        def _run(self, job):
+            raise RuntimeError("something unforeseen")
+
+    with TestClient(create_app(Settings(model="tiny", warmup=False), Broken), raise_server_exceptions=False) as client:
+        wait_ready(client)
+        response = client.post("/inference", json=SMALL)
+        assert response.status_code == 500
+        assert response.json()["error"]["type"] == "internal_error"
+        assert 'flux_requests_total{endpoint="/inference",status="500"}' in client.get("/metrics").text
+
+
+def test_a_dpm_scheduler_the_server_could_not_load_is_refused_not_faked():
+    app = create_app(Settings(model="tiny", warmup=False))
+    with TestClient(app) as client:
+        wait_ready(client)
+        for report in app.state.service.engine.reports:
+            if report.name == "dpm_solver":
+                report.status, report.detail = "failed", "loaded scheduler is not flow matching"
+        response = client.post("/inference", json={**SMALL, "scheduler": "dpmpp_2m"})
+        assert response.status_code == 422
+        assert "not available on this server" in response.json()["error"]["message"]
+        assert client.post("/inference", json=SMALL).json()["scheduler"] == "euler"

@@ -1,13 +1,21 @@
-"""ASGI middleware: refuse request bodies over a size limit with 413, before the app parses them."""
+"""ASGI middleware that owns the request body: a size limit (413) and a watch for the client leaving.
+
+The body is read here (declared length checked first, chunked bodies counted) and replayed to the app.
+Once it is read, a background task keeps listening on the connection; when the client disconnects it sets
+the event at ``scope[DISCONNECTED]``, which the routes use to cancel the client's job. (Polling Starlette's
+``Request.is_disconnected()`` from a route did not see disconnects through the middleware stack.)
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 
+DISCONNECTED = "flux.disconnected"
 
-class BodySizeLimit:
-    """Reads the body (declared length checked first, chunked bodies counted) and replays it to the app."""
 
+class RequestBodyMiddleware:
     def __init__(self, app, max_bytes: int):
         self.app = app
         self.max_bytes = max_bytes
@@ -30,6 +38,9 @@ class BodySizeLimit:
             chunks.append(chunk)
             if not message.get("more_body", False):
                 break
+        disconnected = asyncio.Event()
+        scope[DISCONNECTED] = disconnected
+        watcher = asyncio.ensure_future(self._watch(receive, disconnected))
         body = b"".join(chunks)
         replayed = False
 
@@ -38,9 +49,23 @@ class BodySizeLimit:
             if not replayed:
                 replayed = True
                 return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
+            await disconnected.wait()
+            return {"type": "http.disconnect"}
 
-        return await self.app(scope, replay, send)
+        try:
+            return await self.app(scope, replay, send)
+        finally:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
+
+    @staticmethod
+    async def _watch(receive, disconnected: asyncio.Event) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                disconnected.set()
+                return
 
     async def _reject(self, send, size: int, exact: bool) -> None:
         limit_mb = self.max_bytes / 2**20
