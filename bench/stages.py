@@ -2,7 +2,7 @@
 
 For each stage and for a 1024² edit (1024² input) and a 1024² text-to-image: transformer ms/step, VAE ms,
 text-encoder ms, end-to-end ms, speedups, peak GPU memory, first-call (compile) seconds, and the ratio of
-the transformer step to the FLOP floor (FACTS.md: 60 / 152 ms per step with FP8 GEMMs at 1600 TFLOP/s and
+the transformer step to the FLOP floor (docs/FACTS.md: 60 / 152 ms per step with FP8 GEMMs at 1600 TFLOP/s and
 bf16 attention at 650). Run on a GPU:
 
     FLUX_MODEL=random python bench/stages.py --runs 2 --out bench/results/stages-h100.json

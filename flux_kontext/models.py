@@ -20,7 +20,7 @@ from flux_kontext.settings import Settings, hub_token
 
 log = logging.getLogger(__name__)
 
-# FLUX.1's scheduler: flow matching with resolution-dependent shift (see FACTS.md).
+# FLUX.1's scheduler: flow matching with resolution-dependent shift (see docs/FACTS.md).
 SCHEDULER_CONFIG = dict(
     num_train_timesteps=1000,
     shift=3.0,

@@ -2,7 +2,7 @@
 
 Kernels (q, k, v and the output are (batch, tokens, heads, head_dim)):
 - sdpa:  PyTorch scaled_dot_product_attention, PyTorch picks the backend (the CPU path).
-- cudnn: SDPA forced to cuDNN's fused attention: close behind FA3 on H100 (FACTS.md), the GPU fallback.
+- cudnn: SDPA forced to cuDNN's fused attention: close behind FA3 on H100 (docs/FACTS.md), the GPU fallback.
 - fa3:   FlashAttention 3 forward from the fa3-fwd wheel (or flash-attn-3's flash_attn_interface). diffusers'
          own `_flash_3` backend does not detect fa3-fwd, hence our processor.
 At start-up each available kernel is checked against an fp32 reference and timed on the model's own token

@@ -11,7 +11,7 @@ def apply(pipe, context: OptimizationContext) -> Report:
     """Compile the 19 double and 38 single blocks (fullgraph, Inductor's default mode).
 
     Default mode, not max-autotune: on an FP8 FLUX block autotuning measured no faster (1.95 vs 1.955 ms) and
-    took 280 s instead of 9 s to compile (FACTS.md). Regional rather than whole-model: one compile per block
+    took 280 s instead of 9 s to compile (docs/FACTS.md). Regional rather than whole-model: one compile per block
     type instead of one graph of 57 blocks, the same steady-state speed, a fraction of the start-up.
     """
     if context.device_type != "cuda":

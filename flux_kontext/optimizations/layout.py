@@ -38,7 +38,7 @@ def _drop_unfused(attn: torch.nn.Module) -> int:
 
 
 def apply_channels_last(pipe, context: OptimizationContext) -> Report:
-    """Channels-last VAE, only when asked: our eager VAE decode was slower with it (86 vs 130 ms, FACTS.md)."""
+    """Channels-last VAE, only when asked: our eager VAE decode was slower with it (86 vs 130 ms, docs/FACTS.md)."""
     if context.device_type != "cuda":
         return Report("channels_last", "skipped", "a GPU layout; the CPU demo keeps the default")
     if not context.settings.channels_last:
