@@ -35,6 +35,16 @@ from utils import PhaseTimer
 
 log = logging.getLogger(__name__)
 
+
+class _NoPromptText(logging.Filter):
+    """diffusers logs the cut-off part of a long prompt verbatim; user text stays out of our logs."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "part of your input was truncated" not in record.getMessage()
+
+
+logging.getLogger("diffusers.pipelines.flux.pipeline_flux_kontext").addFilter(_NoPromptText())
+
 DEFAULT_TEXT_TO_IMAGE_SIZE = (1024, 1024)
 
 
@@ -223,6 +233,7 @@ class Engine:
             timings_ms=timings,
             optimizations=plan.public(),
             first_block_cache=cache.summary() if cache is not None else None,
+            warnings=self._truncation_warnings(job.prompt),
         )
 
     def _denoise(self, job: Job, embeds, negative, width, height, context, steps, seeds) -> torch.Tensor:
@@ -248,6 +259,14 @@ class Engine:
             output_type="latent",
             return_dict=False,
         )[0]
+
+    def _truncation_warnings(self, prompt: str) -> list[str]:
+        """Say when the prompt is longer than T5 reads (CLIP's 77 tokens only feed the pooled vector)."""
+        limit = self.model.max_sequence_length
+        tokens = len(self.model.pipe.tokenizer_2(prompt, truncation=False)["input_ids"])
+        if tokens <= limit:
+            return []
+        return [f"prompt is {tokens} T5 tokens; only the first {limit} are used"]
 
     def _encode_text(self, prompt: str, num_images: int):
         prompt_embeds, pooled, _ = self.model.pipe.encode_prompt(

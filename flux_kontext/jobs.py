@@ -68,3 +68,4 @@ class JobResult:
     timings_ms: dict[str, float]
     optimizations: dict
     first_block_cache: dict | None = None  # threshold, transformer calls computed and skipped
+    warnings: list[str] = field(default_factory=list)  # e.g. a prompt longer than the text encoder reads

@@ -120,6 +120,7 @@ class InferenceResponse(BaseModel):
         None, description="Threshold and transformer calls computed/skipped; null when the cache is not loaded."
     )
     timings_ms: dict[str, float]
+    warnings: list[str] = Field(default_factory=list, description="Things the client should know, e.g. truncation.")
     model: dict
     optimizations: dict
 

@@ -159,6 +159,7 @@ def to_response(request: InferenceRequest, job: Job, result: JobResult, wait_ms:
         true_cfg_active=result.true_cfg,
         first_block_cache=result.first_block_cache,
         timings_ms={"queue_wait": round(wait_ms, 2), **result.timings_ms},
+        warnings=result.warnings,
         model=model,
         optimizations=result.optimizations,
     ).model_dump()

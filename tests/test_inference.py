@@ -177,3 +177,21 @@ def test_each_scheduler_is_deterministic_and_they_differ(client):
         assert client.post("/inference", json=body).json()["images"][0]["image"] == first
         images[name] = first
     assert len(set(images.values())) == 3
+
+
+def test_a_prompt_longer_than_t5_reads_is_reported_and_not_logged(client):
+    import logging
+
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    diffusers_log = logging.getLogger("diffusers.pipelines.flux.pipeline_flux_kontext")  # does not propagate
+    diffusers_log.addHandler(handler)
+    try:
+        long_prompt = "a very long prompt " * 10  # 190 bytes: the tiny model's T5 reads 64 tokens (one per byte)
+        body = post(client, prompt=long_prompt, width=256, height=256, seed=1, steps=1).json()
+    finally:
+        diffusers_log.removeHandler(handler)
+    assert body["warnings"] == ["prompt is 191 T5 tokens; only the first 64 are used"]
+    assert post(client, prompt="short", width=256, height=256, seed=1, steps=1).json()["warnings"] == []
+    assert not [r for r in records if "very long prompt" in r.getMessage()]  # the user's text is not logged

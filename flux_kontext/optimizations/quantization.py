@@ -128,6 +128,10 @@ def apply(pipe, context: OptimizationContext) -> Report:
     modules = dict(pipe.transformer.named_modules())
     max_error = context.settings.fp8_max_layer_error
     selected, kept_bf16 = select_fp8_layers(references, modules, max_error) if fmt == "fp8" else (set(references), {})
+    if not selected:
+        return Report(
+            NAME, "skipped", f"{why}; every layer's simulated FP8 error is above {max_error}: all bf16", flag=FLAG
+        )
     quantize_(pipe.transformer, config, filter_fn=lambda module, name: name in selected)
     errors = _layer_errors(pipe.transformer, {name: references[name] for name in selected})
     del references
