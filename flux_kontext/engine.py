@@ -82,8 +82,8 @@ class Engine:
             self._scheduler_config = dict(self.model.pipe.scheduler.config)
             self.reports = apply_all(self.model.pipe, self._optimization_context())
             if self.settings.warmup:
-                self._set_state("warming_up", "running a warm-up generation")
-                self._warm_up()
+                self._set_state("warming_up", "running warm-up generations (and compiling, on a GPU)")
+                self._warm_up_or_fall_back()
             self.load_seconds = time.perf_counter() - start
             self._set_state("ready", None)
             log.info("engine ready in %.1f s (%s)", self.load_seconds, self.model.kind)
@@ -101,6 +101,22 @@ class Engine:
     def _optimization_context(self) -> OptimizationContext:
         capability = torch.cuda.get_device_capability(self.device) if self.device.type == "cuda" else None
         return OptimizationContext(device_type=self.device.type, capability=capability, settings=self.settings)
+
+    def _warm_up_or_fall_back(self) -> None:
+        """Warm up; if that fails, undo the optimizations that can be undone (compile), say why, and retry."""
+        try:
+            self._warm_up()
+            return
+        except Exception as exc:
+            undoable = [r for r in self.reports if r.status == "applied" and r.undo is not None]
+            if not undoable:
+                raise
+            log.exception("warm-up failed; undoing %s and retrying", ", ".join(r.name for r in undoable))
+            for report in reversed(undoable):
+                report.undo()
+                report.status, report.undo = "failed", None
+                report.detail = f"broke at warm-up and was undone ({type(exc).__name__}: {exc})"
+        self._warm_up()
 
     def _warm_up(self) -> None:
         """Run every shape the benchmarks use, with each per-request switch on and off, so compiled code exists.

@@ -172,3 +172,38 @@ def test_fp8_screening_keeps_layers_with_outlier_input_channels_in_bf16():
     references = {"normal": (x, None), "outlier": (x, None)}
     selected, kept = select_fp8_layers(references, {"normal": normal, "outlier": outlier}, max_error=0.06)
     assert selected == {"normal"} and set(kept) == {"outlier"}
+
+
+def test_uncompile_returns_the_blocks_to_eager():
+    from flux_kontext.optimizations.compile import _uncompile
+
+    pipe = build_random_pipeline(tiny=True, device=torch.device("cpu"), dtype=torch.float32)
+    pipe.transformer.compile_repeated_blocks()  # lazy: nothing is compiled until a call
+    compiled = [m for m in pipe.transformer.modules() if getattr(m, "_compiled_call_impl", None) is not None]
+    assert len(compiled) == 2  # one double and one single block in the tiny model
+    _uncompile(pipe.transformer)
+    assert not [m for m in pipe.transformer.modules() if getattr(m, "_compiled_call_impl", None) is not None]
+
+
+def test_an_optimization_that_breaks_at_warm_up_is_undone_and_reported(monkeypatch):
+    from flux_kontext.engine import Engine
+
+    def breaking_compile(pipe, context):
+        """Stands in for a compile that fails at its first call (an Inductor error on some GPU)."""
+
+        def fail(module, args, kwargs):
+            raise RuntimeError("inductor: something went wrong")
+
+        handle = pipe.transformer.register_forward_pre_hook(fail, with_kwargs=True)
+        return Report("compile", "applied", "compiled", undo=handle.remove)
+
+    monkeypatch.setattr("flux_kontext.optimizations.compile.apply", breaking_compile)
+    engine = Engine(Settings(model="tiny"))
+    engine.load()
+    assert engine.ready, engine.reason
+    report = next(r for r in engine.reports if r.name == "compile")
+    assert report.status == "failed"
+    assert "broke at warm-up and was undone" in report.detail and "inductor" in report.detail
+    from flux_kontext.jobs import Job
+
+    assert engine.generate(Job(prompt="x", seed=1, width=256, height=256, steps=1)).images[0].size == (256, 256)

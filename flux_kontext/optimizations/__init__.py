@@ -46,10 +46,13 @@ class Report:
     data: dict = field(default_factory=dict)
     # Context manager factory that disables it for one request; None when it cannot be switched off.
     disable: Callable[[], contextlib.AbstractContextManager] | None = field(default=None, repr=False)
+    # Reverts it when it breaks at first use (warm-up); None when it cannot be reverted.
+    undo: Callable[[], None] | None = field(default=None, repr=False)
 
     def public(self) -> dict:
         data = asdict(self)
         data.pop("disable")
+        data.pop("undo")
         data["data"] = {key: value for key, value in self.data.items() if not key.startswith("_")}
         data["seconds"] = round(self.seconds, 3)
         data["switchable_per_request"] = self.disable is not None

@@ -26,6 +26,15 @@ def apply(pipe, context: OptimizationContext) -> Report:
     return Report(
         "compile",
         "applied",
-        f"regional torch.compile of FluxTransformerBlock and FluxSingleTransformerBlock (default mode, "
+        undo=lambda: _uncompile(pipe.transformer),
+        detail=f"regional torch.compile of FluxTransformerBlock and FluxSingleTransformerBlock (default mode, "
         f"fullgraph={fullgraph}); warm-up compiles the 1024² shapes, another resolution compiles on its first request",
     )
+
+
+def _uncompile(transformer: torch.nn.Module) -> None:
+    """Back to eager blocks (what Module.compile() set is cleared) and drop the compiled code."""
+    for module in transformer.modules():
+        if getattr(module, "_compiled_call_impl", None) is not None:
+            module._compiled_call_impl = None
+    torch._dynamo.reset()
