@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import platform
 import threading
 import time
 
 import torch
 from PIL import Image
 
+from flux_kontext.device import Device, is_sticky_gpu_error, resolve_device, resolve_dtype
 from flux_kontext.jobs import (
     DEFAULT_DPM,
     PHASES,
@@ -59,10 +59,11 @@ class Engine:
         self.reports: list[Report] = []
         self._config_error: str | None = None
         try:
-            self.device = _resolve_device(settings.device)
+            torch_device = resolve_device(settings.device)
         except ValueError as exc:  # reported by load(), so /health can say why
-            self.device, self._config_error = torch.device("cpu"), str(exc)
-        self.dtype = _resolve_dtype(settings.dtype, self.device)
+            torch_device, self._config_error = torch.device("cpu"), str(exc)
+        self.hardware = Device(torch_device, resolve_dtype(settings.dtype, torch_device))
+        self.device, self.dtype = self.hardware.torch_device, self.hardware.dtype
         self._scheduler_config: dict = {}
         self.load_seconds: float | None = None
         self.warmup_seconds: float | None = None
@@ -99,8 +100,9 @@ class Engine:
         return self.state == "ready"
 
     def _optimization_context(self) -> OptimizationContext:
-        capability = torch.cuda.get_device_capability(self.device) if self.device.type == "cuda" else None
-        return OptimizationContext(device_type=self.device.type, capability=capability, settings=self.settings)
+        return OptimizationContext(
+            device_type=self.device.type, capability=self.hardware.capability(), settings=self.settings
+        )
 
     def _warm_up_or_fall_back(self) -> None:
         """Warm up; if that fails, undo the optimizations that can be undone (compile), say why, and retry."""
@@ -156,19 +158,19 @@ class Engine:
 
     # ----- generation ------------------------------------------------------------------------------
     def generate(self, job: Job) -> JobResult:
-        """Run one job. Raises EngineNotReady, EngineOutOfMemory, or ValueError for bad parameters."""
+        """Run one job. Raises EngineNotReady, EngineOutOfMemory, JobRejected or JobCancelled."""
         if not self.ready:
             raise EngineNotReady(f"engine is {self.state}: {self.reason}")
         try:
             return self._generate(job)
         except torch.OutOfMemoryError as exc:
-            self._release_memory()
+            self.hardware.release_memory()
             raise EngineOutOfMemory(
                 f"out of GPU memory for this request ({job.num_images} image(s)); "
                 "retry with fewer images or a smaller size"
             ) from exc
         except RuntimeError as exc:
-            if self.device.type == "cuda" and _is_sticky_gpu_error(exc):
+            if self.hardware.is_cuda and is_sticky_gpu_error(exc):
                 # After an illegal access or device assert every later CUDA call fails: say so, so that
                 # /health and the readiness probe turn 503 and the orchestrator restarts the process.
                 self._set_state("failed", f"GPU error, the process needs a restart: {exc}")
@@ -208,7 +210,7 @@ class Engine:
         width, height, size_source, context = self._output_size(job)
         steps = job.steps or DEFAULT_STEPS[scheduler]
         seeds = [job.seed + i for i in range(job.num_images)]
-        timer = PhaseTimer(sync=self._sync)
+        timer = PhaseTimer(sync=self.hardware.sync)
         true_cfg = job.true_cfg_scale > 1.0 and bool(job.negative_prompt)
         cache = getattr(self.model.pipe, "first_block_cache", None)
         total_start = time.perf_counter()
@@ -225,7 +227,7 @@ class Engine:
                     stack.enter_context(cache.request(job.cache_threshold, negative[0]))
                 denoise_start = time.perf_counter()
                 latents = self._denoise(job, embeds, negative, width, height, context, steps, seeds)
-                self._sync()
+                self.hardware.sync()
                 if job.cancelled.is_set():
                     raise JobCancelled("the caller went away; denoising stopped early")
                 denoise_ms = (time.perf_counter() - denoise_start) * 1000.0
@@ -301,37 +303,18 @@ class Engine:
         decoded = pipe.vae.decode(latents.to(pipe.vae.dtype), return_dict=False)[0]
         return pipe.image_processor.postprocess(decoded, output_type="pil")
 
-    # ----- device helpers --------------------------------------------------------------------------
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
-    def _release_memory(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
-
+    # ----- reporting (used by /health, /benchmark and the bench scripts) --------------------------------
     def reset_peak_memory(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
+        self.hardware.reset_peak_memory()
 
     def peak_memory_gib(self) -> float | None:
-        if self.device.type != "cuda":
-            return None
-        return round(torch.cuda.max_memory_allocated(self.device) / 2**30, 3)
+        return self.hardware.peak_memory_gib()
 
-    # ----- reporting -------------------------------------------------------------------------------
     def describe_device(self) -> dict:
-        info = {"type": self.device.type, "dtype": str(self.dtype).removeprefix("torch.")}
-        if self.device.type == "cuda":
-            props = torch.cuda.get_device_properties(self.device)
-            info.update(
-                name=props.name,
-                capability=f"sm_{props.major}{props.minor}",
-                memory_gib=round(props.total_memory / 2**30, 1),
-            )
-        else:
-            info.update(name=platform.processor() or platform.machine(), threads=torch.get_num_threads())
-        return info
+        return self.hardware.describe()
+
+    def versions(self) -> dict:
+        return self.hardware.software_versions()
 
     def describe_model(self) -> dict:
         if self.model is None:
@@ -344,20 +327,6 @@ class Engine:
             "max_sequence_length": self.model.max_sequence_length,
         }
 
-    def versions(self) -> dict:
-        import diffusers
-        import transformers
-
-        versions = {
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "diffusers": diffusers.__version__,
-            "transformers": transformers.__version__,
-        }
-        if self.device.type == "cuda":
-            versions["cuda"] = torch.version.cuda
-        return versions
-
 
 def _stop_when_cancelled(job: Job):
     """A step callback that makes the pipeline skip its remaining steps once the job is cancelled."""
@@ -368,24 +337,3 @@ def _stop_when_cancelled(job: Job):
         return {}
 
     return callback
-
-
-def _is_sticky_gpu_error(exc: BaseException) -> bool:
-    accelerator_error = getattr(torch, "AcceleratorError", ())
-    text = str(exc)
-    return isinstance(exc, accelerator_error) or "CUDA error" in text or "device-side assert" in text
-
-
-def _resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"FLUX_DEVICE={name} but no CUDA device is available")
-    return device
-
-
-def _resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return getattr(torch, name)
