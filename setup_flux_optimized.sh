@@ -38,7 +38,9 @@ if ! "$VENV/bin/python" -c "import torch" >/dev/null 2>&1; then
 fi
 
 echo "installing $REQUIREMENTS"
-"${PIP[@]}" install -q -r "$REQUIREMENTS"
+# constraints.txt pins the versions the tests last passed with (CONSTRAINTS= to install without them).
+CONSTRAINTS="${CONSTRAINTS-constraints.txt}"
+"${PIP[@]}" install -q -r "$REQUIREMENTS" ${CONSTRAINTS:+-c "$CONSTRAINTS"}
 if [[ "$HAS_GPU" == 1 ]]; then
   echo "installing requirements-gpu.txt (torchao, fa3-fwd)"
   "${PIP[@]}" install -q -r requirements-gpu.txt || echo "GPU extras not installed: /health will report them unavailable"
