@@ -71,14 +71,24 @@ def rel(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float((out - ref).norm() / ref.norm())
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--out", type=Path, required=True)
-    args = parser.parse_args()
-    configure_logging()
+def full_random_transformer() -> FluxTransformer2DModel:
+    """The full-size FLUX transformer, random weights (seed 0), bf16, built on the GPU."""
     torch.manual_seed(0)
     with torch.device(DEVICE):
-        reference_model = FluxTransformer2DModel(**FULL_TRANSFORMER).to(torch.bfloat16).eval()
+        return FluxTransformer2DModel(**FULL_TRANSFORMER).to(torch.bfloat16).eval()
+
+
+def output_path_from_args() -> Path:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", type=Path, required=True)
+    path = parser.parse_args().out
+    configure_logging()
+    return path
+
+
+def main() -> int:
+    out = output_path_from_args()
+    reference_model = full_random_transformer()
     cases = {"text_to_image": inputs(4096, 0), "edit": inputs(4096, 4096)}
     results = {"cases": {}, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "torch": torch.__version__}
     refs = {}
@@ -122,8 +132,8 @@ def main() -> int:
     torch._dynamo.reset()
     torch.cuda.empty_cache()
     results["against_fp32"] = compile_against_fp32(cases["text_to_image"])
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
     return 0
 
 

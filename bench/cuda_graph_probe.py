@@ -9,7 +9,6 @@ replayed CUDA graph, and checks the replay computes the same output.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import sys
@@ -20,11 +19,8 @@ from types import SimpleNamespace
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
-from diffusers import FluxTransformer2DModel  # noqa: E402
 
-from bench.correctness import inputs, rel  # noqa: E402
-from flux_kontext.logging_setup import configure_logging  # noqa: E402
-from flux_kontext.models import FULL_TRANSFORMER  # noqa: E402
+from bench.correctness import full_random_transformer, inputs, output_path_from_args, rel  # noqa: E402
 from flux_kontext.optimizations import OptimizationContext, attention, layout, quantization  # noqa: E402
 from flux_kontext.settings import Settings  # noqa: E402
 
@@ -43,13 +39,8 @@ def time_ms(fn, repeats: int = 10) -> float:
 
 @torch.inference_mode()
 def main() -> int:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--out", type=Path, required=True)
-    args = parser.parse_args()
-    configure_logging()
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = FluxTransformer2DModel(**FULL_TRANSFORMER).to(torch.bfloat16).eval()
+    out = output_path_from_args()
+    model = full_random_transformer()
     pipe = SimpleNamespace(transformer=model, vae=None)
     context = OptimizationContext("cuda", torch.cuda.get_device_capability(), Settings(quantize="auto"))
     layout.apply_fuse_qkv(pipe, context)
@@ -82,7 +73,7 @@ def main() -> int:
     except Exception as exc:  # the probe's point is to learn whether capture works
         result["capture_error"] = f"{type(exc).__name__}: {exc}"[:2000]
     log.info("%s", result)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    out.write_text(json.dumps(result, indent=2) + "\n")
     return 0
 
 
