@@ -63,7 +63,6 @@ class Engine:
         except ValueError as exc:  # reported by load(), so /health can say why
             torch_device, self._config_error = torch.device("cpu"), str(exc)
         self.hardware = Device(torch_device, resolve_dtype(settings.dtype, torch_device))
-        self.device, self.dtype = self.hardware.torch_device, self.hardware.dtype
         self._scheduler_config: dict = {}
         self.load_seconds: float | None = None
         self.warmup_seconds: float | None = None
@@ -78,7 +77,7 @@ class Engine:
             if self._config_error:
                 raise ValueError(self._config_error)
             self._set_state("loading", f"loading model {self.settings.model!r}")
-            self.model = load_model(self.settings, self.device, self.dtype)
+            self.model = load_model(self.settings, self.device, self.hardware.dtype)
             self._instrument(self.model.pipe)
             self._scheduler_config = dict(self.model.pipe.scheduler.config)
             self.reports = apply_all(self.model.pipe, self._optimization_context())
@@ -94,6 +93,10 @@ class Engine:
 
     def _set_state(self, state: str, reason: str | None) -> None:
         self.state, self.reason = state, reason
+
+    @property
+    def device(self) -> torch.device:
+        return self.hardware.torch_device
 
     @property
     def ready(self) -> bool:
@@ -128,7 +131,7 @@ class Engine:
         """
         start = time.perf_counter()
         seed = self.settings.seed_for_warmup
-        if self.device.type == "cuda":
+        if self.hardware.is_cuda:
             image = Image.new("RGB", (1024, 1024), (128, 64, 32))
             jobs = [Job(prompt="warm-up", seed=seed, image=image, steps=2), Job(prompt="warm-up", seed=seed, steps=2)]
         else:
