@@ -89,5 +89,6 @@ async def run_benchmark(
         "model": engine.describe_model(),
         "optimizations": last.optimizations,
         "first_block_cache": last.first_block_cache,  # of the last run: threshold, computed, skipped
+        "cuda_graphs": last.cuda_graphs,  # of the last run: block calls replayed, captured, uncaptured
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }

@@ -216,6 +216,9 @@ class Engine:
         timer = PhaseTimer(sync=self.hardware.sync)
         true_cfg = job.true_cfg_scale > 1.0 and bool(job.negative_prompt)
         cache = getattr(self.model.pipe, "first_block_cache", None)
+        graphs = getattr(self.model.pipe, "cuda_graphs", None)
+        if graphs is not None:
+            graphs.reset_counts()
         total_start = time.perf_counter()
         self._timer = timer
         try:
@@ -239,6 +242,8 @@ class Engine:
                     images = self._decode(latents, width, height)
         finally:
             self._timer = None
+        graph_counts = graphs.reset_counts() if graphs is not None else None
+        _report_graph_use(plan, graph_counts)
         timings = {phase: round(timer.phases.get(phase, 0.0), 2) for phase in PHASES}
         timings["engine_total"] = round((time.perf_counter() - total_start) * 1000.0, 2)
         return JobResult(
@@ -254,6 +259,7 @@ class Engine:
             timings_ms=timings,
             optimizations=plan.public(),
             first_block_cache=cache.summary() if cache is not None else None,
+            cuda_graphs=graph_counts,
             warnings=self._truncation_warnings(job.prompt),
         )
 
@@ -329,6 +335,20 @@ class Engine:
             "fallback_reason": self.model.fallback_reason,
             "max_sequence_length": self.model.max_sequence_length,
         }
+
+
+def _report_graph_use(plan: RequestPlan, counts: dict | None) -> None:
+    """CUDA graphs count as run only if a block was replayed or captured; a shape's first call runs without."""
+    if counts is None or "cuda_graphs" not in plan.ran or counts["replayed"] + counts["captured"] > 0:
+        return
+    plan.ran.remove("cuda_graphs")
+    plan.not_applied.append(
+        {
+            "flag": "use_cuda_graphs",
+            "optimization": "cuda_graphs",
+            "reason": "no block was replayed: this input shape was seen for the first time (captured on its next call)",
+        }
+    )
 
 
 def _stop_when_cancelled(job: Job):

@@ -68,4 +68,5 @@ class JobResult:
     timings_ms: dict[str, float]
     optimizations: dict
     first_block_cache: dict | None = None  # threshold, transformer calls computed and skipped
+    cuda_graphs: dict | None = None  # block calls replayed, captured and run uncaptured (first sight of a shape)
     warnings: list[str] = field(default_factory=list)  # e.g. a prompt longer than the text encoder reads

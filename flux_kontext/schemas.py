@@ -119,6 +119,11 @@ class InferenceResponse(BaseModel):
     first_block_cache: dict | None = Field(
         None, description="Threshold and transformer calls computed/skipped; null when the cache is not loaded."
     )
+    cuda_graphs: dict | None = Field(
+        None,
+        description="Transformer block calls replayed from a CUDA graph, captured, or run uncaptured (a shape's "
+        "first call); null when graphs are not loaded.",
+    )
     timings_ms: dict[str, float]
     warnings: list[str] = Field(default_factory=list, description="Things the client should know, e.g. truncation.")
     model: dict

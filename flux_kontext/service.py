@@ -158,6 +158,7 @@ def to_response(request: InferenceRequest, job: Job, result: JobResult, wait_ms:
         true_cfg_scale=request.true_cfg_scale,
         true_cfg_active=result.true_cfg,
         first_block_cache=result.first_block_cache,
+        cuda_graphs=result.cuda_graphs,
         timings_ms={"queue_wait": round(wait_ms, 2), **result.timings_ms},
         warnings=result.warnings,
         model=model,

@@ -58,6 +58,12 @@ class Settings(BaseSettings):
         0.12, ge=0, le=1, description="First-block cache residual threshold (the seed's 0.12); 0 never skips."
     )
     compile: bool = Field(True, description="Regional torch.compile of the transformer blocks (GPU only).")
+    cuda_graphs: bool = Field(
+        True, description="CUDA graph per transformer block and input shape (GPU only; per request: use_cuda_graphs)."
+    )
+    cuda_graph_max_shapes: int = Field(
+        4, ge=1, le=64, description="Input shapes whose graphs are kept (each 1.6-3.2 GiB at 1024²); LRU beyond."
+    )
     channels_last: bool = Field(
         False, description="Channels-last VAE; off by default: measured slower for the eager VAE decode on H100."
     )

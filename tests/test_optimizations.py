@@ -174,15 +174,21 @@ def test_fp8_screening_keeps_layers_with_outlier_input_channels_in_bf16():
     assert selected == {"normal"} and set(kept) == {"outlier"}
 
 
-def test_uncompile_returns_the_blocks_to_eager():
-    from flux_kontext.optimizations.compile import _uncompile
+@torch.inference_mode()
+def test_compile_wraps_each_block_forward_below_the_hooks_and_undo_returns_them_to_eager():
+    from flux_kontext.optimizations import compile as compile_step
 
     pipe = build_random_pipeline(tiny=True, device=torch.device("cpu"), dtype=torch.float32)
-    pipe.transformer.compile_repeated_blocks()  # lazy: nothing is compiled until a call
-    compiled = [m for m in pipe.transformer.modules() if getattr(m, "_compiled_call_impl", None) is not None]
-    assert len(compiled) == 2  # one double and one single block in the tiny model
-    _uncompile(pipe.transformer)
-    assert not [m for m in pipe.transformer.modules() if getattr(m, "_compiled_call_impl", None) is not None]
+    kwargs = transformer_inputs(pipe.transformer, torch.Generator().manual_seed(3))
+    reference = pipe.transformer(**kwargs)[0]
+    # torch.compile is lazy, so wrapping works on CPU; a "cuda" context is what lets apply() do it.
+    report = compile_step.apply(pipe, OptimizationContext("cuda", (9, 0), Settings(model="tiny")))
+    assert report.status == "applied" and "fullgraph" in report.detail
+    wrapped = [b.forward for b in [*pipe.transformer.transformer_blocks, *pipe.transformer.single_transformer_blocks]]
+    assert all(isinstance(f, compile_step.CompiledForward) and f.run is not f.eager for f in wrapped)
+    report.undo()
+    assert all(f.run is f.eager for f in wrapped)
+    torch.testing.assert_close(pipe.transformer(**kwargs)[0], reference, rtol=0, atol=0)
 
 
 def test_an_optimization_that_breaks_at_warm_up_is_undone_and_reported(monkeypatch):

@@ -10,11 +10,12 @@ Order (each constraint has its reason), see STEPS:
 3. attention     - installs our processor (kernel chosen by measurement); before compile so the compiled
                    graph holds the kernel call.
 4. quantization  - swaps Linear weights for FP8/MXFP4 tensors; before compile, which must trace them.
-5. first_block_cache - block hooks; before compile so the compiled blocks include them (its per-step
-                   decision is a graph break in the first block, so compile then drops fullgraph).
-6. compile       - last transformer step: it captures everything above.
-7. dpm_solver    - per request, no weights touched; listed so its state is reported like the rest.
-Not built yet (reported as unavailable, with the reason, so no response claims them): CUDA graphs.
+5. compile       - wraps each block's forward: everything above is inside the compiled code.
+6. cuda_graphs   - wraps each (compiled) block's forward in a per-shape graph; after compile, whose kernels
+                   it captures.
+7. first_block_cache - diffusers' hooks, outermost on each block: its per-step decision runs on the host
+                   between graph replays and outside compiled code (no graph break).
+8. dpm_solver    - per request, no weights touched; listed so its state is reported like the rest.
 """
 
 from __future__ import annotations
@@ -68,21 +69,25 @@ class OptimizationContext:
     settings: object
 
 
-# Optimizations of the seed's stack not built yet: (name, request flag, what it will be).
-PLANNED: tuple[tuple[str, str | None, str], ...] = (("cuda_graphs", "use_cuda_graphs", "CUDA graphs"),)
-NOT_BUILT = "not built into this server version yet (planned: see the optimization-stack issue)"
-
-
 def _steps():
-    from flux_kontext.optimizations import attention, caching, compile, layout, quantization, scheduler
+    from flux_kontext.optimizations import (
+        attention,
+        caching,
+        compile,
+        cuda_graphs,
+        layout,
+        quantization,
+        scheduler,
+    )
 
     return (
         ("fuse_qkv", layout.apply_fuse_qkv),
         ("channels_last", layout.apply_channels_last),
         ("attention", attention.apply),
         (quantization.NAME, quantization.apply),
-        (caching.NAME, caching.apply),
         ("compile", compile.apply),
+        (cuda_graphs.NAME, cuda_graphs.apply),
+        (caching.NAME, caching.apply),
         (scheduler.NAME, scheduler.apply),
     )
 
@@ -100,10 +105,8 @@ def _timed(name: str, apply: Callable) -> list[Report]:
 
 
 def apply_all(pipe, context: OptimizationContext) -> list[Report]:
-    """Apply the stack in order; return one report per optimization, built or planned."""
+    """Apply the stack in order; return one report per optimization."""
     reports = [report for name, step in _steps() for report in _timed(name, lambda s=step: s(pipe, context))]
-    for name, flag, what in PLANNED:
-        reports.append(Report(name, "unavailable", f"{what}: {NOT_BUILT}", flag=flag))
     for report in reports:
         log.info("optimization %-20s %-11s %s", report.name, report.status, report.detail)
     return reports
