@@ -1,10 +1,16 @@
-"""Probe for the CUDA-graph stage: can the compiled FP8 transformer be captured whole, and what does it buy?
+"""CUDA graphs on the full-size transformer: what the service ships, checked and timed, plus where a step's time goes.
 
-Builds the full-size random transformer with the service's own steps (fused QKV, cuDNN attention processor,
-FP8, regional compile, first-block cache off), times a 1024² text-to-image forward normally and as one
-replayed CUDA graph, and checks the replay computes the same output.
+Builds the full-size random transformer with the service's own steps (fused QKV, cuDNN attention processor, FP8,
+regional compile, then cuda_graphs.install: one graph per block and shape) and, for a 1024² text-to-image and a
+1024² edit:
+- times a forward compiled (graphs off), with the shipped per-block graphs, and as one whole-model graph
+  (the upper bound of what graphs can buy; it cannot hold the first-block cache's decision);
+- checks the outputs: graphs against compiled (bit-identical expected), compiled against eager;
+- runs one call sequence with the first-block cache on top (repeated inputs, so it skips) with graphs on and
+  off: the same outputs and the same skip counts expected;
+- profiles one compiled text-to-image forward: CUDA time by kernel family (GEMM, attention, Triton glue, other).
 
-    python bench/cuda_graph_probe.py --out bench/results/cuda-graph-probe-h100.json
+    python bench/cuda_graph_probe.py --out bench/results/cuda-graphs-h100.json
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import json
 import logging
 import sys
 import time
+from collections import defaultdict
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -21,7 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from bench.correctness import full_random_transformer, inputs, output_path_from_args, rel  # noqa: E402
-from flux_kontext.optimizations import OptimizationContext, attention, layout, quantization  # noqa: E402
+from flux_kontext.optimizations import OptimizationContext, attention, cuda_graphs, layout, quantization  # noqa: E402
+from flux_kontext.optimizations import compile as compile_step  # noqa: E402
+from flux_kontext.optimizations.caching import FirstBlockCache  # noqa: E402
 from flux_kontext.settings import Settings  # noqa: E402
 
 log = logging.getLogger("bench.cuda_graph_probe")
@@ -37,6 +46,51 @@ def time_ms(fn, repeats: int = 10) -> float:
     return start.elapsed_time(end) / repeats
 
 
+def whole_model_graph_ms(model, kwargs) -> float:
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        model(**kwargs)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        model(**kwargs)
+    ms = time_ms(graph.replay)
+    del graph
+    return ms
+
+
+def kernel_family(name: str) -> str:
+    lowered = name.lower()
+    if any(k in lowered for k in ("gemm", "cutlass", "nvjet", "xmma", "scaled_mm", "f8f8")):
+        return "gemm"
+    if any(k in lowered for k in ("flash", "fmha", "cudnn", "attention", "sdpa")):
+        return "attention"
+    if lowered.startswith("triton"):
+        return "triton_glue"
+    return "other"
+
+
+def profile_forward(model, kwargs) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        model(**kwargs)
+        torch.cuda.synchronize()
+    families, kernels = defaultdict(float), []
+    for event in prof.key_averages():
+        us = getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0.0)
+        if us <= 0 or event.key.startswith("ProfilerStep"):
+            continue
+        families[kernel_family(event.key)] += us / 1000.0
+        kernels.append((us / 1000.0, event.count, event.key[:160]))
+    kernels.sort(reverse=True)
+    return {
+        "ms_by_family": {k: round(v, 2) for k, v in sorted(families.items())},
+        "top_kernels": [{"ms": round(ms, 3), "calls": n, "name": name} for ms, n, name in kernels[:30]],
+    }
+
+
 @torch.inference_mode()
 def main() -> int:
     out = output_path_from_args()
@@ -48,31 +102,69 @@ def main() -> int:
         attention.KernelFluxAttnProcessor(attention.KernelChoice(kernels={"cudnn": attention._cudnn}, active="cudnn"))
     )
     fp8 = quantization.apply(pipe, context)
-    model.compile_repeated_blocks(fullgraph=True)
-    kwargs = inputs(4096, 0)
-    for _ in range(3):
-        model(**kwargs)
-    torch.cuda.synchronize()
-    reference = model(**kwargs)[0].float()
-    result = {"fp8": fp8.status, "torch": torch.__version__, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    result["compiled_ms"] = time_ms(lambda: model(**kwargs))
-    try:
-        graph = torch.cuda.CUDAGraph()
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            model(**kwargs)  # warm on the side stream, as capture requires
-        torch.cuda.current_stream().wait_stream(stream)
-        with torch.cuda.graph(graph):
-            static_out = model(**kwargs)[0]
-        graph.replay()
+    cases = {"text_to_image": inputs(4096, 0), "edit": inputs(4096, 4096)}
+    eager = {case: model(**kwargs)[0].float() for case, kwargs in cases.items()}
+    compile_step.apply(pipe, context)
+    manager = cuda_graphs.install(model, cuda_graphs.CudaGraphBackend(), max_shapes=4)
+    result = {
+        "fp8": fp8.status,
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "cases": {},
+    }
+    for case, kwargs in cases.items():
+        row = result["cases"][case] = {}
+        manager.enabled = False
+        for _ in range(3):
+            model(**kwargs)  # compile this shape
+        compiled = model(**kwargs)[0].float()
+        row["compiled_ms"] = time_ms(lambda kw=kwargs: model(**kw))
+        row["compiled_vs_eager_rel_error"] = rel(compiled, eager[case])
+        manager.enabled = True
+        model(**kwargs)  # first sight: runs uncaptured
         torch.cuda.synchronize()
-        result["graph_vs_compiled_rel_error"] = rel(static_out.float(), reference)
-        result["graph_ms"] = time_ms(graph.replay)
-        result["gain"] = round(result["compiled_ms"] / result["graph_ms"], 4)
-    except Exception as exc:  # the probe's point is to learn whether capture works
-        result["capture_error"] = f"{type(exc).__name__}: {exc}"[:2000]
-    log.info("%s", result)
+        start = time.perf_counter()
+        model(**kwargs)  # captures the 57 block graphs
+        torch.cuda.synchronize()
+        row["capture_seconds"] = round(time.perf_counter() - start, 2)
+        graphed = model(**kwargs)[0].float()
+        row["per_block_graphs_ms"] = time_ms(lambda kw=kwargs: model(**kw))
+        row["per_block_graphs_vs_compiled_rel_error"] = rel(graphed, compiled)
+        row["counts"] = manager.reset_counts()
+        row["gain_per_block"] = round(row["compiled_ms"] / row["per_block_graphs_ms"], 4)
+        manager.enabled = False
+        try:
+            row["whole_model_graph_ms"] = whole_model_graph_ms(model, kwargs)
+            row["gain_whole_model"] = round(row["compiled_ms"] / row["whole_model_graph_ms"], 4)
+        except Exception as exc:
+            row["whole_model_graph_error"] = f"{type(exc).__name__}: {exc}"[:500]
+        row["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        log.info("%s: %s", case, row)
+        out.write_text(json.dumps(result, indent=2) + "\n")
+
+    # The cache on top: the same call sequence with graphs on and off must give the same outputs and skips.
+    cache = FirstBlockCache(model, threshold=0.12)
+    a, b = cases["text_to_image"], inputs(4096, 0)
+    b["hidden_states"] = b["hidden_states"] * 0.5
+    sequence = [a, a, b, b, a]
+    runs = {}
+    for enabled in (False, True):
+        manager.enabled = enabled
+        with cache.request(None, None):
+            outputs = [model(**kwargs)[0].float() for kwargs in sequence]
+            runs[enabled] = (outputs, cache.summary())
+    manager.enabled = True
+    result["first_block_cache_with_graphs"] = {
+        "sequence": "a, a, b, b, a (repeats have zero residual change)",
+        "counts_graphs_off": runs[False][1],
+        "counts_graphs_on": runs[True][1],
+        "max_rel_error_on_vs_off": max(rel(x, y) for x, y in zip(runs[True][0], runs[False][0], strict=True)),
+    }
+    log.info("cache with graphs: %s", result["first_block_cache_with_graphs"])
+    manager.enabled = False
+    result["profile_text_to_image_compiled"] = profile_forward(model, cases["text_to_image"])
+    log.info("profile: %s", result["profile_text_to_image_compiled"]["ms_by_family"])
     out.write_text(json.dumps(result, indent=2) + "\n")
     return 0
 

@@ -33,11 +33,13 @@ from flux_kontext.settings import Settings  # noqa: E402
 log = logging.getLogger("bench.stages")
 
 FLOOR_MS_PER_STEP = {"text_to_image": 60.0, "edit": 152.0}
-NAIVE = dict(attention="sdpa", fuse_qkv=False, quantize="none", compile=False, first_block_cache=False)
+NAIVE = dict(
+    attention="sdpa", fuse_qkv=False, quantize="none", compile=False, first_block_cache=False, cuda_graphs=False
+)
 # The cache is loaded from stage 1 on but held at threshold 0 (never skips) so the rows time the stack, not
-# the random weights' skip rate; stage "4+cache" runs the seed's threshold and reports the skips it measured.
+# the random weights' skip rate; stage "5+cache" runs the seed's threshold and reports the skips it measured.
 CACHE_OFF = dict(first_block_cache=True, cache_threshold=0.0)
-FULL = dict(fuse_qkv=True, compile=True, attention="auto", quantize="auto")
+FULL = dict(fuse_qkv=True, compile=True, attention="auto", quantize="auto", cuda_graphs=False)
 # (stage, what it adds, settings, scheduler)
 STAGES = (
     ("0", "naive bf16 diffusers (eager, SDPA)", NAIVE, "euler"),
@@ -50,10 +52,11 @@ STAGES = (
     ("2", "+ attention kernel by measurement (FA3 / cuDNN)", {**FULL, **CACHE_OFF, "quantize": "none"}, "euler"),
     ("3", "+ FP8 rowwise GEMMs (MXFP4 on sm_100+)", {**FULL, **CACHE_OFF}, "euler"),
     ("4", "+ DPM-Solver++ 2M, 14 steps", {**FULL, **CACHE_OFF}, "dpmpp_2m"),
+    ("5", "+ CUDA graphs (per block and shape)", {**FULL, **CACHE_OFF, "cuda_graphs": True}, "dpmpp_2m"),
     (
-        "4+cache",
-        "stage 4 with the cache at the seed's 0.12 (skip rate on random weights means nothing)",
-        {**FULL, "first_block_cache": True, "cache_threshold": 0.12},
+        "5+cache",
+        "stage 5 with the cache at the seed's 0.12 (skip rate on random weights means nothing)",
+        {**FULL, "cuda_graphs": True, "first_block_cache": True, "cache_threshold": 0.12},
         "dpmpp_2m",
     ),
 )
@@ -96,6 +99,7 @@ def measure_stage(stage, what, overrides, scheduler, runs: int, only_steps: int 
             "peak_gpu_memory_gib": result["peak_gpu_memory_gib"],
             "floor_ratio": round(per_step / FLOOR_MS_PER_STEP[mode], 2),
             "first_block_cache": result["first_block_cache"],
+            "cuda_graphs": result["cuda_graphs"],
             "raw": result,
         }
         log.info("stage %s %s: %.1f ms/step, end-to-end %.0f ms", stage, mode, per_step, t["engine_total"]["median"])
@@ -108,7 +112,7 @@ def measure_stage(stage, what, overrides, scheduler, runs: int, only_steps: int 
 
 def add_speedups(rows: list[dict]) -> None:
     for mode in ("edit", "text_to_image"):
-        valid = [r for r in rows if mode in r.get("modes", {})]  # in table order; "4+cache" compares with 4
+        valid = [r for r in rows if mode in r.get("modes", {})]  # in table order; "5+cache" compares with 5
         for previous, row in zip([None, *valid[:-1]], valid, strict=True):
             base = valid[0]["modes"][mode]["end_to_end_ms"]
             here = row["modes"][mode]

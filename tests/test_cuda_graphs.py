@@ -84,7 +84,7 @@ def test_each_block_reads_the_previous_blocks_output_in_place_and_shares_one_cop
         names = ["hidden_states", "encoder_hidden_states", "temb", "cos", "sin"]
         return dict(zip(names, [x for x in entry.inputs if isinstance(x, torch.Tensor)], strict=False))
 
-    for previous, current in zip(captured, captured[1:]):
+    for previous, current in zip(captured, captured[1:], strict=False):
         encoder_out, hidden_out = previous.outputs
         assert kwargs_of(current)["hidden_states"].data_ptr() == hidden_out.data_ptr()
         assert kwargs_of(current)["encoder_hidden_states"].data_ptr() == encoder_out.data_ptr()

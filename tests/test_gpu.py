@@ -33,7 +33,7 @@ def test_random_model_is_full_size_and_serves_a_1024_edit_with_the_stack():
         if os.environ.get("FLUX_TEST_ARTIFACTS"):  # keep /health as the GPU saw it (bench/results/)
             Path(os.environ["FLUX_TEST_ARTIFACTS"], "health-gpu.json").write_text(json.dumps(health, indent=2))
         statuses = {r["name"]: r for r in health["optimizations"]}
-        for name in ("fuse_qkv", "attention", "first_block_cache", "compile", "dpm_solver"):
+        for name in ("fuse_qkv", "attention", "first_block_cache", "compile", "cuda_graphs", "dpm_solver"):
             assert statuses[name]["status"] == "applied", statuses[name]
         if health["device"]["capability"] in ("sm_89", "sm_90"):
             assert statuses["low_precision_gemm"]["status"] == "applied"
@@ -49,13 +49,22 @@ def test_random_model_is_full_size_and_serves_a_1024_edit_with_the_stack():
         assert (body["images"][0]["width"], body["images"][0]["height"]) == (1024, 1024)
         assert decode_b64_image(body["images"][0]["image"]).size == (1024, 1024)
         assert body["steps"] == 14 and body["scheduler"] == "dpmpp_2m"
-        assert {"compile", "fuse_qkv", "dpm_solver"} <= set(body["optimizations"]["ran"])
+        assert {"compile", "fuse_qkv", "dpm_solver", "cuda_graphs"} <= set(body["optimizations"]["ran"])
+        # Warm-up captured the 1024² edit: all 57 blocks replay at every computed step.
+        assert body["cuda_graphs"]["replayed"] == 57 * body["first_block_cache"]["computed"], body["cuda_graphs"]
 
-        flags_off = {"use_mxfp4": False, "use_flash_attention": False, "use_dpm_solver": False, "steps": 4}
+        flags_off = {
+            "use_mxfp4": False,
+            "use_flash_attention": False,
+            "use_dpm_solver": False,
+            "use_cuda_graphs": False,
+            "steps": 4,
+        }
         response = client.post("/inference", json={"prompt": "a red fox", "width": 1024, "height": 1024, **flags_off})
         assert response.status_code == 200, response.text
         optimizations = response.json()["optimizations"]
-        assert "flash_attention_3" not in optimizations["ran"] and "dpm_solver" not in optimizations["ran"]
+        assert not {"flash_attention_3", "dpm_solver", "cuda_graphs"} & set(optimizations["ran"])
+        assert response.json()["cuda_graphs"] == {"replayed": 0, "captured": 0, "eager": 0}
         assert response.json()["scheduler"] == "euler"
         if statuses["low_precision_gemm"]["status"] == "applied":
             assert [e["flag"] for e in optimizations["could_not_turn_off"]] == ["use_mxfp4"]
