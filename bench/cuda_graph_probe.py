@@ -62,12 +62,12 @@ def whole_model_graph_ms(model, kwargs) -> float:
 
 def kernel_family(name: str) -> str:
     lowered = name.lower()
+    if lowered.startswith("triton"):  # Inductor's fused kernels name the ops they fuse (scaled_mm, sdpa...)
+        return "triton_glue"
     if any(k in lowered for k in ("gemm", "cutlass", "nvjet", "xmma", "scaled_mm", "f8f8")):
         return "gemm"
     if any(k in lowered for k in ("flash", "fmha", "cudnn", "attention", "sdpa")):
         return "attention"
-    if lowered.startswith("triton"):
-        return "triton_glue"
     return "other"
 
 
@@ -144,6 +144,9 @@ def main() -> int:
         out.write_text(json.dumps(result, indent=2) + "\n")
 
     # The cache on top: the same call sequence with graphs on and off must give the same outputs and skips.
+    # Graphs are recaptured first: since the edit shape, dynamo serves 1024² text-to-image from its dynamic-shape
+    # variant, while the graphs captured above hold the static-shape one (FP8 rounding differs between the two).
+    manager.clear()
     cache = FirstBlockCache(model, threshold=0.12)
     a, b = cases["text_to_image"], inputs(4096, 0)
     b["hidden_states"] = b["hidden_states"] * 0.5
@@ -159,7 +162,7 @@ def main() -> int:
         "sequence": "a, a, b, b, a (repeats have zero residual change)",
         "counts_graphs_off": runs[False][1],
         "counts_graphs_on": runs[True][1],
-        "max_rel_error_on_vs_off": max(rel(x, y) for x, y in zip(runs[True][0], runs[False][0], strict=True)),
+        "rel_error_on_vs_off_per_call": [rel(x, y) for x, y in zip(runs[True][0], runs[False][0], strict=True)],
     }
     log.info("cache with graphs: %s", result["first_block_cache_with_graphs"])
     manager.enabled = False

@@ -123,6 +123,18 @@ def test_least_recently_used_shape_is_evicted_and_recaptured_when_it_returns():
 
 
 @torch.inference_mode()
+def test_clear_drops_every_graph_and_the_shapes_are_captured_again():
+    transformer = small_transformer()
+    manager = install(transformer, RerunBackend(), max_shapes=4)
+    calls(transformer, [1, 2])
+    manager.clear()
+    assert all(not block.forward.graphs and not block.forward.seen for block in blocks(transformer))
+    manager.reset_counts()
+    calls(transformer, [3, 4, 5])
+    assert manager.counts == {"eager": 5, "captured": 5, "replayed": 5}
+
+
+@torch.inference_mode()
 def test_a_capture_that_fails_turns_graphs_off_says_why_and_the_call_still_succeeds():
     reference_model, transformer = small_transformer(), small_transformer()
     manager = install(transformer, RerunBackend(fail=True), max_shapes=4)

@@ -157,16 +157,21 @@ class GraphManager:
                         self._outputs.pop(self._key(t), None)
             self._shared = {k: v for k, v in self._shared.items() if k[0] != shape}
 
+    def clear(self) -> None:
+        """Drop every graph; each shape is run, then captured again on its next calls."""
+        for entries in self._shapes.values():
+            for block, signature in entries:
+                block.graphs.pop(signature, None)
+                block.seen.discard(signature)
+        self._shapes.clear()
+        self._outputs.clear()
+        self._shared.clear()
+
     def fail(self, reason: str) -> None:
         """Turn graphs off for good: drop every graph, say why in the report."""
         log.error("CUDA graphs turned off: %s", reason)
         self.failure = reason
-        for entries in self._shapes.values():
-            for block, _ in entries:
-                block.graphs.clear()
-        self._shapes.clear()
-        self._outputs.clear()
-        self._shared.clear()
+        self.clear()
         if self.report is not None:
             self.report.status = "failed"
             self.report.detail = f"capture failed, graphs are off: {reason}"
