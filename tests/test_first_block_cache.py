@@ -89,3 +89,25 @@ def test_prompt_and_negative_passes_use_their_own_cache_contexts():
         assert not torch.equal(states["cond"].head_block_residual, states["uncond"].head_block_residual)
         assert cache.summary() == {"threshold": 0.5, "computed": 2, "skipped": 0}
     assert states == {}  # reset after the request
+
+
+def test_threshold_zero_computes_even_an_unchanged_input():
+    """diffusers skips when the change is not above the threshold; 0 must still mean never skip."""
+    import torch
+
+    from flux_kontext.models import build_random_pipeline
+    from flux_kontext.optimizations.caching import FirstBlockCache
+    from tests.test_optimizations import transformer_inputs
+
+    pipe = build_random_pipeline(tiny=True, device=torch.device("cpu"), dtype=torch.float32)
+    cache = FirstBlockCache(pipe.transformer, threshold=0.12)
+    kwargs = transformer_inputs(pipe.transformer, torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        with cache.request(0.0, None):
+            for _ in range(3):
+                pipe.transformer(**kwargs)
+            assert cache.summary() == {"threshold": 0.0, "computed": 3, "skipped": 0}
+        with cache.request(None, None):
+            for _ in range(3):
+                pipe.transformer(**kwargs)
+            assert cache.summary() == {"threshold": 0.12, "computed": 1, "skipped": 2}

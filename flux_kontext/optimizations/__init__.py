@@ -10,6 +10,7 @@ Order (each constraint has its reason), see STEPS:
 3. attention     - installs our processor (kernel chosen by measurement); before compile so the compiled
                    graph holds the kernel call.
 4. quantization  - swaps Linear weights for FP8/MXFP4 tensors; before compile, which must trace them.
+4b. gelu_sigmoid_form - rewrites the blocks' tanh-GELU (same function); before compile, which fuses it.
 5. compile       - wraps each block's forward: everything above is inside the compiled code.
 6. cuda_graphs   - wraps each (compiled) block's forward in a per-shape graph; after compile, whose kernels
                    it captures.
@@ -71,6 +72,7 @@ class OptimizationContext:
 
 def _steps():
     from flux_kontext.optimizations import (
+        activation,
         attention,
         caching,
         compile,
@@ -85,6 +87,7 @@ def _steps():
         ("channels_last", layout.apply_channels_last),
         ("attention", attention.apply),
         (quantization.NAME, quantization.apply),
+        (activation.NAME, activation.apply),
         ("compile", compile.apply),
         (cuda_graphs.NAME, cuda_graphs.apply),
         (caching.NAME, caching.apply),

@@ -36,7 +36,7 @@ class FirstBlockCache:
         if self._head_hook is None:
             raise RuntimeError("diffusers did not install its first-block hook on transformer_blocks[0]")
         self.transformer = transformer
-        self.default_threshold = threshold
+        self.default_threshold = self.threshold = threshold
         self.negative: torch.Tensor | None = None
         self.computed = self.skipped = 0
         original_forward = transformer.forward
@@ -56,7 +56,10 @@ class FirstBlockCache:
     @contextlib.contextmanager
     def request(self, threshold: float | None, negative_prompt_embeds: torch.Tensor | None):
         """Fresh cache state for one request; yields self, whose counts are read after the call."""
-        self._head_hook.threshold = self.default_threshold if threshold is None else threshold
+        self.threshold = self.default_threshold if threshold is None else threshold
+        # diffusers skips when the change is not above the threshold, so at 0 an unchanged residual would still
+        # skip; below zero nothing does, which is what 0 promises (the exact uncached result).
+        self._head_hook.threshold = self.threshold if self.threshold > 0 else -1.0
         self.negative = negative_prompt_embeds
         self.computed = self.skipped = 0
         self.transformer._reset_stateful_cache()
@@ -67,7 +70,7 @@ class FirstBlockCache:
             self.transformer._reset_stateful_cache()
 
     def summary(self) -> dict:
-        return {"threshold": self._head_hook.threshold, "computed": self.computed, "skipped": self.skipped}
+        return {"threshold": self.threshold, "computed": self.computed, "skipped": self.skipped}
 
 
 def apply(pipe, context: OptimizationContext) -> Report:
