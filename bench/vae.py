@@ -19,10 +19,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
-from diffusers import AutoencoderKL  # noqa: E402
 
 from bench.correctness import output_path_from_args, rel  # noqa: E402
-from flux_kontext.models import FULL_VAE  # noqa: E402
+from flux_kontext.models import build_vae  # noqa: E402
 
 log = logging.getLogger("bench.vae")
 
@@ -44,7 +43,7 @@ def main() -> int:
     out = output_path_from_args()
     torch.manual_seed(0)
     with torch.device("cuda"):
-        base = AutoencoderKL(**FULL_VAE, latent_channels=16, use_quant_conv=False, use_post_quant_conv=False)
+        base = build_vae()
     base = base.to(torch.bfloat16).eval()
     base.fuse_qkv_projections()
     g = torch.Generator(device="cpu").manual_seed(1)

@@ -135,6 +135,21 @@ def _default_dtype(dtype: torch.dtype):
         torch.set_default_dtype(previous)
 
 
+def build_vae(config: dict = FULL_VAE) -> AutoencoderKL:
+    """The FLUX VAE's architecture (16 latent channels, 8x downsampling) at the given widths, random weights."""
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        sample_size=1024,
+        **config,
+        **VAE_SCALING,
+    )
+
+
 def build_random_pipeline(
     *, tiny: bool, device: torch.device, dtype: torch.dtype, seed: int = 0
 ) -> FluxKontextPipeline:
@@ -147,17 +162,7 @@ def build_random_pipeline(
         transformer = FluxTransformer2DModel(**transformer_cfg)
         text_encoder_2 = T5EncoderModel(T5Config(**t5_cfg))
         text_encoder = CLIPTextModel(CLIPTextConfig(**clip_cfg))
-        vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            use_quant_conv=False,
-            use_post_quant_conv=False,
-            sample_size=1024,
-            **vae_cfg,
-            **VAE_SCALING,
-        )
+        vae = build_vae(vae_cfg)
     max_len = TINY_MAX_SEQUENCE_LENGTH if tiny else FULL_MAX_SEQUENCE_LENGTH
     pipe = FluxKontextPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG),
