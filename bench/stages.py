@@ -45,7 +45,7 @@ STAGES = (
     ("0", "naive bf16 diffusers (eager, SDPA)", NAIVE, "euler"),
     (
         "1",
-        "+ regional compile, fused QKV, first-block cache (threshold 0)",
+        "+ compile (transformer blocks, VAE), fused QKV, first-block cache (threshold 0)",
         {**NAIVE, **CACHE_OFF, "fuse_qkv": True, "compile": True},
         "euler",
     ),

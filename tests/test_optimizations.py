@@ -186,8 +186,11 @@ def test_compile_wraps_each_block_forward_below_the_hooks_and_undo_returns_them_
     assert report.status == "applied" and "fullgraph" in report.detail
     wrapped = [b.forward for b in [*pipe.transformer.transformer_blocks, *pipe.transformer.single_transformer_blocks]]
     assert all(isinstance(f, compile_step.CompiledForward) and f.run is not f.eager for f in wrapped)
+    assert "VAE Encoder and Decoder" in report.detail
+    assert pipe.vae.decoder._compiled_call_impl is not None and pipe.vae.encoder._compiled_call_impl is not None
     report.undo()
     assert all(f.run is f.eager for f in wrapped)
+    assert pipe.vae.decoder._compiled_call_impl is None and pipe.vae.encoder._compiled_call_impl is None
     torch.testing.assert_close(pipe.transformer(**kwargs)[0], reference, rtol=0, atol=0)
 
 
