@@ -9,7 +9,8 @@ regional compile, then cuda_graphs.install: one graph per block and shape) and, 
 - runs one call sequence with the first-block cache on top (repeated inputs, so it skips) with graphs on and
   off: the same outputs and the same skip counts expected;
 - profiles one compiled text-to-image forward: CUDA time by kernel family (GEMM, attention, Triton glue, other);
-- rewrites the tanh-GELUs in their sigmoid form (activation.py), recompiles, and times and profiles again.
+- rewrites the tanh-GELUs in their sigmoid form (activation.py), recompiles, and times and profiles again; then
+  the same with Inductor's multi-kernel on (persistent reductions for rows up to 16k wide, picked by timing).
 
     python bench/cuda_graph_probe.py --out bench/results/cuda-graphs-h100.json
 """
@@ -99,6 +100,22 @@ def profile_forward(model, kwargs) -> dict:
     }
 
 
+def recompile_and_time(model, cases: dict, eager: dict, result: dict, label: str) -> None:
+    """Drop the compiled code, recompile each case, and record its time, error and gain over the first compile."""
+    torch._dynamo.reset()
+    for case, kwargs in cases.items():
+        row = result["cases"][case]
+        for _ in range(3):
+            model(**kwargs)
+        out = model(**kwargs)[0].float()
+        row[f"{label}_compiled_ms"] = time_ms(lambda kw=kwargs: model(**kw))
+        row[f"{label}_vs_eager_rel_error"] = rel(out, eager[case])
+        row[f"{label}_gain"] = round(row["compiled_ms"] / row[f"{label}_compiled_ms"], 4)
+        log.info("%s %s: %s", case, label, {k: v for k, v in row.items() if k.startswith(label)})
+    result[f"profile_text_to_image_{label}"] = profile_forward(model, cases["text_to_image"])
+    log.info("profile (%s): %s", label, result[f"profile_text_to_image_{label}"]["ms_by_family"])
+
+
 @torch.inference_mode()
 def main() -> int:
     out = output_path_from_args()
@@ -155,20 +172,12 @@ def main() -> int:
     result["profile_text_to_image_compiled"] = profile_forward(model, cases["text_to_image"])
     log.info("profile: %s", result["profile_text_to_image_compiled"]["ms_by_family"])
 
-    # tanh-GELU in its sigmoid form (activation.py): recompile, time and check again (graphs off).
+    # tanh-GELU in its sigmoid form (activation.py), then Inductor's multi-kernel (persistent reductions up to
+    # 16k-wide rows, the faster variant picked by timing): recompile, time and check each (graphs off).
     result["gelu_sigmoid_form_replaced"] = activation.replace_tanh_gelus(model)
-    torch._dynamo.reset()
-    for case, kwargs in cases.items():
-        row = result["cases"][case]
-        for _ in range(3):
-            model(**kwargs)
-        out_gelu = model(**kwargs)[0].float()
-        row["gelu_sigmoid_form_compiled_ms"] = time_ms(lambda kw=kwargs: model(**kw))
-        row["gelu_sigmoid_form_vs_eager_rel_error"] = rel(out_gelu, eager[case])
-        row["gelu_gain"] = round(row["compiled_ms"] / row["gelu_sigmoid_form_compiled_ms"], 4)
-        log.info("%s gelu sigmoid form: %s", case, {k: v for k, v in row.items() if "gelu" in k})
-    result["profile_text_to_image_gelu_sigmoid_form"] = profile_forward(model, cases["text_to_image"])
-    log.info("profile (gelu form): %s", result["profile_text_to_image_gelu_sigmoid_form"]["ms_by_family"])
+    recompile_and_time(model, cases, eager, result, "gelu_sigmoid_form")
+    torch._inductor.config.triton.multi_kernel = 1
+    recompile_and_time(model, cases, eager, result, "gelu_sigmoid_form+multi_kernel")
     out.write_text(json.dumps(result, indent=2) + "\n")
 
     # The cache on top: the same call sequence with graphs on and off must give the same outputs and skips.
