@@ -199,6 +199,8 @@ def main() -> int:
         "sequence": "a, a, b, b, a (repeats have zero residual change)",
         "counts_graphs_off": runs[False][1],
         "counts_graphs_on": runs[True][1],
+        "graphs_failure": manager.failure,
+        "graph_counts": manager.reset_counts(),
         "rel_error_on_vs_off_per_call": [rel(x, y) for x, y in zip(runs[True][0], runs[False][0], strict=True)],
     }
     log.info("cache with graphs: %s", result["first_block_cache_with_graphs"])

@@ -58,6 +58,9 @@ class Settings(BaseSettings):
         0.12, ge=0, le=1, description="First-block cache residual threshold (the seed's 0.12); 0 never skips."
     )
     compile: bool = Field(True, description="Regional torch.compile of the transformer blocks (GPU only).")
+    compile_multi_kernel: bool = Field(
+        True, description="Inductor multi-kernel: persistent reductions for rows up to 16k wide, faster one by timing."
+    )
     gelu_sigmoid_form: bool = Field(
         True, description="Compute the blocks' tanh-GELU as x*sigmoid(2z) (same function, cheaper once compiled)."
     )

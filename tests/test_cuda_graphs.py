@@ -23,6 +23,10 @@ class RerunBackend:
     def __init__(self, fail: bool = False):
         self.fail = fail
         self.captures = 0
+        self.pools = 1
+
+    def new_pool(self):
+        self.pools += 1
 
     def capture(self, fn):
         if self.fail:
@@ -129,6 +133,7 @@ def test_clear_drops_every_graph_and_the_shapes_are_captured_again():
     calls(transformer, [1, 2])
     manager.clear()
     assert all(not block.forward.graphs and not block.forward.seen for block in blocks(transformer))
+    assert manager.backend.pools == 2  # CUDA destroys a pool with its last graph: new captures need a new one
     manager.reset_counts()
     calls(transformer, [3, 4, 5])
     assert manager.counts == {"eager": 5, "captured": 5, "replayed": 5}

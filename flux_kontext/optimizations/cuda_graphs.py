@@ -45,6 +45,10 @@ class CudaGraphBackend:
     def __init__(self):
         self.pool = torch.cuda.graph_pool_handle()
 
+    def new_pool(self) -> None:
+        """A fresh pool: once its last graph is gone, a pool cannot be captured into again (allocator assert)."""
+        self.pool = torch.cuda.graph_pool_handle()
+
     def capture(self, fn: Callable[[], Any]) -> tuple[Callable[[], None], Any]:
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -166,6 +170,7 @@ class GraphManager:
         self._shapes.clear()
         self._outputs.clear()
         self._shared.clear()
+        self.backend.new_pool()
 
     def fail(self, reason: str) -> None:
         """Turn graphs off for good: drop every graph, say why in the report."""
