@@ -43,7 +43,9 @@ def apply(pipe, context: OptimizationContext) -> Report:
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     # Multi-kernel: Inductor also generates a one-pass (persistent) version of each row reduction up to 16k wide and
     # keeps whichever is faster at the first call. The FP8 row quantizations (3,072- to 15,360-wide rows) are such
-    # reductions: -1.6% per step on H100 after the GELU form (bench/cuda_graph_probe.py). Global Inductor config.
+    # reductions: 1.6-2% faster steps on H100 after the GELU form (bench/cuda_graph_probe.py). Off by default: with
+    # torch 2.11 a start that hits Inductor's on-disk cache fails to load the multi-kernel (Triton's JITFunction
+    # has no hash lock after deserialization), and warm-up then undoes compile. Global Inductor config.
     multi_kernel = context.settings.compile_multi_kernel
     torch._inductor.config.triton.multi_kernel = 1 if multi_kernel else 0
     transformer = pipe.transformer
