@@ -82,6 +82,20 @@ class Settings(BaseSettings):
             raise ValueError(f"FLUX_DEVICE must be 'auto', 'cpu' or 'cuda[:N]', not {self.device!r}")
         return self
 
+    @model_validator(mode="after")
+    def _check_combinations(self) -> Settings:
+        """Combinations that cannot work are refused here, with what to change (auto values adapt instead)."""
+        if self.device == "cpu" and self.attention in ("cudnn", "fa3"):
+            raise ValueError(f"FLUX_ATTENTION={self.attention} is a GPU kernel; with FLUX_DEVICE=cpu use auto or sdpa")
+        if self.device == "cpu" and self.quantize in ("fp8", "mxfp4"):
+            raise ValueError(
+                f"FLUX_QUANTIZE={self.quantize} needs a GPU with FP8/FP4 tensor cores; with FLUX_DEVICE=cpu use "
+                "auto or none"
+            )
+        if self.compile_multi_kernel and not self.compile:
+            raise ValueError("FLUX_COMPILE_MULTI_KERNEL=true configures compile; it needs FLUX_COMPILE=true")
+        return self
+
     @property
     def model_is_explicit(self) -> bool:
         """True when the model was chosen by the user (argument or FLUX_MODEL), not defaulted."""

@@ -9,7 +9,7 @@ from flux_kontext.models import build_random_pipeline
 from flux_kontext.optimizations import OptimizationContext
 from flux_kontext.optimizations.activation import SigmoidFormGELU, apply, replace_tanh_gelus, tanh_gelu
 from flux_kontext.settings import Settings
-from tests.test_optimizations import transformer_inputs
+from tests.test_optimizations import tiny_pipe_with_reference
 
 
 def test_sigmoid_form_is_the_tanh_gelu():
@@ -24,10 +24,8 @@ def test_sigmoid_form_is_the_tanh_gelu():
 
 @torch.inference_mode()
 def test_every_block_gelu_is_replaced_and_the_transformer_output_holds():
-    pipe = build_random_pipeline(tiny=True, device=torch.device("cpu"), dtype=torch.float32)
+    pipe, kwargs, reference = tiny_pipe_with_reference(2)
     transformer = pipe.transformer
-    kwargs = transformer_inputs(transformer, torch.Generator().manual_seed(2))
-    reference = transformer(**kwargs)[0]
     # per double block: the image and the context feed-forward; per single block: its MLP
     expected = 2 * len(transformer.transformer_blocks) + len(transformer.single_transformer_blocks)
     assert replace_tanh_gelus(transformer) == expected

@@ -83,12 +83,17 @@ def transformer_inputs(transformer, generator):
     )
 
 
+def tiny_pipe_with_reference(seed: int):
+    """The tiny CPU pipeline (fp32), transformer inputs drawn with ``seed``, and its output before any change."""
+    pipe = build_random_pipeline(tiny=True, device=torch.device("cpu"), dtype=torch.float32)
+    kwargs = transformer_inputs(pipe.transformer, torch.Generator().manual_seed(seed))
+    return pipe, kwargs, pipe.transformer(**kwargs)[0]
+
+
 @torch.inference_mode()
 def test_our_processor_and_fused_qkv_compute_what_diffusers_computes():
-    pipe = build_random_pipeline(tiny=True, device=torch.device("cpu"), dtype=torch.float32)
+    pipe, kwargs, reference = tiny_pipe_with_reference(0)
     transformer = pipe.transformer
-    kwargs = transformer_inputs(transformer, torch.Generator().manual_seed(0))
-    reference = transformer(**kwargs)[0]
     transformer.set_attn_processor(KernelFluxAttnProcessor(KernelChoice(kernels={"sdpa": _sdpa})))
     ours = transformer(**kwargs)[0]
     transformer.fuse_qkv_projections()
@@ -127,9 +132,7 @@ def test_fuse_qkv_step_frees_the_unfused_weights_and_keeps_the_output():
 
     from flux_kontext.optimizations.layout import apply_fuse_qkv
 
-    pipe = build_random_pipeline(tiny=True, device=torch.device("cpu"), dtype=torch.float32)
-    kwargs = transformer_inputs(pipe.transformer, torch.Generator().manual_seed(1))
-    reference = pipe.transformer(**kwargs)[0]
+    pipe, kwargs, reference = tiny_pipe_with_reference(1)
     before = sum(p.numel() for p in pipe.transformer.parameters())
     report = apply_fuse_qkv(SimpleNamespace(transformer=pipe.transformer, vae=pipe.vae), _cpu_context())
     assert report.status == "applied" and "VAE" in report.detail
@@ -178,9 +181,7 @@ def test_fp8_screening_keeps_layers_with_outlier_input_channels_in_bf16():
 def test_compile_wraps_each_block_forward_below_the_hooks_and_undo_returns_them_to_eager():
     from flux_kontext.optimizations import compile as compile_step
 
-    pipe = build_random_pipeline(tiny=True, device=torch.device("cpu"), dtype=torch.float32)
-    kwargs = transformer_inputs(pipe.transformer, torch.Generator().manual_seed(3))
-    reference = pipe.transformer(**kwargs)[0]
+    pipe, kwargs, reference = tiny_pipe_with_reference(3)
     # torch.compile is lazy, so wrapping works on CPU; a "cuda" context is what lets apply() do it.
     report = compile_step.apply(pipe, OptimizationContext("cuda", (9, 0), Settings(model="tiny")))
     assert report.status == "applied" and "fullgraph" in report.detail
@@ -216,3 +217,20 @@ def test_an_optimization_that_breaks_at_warm_up_is_undone_and_reported(monkeypat
     from flux_kontext.jobs import Job
 
     assert engine.generate(Job(prompt="x", seed=1, width=256, height=256, steps=1)).images[0].size == (256, 256)
+
+
+@pytest.mark.parametrize(
+    ("settings", "words"),
+    [
+        ({"device": "cpu", "attention": "fa3"}, "FLUX_ATTENTION=fa3 is a GPU kernel"),
+        ({"device": "cpu", "attention": "cudnn"}, "use auto or sdpa"),
+        ({"device": "cpu", "quantize": "fp8"}, "FLUX_QUANTIZE=fp8 needs a GPU"),
+        ({"compile": False, "compile_multi_kernel": True}, "needs FLUX_COMPILE=true"),
+    ],
+)
+def test_settings_refuse_combinations_that_cannot_work(settings, words):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match=words):
+        Settings(model="tiny", **settings)
+    Settings(model="tiny", device="cpu", attention="auto", quantize="auto")  # auto values adapt instead
