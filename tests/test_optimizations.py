@@ -234,3 +234,28 @@ def test_settings_refuse_combinations_that_cannot_work(settings, words):
     with pytest.raises(ValidationError, match=words):
         Settings(model="tiny", **settings)
     Settings(model="tiny", device="cpu", attention="auto", quantize="auto")  # auto values adapt instead
+
+
+@torch.inference_mode()
+def test_a_block_past_dynamos_recompile_limit_runs_eager_and_the_report_says_so():
+    from torch._dynamo.exc import FailOnRecompileLimitHit
+
+    from flux_kontext.optimizations import compile as compile_step
+
+    pipe, kwargs, reference = tiny_pipe_with_reference(4)
+    report = compile_step.apply(pipe, OptimizationContext("cuda", (9, 0), Settings(model="tiny")))
+    block_forward = pipe.transformer.single_transformer_blocks[0].forward
+
+    def over_the_limit(*args, **kwargs):
+        raise FailOnRecompileLimitHit("Hard failure due to fullgraph=True")
+
+    for block in [*pipe.transformer.transformer_blocks, *pipe.transformer.single_transformer_blocks]:
+        if block.forward is not block_forward:
+            block.forward.undo()  # the others run eager here (CPU); only this one is "compiled"
+    block_forward.run = over_the_limit
+    for _ in range(2):
+        torch.testing.assert_close(pipe.transformer(**kwargs)[0], reference, rtol=0, atol=0)
+    assert report.status == "applied"
+    assert report.data["blocks_running_eager"] == 1  # counted once: the block stays eager
+    assert "1 block(s) now run eager: dynamo's recompile limit was hit" in report.detail
+    assert "fullgraph=True" in report.public()["data"]["eager_fallback_reason"]

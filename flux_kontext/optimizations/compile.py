@@ -3,26 +3,56 @@ the VAE's encoder and decoder compiled whole."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 import torch
+from torch._dynamo.exc import FailOnRecompileLimitHit
 
 from flux_kontext.optimizations import OptimizationContext, Report
 
+log = logging.getLogger(__name__)
+
 
 class CompiledForward:
-    """A block's forward, compiled; ``undo`` puts the eager one back in place (the wrappers above keep this)."""
+    """A block's forward, compiled; ``undo`` puts the eager one back in place (the wrappers above keep this).
 
-    def __init__(self, eager: Callable):
+    With fullgraph, dynamo raises instead of silently running eager once a block has used up its recompile limit
+    (too many distinct shapes): that block then runs eager from here on, and ``on_fallback`` says so in the report.
+    """
+
+    def __init__(self, eager: Callable, on_fallback: Callable[[str], None] | None = None):
         self.eager = eager
         self.__wrapped__ = eager  # inspect.signature sees the block's own parameters
+        self.on_fallback = on_fallback
         self.run = torch.compile(eager, fullgraph=True)
 
     def __call__(self, *args, **kwargs):
-        return self.run(*args, **kwargs)
+        try:
+            return self.run(*args, **kwargs)
+        except FailOnRecompileLimitHit as exc:  # raised before the frame runs: nothing was computed
+            self.run = self.eager
+            if self.on_fallback is not None:
+                self.on_fallback(str(exc).splitlines()[0])
+            return self.eager(*args, **kwargs)
 
     def undo(self) -> None:
         self.run = self.eager
+
+
+def _fallback_recorder(report_ref: list) -> Callable[[str], None]:
+    """Counts blocks that fell back to eager and writes it into the compile report (/health, each response)."""
+
+    def record(reason: str) -> None:
+        report: Report = report_ref[0]
+        fallen = report.data.get("blocks_running_eager", 0) + 1
+        report.data["blocks_running_eager"] = fallen
+        report.data["eager_fallback_reason"] = reason
+        log.error("compile: a block fell back to eager (%d so far): %s", fallen, reason)
+        base = report.detail.split(" | ")[0]
+        report.detail = f"{base} | {fallen} block(s) now run eager: dynamo's recompile limit was hit ({reason})"
+
+    return record
 
 
 def apply(pipe, context: OptimizationContext) -> Report:
@@ -49,9 +79,10 @@ def apply(pipe, context: OptimizationContext) -> Report:
     multi_kernel = context.settings.compile_multi_kernel
     torch._inductor.config.triton.multi_kernel = 1 if multi_kernel else 0
     transformer = pipe.transformer
+    report_ref: list[Report] = []  # filled below; the fallback recorder writes into the report once it exists
     compiled = []
     for block in [*transformer.transformer_blocks, *transformer.single_transformer_blocks]:
-        block.forward = CompiledForward(block.forward)
+        block.forward = CompiledForward(block.forward, _fallback_recorder(report_ref))
         compiled.append(block.forward)
     vae_parts = [part for part in (getattr(pipe.vae, "encoder", None), getattr(pipe.vae, "decoder", None)) if part]
     for part in vae_parts:
@@ -64,7 +95,7 @@ def apply(pipe, context: OptimizationContext) -> Report:
             part._compiled_call_impl = None  # what Module.compile() set
         torch._dynamo.reset()
 
-    return Report(
+    report = Report(
         "compile",
         "applied",
         undo=undo,
@@ -73,3 +104,5 @@ def apply(pipe, context: OptimizationContext) -> Report:
         f"{' and '.join(type(p).__name__ for p in vae_parts) or '(none found)'}; "
         "warm-up compiles the 1024² shapes, another resolution compiles on its first request",
     )
+    report_ref.append(report)
+    return report
