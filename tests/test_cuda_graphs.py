@@ -121,6 +121,7 @@ def test_least_recently_used_shape_is_evicted_and_recaptured_when_it_returns():
     for tokens in (64, 64, 32, 32, 64, 64, 64):
         want = calls(reference_model, [5], tokens)[0]
         torch.testing.assert_close(calls(transformer, [5], tokens)[0], want, rtol=0, atol=0)
+    assert manager.report is None  # install() alone: apply() attaches the report
     graph_shapes = {sig[0][1] for block in blocks(transformer) for sig in block.forward.graphs}
     assert graph_shapes == {(1, 64, TINY_TRANSFORMER["num_attention_heads"] * TINY_TRANSFORMER["attention_head_dim"])}
     assert manager.counts["captured"] == 3 * 5  # 64, then 32, then 64 again after its eviction
@@ -144,6 +145,8 @@ def test_a_capture_that_fails_turns_graphs_off_says_why_and_the_call_still_succe
     reference_model, transformer = small_transformer(), small_transformer()
     manager = install(transformer, RerunBackend(fail=True), max_shapes=4)
     manager.report = Report("cuda_graphs", "applied", "per block")
+    calls(transformer, [1])
+    assert manager.report.data == {}  # nothing captured yet
     for want, have in zip(calls(reference_model, [1, 2, 3]), calls(transformer, [1, 2, 3]), strict=True):
         torch.testing.assert_close(have, want, rtol=0, atol=0)
     assert manager.failure and "stream is capturing" in manager.failure
@@ -197,3 +200,16 @@ def test_the_kontext_pipeline_gives_the_same_image_with_graphs_and_the_cache(tru
             ).images
         images.append(result)
     torch.testing.assert_close(images[1], images[0], rtol=0, atol=0)
+
+
+@torch.inference_mode()
+def test_health_data_lists_the_shapes_that_hold_graphs():
+    transformer = small_transformer()
+    manager = install(transformer, RerunBackend(), max_shapes=1)
+    manager.report = Report("cuda_graphs", "applied", "per block")
+    calls(transformer, [1, 2])
+    assert manager.report.data["captured_shapes"] == [[[1, 64, 64], [1, 8, 32]]]  # (hidden, text) inputs
+    calls(transformer, [1, 2], tokens=32)
+    assert manager.report.data["captured_shapes"] == [[[1, 32, 64], [1, 8, 32]]]  # the other was evicted
+    manager.clear()
+    assert manager.report.data["captured_shapes"] == []

@@ -148,6 +148,12 @@ class GraphManager:
         entries = self._shapes.setdefault(self._shape, [])
         entries.append((block, signature))
         self._evict_over_limit()
+        self._publish()
+
+    def _publish(self) -> None:
+        """What /health shows: the input shapes (hidden, text) that hold graphs now, least recently used first."""
+        if self.report is not None:
+            self.report.data["captured_shapes"] = [[list(part) for part in shape] for shape in self._shapes]
 
     def _evict_over_limit(self) -> None:
         while len(self._shapes) > self.max_shapes:
@@ -171,6 +177,7 @@ class GraphManager:
         self._outputs.clear()
         self._shared.clear()
         self.backend.new_pool()
+        self._publish()
 
     def fail(self, reason: str) -> None:
         """Turn graphs off for good: drop every graph, say why in the report."""
