@@ -68,3 +68,16 @@ def test_random_model_is_full_size_and_serves_a_1024_edit_with_the_stack():
         assert response.json()["scheduler"] == "euler"
         if statuses["low_precision_gemm"]["status"] == "applied":
             assert [e["flag"] for e in optimizations["could_not_turn_off"]] == ["use_mxfp4"]
+
+        # A resolution the warm-up did not see: its first step runs uncaptured, the second captures, the rest replay;
+        # the same request again replays every step. The image is the same either way (same compiled kernels).
+        wide = {"prompt": "a lighthouse", "width": 1344, "height": 768, "steps": 4, "seed": 3, "cache_threshold": 0}
+        first = client.post("/inference", json=wide)
+        assert first.status_code == 200, first.text
+        assert (first.json()["images"][0]["width"], first.json()["images"][0]["height"]) == (1344, 768)
+        assert first.json()["cuda_graphs"] == {"replayed": 57 * 2, "captured": 57, "eager": 57}
+        again = client.post("/inference", json=wide)
+        assert again.json()["cuda_graphs"] == {"replayed": 57 * 4, "captured": 0, "eager": 0}
+        assert again.json()["images"][0]["image"] == first.json()["images"][0]["image"]
+        shapes = {r["name"]: r for r in client.get("/health").json()["optimizations"]}["cuda_graphs"]["data"]
+        assert [[1, 4032, 64], [1, 512, 4096]] in shapes["captured_shapes"]  # 84 x 48 packed latents, 512 T5 tokens
