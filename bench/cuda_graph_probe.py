@@ -10,7 +10,8 @@ regional compile, then cuda_graphs.install: one graph per block and shape) and, 
   off: the same outputs and the same skip counts expected;
 - profiles one compiled text-to-image forward: CUDA time by kernel family (GEMM, attention, Triton glue, other);
 - rewrites the tanh-GELUs in their sigmoid form (activation.py), recompiles, and times and profiles again; then
-  the same with Inductor's multi-kernel on (persistent reductions for rows up to 16k wide, picked by timing).
+  checks the one-pass GELU + FP8 Triton kernel (fused_fp8.py) against its reference, routes the MLP outputs
+  through it, and times again; then the same with Inductor's multi-kernel on.
 
     python bench/cuda_graph_probe.py --out bench/results/cuda-graphs-h100.json
 """
@@ -29,12 +30,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from bench.correctness import full_random_transformer, inputs, output_path_from_args, rel  # noqa: E402
+from bench.correctness import DEVICE, full_random_transformer, inputs, output_path_from_args, rel  # noqa: E402
 from flux_kontext.optimizations import (  # noqa: E402
     OptimizationContext,
     activation,
     attention,
     cuda_graphs,
+    fused_fp8,
     layout,
     quantization,
 )
@@ -98,6 +100,35 @@ def profile_forward(model, kwargs) -> dict:
         "ms_by_family": {k: round(v, 2) for k, v in sorted(families.items())},
         "top_kernels": [{"ms": round(ms, 3), "calls": n, "name": name} for ms, n, name in kernels[:30]],
     }
+
+
+def check_fused_kernel() -> dict:
+    """The Triton GELU + FP8 kernel against its PyTorch reference on random rows of the single block's widths."""
+    g = torch.Generator(device="cpu").manual_seed(3)
+    attn = torch.randn(4608, 3072, generator=g).to(DEVICE, torch.bfloat16)
+    mlp = (torch.randn(4608, 12288, generator=g) * 3).to(DEVICE, torch.bfloat16)
+    fused_fp8.build_op()
+    values, scale = fused_fp8.quantize(attn, mlp)
+    ref_values, ref_scale = fused_fp8.reference(attn, mlp)
+    return {
+        "scale_max_rel_diff": float(((scale - ref_scale).abs() / ref_scale).max()),
+        "values_differing_fraction": float((values.float() != ref_values.float()).float().mean()),
+        "dequantized_rel_error": rel(values.float() * scale, ref_values.float() * ref_scale),
+        "kernel_ms": time_ms(lambda: fused_fp8.quantize(attn, mlp), repeats=50),
+        "bytes_floor_ms_at_3_tb_s": round((attn.numel() * 2 + mlp.numel() * 3) / 3e12 * 1000, 4),
+    }
+
+
+def reroute_through_fused_kernel(model) -> int:
+    """fused_fp8.replace() on a model already compiled and graphed: keep the wrappers, swap what they wrap."""
+    wrappers = [block.forward for block in model.single_transformer_blocks]  # GraphedBlock(CompiledForward(...))
+    count = fused_fp8.replace(model)
+    for block, graphed in zip(model.single_transformer_blocks, wrappers, strict=True):
+        graphed.forward = compile_step.CompiledForward(block.forward)
+        block.forward = graphed
+    manager = wrappers[0].manager
+    manager.clear()  # graphs hold the old kernels
+    return count
 
 
 def recompile_and_time(model, cases: dict, eager: dict, result: dict, label: str) -> None:
@@ -178,8 +209,13 @@ def main() -> int:
     # 16k-wide rows, the faster variant picked by timing): recompile, time and check each (graphs off).
     result["gelu_sigmoid_form_replaced"] = activation.replace_tanh_gelus(model)
     recompile_and_time(model, cases, eager, result, "gelu_sigmoid_form")
+    result["fused_gelu_fp8_kernel"] = check_fused_kernel()
+    log.info("fused kernel: %s", result["fused_gelu_fp8_kernel"])
+    result["fused_gelu_fp8_replaced"] = reroute_through_fused_kernel(model)
+    recompile_and_time(model, cases, eager, result, "gelu_sigmoid_form+fused_gelu_fp8")
+    out.write_text(json.dumps(result, indent=2) + "\n")
     torch._inductor.config.triton.multi_kernel = 1
-    recompile_and_time(model, cases, eager, result, "gelu_sigmoid_form+multi_kernel")
+    recompile_and_time(model, cases, eager, result, "gelu_sigmoid_form+fused_gelu_fp8+multi_kernel")
     out.write_text(json.dumps(result, indent=2) + "\n")
 
     # The cache on top: the same call sequence with graphs on and off must give the same outputs and skips.

@@ -63,6 +63,9 @@ class Settings(BaseSettings):
         description="Inductor multi-kernel (persistent row reductions up to 16k wide, the faster kept): 1.6-2% faster "
         "steps, but off by default: on torch 2.11 it fails whenever Inductor's on-disk cache hits (BENCHMARKS.md).",
     )
+    fused_gelu_fp8: bool = Field(
+        False, description="One-pass GELU + rowwise FP8 quantization (Triton) before the MLP output GEMMs (GPU, FP8)."
+    )
     gelu_sigmoid_form: bool = Field(
         True, description="Compute the blocks' tanh-GELU as x*sigmoid(2z) (same function, cheaper once compiled)."
     )

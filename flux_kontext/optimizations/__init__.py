@@ -11,6 +11,8 @@ Order (each constraint has its reason), see STEPS:
                    graph holds the kernel call.
 4. quantization  - swaps Linear weights for FP8/MXFP4 tensors; before compile, which must trace them.
 4b. gelu_sigmoid_form - rewrites the blocks' tanh-GELU (same function); before compile, which fuses it.
+4c. fused_gelu_fp8 - routes the MLP outputs through one-pass GELU + FP8 quantization; needs the FP8 weights
+                   (after quantization), before compile, which traces the kernel as a torch op.
 5. compile       - wraps each block's forward: everything above is inside the compiled code.
 6. cuda_graphs   - wraps each (compiled) block's forward in a per-shape graph; after compile, whose kernels
                    it captures.
@@ -77,6 +79,7 @@ def _steps():
         caching,
         compile,
         cuda_graphs,
+        fused_fp8,
         layout,
         quantization,
         scheduler,
@@ -88,6 +91,7 @@ def _steps():
         ("attention", attention.apply),
         (quantization.NAME, quantization.apply),
         (activation.NAME, activation.apply),
+        (fused_fp8.NAME, fused_fp8.apply),
         ("compile", compile.apply),
         (cuda_graphs.NAME, cuda_graphs.apply),
         (caching.NAME, caching.apply),
