@@ -136,8 +136,9 @@ def _expose_fp8_weight(linear: torch.nn.Module) -> bool:
     qdata, scale = getattr(weight, "qdata", None), getattr(weight, "scale", None)
     if qdata is None or scale is None or qdata.dtype != FP8 or tuple(scale.shape) != (qdata.shape[0], 1):
         return False
-    linear.fp8_weight_t = qdata.t()  # (K, N), column-major: what _scaled_mm takes as its second operand
-    linear.fp8_weight_scale = scale.t()  # (1, N)
+    # Buffers (not saved): plain tensors sharing torchao's storage; no copy.
+    linear.register_buffer("fp8_weight_t", qdata.t(), persistent=False)  # (K, N) column-major, as _scaled_mm takes
+    linear.register_buffer("fp8_weight_scale", scale.t(), persistent=False)  # (1, N)
     return True
 
 
