@@ -64,7 +64,7 @@ class Settings(BaseSettings):
         "steps, but off by default: on torch 2.11 it fails whenever Inductor's on-disk cache hits (BENCHMARKS.md).",
     )
     fused_gelu_fp8: bool = Field(
-        False, description="One-pass GELU + rowwise FP8 quantization (Triton) before the MLP output GEMMs (GPU, FP8)."
+        True, description="One-pass GELU + rowwise FP8 quantization (Triton) before the MLP output GEMMs (GPU, FP8)."
     )
     gelu_sigmoid_form: bool = Field(
         True, description="Compute the blocks' tanh-GELU as x*sigmoid(2z) (same function, cheaper once compiled)."

@@ -61,5 +61,5 @@ def test_only_rowwise_fp8_layers_are_rerouted_and_only_on_the_gpu():
     pipe, _, _ = tiny_pipe_with_reference(0)
     assert replace(pipe.transformer) == 0  # bf16/fp32 weights: nothing to feed
     assert apply(pipe, OptimizationContext("cpu", None, Settings(model="tiny"))).status == "skipped"
-    off = apply(pipe, OptimizationContext("cuda", (9, 0), Settings(model="tiny")))
+    off = apply(pipe, OptimizationContext("cuda", (9, 0), Settings(model="tiny", fused_gelu_fp8=False)))
     assert off.status == "skipped" and "FLUX_FUSED_GELU_FP8" in off.detail
