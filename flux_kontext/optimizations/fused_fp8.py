@@ -55,7 +55,7 @@ def build_op():
     from torch.library import triton_op, wrap_triton
 
     @triton.jit
-    def kernel(
+    def gelu_fp8_rowwise_kernel(
         attn_ptr,
         mlp_ptr,
         out_ptr,
@@ -99,7 +99,7 @@ def build_op():
         attn2 = attn.reshape(rows, attn.shape[-1]) if has_attn else mlp2
         out = torch.empty((rows, n_attn + n_mlp), dtype=FP8, device=mlp.device)
         scale = torch.empty((rows, 1), dtype=torch.float32, device=mlp.device)
-        wrap_triton(kernel)[(rows,)](
+        wrap_triton(gelu_fp8_rowwise_kernel)[(rows,)](
             attn2,
             mlp2,
             out,
