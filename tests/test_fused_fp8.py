@@ -3,6 +3,8 @@ arithmetic and CPU FP8 GEMMs stand in for the Triton kernel, which bench/cuda_gr
 
 from __future__ import annotations
 
+import types
+
 import torch
 from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock
 
@@ -63,3 +65,20 @@ def test_only_rowwise_fp8_layers_are_rerouted_and_only_on_the_gpu():
     assert apply(pipe, OptimizationContext("cpu", None, Settings(model="tiny"))).status == "skipped"
     off = apply(pipe, OptimizationContext("cuda", (9, 0), Settings(model="tiny", fused_gelu_fp8=False)))
     assert off.status == "skipped" and "FLUX_FUSED_GELU_FP8" in off.detail
+
+
+@torch.inference_mode()
+def test_undo_sends_the_rerouted_block_back_to_diffusers_forward(monkeypatch):
+    from flux_kontext.optimizations import fused_fp8
+
+    torch.manual_seed(0)
+    block = FluxSingleTransformerBlock(dim=64, num_attention_heads=2, attention_head_dim=32).eval()
+    inputs = dict(
+        hidden_states=torch.randn(1, 24, 64), encoder_hidden_states=torch.randn(1, 8, 64), temb=torch.randn(1, 64)
+    )
+    expected = block(**inputs)
+    monkeypatch.setattr(fused_fp8, "_ACTIVE", True)
+    block.forward = types.MethodType(single_block_forward, block)  # no FP8 buffers: the fused path would fail
+    fused_fp8.undo()
+    for got, want in zip(block(**inputs), expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)

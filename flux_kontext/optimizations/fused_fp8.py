@@ -43,6 +43,7 @@ def reference(attn: torch.Tensor | None, mlp: torch.Tensor) -> tuple[torch.Tenso
 
 
 _OP = None  # the registered torch op, built by build_op() at load time (never inside compiled code)
+_ACTIVE = True  # False after undo(): the rerouted modules run diffusers' own forward again
 
 
 def build_op():
@@ -157,6 +158,8 @@ def fp8_linear(values: torch.Tensor, scale: torch.Tensor, linear: torch.nn.Modul
 
 def single_block_forward(block, hidden_states, encoder_hidden_states, temb, image_rotary_emb=None, **kwargs):
     """FluxSingleTransformerBlock.forward with proj_out's input quantized by the fused kernel."""
+    if not _ACTIVE:
+        return type(block).forward(block, hidden_states, encoder_hidden_states, temb, image_rotary_emb, **kwargs)
     if kwargs.get("joint_attention_kwargs"):
         raise ValueError("joint_attention_kwargs are not supported by the fused FP8 single block")
     text_tokens = encoder_hidden_states.shape[1]
@@ -173,6 +176,8 @@ def single_block_forward(block, hidden_states, encoder_hidden_states, temb, imag
 
 def feed_forward(ff, hidden_states):
     """diffusers FeedForward (GELU-tanh projection, dropout, output linear) with the fused quantization."""
+    if not _ACTIVE:
+        return type(ff).forward(ff, hidden_states)
     mlp = ff.net[0].proj(hidden_states)
     values, scale = quantize(None, mlp)
     return fp8_linear(values, scale, ff.net[2], hidden_states.dtype).reshape(*hidden_states.shape[:-1], -1)
@@ -193,13 +198,21 @@ def replace(transformer) -> int:
     return count
 
 
+def undo() -> None:
+    """Send every rerouted module back to diffusers' forward (what wraps it, compile and graphs, stays in place)."""
+    global _ACTIVE
+    _ACTIVE = False
+
+
 def apply(pipe, context: OptimizationContext) -> Report:
     settings = context.settings
     if context.device_type != "cuda":
         return Report(NAME, "skipped", "a Triton kernel for the GPU's FP8 path")
     if not settings.fused_gelu_fp8:
         return Report(NAME, "skipped", "FLUX_FUSED_GELU_FP8=false")
+    global _ACTIVE
     build_op()
+    _ACTIVE = True
     count = replace(pipe.transformer)
     if count == 0:
         return Report(NAME, "skipped", "no rowwise-FP8 MLP output layer to feed (FP8 not applied)")
@@ -208,4 +221,5 @@ def apply(pipe, context: OptimizationContext) -> Report:
         "applied",
         f"{count} MLP outputs: GELU and rowwise FP8 quantization in one pass per row (Triton), straight into the "
         "FP8 GEMM",
+        undo=undo,
     )
