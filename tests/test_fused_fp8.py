@@ -10,14 +10,11 @@ from diffusers.models.transformers.transformer_flux import FluxSingleTransformer
 
 from flux_kontext.optimizations import OptimizationContext
 from flux_kontext.optimizations.activation import tanh_gelu
-from flux_kontext.optimizations.fused_fp8 import FP8_MAX, apply, reference, replace, single_block_forward
+from flux_kontext.optimizations.fused_fp8 import apply, reference, replace, single_block_forward
+from flux_kontext.optimizations.quantization import E4M3_MAX as FP8_MAX
+from flux_kontext.optimizations.quantization import quantize_rowwise_fp8
 from flux_kontext.settings import Settings
 from tests.test_optimizations import tiny_pipe_with_reference
-
-
-def rowwise_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    scale = x.abs().amax(dim=-1, keepdim=True) / FP8_MAX
-    return (x / scale).to(torch.float8_e4m3fn), scale
 
 
 def test_reference_quantizes_attention_and_gelu_rows_with_one_scale_per_row():
@@ -42,7 +39,7 @@ def test_reference_quantizes_attention_and_gelu_rows_with_one_scale_per_row():
 def test_single_block_through_the_fused_path_matches_the_block_with_fake_quantized_proj_out():
     torch.manual_seed(0)
     block = FluxSingleTransformerBlock(dim=64, num_attention_heads=2, attention_head_dim=32).eval()
-    weight_q, weight_scale = rowwise_fp8(block.proj_out.weight.detach())
+    weight_q, weight_scale = quantize_rowwise_fp8(block.proj_out.weight.detach())
     block.proj_out.register_buffer("fp8_weight_t", weight_q.t(), persistent=False)
     block.proj_out.register_buffer("fp8_weight_scale", weight_scale.t(), persistent=False)
     g = torch.Generator().manual_seed(1)
@@ -51,7 +48,9 @@ def test_single_block_through_the_fused_path_matches_the_block_with_fake_quantiz
 
     # Expected: diffusers' own forward, proj_out with the dequantized weight and its input quantized rowwise.
     block.proj_out.weight.copy_(weight_q.float() * weight_scale)
-    block.proj_out.register_forward_pre_hook(lambda _, args: (lambda q, s: q.float() * s)(*rowwise_fp8(args[0])))
+    block.proj_out.register_forward_pre_hook(
+        lambda _, args: (lambda q, s: q.float() * s)(*quantize_rowwise_fp8(args[0]))
+    )
     expected_encoder, expected_hidden = block(hidden_states=hidden, encoder_hidden_states=encoder, temb=temb)
     assert encoder_out.shape == (1, 8, 64) and hidden_out.shape == (1, 24, 64)
     torch.testing.assert_close(hidden_out, expected_hidden, rtol=2e-2, atol=2e-2)

@@ -16,30 +16,24 @@ to ±448, cast to e4m3. ``reference`` is that arithmetic in plain PyTorch; the G
 from __future__ import annotations
 
 import logging
-import math
 import types
 
 import torch
 
 from flux_kontext.optimizations import OptimizationContext, Report
+from flux_kontext.optimizations.activation import tanh_gelu
+from flux_kontext.optimizations.quantization import quantize_rowwise_fp8
 
 log = logging.getLogger(__name__)
 
 NAME = "fused_gelu_fp8"
 FP8 = torch.float8_e4m3fn
-FP8_MAX = 448.0
-SCALE_FLOOR = 1e-12
-_TWO_SQRT_2_OVER_PI = 2.0 * math.sqrt(2.0 / math.pi)
 
 
 def reference(attn: torch.Tensor | None, mlp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """[attn | GELU(mlp)] quantized rowwise to e4m3: (values (..., A+F), scales (..., 1) fp32)."""
-    m = mlp.float()
-    gelu = (m * torch.sigmoid(_TWO_SQRT_2_OVER_PI * (m + 0.044715 * m * m * m))).to(mlp.dtype)
-    row = gelu if attn is None else torch.cat([attn, gelu], dim=-1)
-    row = row.float()
-    scale = row.abs().amax(dim=-1, keepdim=True).clamp(min=SCALE_FLOOR) / FP8_MAX
-    return (row / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+    gelu = tanh_gelu(mlp)  # sigmoid form, rounded to mlp's dtype like the unfused path stores it
+    return quantize_rowwise_fp8(gelu if attn is None else torch.cat([attn, gelu], dim=-1))
 
 
 _OP = None  # the registered torch op, built by build_op() at load time (never inside compiled code)

@@ -66,11 +66,18 @@ def _config(fmt: str):
     )
 
 
-def _fp8_rowwise(t: torch.Tensor) -> torch.Tensor:
-    """Quantize-dequantize each row to float8 e4m3 with its own scale (what rowwise FP8 GEMMs do)."""
+def quantize_rowwise_fp8(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row to float8 e4m3 with its own fp32 scale, absmax / 448 (floored at 1e-12 so a zero row stays finite):
+    (values, scales (..., 1)). torchao's rowwise arithmetic; the fused kernel (fused_fp8.py) is checked against it."""
     t = t.float()
     scale = t.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12) / E4M3_MAX
-    return (t / scale).to(torch.float8_e4m3fn).float() * scale
+    return (t / scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn), scale
+
+
+def _fp8_rowwise(t: torch.Tensor) -> torch.Tensor:
+    """Quantize-dequantize each row to float8 e4m3 with its own scale (what rowwise FP8 GEMMs do)."""
+    values, scale = quantize_rowwise_fp8(t)
+    return values.float() * scale
 
 
 @torch.inference_mode()
