@@ -26,7 +26,14 @@ from flux_kontext.jobs import (
     JobResult,
 )
 from flux_kontext.models import LoadedModel, load_model
-from flux_kontext.optimizations import OptimizationContext, Report, RequestPlan, apply_all, plan_for_request
+from flux_kontext.optimizations import (
+    OptimizationContext,
+    Report,
+    RequestPlan,
+    apply_all,
+    cuda_graphs,
+    plan_for_request,
+)
 from flux_kontext.optimizations.scheduler import DEFAULT_STEPS, make_scheduler
 from flux_kontext.optimizations.scheduler import NAME as DPM_REPORT
 from flux_kontext.resolution import kontext_resolution
@@ -339,13 +346,13 @@ class Engine:
 
 def _report_graph_use(plan: RequestPlan, counts: dict | None) -> None:
     """CUDA graphs count as run only if a block was replayed or captured; a shape's first call runs without."""
-    if counts is None or "cuda_graphs" not in plan.ran or counts["replayed"] + counts["captured"] > 0:
+    if counts is None or cuda_graphs.NAME not in plan.ran or counts["replayed"] + counts["captured"] > 0:
         return
-    plan.ran.remove("cuda_graphs")
+    plan.ran.remove(cuda_graphs.NAME)
     plan.not_applied.append(
         {
-            "flag": "use_cuda_graphs",
-            "optimization": "cuda_graphs",
+            "flag": cuda_graphs.FLAG,
+            "optimization": cuda_graphs.NAME,
             "reason": "no block was replayed: this input shape was seen for the first time (captured on its next call)",
         }
     )

@@ -40,17 +40,16 @@ class CompiledForward:
         self.run = self.eager
 
 
-def _fallback_recorder(report_ref: list) -> Callable[[str], None]:
+def _fallback_recorder(report: Report) -> Callable[[str], None]:
     """Counts blocks that fell back to eager and writes it into the compile report (/health, each response)."""
+    base_detail = report.detail
 
     def record(reason: str) -> None:
-        report: Report = report_ref[0]
         fallen = report.data.get("blocks_running_eager", 0) + 1
         report.data["blocks_running_eager"] = fallen
         report.data["eager_fallback_reason"] = reason
         log.error("compile: a block fell back to eager (%d so far): %s", fallen, reason)
-        base = report.detail.split(" | ")[0]
-        report.detail = f"{base} | {fallen} block(s) now run eager: dynamo's recompile limit was hit ({reason})"
+        report.detail = f"{base_detail} | {fallen} block(s) now run eager: dynamo's recompile limit was hit ({reason})"
 
     return record
 
@@ -79,14 +78,9 @@ def apply(pipe, context: OptimizationContext) -> Report:
     multi_kernel = context.settings.compile_multi_kernel
     torch._inductor.config.triton.multi_kernel = 1 if multi_kernel else 0
     transformer = pipe.transformer
-    report_ref: list[Report] = []  # filled below; the fallback recorder writes into the report once it exists
-    compiled = []
-    for block in [*transformer.transformer_blocks, *transformer.single_transformer_blocks]:
-        block.forward = CompiledForward(block.forward, _fallback_recorder(report_ref))
-        compiled.append(block.forward)
+    blocks = [*transformer.transformer_blocks, *transformer.single_transformer_blocks]
     vae_parts = [part for part in (getattr(pipe.vae, "encoder", None), getattr(pipe.vae, "decoder", None)) if part]
-    for part in vae_parts:
-        part.compile()
+    compiled: list[CompiledForward] = []
 
     def undo() -> None:
         for forward in compiled:
@@ -104,5 +98,10 @@ def apply(pipe, context: OptimizationContext) -> Report:
         f"{' and '.join(type(p).__name__ for p in vae_parts) or '(none found)'}; "
         "warm-up compiles the 1024² shapes, another resolution compiles on its first request",
     )
-    report_ref.append(report)
+    on_fallback = _fallback_recorder(report)
+    for block in blocks:
+        block.forward = CompiledForward(block.forward, on_fallback)
+        compiled.append(block.forward)
+    for part in vae_parts:
+        part.compile()
     return report

@@ -155,28 +155,28 @@ class GraphManager:
         if self.report is not None:
             self.report.data["captured_shapes"] = [[list(part) for part in shape] for shape in self._shapes]
 
+    def _forget(self, shape: tuple) -> None:
+        """Drop one shape's graphs, their output registrations and shared inputs; it is run, then captured anew."""
+        for block, signature in self._shapes.pop(shape):
+            captured = block.graphs.pop(signature, None)
+            block.seen.discard(signature)
+            if captured is not None:
+                for t in _flat_tensors(captured.outputs):
+                    self._outputs.pop(self._key(t), None)
+        self._shared = {k: v for k, v in self._shared.items() if k[0] != shape}
+
     def _evict_over_limit(self) -> None:
         while len(self._shapes) > self.max_shapes:
-            shape, entries = self._shapes.popitem(last=False)
-            log.info("CUDA graphs: evicting shape %s (%d graphs)", shape, len(entries))
-            for block, signature in entries:
-                captured = block.graphs.pop(signature, None)
-                block.seen.discard(signature)
-                if captured is not None:
-                    for t in _flat_tensors(captured.outputs):
-                        self._outputs.pop(self._key(t), None)
-            self._shared = {k: v for k, v in self._shared.items() if k[0] != shape}
+            shape = next(iter(self._shapes))  # least recently used
+            log.info("CUDA graphs: evicting shape %s (%d graphs)", shape, len(self._shapes[shape]))
+            self._forget(shape)
 
     def clear(self) -> None:
         """Drop every graph; each shape is run, then captured again on its next calls."""
-        for entries in self._shapes.values():
-            for block, signature in entries:
-                block.graphs.pop(signature, None)
-                block.seen.discard(signature)
-        self._shapes.clear()
-        self._outputs.clear()
-        self._shared.clear()
-        self.backend.new_pool()
+        for shape in list(self._shapes):
+            self._forget(shape)
+        self._shared.clear()  # also copies made for a capture that failed before its shape held a graph
+        self.backend.new_pool()  # CUDA frees a pool with its last graph: later captures need a fresh one
         self._publish()
 
     def fail(self, reason: str) -> None:
