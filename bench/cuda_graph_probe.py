@@ -10,7 +10,7 @@ regional compile, then cuda_graphs.install: one graph per block and shape) and, 
   off: the same outputs and the same skip counts expected;
 - profiles one compiled text-to-image forward: CUDA time by kernel family (GEMM, attention, Triton glue, other);
 - rewrites the tanh-GELUs in their sigmoid form (activation.py), recompiles, and times and profiles again; then
-  checks the one-pass GELU + FP8 Triton kernel (fused_fp8.py) against its reference, routes the MLP outputs
+  checks the one-pass GELU + FP8 Triton kernel (fused_kernels.py) against its reference, routes the MLP outputs
   through it, and times again; then the same with Inductor's multi-kernel on.
 
     python bench/cuda_graph_probe.py --out bench/results/cuda-graphs-h100.json
@@ -37,6 +37,7 @@ from flux_kontext.optimizations import (  # noqa: E402
     attention,
     cuda_graphs,
     fused_fp8,
+    fused_kernels,
     layout,
     quantization,
 )
@@ -107,19 +108,19 @@ def check_fused_kernel() -> dict:
     g = torch.Generator(device="cpu").manual_seed(3)
     attn = torch.randn(4608, 3072, generator=g).to(DEVICE, torch.bfloat16)
     mlp = (torch.randn(4608, 12288, generator=g) * 3).to(DEVICE, torch.bfloat16)
-    fused_fp8.build_op()
-    values, scale = fused_fp8.quantize(attn, mlp)
-    ref_values, ref_scale = fused_fp8.reference(attn, mlp)
+    fused_kernels.build_ops()
+    values, scale = fused_kernels.gelu_fp8(attn, mlp)
+    ref_values, ref_scale = fused_kernels.reference_gelu_fp8(attn, mlp)
     return {
         "scale_max_rel_diff": float(((scale - ref_scale).abs() / ref_scale).max()),
         "values_differing_fraction": float((values.float() != ref_values.float()).float().mean()),
         "dequantized_rel_error": rel(values.float() * scale, ref_values.float() * ref_scale),
-        "kernel_ms": time_ms(lambda: fused_fp8.quantize(attn, mlp), repeats=50),
+        "kernel_ms": time_ms(lambda: fused_kernels.gelu_fp8(attn, mlp), repeats=50),
         "bytes_floor_ms_at_3_tb_s": round((attn.numel() * 2 + mlp.numel() * 3) / 3e12 * 1000, 4),
     }
 
 
-def reroute_through_fused_kernel(model) -> int:
+def reroute_through_fused_kernel(model) -> dict:
     """fused_fp8.replace() on a model already compiled and graphed: keep the wrappers, swap what they wrap."""
     wrappers = [block.forward for block in model.single_transformer_blocks]  # GraphedBlock(CompiledForward(...))
     count = fused_fp8.replace(model)

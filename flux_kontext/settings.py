@@ -66,6 +66,11 @@ class Settings(BaseSettings):
     fused_gelu_fp8: bool = Field(
         True, description="One-pass GELU + rowwise FP8 quantization (Triton) before the MLP output GEMMs (GPU, FP8)."
     )
+    fused_norm_rope: bool = Field(
+        True,
+        description="Whole FP8 blocks through our Triton kernels: LayerNorm + modulation + FP8 quantization before "
+        "the QKV/MLP GEMMs, RMSNorm + RoPE on q/k (GPU, FP8; needs FLUX_FUSED_GELU_FP8=true).",
+    )
     gelu_sigmoid_form: bool = Field(
         True, description="Compute the blocks' tanh-GELU as x*sigmoid(2z) (same function, cheaper once compiled)."
     )
@@ -94,6 +99,11 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"FLUX_QUANTIZE={self.quantize} needs a GPU with FP8/FP4 tensor cores; with FLUX_DEVICE=cpu use "
                 "auto or none"
+            )
+        if self.fused_norm_rope and not self.fused_gelu_fp8 and "fused_norm_rope" in self.model_fields_set:
+            raise ValueError(
+                "FLUX_FUSED_NORM_ROPE=true routes whole blocks through the fused kernels, GELU included; it needs "
+                "FLUX_FUSED_GELU_FP8=true"
             )
         if self.compile_multi_kernel and not self.compile:
             raise ValueError("FLUX_COMPILE_MULTI_KERNEL=true configures compile; it needs FLUX_COMPILE=true")

@@ -1,5 +1,6 @@
-"""One-pass GELU + rowwise FP8 quantization: its arithmetic, and the blocks wired through it (CPU: the reference
-arithmetic and CPU FP8 GEMMs stand in for the Triton kernel, which bench/cuda_graph_probe.py checks on the GPU)."""
+"""The fused FP8 blocks: the kernels' reference arithmetic against diffusers' own modules, and the blocks wired
+through them against diffusers' forwards (CPU: the reference arithmetic and CPU FP8 GEMMs stand in for the Triton
+kernels, which bench/fused_blocks.py checks against the same references on the GPU)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ from diffusers.models.transformers.transformer_flux import FluxSingleTransformer
 
 from flux_kontext.optimizations import OptimizationContext
 from flux_kontext.optimizations.activation import tanh_gelu
-from flux_kontext.optimizations.fused_fp8 import apply, reference, replace, single_block_forward
+from flux_kontext.optimizations.fused_fp8 import apply, replace, single_block_forward
+from flux_kontext.optimizations.fused_kernels import reference_gelu_fp8 as reference
 from flux_kontext.optimizations.quantization import E4M3_MAX as FP8_MAX
 from flux_kontext.optimizations.quantization import quantize_rowwise_fp8
 from flux_kontext.settings import Settings
@@ -60,10 +62,12 @@ def test_single_block_through_the_fused_path_matches_the_block_with_fake_quantiz
 
 def test_only_rowwise_fp8_layers_are_rerouted_and_only_on_the_gpu():
     pipe, _, _ = tiny_pipe_with_reference(0)
-    assert replace(pipe.transformer) == 0  # bf16/fp32 weights: nothing to feed
-    assert apply(pipe, OptimizationContext("cpu", None, Settings(model="tiny"))).status == "skipped"
+    nothing = {"mlp_outputs": 0, "single_blocks": 0, "double_blocks": 0}
+    assert replace(pipe.transformer, norm_rope=True) == nothing  # bf16/fp32 weights: nothing to feed
+    assert [r.status for r in apply(pipe, OptimizationContext("cpu", None, Settings(model="tiny")))] == ["skipped"] * 2
     off = apply(pipe, OptimizationContext("cuda", (9, 0), Settings(model="tiny", fused_gelu_fp8=False)))
-    assert off.status == "skipped" and "FLUX_FUSED_GELU_FP8" in off.detail
+    assert [r.status for r in off] == ["skipped"] * 2
+    assert "FLUX_FUSED_GELU_FP8=false" in off[0].detail and "needs FLUX_FUSED_GELU_FP8=true" in off[1].detail
 
 
 @torch.inference_mode()
@@ -81,3 +85,104 @@ def test_undo_sends_the_rerouted_block_back_to_diffusers_forward(monkeypatch):
     fused_fp8.undo()
     for got, want in zip(block(**inputs), expected, strict=True):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def _fake_fp8(linear: torch.nn.Linear) -> None:
+    """Give a Linear what the fused path reads (rowwise e4m3 weight and scales) and make its own forward compute the
+    same: dequantized weight, input quantized rowwise (what torchao's FP8 layer does)."""
+    weight_q, weight_scale = quantize_rowwise_fp8(linear.weight.detach())
+    linear.register_buffer("fp8_weight_t", weight_q.t(), persistent=False)
+    linear.register_buffer("fp8_weight_scale", weight_scale.t(), persistent=False)
+    linear.weight.data.copy_(weight_q.float() * weight_scale)
+    linear.register_forward_pre_hook(lambda _, args: (lambda q, s: q.float() * s)(*quantize_rowwise_fp8(args[0])))
+
+
+def _fp8_tiny_transformer(seed: int):
+    """The tiny transformer as the GPU stack leaves it (fused QKV, our attention processor, FP8 on every layer the
+    fused blocks feed), its inputs, and its output through diffusers' block forwards."""
+    from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
+
+    from flux_kontext.optimizations.attention import KernelChoice, KernelFluxAttnProcessor, _sdpa
+
+    pipe, kwargs, _ = tiny_pipe_with_reference(seed)
+    transformer = pipe.transformer
+    transformer.fuse_qkv_projections()
+    for block in transformer.single_transformer_blocks:
+        for linear in (block.proj_mlp, block.attn.to_qkv, block.proj_out):
+            _fake_fp8(linear)
+    for block in transformer.transformer_blocks:
+        for linear in (
+            block.attn.to_qkv,
+            block.attn.to_added_qkv,
+            *(ff.net[i].proj if i == 0 else ff.net[i] for ff in (block.ff, block.ff_context) for i in (0, 2)),
+        ):
+            _fake_fp8(linear)
+    transformer.set_attn_processor(FluxAttnProcessor())
+    with torch.inference_mode():
+        expected = transformer(**kwargs)[0]
+    transformer.set_attn_processor(KernelFluxAttnProcessor(KernelChoice(kernels={"sdpa": _sdpa})))
+    return transformer, kwargs, expected
+
+
+@torch.inference_mode()
+def test_whole_blocks_on_the_fused_path_compute_what_diffusers_blocks_compute():
+    transformer, kwargs, expected = _fp8_tiny_transformer(0)
+    counts = replace(transformer, norm_rope=True)
+    blocks = len(transformer.single_transformer_blocks), len(transformer.transformer_blocks)
+    assert counts == {"mlp_outputs": blocks[0] + 2 * blocks[1], "single_blocks": blocks[0], "double_blocks": blocks[1]}
+    assert transformer.transformer_blocks[0].forward.__func__.__name__ == "fused_double_block_forward"
+    ours = transformer(**kwargs)[0]
+    assert ours.shape == expected.shape and expected.abs().max() > 0
+    # The same arithmetic in fp32, the same FP8 roundings: equal up to fp32 summation order.
+    assert float((ours - expected).norm() / expected.norm()) < 1e-5
+    # Not vacuous: a wrong RoPE (the rotary table shifted by one token) changes the result.
+    cos, sin = transformer.pos_embed(torch.cat([kwargs["txt_ids"], kwargs["img_ids"]]))
+    from flux_kontext.optimizations import fused_kernels
+
+    real = fused_kernels.reference_qk_norm_rope
+    fused_kernels.reference_qk_norm_rope = lambda *a: real(*a[:4], tuple(t.roll(1, 0) for t in a[4]), *a[5:])
+    try:
+        wrong = transformer(**kwargs)[0]
+    finally:
+        fused_kernels.reference_qk_norm_rope = real
+    assert float((wrong - expected).norm() / expected.norm()) > 1e-3
+    assert cos.shape[0] == kwargs["txt_ids"].shape[0] + kwargs["img_ids"].shape[0]
+
+
+def test_a_block_with_a_layer_kept_in_bf16_keeps_the_path_below_it():
+    transformer, _, _ = _fp8_tiny_transformer(1)
+    first = transformer.single_transformer_blocks[0]
+    del first.attn.to_qkv.fp8_weight_t, first.attn.to_qkv.fp8_weight_scale  # kept in bf16 by the FP8 screen
+    first.attn.to_qkv.weight = torch.nn.Parameter(first.attn.to_qkv.weight.detach().clone())
+    counts = replace(transformer, norm_rope=True)
+    assert counts["single_blocks"] == len(transformer.single_transformer_blocks) - 1
+    assert first.forward.__func__.__name__ == "single_block_forward"  # GELU kernel only
+
+
+def test_modulated_layer_norm_reference_is_diffusers_ada_layer_norm_quantized():
+    from diffusers.models.normalization import AdaLayerNormZeroSingle
+
+    from flux_kontext.optimizations.fused_fp8 import _modulation
+    from flux_kontext.optimizations.fused_kernels import reference_ln_mod_fp8
+
+    torch.manual_seed(0)
+    norm = AdaLayerNormZeroSingle(64).eval()
+    text, image, temb = torch.randn(2, 3, 64), torch.randn(2, 5, 64) * 3, torch.randn(2, 64)
+    with torch.inference_mode():
+        normed, gate = norm(torch.cat([text, image], dim=1), emb=temb)
+        shift, scale, our_gate = _modulation(norm, temb)
+        values, row_scale = reference_ln_mod_fp8(text, image, shift, scale, norm.norm.eps)
+    torch.testing.assert_close(our_gate, gate)
+    want_values, want_scale = quantize_rowwise_fp8(normed.reshape(-1, 64))
+    assert values.shape == (16, 64) and row_scale.shape == (16, 1)
+    torch.testing.assert_close(row_scale, want_scale)
+    assert (values.float() != want_values.float()).float().mean() < 0.01
+
+
+def test_settings_refuse_whole_block_fusion_without_the_gelu_kernel():
+    import pytest
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="needs FLUX_FUSED_GELU_FP8=true"):
+        Settings(model="tiny", fused_gelu_fp8=False, fused_norm_rope=True)
+    assert not Settings(model="tiny", fused_gelu_fp8=False).fused_gelu_fp8  # the default adapts

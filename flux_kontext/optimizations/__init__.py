@@ -11,8 +11,9 @@ Order (each constraint has its reason), see STEPS:
                    graph holds the kernel call.
 4. quantization  - swaps Linear weights for FP8/MXFP4 tensors; before compile, which must trace them.
 4b. gelu_sigmoid_form - rewrites the blocks' tanh-GELU (same function); before compile, which fuses it.
-4c. fused_gelu_fp8 - routes the MLP outputs through one-pass GELU + FP8 quantization; needs the FP8 weights
-                   (after quantization), before compile, which traces the kernel as a torch op.
+4c. fused_gelu_fp8 / fused_norm_rope - route the MLP outputs (and, where every layer is FP8, whole blocks) through
+                   our Triton kernels; need the FP8 weights (after quantization) and our attention processor,
+                   before compile, which traces the kernels as torch ops.
 5. compile       - wraps each block's forward: everything above is inside the compiled code.
 6. cuda_graphs   - wraps each (compiled) block's forward in a per-shape graph; after compile, whose kernels
                    it captures.

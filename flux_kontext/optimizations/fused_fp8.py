@@ -1,16 +1,18 @@
-"""GELU + rowwise FP8 quantization in one pass, feeding the FP8 GEMM after the MLP directly.
+"""FP8 blocks fed by our Triton kernels (fused_kernels.py) instead of torchao's per-layer activation quantization.
 
-Where: the single blocks' proj_out input (concat of the attention output, 3,072 wide, and GELU(MLP), 12,288 wide)
-and the double blocks' feed-forward output layer input (GELU(MLP), 12,288 wide). torchao quantizes those
-activations itself; under compile Inductor fuses GELU, concat, row absmax and cast into a kernel that passes
-over each row twice and evaluates the GELU in both passes (the slowest glue kernels in the profile,
-bench/cuda_graph_probe.py). Here one Triton program per row loads the row once, keeps it in registers, computes
-GELU (sigmoid form, activation.py), the absmax, the scale and the FP8 values, and the block calls
-``torch._scaled_mm`` with the layer's FP8 weight as torchao would.
+Two levels, each its own report:
+- fused_gelu_fp8: the MLP outputs. The single blocks' proj_out input (attention output | GELU(MLP)) and the double
+  blocks' ff.net[2] input (GELU(MLP)) are quantized in one pass per row, and the block calls ``torch._scaled_mm``
+  with the layer's FP8 weight as torchao would. Under compile Inductor evaluated the GELU in both of its passes over
+  each row: the slowest glue kernel in the profile (bench/cuda_graph_probe.py).
+- fused_norm_rope: whole blocks. Before the QKV and MLP GEMMs, LayerNorm + modulation + quantization in one pass
+  (reading the single blocks' text and image rows where they lie: no concatenation written); after the QKV GEMM,
+  RMSNorm + RoPE on q/k with q, k, v written in the attention kernel's layout. Each block's forward is then ours,
+  with diffusers' arithmetic (checked against diffusers' forward in tests/test_fused_fp8.py) and the attention
+  kernel chosen by attention.py.
 
-Same arithmetic as torchao's rowwise path: GELU output rounded to bf16 (the unfused path stores it as bf16), scale =
-absmax / 448 in fp32 (floored at 1e-12 so a zero row does not divide by zero), values divided by the scale, clamped
-to ±448, cast to e4m3. ``reference`` is that arithmetic in plain PyTorch; the GPU check compares the kernel with it.
+A block is rerouted only when every layer the path feeds is rowwise FP8 (the FP8 screen may keep a layer in bf16:
+that block keeps the path below it). ``undo`` sends every rerouted module back to diffusers' forward.
 """
 
 from __future__ import annotations
@@ -20,113 +22,24 @@ import types
 
 import torch
 
-from flux_kontext.optimizations import OptimizationContext, Report
-from flux_kontext.optimizations.activation import tanh_gelu
-from flux_kontext.optimizations.quantization import quantize_rowwise_fp8
+from flux_kontext.optimizations import OptimizationContext, Report, fused_kernels
+from flux_kontext.optimizations.attention import KernelFluxAttnProcessor
 
 log = logging.getLogger(__name__)
 
 NAME = "fused_gelu_fp8"
+NORM_ROPE = "fused_norm_rope"
 FP8 = torch.float8_e4m3fn
 
 
-def reference(attn: torch.Tensor | None, mlp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """[attn | GELU(mlp)] quantized rowwise to e4m3: (values (..., A+F), scales (..., 1) fp32)."""
-    gelu = tanh_gelu(mlp)  # sigmoid form, rounded to mlp's dtype like the unfused path stores it
-    return quantize_rowwise_fp8(gelu if attn is None else torch.cat([attn, gelu], dim=-1))
-
-
-_OP = None  # the registered torch op, built by build_op() at load time (never inside compiled code)
 _ACTIVE = True  # False after undo(): the rerouted modules run diffusers' own forward again
-
-
-def build_op():
-    """Build the Triton kernel and register it as a torch op (traceable by torch.compile); GPU only, once."""
-    global _OP
-    if _OP is not None:
-        return _OP
-    import triton
-    import triton.language as tl
-    from torch.library import triton_op, wrap_triton
-
-    @triton.jit
-    def gelu_fp8_rowwise_kernel(
-        attn_ptr,
-        mlp_ptr,
-        out_ptr,
-        scale_ptr,
-        n_attn,
-        n_mlp,
-        attn_stride,
-        mlp_stride,
-        out_stride,
-        HAS_ATTN: tl.constexpr,
-        BLOCK_ATTN: tl.constexpr,
-        BLOCK_MLP: tl.constexpr,
-    ):
-        row = tl.program_id(0).to(tl.int64)
-        cols_m = tl.arange(0, BLOCK_MLP)
-        mask_m = cols_m < n_mlp
-        m = tl.load(mlp_ptr + row * mlp_stride + cols_m, mask=mask_m, other=0.0).to(tl.float32)
-        g = m * tl.sigmoid(2.0 * 0.7978845608028654 * (m + 0.044715 * m * m * m))
-        g = g.to(tl.bfloat16).to(tl.float32)
-        amax = tl.max(tl.abs(g), axis=0)
-        if HAS_ATTN:
-            cols_a = tl.arange(0, BLOCK_ATTN)
-            mask_a = cols_a < n_attn
-            a = tl.load(attn_ptr + row * attn_stride + cols_a, mask=mask_a, other=0.0).to(tl.float32)
-            amax = tl.maximum(amax, tl.max(tl.abs(a), axis=0))
-        scale = tl.maximum(amax, 1e-12) / 448.0
-        if HAS_ATTN:
-            qa = tl.clamp(a / scale, -448.0, 448.0)
-            tl.store(out_ptr + row * out_stride + cols_a, qa.to(tl.float8e4nv), mask=mask_a)
-        qg = tl.clamp(g / scale, -448.0, 448.0)
-        offset = n_attn if HAS_ATTN else 0
-        tl.store(out_ptr + row * out_stride + offset + cols_m, qg.to(tl.float8e4nv), mask=mask_m)
-        tl.store(scale_ptr + row, scale)
-
-    @triton_op("flux_kontext::gelu_fp8_rowwise", mutates_args={})
-    def gelu_fp8_rowwise(attn: torch.Tensor, mlp: torch.Tensor, has_attn: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        n_mlp = mlp.shape[-1]
-        n_attn = attn.shape[-1] if has_attn else 0
-        rows = mlp.numel() // n_mlp
-        mlp2 = mlp.reshape(rows, n_mlp)
-        attn2 = attn.reshape(rows, attn.shape[-1]) if has_attn else mlp2
-        out = torch.empty((rows, n_attn + n_mlp), dtype=FP8, device=mlp.device)
-        scale = torch.empty((rows, 1), dtype=torch.float32, device=mlp.device)
-        wrap_triton(gelu_fp8_rowwise_kernel)[(rows,)](
-            attn2,
-            mlp2,
-            out,
-            scale,
-            n_attn,
-            n_mlp,
-            attn2.stride(0),
-            mlp2.stride(0),
-            out.stride(0),
-            HAS_ATTN=has_attn,
-            BLOCK_ATTN=triton.next_power_of_2(max(n_attn, 16)),
-            BLOCK_MLP=triton.next_power_of_2(n_mlp),
-            num_warps=16,
-        )
-        return out, scale
-
-    _OP = gelu_fp8_rowwise
-    return _OP
-
-
-def quantize(attn: torch.Tensor | None, mlp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The fused kernel on CUDA (rows flattened), the reference elsewhere; values (rows, A+F), scales (rows, 1)."""
-    if not mlp.is_cuda:
-        values, scale = reference(attn, mlp)
-        return values.reshape(-1, values.shape[-1]), scale.reshape(-1, 1)
-    has_attn = attn is not None
-    return _OP(attn.contiguous() if has_attn else mlp, mlp.contiguous(), has_attn)
 
 
 def _expose_fp8_weight(linear: torch.nn.Module) -> bool:
     """Keep plain views of a torchao rowwise FP8 weight (qdata (N, K) e4m3, scale (N, 1)) on the module, so the
     compiled forward sees ordinary tensors; False when the layer is not quantized that way."""
+    if getattr(linear, "fp8_weight_t", None) is not None:
+        return True  # exposed already
     weight = getattr(linear, "weight", None)
     qdata, scale = getattr(weight, "qdata", None), getattr(weight, "scale", None)
     if qdata is None or scale is None or qdata.dtype != FP8 or tuple(scale.shape) != (qdata.shape[0], 1):
@@ -151,18 +64,17 @@ def fp8_linear(values: torch.Tensor, scale: torch.Tensor, linear: torch.nn.Modul
 
 
 def single_block_forward(block, hidden_states, encoder_hidden_states, temb, image_rotary_emb=None, **kwargs):
-    """FluxSingleTransformerBlock.forward with proj_out's input quantized by the fused kernel."""
+    """FluxSingleTransformerBlock.forward with proj_out's input quantized by the GELU kernel."""
     if not _ACTIVE:
         return type(block).forward(block, hidden_states, encoder_hidden_states, temb, image_rotary_emb, **kwargs)
-    if kwargs.get("joint_attention_kwargs"):
-        raise ValueError("joint_attention_kwargs are not supported by the fused FP8 single block")
+    _refuse_attention_kwargs(kwargs)
     text_tokens = encoder_hidden_states.shape[1]
     hidden_states = torch.cat([encoder_hidden_states, hidden_states], dim=1)
     residual = hidden_states
     normed, gate = block.norm(hidden_states, emb=temb)
     mlp = block.proj_mlp(normed)
     attn = block.attn(hidden_states=normed, image_rotary_emb=image_rotary_emb)
-    values, scale = quantize(attn, mlp)
+    values, scale = fused_kernels.gelu_fp8(attn, mlp)
     out = fp8_linear(values, scale, block.proj_out, residual.dtype).reshape(residual.shape)
     hidden_states = residual + gate.unsqueeze(1) * out
     return hidden_states[:, :text_tokens], hidden_states[:, text_tokens:]
@@ -173,23 +85,132 @@ def feed_forward(ff, hidden_states):
     if not _ACTIVE:
         return type(ff).forward(ff, hidden_states)
     mlp = ff.net[0].proj(hidden_states)
-    values, scale = quantize(None, mlp)
-    return fp8_linear(values, scale, ff.net[2], hidden_states.dtype).reshape(*hidden_states.shape[:-1], -1)
+    return _gelu_output(ff, mlp, hidden_states.shape, hidden_states.dtype)
 
 
-def replace(transformer) -> int:
-    """Route every eligible MLP through the fused path; returns how many (single blocks + feed-forwards)."""
-    count = 0
+def _gelu_output(ff, mlp, shape, dtype):
+    values, scale = fused_kernels.gelu_fp8(None, mlp)
+    return fp8_linear(values, scale, ff.net[2], dtype).reshape(shape)
+
+
+def _refuse_attention_kwargs(kwargs) -> None:
+    if kwargs.get("joint_attention_kwargs"):
+        raise ValueError("joint_attention_kwargs (IP-adapters, masks) are not supported by the fused FP8 blocks")
+
+
+def _modulation(norm, temb):
+    """The AdaLN modulation vectors (shift, scale, gate, ...) of one norm layer, each (batch, C)."""
+    return norm.linear(norm.silu(temb)).chunk(norm.linear.out_features // norm.linear.in_features, dim=1)
+
+
+def _norms(attn, added: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    return (attn.norm_added_q.weight, attn.norm_added_k.weight) if added else (attn.norm_q.weight, attn.norm_k.weight)
+
+
+def _attention(attn, q, k, v):
+    return attn.processor.choice(q, k, v).flatten(2, 3).to(q.dtype)
+
+
+def fused_single_block_forward(block, hidden_states, encoder_hidden_states, temb, image_rotary_emb=None, **kwargs):
+    """FluxSingleTransformerBlock.forward on our kernels: LN+modulation+FP8, two FP8 GEMMs, RMSNorm+RoPE, attention,
+    GELU+FP8, the output GEMM and the gated residual."""
+    if not _ACTIVE:
+        return type(block).forward(block, hidden_states, encoder_hidden_states, temb, image_rotary_emb, **kwargs)
+    _refuse_attention_kwargs(kwargs)
+    attn, dtype = block.attn, hidden_states.dtype
+    batch, text_tokens = encoder_hidden_states.shape[:2]
+    shift, scale, gate = _modulation(block.norm, temb)
+    values, row_scale = fused_kernels.ln_mod_fp8(
+        encoder_hidden_states, hidden_states, shift, scale, block.norm.norm.eps
+    )
+    mlp = fp8_linear(values, row_scale, block.proj_mlp, dtype)
+    qkv = fp8_linear(values, row_scale, attn.to_qkv, dtype).view(batch, -1, attn.to_qkv.out_features)
+    q, k, v = fused_kernels.qk_norm_rope(
+        qkv, None, _norms(attn, False), None, image_rotary_emb, attn.heads, attn.norm_q.eps
+    )
+    values, row_scale = fused_kernels.gelu_fp8(_attention(attn, q, k, v), mlp)
+    out = fp8_linear(values, row_scale, block.proj_out, dtype).view(batch, -1, block.proj_out.out_features)
+    hidden_states = torch.cat([encoder_hidden_states, hidden_states], dim=1) + gate.unsqueeze(1) * out
+    return hidden_states[:, :text_tokens], hidden_states[:, text_tokens:]
+
+
+def fused_double_block_forward(block, hidden_states, encoder_hidden_states, temb, image_rotary_emb=None, **kwargs):
+    """FluxTransformerBlock.forward on our kernels: per stream LN+modulation+FP8 and the FP8 QKV GEMM, one
+    RMSNorm+RoPE writing the joint (text, image) q/k/v, attention, the output projections, then per stream the
+    gated residual, LN+modulation+FP8, the MLP GEMM, GELU+FP8, the output GEMM and the gated residual."""
+    if not _ACTIVE:
+        return type(block).forward(block, hidden_states, encoder_hidden_states, temb, image_rotary_emb, **kwargs)
+    _refuse_attention_kwargs(kwargs)
+    attn, dtype = block.attn, hidden_states.dtype
+    batch, text_tokens = encoder_hidden_states.shape[:2]
+    image_mod, text_mod = _modulation(block.norm1, temb), _modulation(block.norm1_context, temb)
+    eps = block.norm1.norm.eps
+
+    def qkv(x, mod, linear):
+        values, row_scale = fused_kernels.ln_mod_fp8(x, None, mod[0], mod[1], eps)
+        return fp8_linear(values, row_scale, linear, dtype).view(batch, -1, linear.out_features)
+
+    q, k, v = fused_kernels.qk_norm_rope(
+        qkv(encoder_hidden_states, text_mod, attn.to_added_qkv),
+        qkv(hidden_states, image_mod, attn.to_qkv),
+        _norms(attn, True),
+        _norms(attn, False),
+        image_rotary_emb,
+        attn.heads,
+        attn.norm_q.eps,
+    )
+    text_out, image_out = _attention(attn, q, k, v).split_with_sizes([text_tokens, q.shape[1] - text_tokens], dim=1)
+
+    def stream(x, attn_out, mod, ff, norm2):
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod
+        x = x + gate_msa.unsqueeze(1) * attn_out
+        values, row_scale = fused_kernels.ln_mod_fp8(x, None, shift_mlp, scale_mlp, norm2.eps)
+        mlp = fp8_linear(values, row_scale, ff.net[0].proj, dtype)
+        return x + gate_mlp.unsqueeze(1) * _gelu_output(ff, mlp, x.shape, dtype)
+
+    hidden_states = stream(hidden_states, attn.to_out[0](image_out.contiguous()), image_mod, block.ff, block.norm2)
+    encoder_hidden_states = stream(
+        encoder_hidden_states, attn.to_add_out(text_out.contiguous()), text_mod, block.ff_context, block.norm2_context
+    )
+    return encoder_hidden_states, hidden_states
+
+
+def _fused_attention(attn) -> bool:
+    return isinstance(attn.processor, KernelFluxAttnProcessor) and attn.norm_q is not None and hasattr(attn, "to_qkv")
+
+
+def _single_block_fusable(block) -> bool:
+    return _fused_attention(block.attn) and all(_expose_fp8_weight(x) for x in (block.proj_mlp, block.attn.to_qkv))
+
+
+def _double_block_fusable(block) -> bool:
+    attn = block.attn
+    layers = (attn.to_qkv, getattr(attn, "to_added_qkv", None), block.ff.net[0].proj, block.ff_context.net[0].proj)
+    gelus = all(getattr(ff.net[0], "approximate", None) == "tanh" for ff in (block.ff, block.ff_context))
+    return _fused_attention(attn) and gelus and all(x is not None and _expose_fp8_weight(x) for x in layers)
+
+
+def replace(transformer, norm_rope: bool = False) -> dict[str, int]:
+    """Route every eligible block or MLP through the kernels; returns how many of each were rerouted."""
+    counts = {"mlp_outputs": 0, "single_blocks": 0, "double_blocks": 0}
     for block in transformer.single_transformer_blocks:
         if block.proj_out.in_features > block.proj_mlp.out_features and _expose_fp8_weight(block.proj_out):
-            block.forward = types.MethodType(single_block_forward, block)
-            count += 1
+            counts["mlp_outputs"] += 1
+            whole = norm_rope and _single_block_fusable(block)
+            counts["single_blocks"] += whole
+            forward = fused_single_block_forward if whole else single_block_forward
+            block.forward = types.MethodType(forward, block)
     for block in transformer.transformer_blocks:
-        for ff in (block.ff, block.ff_context):
-            if getattr(ff.net[0], "approximate", None) == "tanh" and _expose_fp8_weight(ff.net[2]):
-                ff.forward = types.MethodType(feed_forward, ff)
-                count += 1
-    return count
+        outputs = [ff for ff in (block.ff, block.ff_context) if getattr(ff.net[0], "approximate", None) == "tanh"]
+        outputs = [ff for ff in outputs if _expose_fp8_weight(ff.net[2])]
+        counts["mlp_outputs"] += len(outputs)
+        if norm_rope and len(outputs) == 2 and _double_block_fusable(block):
+            counts["double_blocks"] += 1
+            block.forward = types.MethodType(fused_double_block_forward, block)
+            continue
+        for ff in outputs:
+            ff.forward = types.MethodType(feed_forward, ff)
+    return counts
 
 
 def undo() -> None:
@@ -198,22 +219,48 @@ def undo() -> None:
     _ACTIVE = False
 
 
-def apply(pipe, context: OptimizationContext) -> Report:
+def apply(pipe, context: OptimizationContext) -> list[Report]:
     settings = context.settings
     if context.device_type != "cuda":
-        return Report(NAME, "skipped", "a Triton kernel for the GPU's FP8 path")
+        why = "Triton kernels for the GPU's FP8 path"
+        return [Report(NAME, "skipped", why), Report(NORM_ROPE, "skipped", why)]
     if not settings.fused_gelu_fp8:
-        return Report(NAME, "skipped", "FLUX_FUSED_GELU_FP8=false")
+        return [
+            Report(NAME, "skipped", "FLUX_FUSED_GELU_FP8=false"),
+            Report(NORM_ROPE, "skipped", "needs FLUX_FUSED_GELU_FP8=true"),
+        ]
     global _ACTIVE
-    build_op()
+    fused_kernels.build_ops()
     _ACTIVE = True
-    count = replace(pipe.transformer)
-    if count == 0:
-        return Report(NAME, "skipped", "no rowwise-FP8 MLP output layer to feed (FP8 not applied)")
-    return Report(
-        NAME,
-        "applied",
-        f"{count} MLP outputs: GELU and rowwise FP8 quantization in one pass per row (Triton), straight into the "
-        "FP8 GEMM",
-        undo=undo,
-    )
+    counts = replace(pipe.transformer, norm_rope=settings.fused_norm_rope)
+    if counts["mlp_outputs"] == 0:
+        why = "no rowwise-FP8 MLP output layer to feed (FP8 not applied)"
+        return [Report(NAME, "skipped", why), Report(NORM_ROPE, "skipped", why)]
+    reports = [
+        Report(
+            NAME,
+            "applied",
+            f"{counts['mlp_outputs']} MLP outputs: GELU and rowwise FP8 quantization in one pass per row (Triton), "
+            "straight into the FP8 GEMM",
+            data=counts,
+            undo=undo,
+        )
+    ]
+    blocks = counts["single_blocks"] + counts["double_blocks"]
+    if not settings.fused_norm_rope:
+        reports.append(Report(NORM_ROPE, "skipped", "FLUX_FUSED_NORM_ROPE=false"))
+    elif blocks == 0:
+        reports.append(Report(NORM_ROPE, "skipped", "no block has all its QKV/MLP layers in rowwise FP8"))
+    else:
+        total = len(pipe.transformer.single_transformer_blocks) + len(pipe.transformer.transformer_blocks)
+        reports.append(
+            Report(
+                NORM_ROPE,
+                "applied",
+                f"{blocks} of {total} blocks on fused kernels (LayerNorm+modulation+FP8 quantization, "
+                "RMSNorm+RoPE on q/k); the others keep torchao's quantization",
+                data=counts,
+                undo=undo,
+            )
+        )
+    return reports

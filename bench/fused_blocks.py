@@ -1,0 +1,194 @@
+"""The fused FP8 blocks (fused_kernels.py, fused_fp8.py) on the GPU: each kernel against its reference and against
+Inductor's compiled reference, then the full-size transformer with and without whole-block fusion.
+
+1. Kernels on the 1024² shapes (text-to-image: 512 text + 4096 image tokens): for each, how far it is from its
+   PyTorch reference (FP8 codes that differ, scale error, relative error), its time, the time of the same reference
+   under torch.compile (what the service ran before), and the time the bytes alone take at 3 TB/s. The GELU kernel
+   is timed at 4, 8 and 16 warps per row.
+2. The full-size random transformer as the service builds it (fused QKV, cuDNN attention, FP8, GELU sigmoid form),
+   compiled, for a 1024² text-to-image and edit: the fused GELU alone (the previous default) against whole blocks
+   on the kernels. Each: ms per forward, relative error against the eager FP8 model, and a profile by kernel family.
+
+    python bench/fused_blocks.py --out bench/results/fused-blocks-h100.json
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+from bench.correctness import DEVICE, full_random_transformer, inputs, output_path_from_args, rel  # noqa: E402
+from bench.cuda_graph_probe import profile_forward, time_ms  # noqa: E402
+from flux_kontext.optimizations import (  # noqa: E402
+    OptimizationContext,
+    activation,
+    attention,
+    fused_fp8,
+    fused_kernels,
+    layout,
+    quantization,
+)
+from flux_kontext.optimizations import compile as compile_step  # noqa: E402
+from flux_kontext.settings import Settings  # noqa: E402
+
+log = logging.getLogger("bench.fused_blocks")
+BYTES_PER_MS = 3e9  # 3 TB/s
+
+
+def _randn(*shape, scale: float = 1.0, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    return (torch.randn(*shape, generator=g) * scale).to(DEVICE, torch.bfloat16)
+
+
+def _fp8_agreement(got: tuple, want: tuple) -> dict:
+    (values, scale), (ref_values, ref_scale) = got, want
+    return {
+        "values_differing_fraction": float((values.float() != ref_values.float()).float().mean()),
+        "scale_max_rel_diff": float(((scale - ref_scale).abs() / ref_scale).max()),
+        "dequantized_rel_error": rel(values.float() * scale, ref_values.float() * ref_scale),
+    }
+
+
+def _timings(kernel, reference, nbytes: int) -> dict:
+    compiled = torch.compile(reference)
+    for _ in range(3):
+        kernel(), compiled()
+    return {
+        "kernel_ms": round(time_ms(kernel, repeats=50), 4),
+        "inductor_ms": round(time_ms(compiled, repeats=50), 4),
+        "bytes_floor_ms": round(nbytes / BYTES_PER_MS, 4),
+    }
+
+
+def check_kernels() -> dict:
+    ops = fused_kernels.build_ops()
+    text, image, width, heads, eps = 512, 4096, 3072, 24, 1e-6
+    result = {}
+
+    attn, mlp = _randn(text + image, width, seed=1), _randn(text + image, 4 * width, scale=3, seed=2)
+    row = _fp8_agreement(fused_kernels.gelu_fp8(attn, mlp), fused_kernels.reference_gelu_fp8(attn, mlp))
+    row |= _timings(
+        lambda: fused_kernels.gelu_fp8(attn, mlp),
+        lambda: fused_kernels.reference_gelu_fp8(attn, mlp),
+        (attn.numel() + mlp.numel()) * 3,
+    )
+    for warps in (4, 8, 16):
+        row[f"kernel_ms_{warps}_warps"] = round(
+            time_ms(lambda w=warps: ops.launch_gelu_fp8(attn, mlp, True, w), repeats=50), 4
+        )
+    ff = mlp[:image]
+    for warps in (4, 8, 16):
+        row[f"feed_forward_kernel_ms_{warps}_warps"] = round(
+            time_ms(lambda w=warps: ops.launch_gelu_fp8(ff, ff, False, w), repeats=50), 4
+        )
+    result["gelu_fp8"] = row
+    log.info("gelu_fp8: %s", row)
+
+    first, second = _randn(1, text, width, seed=3), _randn(1, image, width, scale=4, seed=4)
+    shift, scale = _randn(1, width, scale=0.5, seed=5), _randn(1, width, scale=0.5, seed=6)
+    row = _fp8_agreement(
+        fused_kernels.ln_mod_fp8(first, second, shift, scale, eps),
+        fused_kernels.reference_ln_mod_fp8(first, second, shift, scale, eps),
+    )
+    row |= _timings(
+        lambda: fused_kernels.ln_mod_fp8(first, second, shift, scale, eps),
+        lambda: fused_kernels.reference_ln_mod_fp8(first, second, shift, scale, eps),
+        (text + image) * width * 3,
+    )
+    result["ln_mod_fp8_two_sources"] = row
+    log.info("ln_mod_fp8: %s", row)
+
+    cos, sin = (t.float().contiguous() for t in (_randn(text + image, 128, seed=7), _randn(text + image, 128, seed=8)))
+    norms = [tuple(1 + 0.1 * _randn(128, seed=s) for s in seeds) for seeds in ((9, 10), (11, 12))]
+    for label, sources in (
+        ("qk_norm_rope_single", (_randn(1, text + image, 3 * width, seed=13), None)),
+        ("qk_norm_rope_two_sources", (_randn(1, text, 3 * width, seed=14), _randn(1, image, 3 * width, seed=15))),
+    ):
+        args = (*sources, norms[0], norms[1] if sources[1] is not None else None, (cos, sin), heads, eps)
+        got, want = fused_kernels.qk_norm_rope(*args), fused_kernels.reference_qk_norm_rope(*args)
+        row = {f"{name}_rel_error": rel(g.float(), w.float()) for name, g, w in zip("qkv", got, want, strict=True)}
+        row |= {
+            f"{name}_max_abs_diff": float((g.float() - w.float()).abs().max())
+            for name, g, w in zip("qkv", got, want, strict=True)
+        }
+        row |= _timings(
+            lambda a=args: fused_kernels.qk_norm_rope(*a),
+            lambda a=args: fused_kernels.reference_qk_norm_rope(*a),
+            (text + image) * 3 * width * 2 * 2,
+        )
+        result[label] = row
+        log.info("%s: %s", label, row)
+    return result
+
+
+def _reset_forwards(model) -> None:
+    """Back to the classes' forwards: drop compile's and fused_fp8's instance attributes."""
+    for block in [*model.transformer_blocks, *model.single_transformer_blocks]:
+        block.__dict__.pop("forward", None)
+        for ff in (getattr(block, "ff", None), getattr(block, "ff_context", None)):
+            if ff is not None:
+                ff.__dict__.pop("forward", None)
+
+
+@torch.inference_mode()
+def main() -> int:
+    out = output_path_from_args()
+    result = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    result["kernels"] = check_kernels()
+    out.write_text(json.dumps(result, indent=2) + "\n")
+
+    model = full_random_transformer()
+    pipe = SimpleNamespace(transformer=model, vae=None)
+    context = OptimizationContext(
+        "cuda", torch.cuda.get_device_capability(), Settings(quantize="auto", compile_multi_kernel=False)
+    )
+    layout.apply_fuse_qkv(pipe, context)
+    model.set_attn_processor(
+        attention.KernelFluxAttnProcessor(attention.KernelChoice(kernels={"cudnn": attention._cudnn}, active="cudnn"))
+    )
+    result["fp8"] = quantization.apply(pipe, context).status
+    activation.replace_tanh_gelus(model)
+    cases = {"text_to_image": inputs(4096, 0), "edit": inputs(4096, 4096)}
+    eager = {case: model(**kwargs)[0].float() for case, kwargs in cases.items()}
+    result["cases"] = {case: {} for case in cases}
+    for label, norm_rope in (("fused_gelu_fp8", False), ("fused_norm_rope", True), ("fused_gelu_fp8_again", False)):
+        _reset_forwards(model)
+        torch._dynamo.reset()
+        fused_fp8._ACTIVE = True
+        result[f"{label}_counts"] = fused_fp8.replace(model, norm_rope=norm_rope)
+        eager_fused = {case: model(**kwargs)[0].float() for case, kwargs in cases.items()}
+        compile_step.apply(pipe, context)
+        for case, kwargs in cases.items():
+            row = result["cases"][case]
+            for _ in range(3):
+                model(**kwargs)
+            compiled = model(**kwargs)[0].float()
+            row[f"{label}_ms"] = round(time_ms(lambda kw=kwargs: model(**kw)), 3)
+            row[f"{label}_vs_eager_fp8_rel_error"] = rel(compiled, eager[case])
+            row[f"{label}_eager_vs_eager_fp8_rel_error"] = rel(eager_fused[case], eager[case])
+            log.info("%s %s: %s", case, label, {k: v for k, v in row.items() if k.startswith(label)})
+        if label == "fused_norm_rope":
+            result["profile_text_to_image_fused_norm_rope"] = profile_forward(model, cases["text_to_image"])
+        out.write_text(json.dumps(result, indent=2) + "\n")
+    for row in result["cases"].values():
+        before = (row["fused_gelu_fp8_ms"] + row["fused_gelu_fp8_again_ms"]) / 2
+        row["gain_fused_norm_rope"] = round(before / row["fused_norm_rope_ms"], 4)
+    log.info("result: %s", result["cases"])
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
