@@ -84,6 +84,8 @@ def check_kernels() -> dict:
     ff = mlp[:image]
     for warps in (4, 8, 16, 32):
         try:
+            ops.launch_gelu_fp8(attn, mlp, True, warps, raw=True)  # compiles this configuration
+            ops.launch_gelu_fp8(ff, ff, False, warps, raw=True)
             row[f"kernel_ms_{warps}_warps"] = round(
                 time_ms(lambda w=warps: ops.launch_gelu_fp8(attn, mlp, True, w, raw=True), repeats=50), 4
             )
@@ -106,6 +108,12 @@ def check_kernels() -> dict:
         lambda: fused_kernels.reference_ln_mod_fp8(first, second, shift, scale, eps),
         (text + image) * width * 3,
     )
+    # Diagnostic: the same against modulation computed in fp32 (no bf16 rounding between the ops), rounded once.
+    x = torch.cat([first, second], dim=1).float()
+    fp32 = torch.nn.functional.layer_norm(x, (width,), eps=eps) * (1 + scale.float()[:, None]) + shift.float()[:, None]
+    fp32_ref = quantization.quantize_rowwise_fp8(fp32.to(torch.bfloat16).reshape(-1, width))
+    got = fused_kernels.ln_mod_fp8(first, second, shift, scale, eps)
+    row |= {f"vs_fp32_modulation_{k}": v for k, v in _fp8_agreement(got, fp32_ref).items()}
     result["ln_mod_fp8_two_sources"] = row
     log.info("ln_mod_fp8: %s", row)
 

@@ -270,9 +270,9 @@ def build_ops():
         s = row % seq
         width = n_heads * HEAD_DIM
         h = tl.arange(0, BLOCK_H)[:, None]
-        j = tl.arange(0, HEAD_DIM // 2)[None, :]
-        mask = (h < n_heads) & (j < HEAD_DIM // 2)
-        even = h * HEAD_DIM + 2 * j
+        d = tl.arange(0, HEAD_DIM)[None, :]
+        offsets = h * HEAD_DIM + d  # (heads, head_dim) tile of one of q, k, v: contiguous loads and stores
+        mask = (h < n_heads) & (d < HEAD_DIM)
         if s >= n_first:  # never true without a second source: n_first == seq
             src = second_ptr + b * second_sb + (s - n_first) * second_ss
             wq = wq_second
@@ -281,10 +281,8 @@ def build_ops():
             src = first_ptr + b * first_sb + s * first_ss
             wq = wq_first
             wk = wk_first
-        cos_e = tl.load(cos_ptr + s * HEAD_DIM + 2 * j).to(tl.float32)
-        cos_o = tl.load(cos_ptr + s * HEAD_DIM + 2 * j + 1).to(tl.float32)
-        sin_e = tl.load(sin_ptr + s * HEAD_DIM + 2 * j).to(tl.float32)
-        sin_o = tl.load(sin_ptr + s * HEAD_DIM + 2 * j + 1).to(tl.float32)
+        cos = tl.load(cos_ptr + s * HEAD_DIM + d).to(tl.float32)
+        sin = tl.load(sin_ptr + s * HEAD_DIM + d).to(tl.float32)
         dst = row * width
         for part in tl.static_range(2):  # q, then k; ``part`` is a compile-time constant
             if part == 0:
@@ -293,20 +291,16 @@ def build_ops():
             else:
                 weight = wk
                 out = k_ptr + dst
-            x_e = tl.load(src + part * width + even, mask=mask, other=0.0).to(tl.float32)
-            x_o = tl.load(src + part * width + even + 1, mask=mask, other=0.0).to(tl.float32)
-            inv_rms = tl.rsqrt((tl.sum(x_e * x_e, axis=1) + tl.sum(x_o * x_o, axis=1)) / HEAD_DIM + eps)[:, None]
-            w_e = tl.load(weight + 2 * j).to(tl.float32)
-            w_o = tl.load(weight + 2 * j + 1).to(tl.float32)
-            # RMSNorm as diffusers rounds it (normalized -> bf16, times the bf16 weight -> bf16), then RoPE in fp32.
-            n_e = ((x_e * inv_rms).to(tl.bfloat16).to(tl.float32) * w_e).to(tl.bfloat16).to(tl.float32)
-            n_o = ((x_o * inv_rms).to(tl.bfloat16).to(tl.float32) * w_o).to(tl.bfloat16).to(tl.float32)
-            tl.store(out + even, (n_e * cos_e - n_o * sin_e).to(tl.bfloat16), mask=mask)
-            tl.store(out + even + 1, (n_o * cos_o + n_e * sin_o).to(tl.bfloat16), mask=mask)
-        d = tl.arange(0, HEAD_DIM)[None, :]
-        offsets = h * HEAD_DIM + d
-        v_mask = (h < n_heads) & (d < HEAD_DIM)
-        tl.store(v_ptr + dst + offsets, tl.load(src + 2 * width + offsets, mask=v_mask), mask=v_mask)
+            x = tl.load(src + part * width + offsets, mask=mask, other=0.0).to(tl.float32)
+            inv_rms = tl.rsqrt(tl.sum(x * x, axis=1) / HEAD_DIM + eps)[:, None]
+            w = tl.load(weight + d).to(tl.float32)
+            # RMSNorm as diffusers rounds it (normalized -> bf16, times the bf16 weight -> bf16), then RoPE in fp32
+            # on interleaved pairs: rotated[2i] = -x[2i+1], rotated[2i+1] = x[2i].
+            n = ((x * inv_rms).to(tl.bfloat16).to(tl.float32) * w).to(tl.bfloat16).to(tl.float32)
+            even, odd = tl.split(tl.reshape(n, (BLOCK_H, HEAD_DIM // 2, 2)))
+            rotated = tl.reshape(tl.join(-odd, even), (BLOCK_H, HEAD_DIM))
+            tl.store(out + offsets, (n * cos + rotated * sin).to(tl.bfloat16), mask=mask)
+        tl.store(v_ptr + dst + offsets, tl.load(src + 2 * width + offsets, mask=mask), mask=mask)
 
     def launch_qk_norm_rope(
         first, second, wq_first, wk_first, wq_second, wk_second, cos, sin, has_second, heads, eps, raw=False
