@@ -39,6 +39,10 @@ def test_random_model_is_full_size_and_serves_a_1024_edit_with_the_stack():
             assert statuses["low_precision_gemm"]["status"] == "applied"
             assert "FP8" in statuses["low_precision_gemm"]["detail"]
             assert "MXFP4 needs FP4 tensor cores" in statuses["low_precision_gemm"]["detail"]
+            # Every block's layers are FP8 on random weights: all 57 blocks run on the fused kernels.
+            assert statuses["fused_gelu_fp8"]["status"] == "applied"
+            assert statuses["fused_norm_rope"]["status"] == "applied"
+            assert statuses["fused_norm_rope"]["data"] == {"mlp_outputs": 76, "single_blocks": 38, "double_blocks": 19}
         assert statuses["flash_attention_3"]["status"] in ("applied", "skipped", "unavailable")
 
         response = client.post(
