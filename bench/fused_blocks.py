@@ -108,6 +108,15 @@ def check_kernels() -> dict:
         lambda: fused_kernels.reference_ln_mod_fp8(first, second, shift, scale, eps),
         (text + image) * width * 3,
     )
+    for warps in (2, 4, 8, 16):
+        ops.launch_ln_mod_fp8(first, second, shift, scale, True, eps, raw=True, num_warps=warps)  # compiles it
+        row[f"kernel_ms_{warps}_warps"] = round(
+            time_ms(
+                lambda w=warps: ops.launch_ln_mod_fp8(first, second, shift, scale, True, eps, raw=True, num_warps=w),
+                repeats=50,
+            ),
+            4,
+        )
     # Diagnostic: the same against modulation computed in fp32 (no bf16 rounding between the ops), rounded once.
     x = torch.cat([first, second], dim=1).float()
     fp32 = torch.nn.functional.layer_norm(x, (width,), eps=eps) * (1 + scale.float()[:, None]) + shift.float()[:, None]

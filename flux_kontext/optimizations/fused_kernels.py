@@ -204,7 +204,7 @@ def build_ops():
         tl.store(out_ptr + row * n_cols + cols, q.to(tl.float8e4nv), mask=mask)
         tl.store(out_scale_ptr + row, q_scale)
 
-    def launch_ln_mod_fp8(first, second, shift, scale, has_second: bool, eps: float, raw: bool = False):
+    def launch_ln_mod_fp8(first, second, shift, scale, has_second: bool, eps: float, raw=False, num_warps=4):
         batch, n_first, n_cols = first.shape
         seq = n_first + (second.shape[1] if has_second else 0)
         out = torch.empty((batch * seq, n_cols), dtype=FP8, device=first.device)
@@ -227,7 +227,7 @@ def build_ops():
             scale.stride(0),
             eps,
             BLOCK=triton.next_power_of_2(n_cols),
-            num_warps=4,
+            num_warps=num_warps,
         )
         return out, out_scale
 
