@@ -11,14 +11,12 @@ Inductor's compiled reference, then the full-size transformer with and without w
    on the kernels. Each: ms per forward, relative error against the eager FP8 model, and a profile by kernel family.
 
     python bench/fused_blocks.py --out bench/results/fused-blocks-h100.json
-    BENCH_KERNELS_ONLY=1 python bench/fused_blocks.py --out ...   # part 1 only
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -96,33 +94,6 @@ def check_kernels() -> dict:
             )
         except Exception as exc:
             row[f"kernel_{warps}_warps_error"] = f"{type(exc).__name__}: {exc}"[:300]
-    for per_sm in (1, 2, 4, 8):  # the persistent, prefetching kernel
-        for warps in (8, 16, 32):
-            try:
-                for a, m, has in ((attn, mlp, True), (ff, ff, False)):
-                    ops.launch_gelu_fp8(a, m, has, warps, raw=True, persistent=per_sm)  # compiles it
-                    got = ops.launch_gelu_fp8(a, m, has, warps, raw=True, persistent=per_sm)
-                    want = ops.launch_gelu_fp8(a, m, has, raw=True, persistent=0)
-                    same = all(
-                        torch.equal(
-                            x.view(torch.uint8) if x.dtype == torch.float8_e4m3fn else x,
-                            y.view(torch.uint8) if y.dtype == torch.float8_e4m3fn else y,
-                        )
-                        for x, y in zip(got, want, strict=True)
-                    )
-                    key = f"persistent_{per_sm}_per_sm_{warps}_warps{'' if has else '_feed_forward'}"
-                    row[f"{key}_ms"] = round(
-                        time_ms(
-                            lambda a=a, m=m, h=has, w=warps, p=per_sm: ops.launch_gelu_fp8(
-                                a, m, h, w, raw=True, persistent=p
-                            ),
-                            repeats=50,
-                        ),
-                        4,
-                    )
-                    row[f"{key}_same_as_per_row"] = same
-            except Exception as exc:
-                row[f"persistent_{per_sm}_{warps}_error"] = f"{type(exc).__name__}: {exc}"[:300]
     result["gelu_fp8"] = row
     log.info("gelu_fp8: %s", row)
 
@@ -146,25 +117,6 @@ def check_kernels() -> dict:
             ),
             4,
         )
-    args = (first, second, shift, scale, True, eps)
-    for per_sm in (2, 4, 8, 16):
-        for warps in (4, 8):
-            try:
-                ops.launch_ln_mod_fp8(*args, raw=True, num_warps=warps, persistent=per_sm)  # compiles it
-                got = ops.launch_ln_mod_fp8(*args, raw=True, num_warps=warps, persistent=per_sm)
-                want = ops.launch_ln_mod_fp8(*args, raw=True, persistent=0)
-                row[f"persistent_{per_sm}_per_sm_{warps}_warps_same_as_per_row"] = torch.equal(
-                    got[0].view(torch.uint8), want[0].view(torch.uint8)
-                ) and torch.equal(got[1], want[1])
-                row[f"persistent_{per_sm}_per_sm_{warps}_warps_ms"] = round(
-                    time_ms(
-                        lambda w=warps, p=per_sm: ops.launch_ln_mod_fp8(*args, raw=True, num_warps=w, persistent=p),
-                        repeats=50,
-                    ),
-                    4,
-                )
-            except Exception as exc:
-                row[f"persistent_{per_sm}_{warps}_error"] = f"{type(exc).__name__}: {exc}"[:300]
     # Diagnostic: the same against modulation computed in fp32 (no bf16 rounding between the ops), rounded once.
     x = torch.cat([first, second], dim=1).float()
     fp32 = torch.nn.functional.layer_norm(x, (width,), eps=eps) * (1 + scale.float()[:, None]) + shift.float()[:, None]
@@ -218,8 +170,6 @@ def main() -> int:
     }
     result["kernels"] = check_kernels()
     out.write_text(json.dumps(result, indent=2) + "\n")
-    if os.environ.get("BENCH_KERNELS_ONLY"):
-        return 0
 
     model = full_random_transformer()
     pipe = SimpleNamespace(transformer=model, vae=None)

@@ -30,13 +30,6 @@ FP8 = torch.float8_e4m3fn
 # The GELU kernel's warps per row: bench/fused_blocks.py sweeps 4-32 (H100, 2026-11-26): the single blocks' 15,360-wide
 # rows 107 µs at 32 warps (112 at 16, 163 at 4), the feed-forwards' 12,288-wide rows 77 µs at 8 (79 at 16, 136 at 4).
 GELU_NUM_WARPS = {True: 32, False: 8}  # keyed by "has the attention part"
-# Programs per SM of the persistent (prefetching) GELU kernel; 0: one program per row (the kernel above).
-GELU_PERSISTENT_PER_SM = {True: 0, False: 0}
-LN_PERSISTENT_PER_SM = 0  # the same for the LayerNorm kernel
-
-
-def _sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def reference_gelu_fp8(attn: torch.Tensor | None, mlp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -132,56 +125,11 @@ def build_ops():
         tl.store(out_ptr + row * out_stride + offset + cols_m, qg.to(tl.float8e4nv), mask=mask_m)
         tl.store(scale_ptr + row, scale)
 
-    @triton.jit
-    def gelu_fp8_persistent_kernel(
-        attn_ptr,
-        mlp_ptr,
-        out_ptr,
-        scale_ptr,
-        rows,
-        n_attn,
-        n_mlp,
-        attn_stride,
-        mlp_stride,
-        out_stride,
-        BLOCK_ATTN: tl.constexpr,
-        BLOCK_MLP: tl.constexpr,
-    ):
-        # A fixed grid of programs walking the rows; each issues the loads of its next row before working on the
-        # current one, so memory stays busy while it reduces and stores (one row per program left the SM idle
-        # between its load and store phases). n_attn == 0: no attention part (its loads and stores are masked).
-        step = tl.num_programs(0)
-        row = tl.program_id(0).to(tl.int64)
-        cols_m = tl.arange(0, BLOCK_MLP)
-        cols_a = tl.arange(0, BLOCK_ATTN)
-        mask_m = cols_m < n_mlp
-        mask_a = cols_a < n_attn
-        m = tl.load(mlp_ptr + row * mlp_stride + cols_m, mask=mask_m & (row < rows), other=0.0)
-        a = tl.load(attn_ptr + row * attn_stride + cols_a, mask=mask_a & (row < rows), other=0.0)
-        for _ in range(tl.program_id(0), rows, step):
-            nxt = row + step
-            m_next = tl.load(mlp_ptr + nxt * mlp_stride + cols_m, mask=mask_m & (nxt < rows), other=0.0)
-            a_next = tl.load(attn_ptr + nxt * attn_stride + cols_a, mask=mask_a & (nxt < rows), other=0.0)
-            mf = m.to(tl.float32)
-            g = mf * tl.sigmoid(2.0 * 0.7978845608028654 * (mf + 0.044715 * mf * mf * mf))
-            g = g.to(tl.bfloat16).to(tl.float32)
-            af = a.to(tl.float32)
-            amax = tl.maximum(tl.max(tl.abs(g), axis=0), tl.max(tl.abs(af), axis=0))
-            scale = tl.maximum(amax, 1e-12) / 448.0
-            qa = tl.clamp(af / scale, -448.0, 448.0)
-            tl.store(out_ptr + row * out_stride + cols_a, qa.to(tl.float8e4nv), mask=mask_a)
-            qg = tl.clamp(g / scale, -448.0, 448.0)
-            tl.store(out_ptr + row * out_stride + n_attn + cols_m, qg.to(tl.float8e4nv), mask=mask_m)
-            tl.store(scale_ptr + row, scale)
-            m = m_next
-            a = a_next
-            row = nxt
-
     def launch(kernel, raw: bool):
         """The kernel as torch ops call it (wrap_triton: traceable), or raw (benchmarks: no eager op overhead)."""
         return kernel if raw else wrap_triton(kernel)
 
-    def launch_gelu_fp8(attn, mlp, has_attn: bool, num_warps=None, raw=False, persistent=None):
+    def launch_gelu_fp8(attn, mlp, has_attn: bool, num_warps: int | None = None, raw: bool = False):
         n_mlp = mlp.shape[-1]
         n_attn = attn.shape[-1] if has_attn else 0
         rows = mlp.numel() // n_mlp
@@ -189,24 +137,6 @@ def build_ops():
         attn2 = attn.reshape(rows, attn.shape[-1]) if has_attn else mlp2
         out = torch.empty((rows, n_attn + n_mlp), dtype=FP8, device=mlp.device)
         scale = torch.empty((rows, 1), dtype=torch.float32, device=mlp.device)
-        per_sm = GELU_PERSISTENT_PER_SM[has_attn] if persistent is None else persistent
-        if per_sm:
-            launch(gelu_fp8_persistent_kernel, raw)[(min(rows, per_sm * _sm_count(mlp.device)),)](
-                attn2,
-                mlp2,
-                out,
-                scale,
-                rows,
-                n_attn,
-                n_mlp,
-                attn2.stride(0),
-                mlp2.stride(0),
-                out.stride(0),
-                BLOCK_ATTN=triton.next_power_of_2(max(n_attn, 16)),
-                BLOCK_MLP=triton.next_power_of_2(n_mlp),
-                num_warps=num_warps or GELU_NUM_WARPS[has_attn],
-            )
-            return out, scale
         launch(gelu_fp8_kernel, raw)[(rows,)](
             attn2,
             mlp2,
@@ -274,101 +204,11 @@ def build_ops():
         tl.store(out_ptr + row * n_cols + cols, q.to(tl.float8e4nv), mask=mask)
         tl.store(out_scale_ptr + row, q_scale)
 
-    @triton.jit
-    def ln_mod_fp8_persistent_kernel(
-        first_ptr,
-        second_ptr,
-        shift_ptr,
-        scale_ptr,
-        out_ptr,
-        out_scale_ptr,
-        rows,
-        n_first,
-        seq,
-        n_cols,
-        first_sb,
-        first_ss,
-        second_sb,
-        second_ss,
-        shift_sb,
-        scale_sb,
-        eps,
-        BLOCK: tl.constexpr,
-    ):
-        # The kernel above as a fixed grid walking the rows, each program loading its next row before working on
-        # the current one (see gelu_fp8_persistent_kernel). A row comes from ``first`` or ``second``: both loads
-        # are issued, the one not holding the row fully masked (no memory traffic).
-        step = tl.num_programs(0)
-        row = tl.program_id(0).to(tl.int64)
-        cols = tl.arange(0, BLOCK)
-        mask = cols < n_cols
-        b = row // seq
-        s = row % seq
-        live = mask & (row < rows)
-        x = tl.load(first_ptr + b * first_sb + s * first_ss + cols, mask=live & (s < n_first), other=0.0)
-        x += tl.load(
-            second_ptr + b * second_sb + (s - n_first) * second_ss + cols, mask=live & (s >= n_first), other=0.0
-        )
-        for _ in range(tl.program_id(0), rows, step):
-            nxt = row + step
-            nb = nxt // seq
-            ns = nxt % seq
-            live = mask & (nxt < rows)
-            x_next = tl.load(first_ptr + nb * first_sb + ns * first_ss + cols, mask=live & (ns < n_first), other=0.0)
-            x_next += tl.load(
-                second_ptr + nb * second_sb + (ns - n_first) * second_ss + cols,
-                mask=live & (ns >= n_first),
-                other=0.0,
-            )
-            xf = x.to(tl.float32)
-            mean = tl.sum(xf, axis=0) / n_cols
-            centered = tl.where(mask, xf - mean, 0.0)
-            var = tl.sum(centered * centered, axis=0) / n_cols
-            normed = (centered * tl.rsqrt(var + eps)).to(tl.bfloat16).to(tl.float32)
-            shift = tl.load(shift_ptr + b * shift_sb + cols, mask=mask, other=0.0).to(tl.float32)
-            scale = tl.load(scale_ptr + b * scale_sb + cols, mask=mask, other=0.0).to(tl.float32)
-            one_plus = (1.0 + scale).to(tl.bfloat16).to(tl.float32)
-            y = (normed * one_plus).to(tl.bfloat16).to(tl.float32)
-            y = tl.where(mask, (y + shift).to(tl.bfloat16).to(tl.float32), 0.0)
-            q_scale = tl.maximum(tl.max(tl.abs(y), axis=0), 1e-12) / 448.0
-            q = tl.clamp(y / q_scale, -448.0, 448.0)
-            tl.store(out_ptr + row * n_cols + cols, q.to(tl.float8e4nv), mask=mask)
-            tl.store(out_scale_ptr + row, q_scale)
-            x = x_next
-            row = nxt
-            b = nb
-
-    def launch_ln_mod_fp8(
-        first, second, shift, scale, has_second: bool, eps: float, raw=False, num_warps=4, persistent=None
-    ):
+    def launch_ln_mod_fp8(first, second, shift, scale, has_second: bool, eps: float, raw=False, num_warps=4):
         batch, n_first, n_cols = first.shape
         seq = n_first + (second.shape[1] if has_second else 0)
         out = torch.empty((batch * seq, n_cols), dtype=FP8, device=first.device)
         out_scale = torch.empty((batch * seq, 1), dtype=torch.float32, device=first.device)
-        per_sm = LN_PERSISTENT_PER_SM if persistent is None else persistent
-        if per_sm:
-            launch(ln_mod_fp8_persistent_kernel, raw)[(min(batch * seq, per_sm * _sm_count(first.device)),)](
-                first,
-                second,
-                shift,
-                scale,
-                out,
-                out_scale,
-                batch * seq,
-                n_first,
-                seq,
-                n_cols,
-                first.stride(0),
-                first.stride(1),
-                second.stride(0),
-                second.stride(1),
-                shift.stride(0),
-                scale.stride(0),
-                eps,
-                BLOCK=triton.next_power_of_2(n_cols),
-                num_warps=num_warps,
-            )
-            return out, out_scale
         launch(ln_mod_fp8_kernel, raw)[(batch * seq,)](
             first,
             second,
