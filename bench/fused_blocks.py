@@ -8,7 +8,8 @@ Inductor's compiled reference, then the full-size transformer with and without w
    kernel is timed at 4, 8, 16 and 32 warps per row.
 2. The full-size random transformer as the service builds it (fused QKV, cuDNN attention, FP8, GELU sigmoid form),
    compiled, for a 1024² text-to-image and edit: the fused GELU alone (the previous default) against whole blocks
-   on the kernels. Each: ms per forward, relative error against the eager FP8 model, and a profile by kernel family.
+   on the kernels, and (where FA3 is installed) whole blocks with FA3 in FP8 (FLUX_FP8_ATTENTION). Each: ms per
+   forward, relative error against the eager FP8 model (cuDNN bf16 attention), and profiles by kernel family.
 
     python bench/fused_blocks.py --out bench/results/fused-blocks-h100.json
 """
@@ -177,15 +178,24 @@ def main() -> int:
         "cuda", torch.cuda.get_device_capability(), Settings(quantize="auto", compile_multi_kernel=False)
     )
     layout.apply_fuse_qkv(pipe, context)
-    model.set_attn_processor(
-        attention.KernelFluxAttnProcessor(attention.KernelChoice(kernels={"cudnn": attention._cudnn}, active="cudnn"))
-    )
+    kernels = {"cudnn": attention._cudnn}
+    fa3, why = attention._load_fa3()
+    if fa3 is not None:
+        kernels[attention.FA3_FP8] = attention._fa3_fp8(fa3)
+    result["fa3_fp8"] = "available" if fa3 is not None else why
+    choice = attention.KernelChoice(kernels=kernels, active="cudnn", fallback="cudnn")
+    model.set_attn_processor(attention.KernelFluxAttnProcessor(choice))
     result["fp8"] = quantization.apply(pipe, context).status
     activation.replace_tanh_gelus(model)
     cases = {"text_to_image": inputs(4096, 0), "edit": inputs(4096, 4096)}
     eager = {case: model(**kwargs)[0].float() for case, kwargs in cases.items()}
     result["cases"] = {case: {} for case in cases}
-    for label, norm_rope in (("fused_gelu_fp8", False), ("fused_norm_rope", True), ("fused_gelu_fp8_again", False)):
+    variants = [("fused_gelu_fp8", False, "cudnn"), ("fused_norm_rope", True, "cudnn")]
+    if fa3 is not None:
+        variants.append(("fused_norm_rope+fp8_attention", True, attention.FA3_FP8))
+    variants.append(("fused_gelu_fp8_again", False, "cudnn"))
+    for label, norm_rope, kernel in variants:
+        choice.active = kernel
         _reset_forwards(model)
         torch._dynamo.reset()
         fused_fp8._ACTIVE = True
@@ -201,12 +211,15 @@ def main() -> int:
             row[f"{label}_vs_eager_fp8_rel_error"] = rel(compiled, eager[case])
             row[f"{label}_eager_vs_eager_fp8_rel_error"] = rel(eager_fused[case], eager[case])
             log.info("%s %s: %s", case, label, {k: v for k, v in row.items() if k.startswith(label)})
-        if label == "fused_norm_rope":
-            result["profile_text_to_image_fused_norm_rope"] = profile_forward(model, cases["text_to_image"])
+        if label.startswith("fused_norm_rope"):
+            result[f"profile_text_to_image_{label}"] = profile_forward(model, cases["text_to_image"])
+            result[f"profile_edit_{label}"] = profile_forward(model, cases["edit"])
         out.write_text(json.dumps(result, indent=2) + "\n")
     for row in result["cases"].values():
         before = (row["fused_gelu_fp8_ms"] + row["fused_gelu_fp8_again_ms"]) / 2
         row["gain_fused_norm_rope"] = round(before / row["fused_norm_rope_ms"], 4)
+        if "fused_norm_rope+fp8_attention_ms" in row:
+            row["gain_fp8_attention"] = round(row["fused_norm_rope_ms"] / row["fused_norm_rope+fp8_attention_ms"], 4)
     log.info("result: %s", result["cases"])
     out.write_text(json.dumps(result, indent=2) + "\n")
     return 0

@@ -66,6 +66,11 @@ class Settings(BaseSettings):
     fused_gelu_fp8: bool = Field(
         True, description="One-pass GELU + rowwise FP8 quantization (Triton) before the MLP output GEMMs (GPU, FP8)."
     )
+    fp8_attention: bool = Field(
+        False,
+        description="FlashAttention 3 in FP8 (e4m3 q/k/v, per-head scales): faster long-sequence attention (edits) "
+        "at a measured output error above bf16's (BENCHMARKS.md); off by default. Needs FA3 on Hopper.",
+    )
     fused_norm_rope: bool = Field(
         True,
         description="Whole FP8 blocks through our Triton kernels: LayerNorm + modulation + FP8 quantization before "
@@ -105,6 +110,13 @@ class Settings(BaseSettings):
                 "FLUX_FUSED_NORM_ROPE=true routes whole blocks through the fused kernels, GELU included; it needs "
                 "FLUX_FUSED_GELU_FP8=true"
             )
+        if self.fp8_attention and self.attention in ("sdpa", "cudnn"):
+            raise ValueError(
+                f"FLUX_FP8_ATTENTION=true runs FlashAttention 3 in FP8; FLUX_ATTENTION={self.attention} excludes it "
+                "(use auto or fa3)"
+            )
+        if self.fp8_attention and self.device == "cpu":
+            raise ValueError("FLUX_FP8_ATTENTION=true needs a Hopper GPU (FlashAttention 3); not with FLUX_DEVICE=cpu")
         if self.compile_multi_kernel and not self.compile:
             raise ValueError("FLUX_COMPILE_MULTI_KERNEL=true configures compile; it needs FLUX_COMPILE=true")
         return self

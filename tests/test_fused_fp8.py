@@ -186,3 +186,66 @@ def test_settings_refuse_whole_block_fusion_without_the_gelu_kernel():
     with pytest.raises(ValidationError, match="needs FLUX_FUSED_GELU_FP8=true"):
         Settings(model="tiny", fused_gelu_fp8=False, fused_norm_rope=True)
     assert not Settings(model="tiny", fused_gelu_fp8=False).fused_gelu_fp8  # the default adapts
+
+
+def test_static_fp8_scales_bound_rms_normed_rotated_q_and_k():
+    from flux_kontext.optimizations.fused_kernels import fp8_qk_scales, reference_qk_norm_rope
+
+    g = torch.Generator().manual_seed(0)
+    heads, head_dim, tokens = 2, 32, 12
+    qkv = torch.randn(1, tokens, 3 * heads * head_dim, generator=g)
+    qkv[0, 3, :head_dim] = 0.0
+    qkv[0, 3, 0] = 50.0  # one head whose energy sits in one channel: the bound is reached
+    norms = (1 + torch.rand(head_dim, generator=g), 0.5 + torch.rand(head_dim, generator=g))
+    angles = torch.rand(tokens, head_dim // 2, generator=g).repeat_interleave(2, dim=1) * 6.3
+    rotary = (angles.cos(), angles.sin())
+    scales = fp8_qk_scales([norms[0]], [norms[1]], head_dim)
+    torch.testing.assert_close(scales, torch.stack([w.abs().max() for w in norms]) * head_dim**0.5 / 448)
+    q, k, v = reference_qk_norm_rope(qkv, None, norms, None, rotary, heads, 1e-6)
+    q8, k8, v8 = reference_qk_norm_rope(qkv, None, norms, None, rotary, heads, 1e-6, fp8_scales=scales)
+    assert q8.dtype == k8.dtype == torch.float8_e4m3fn and v8.dtype == qkv.dtype
+    for full, quantized, scale in ((q, q8, scales[0]), (k, k8, scales[1])):
+        assert (full.abs() / scale).max() <= 448 * (1 + 1e-5)  # within range: nothing clamped
+        dequantized = quantized.float() * scale
+        assert ((dequantized - full).abs() <= full.abs() * 2**-4 + scale * 2**-9 + 1e-7).all()
+    assert float(q8[0, 3, 0].float().abs().max()) > 100  # the concentrated head uses the top of the range
+    torch.testing.assert_close(v8, v)
+
+
+@torch.inference_mode()
+def test_fp8_attention_path_hands_e4m3_q_k_v_and_their_descales_to_the_fp8_kernel():
+    from flux_kontext.optimizations.attention import FA3_FP8, KernelChoice, KernelFluxAttnProcessor, _sdpa
+
+    transformer, kwargs, expected = _fp8_tiny_transformer(2)
+    calls = []
+
+    def fp8_call(q8, k8, v8, q_descale, k_descale, v_descale):  # FA3 FP8 emulated: dequantize, attend in fp32
+        calls.append((q8.dtype, k8.dtype, v8.dtype, tuple(q_descale.shape), tuple(v_descale.shape)))
+        return _sdpa(*(t.float() * d[:, None, :, None] for t, d in ((q8, q_descale), (k8, k_descale), (v8, v_descale))))
+
+    def fp8_kernel(q, k, v):
+        raise AssertionError("the fused blocks call fp8_call directly")
+
+    fp8_kernel.fp8_call = fp8_call
+    choice = KernelChoice(kernels={"sdpa": _sdpa, FA3_FP8: fp8_kernel}, active=FA3_FP8, fallback="sdpa")
+    transformer.set_attn_processor(KernelFluxAttnProcessor(choice))
+    replace(transformer, norm_rope=True)
+    ours = transformer(**kwargs)[0]
+    blocks = len(transformer.transformer_blocks) + len(transformer.single_transformer_blocks)
+    assert len(calls) == blocks and set(calls) == {(torch.float8_e4m3fn,) * 3 + ((1, 2), (1, 2))}
+    error = float((ours - expected).norm() / expected.norm())
+    assert 1e-5 < error < 5e-2  # e4m3 attention inputs: a small, non-zero error
+    with choice.use(choice.fallback):  # use_flash_attention: false -> bf16 (here fp32) attention again
+        assert not choice.fp8
+        assert float((transformer(**kwargs)[0] - expected).norm() / expected.norm()) < 1e-5
+
+
+def test_settings_refuse_fp8_attention_without_fa3():
+    import pytest
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="FLUX_ATTENTION=cudnn excludes it"):
+        Settings(model="tiny", attention="cudnn", fp8_attention=True)
+    with pytest.raises(ValidationError, match="needs a Hopper GPU"):
+        Settings(model="tiny", device="cpu", fp8_attention=True)
+    assert not Settings(model="tiny").fp8_attention  # off by default

@@ -5,6 +5,9 @@ Kernels (q, k, v and the output are (batch, tokens, heads, head_dim)):
 - cudnn: SDPA forced to cuDNN's fused attention: close behind FA3 on H100 (docs/FACTS.md), the GPU fallback.
 - fa3:   FlashAttention 3 forward from the fa3-fwd wheel (or flash-attn-3's flash_attn_interface). diffusers'
          own `_flash_3` backend does not detect fa3-fwd, hence our processor.
+- fa3_fp8: the same in FP8 (e4m3 q, k, v with per-head scales; FA3 also rounds the probabilities to e4m3), only with
+         FLUX_FP8_ATTENTION=true: a lower-precision tier, not a drop-in kernel, so it is never picked by timing.
+         The fused FP8 blocks (fused_fp8.py) quantize q and k in their RoPE kernel and call ``fp8_call``.
 At start-up each available kernel is checked against an fp32 reference and timed on the model's own token
 counts (text-to-image and edit at 1024²); the fastest correct one is kept. `use_flash_attention: false`
 switches a request to the fastest non-FA3 kernel.
@@ -29,6 +32,9 @@ FA3 = "flash_attention_3"
 # Tokens of a 1024² text-to-image (512 text + 4096 image) and edit (+ 4096 context) step.
 TIMING_TOKENS = (4608, 8704)
 MAX_RELATIVE_ERROR = 2e-2  # bf16 kernels land near 3e-3 against fp32; anything far above is a wrong kernel
+FP8_MAX_RELATIVE_ERROR = 0.1  # FA3 FP8 lands near 5e-2 on these random inputs (docs/FACTS.md); far above: broken
+FA3_FP8 = "fa3_fp8"
+E4M3_MAX = 448.0
 # FA3 must beat the best other kernel by this much to be kept: on H100 the two tie within run-to-run noise, and
 # each kept kernel costs a compile variant at warm-up.
 FA3_MIN_GAIN = 0.02
@@ -53,8 +59,30 @@ def _load_fa3() -> tuple[Callable | None, str]:
         except Exception as exc:  # ImportError, or a wheel built for another CUDA/torch
             log.debug("FA3 from %s unavailable: %s", package, exc)
             continue
-        return _returning_output(module.flash_attn_func), package
+        return module.flash_attn_func, package
     return None, "no FlashAttention 3 package importable (pip install fa3-fwd, on CUDA 13 / torch >= 2.10)"
+
+
+def quantize_per_head(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(batch, tokens, heads, head_dim) to e4m3 with one scale per (batch, head): (values, descale (batch, heads))."""
+    scale = t.abs().amax(dim=(1, 3)).float().clamp(min=1e-12) / E4M3_MAX
+    return (t.float() / scale[:, None, :, None]).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn), scale
+
+
+def _fa3_fp8(flash_attn_func: Callable) -> Callable:
+    """FA3 in FP8. As a kernel it takes bf16 q, k, v and quantizes each per head; ``kernel.fp8_call`` takes e4m3
+    tensors and their descales (batch, heads) directly. The output is bf16."""
+
+    def fp8_call(q8, k8, v8, q_descale, k_descale, v_descale):
+        out = flash_attn_func(q8, k8, v8, q_descale=q_descale, k_descale=k_descale, v_descale=v_descale)
+        return out[0] if isinstance(out, tuple) else out
+
+    def kernel(q, k, v):
+        (q8, q_descale), (k8, k_descale), (v8, v_descale) = (quantize_per_head(t) for t in (q, k, v))
+        return fp8_call(q8, k8, v8, q_descale, k_descale, v_descale)
+
+    kernel.fp8_call = fp8_call
+    return kernel
 
 
 def _returning_output(flash_attn_func: Callable) -> Callable:
@@ -77,6 +105,14 @@ class KernelChoice:
 
     def __call__(self, q, k, v):
         return self.kernels[self.active](q, k, v)
+
+    @property
+    def fp8(self) -> bool:
+        """FA3 in FP8 is active (for this request): callers may hand e4m3 q/k/v to ``fp8_call``."""
+        return self.active == FA3_FP8
+
+    def fp8_call(self, *args):
+        return self.kernels[FA3_FP8].fp8_call(*args)
 
     @contextlib.contextmanager
     def use(self, name: str):
@@ -141,26 +177,32 @@ def _milliseconds(kernel: Callable, tokens: int, device: torch.device, repeats: 
     return start.elapsed_time(end) / repeats
 
 
-def _candidates(setting: str) -> tuple[dict[str, Callable], dict[str, str]]:
+def _candidates(setting: str, fp8: bool = False) -> tuple[dict[str, Callable], dict[str, str]]:
     kernels, missing = {"cudnn": _cudnn, "sdpa": _sdpa}, {}
     fa3, why = _load_fa3()
     if fa3 is not None:
-        kernels["fa3"] = fa3
+        kernels["fa3"] = _returning_output(fa3)
     else:
         missing["fa3"] = why
     if setting != "auto":
         kernels = {setting: kernels[setting]} if setting in kernels else {}
+    if fp8 and fa3 is not None:
+        kernels[FA3_FP8] = _fa3_fp8(fa3)
+    elif fp8:
+        missing[FA3_FP8] = why
     return kernels, missing
 
 
-def measure_kernels(setting: str, device: torch.device) -> tuple[dict[str, Callable], dict[str, dict], dict[str, str]]:
+def measure_kernels(
+    setting: str, device: torch.device, fp8: bool = False
+) -> tuple[dict[str, Callable], dict[str, dict], dict[str, str]]:
     """Check and time each candidate kernel; returns (usable kernels, their measurements, rejected -> why)."""
-    kernels, rejected = _candidates(setting)
+    kernels, rejected = _candidates(setting, fp8)
     usable, measured = {}, {}
     for name, kernel in kernels.items():
         try:
             error = _relative_error(kernel, device)
-            if not error < MAX_RELATIVE_ERROR:
+            if not error < (FP8_MAX_RELATIVE_ERROR if name == FA3_FP8 else MAX_RELATIVE_ERROR):
                 rejected[name] = f"relative error {error:.2e} against fp32"
                 continue
             measured[name] = {"error": error, **{f"ms_{t}": _milliseconds(kernel, t, device) for t in TIMING_TOKENS}}
@@ -206,17 +248,36 @@ def apply(pipe, context: OptimizationContext) -> list[Report]:
             ),
         ]
     device = torch.device("cuda", torch.cuda.current_device())
-    usable, measured, rejected = measure_kernels(setting, device)
-    if not usable:
+    fp8 = context.settings.fp8_attention
+    usable, measured, rejected = measure_kernels(setting, device, fp8)
+    timing = {name: sum(m[f"ms_{t}"] for t in TIMING_TOKENS) for name, m in measured.items() if name != FA3_FP8}
+    if not timing:
         raise RuntimeError(f"no usable attention kernel for FLUX_ATTENTION={setting}: {rejected}")
-    timing = {name: sum(m[f"ms_{t}"] for t in TIMING_TOKENS) for name, m in measured.items()}
     best, fallback, within_noise = select_kernel(timing)
-    choice = KernelChoice(kernels=usable, active=best, fallback=fallback)
+    active = FA3_FP8 if FA3_FP8 in usable else best
+    choice = KernelChoice(kernels=usable, active=active, fallback=fallback)
     _install(pipe, choice)
     tokens = "/".join(str(t) for t in TIMING_TOKENS)
     detail = f"{best} (fastest at {tokens} tokens; measured {_summary(measured)})"
+    if active == FA3_FP8:
+        errors = f"error against fp32 {measured[FA3_FP8]['error']:.1e} vs {measured[best]['error']:.1e} for {best}"
+        detail = f"fa3_fp8 (FLUX_FP8_ATTENTION=true; {errors}; measured {_summary(measured)})"
+    elif fp8:
+        detail += f"; FLUX_FP8_ATTENTION=true but FA3 in FP8 is not usable: {rejected.get(FA3_FP8)}"
+        log.warning("FLUX_FP8_ATTENTION=true but FA3 in FP8 is not usable: %s", rejected.get(FA3_FP8))
     reports = [Report(NAME, "applied", detail, data={"measured": measured, "rejected": rejected})]
-    if best == "fa3":
+    if active == FA3_FP8:
+        reports.append(
+            Report(
+                FA3,
+                "applied",
+                "FA3 in FP8 (e4m3 q/k/v, per-head scales; FLUX_FP8_ATTENTION=true); per request falls back to "
+                f"{choice.fallback} in bf16",
+                flag="use_flash_attention",
+                disable=lambda: choice.use(choice.fallback),
+            )
+        )
+    elif best == "fa3":
         reports.append(
             Report(
                 FA3,

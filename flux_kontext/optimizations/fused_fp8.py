@@ -23,7 +23,7 @@ import types
 import torch
 
 from flux_kontext.optimizations import OptimizationContext, Report, fused_kernels
-from flux_kontext.optimizations.attention import KernelFluxAttnProcessor
+from flux_kontext.optimizations.attention import KernelFluxAttnProcessor, quantize_per_head
 
 log = logging.getLogger(__name__)
 
@@ -107,8 +107,19 @@ def _norms(attn, added: bool) -> tuple[torch.Tensor, torch.Tensor]:
     return (attn.norm_added_q.weight, attn.norm_added_k.weight) if added else (attn.norm_q.weight, attn.norm_k.weight)
 
 
-def _attention(attn, q, k, v):
-    return attn.processor.choice(q, k, v).flatten(2, 3).to(q.dtype)
+def _attention(attn, first, second, rotary, dtype):
+    """Joint attention from the QKV GEMM output(s): RMSNorm + RoPE kernel, then the chosen attention kernel; with
+    FA3 in FP8 active (FLUX_FP8_ATTENTION), the kernel writes q and k in e4m3 and v is quantized per head."""
+    choice, added = attn.processor.choice, second is not None
+    norms = (_norms(attn, added), _norms(attn, False) if added else None)
+    if not choice.fp8:
+        q, k, v = fused_kernels.qk_norm_rope(first, second, *norms, rotary, attn.heads, attn.norm_q.eps)
+        return choice(q, k, v).flatten(2, 3).to(dtype)
+    scales = attn.fp8_qk_scale
+    q8, k8, v = fused_kernels.qk_norm_rope(first, second, *norms, rotary, attn.heads, attn.norm_q.eps, scales)
+    v8, v_descale = quantize_per_head(v)
+    q_descale, k_descale = (scale.expand_as(v_descale).contiguous() for scale in scales)
+    return choice.fp8_call(q8, k8, v8, q_descale, k_descale, v_descale).flatten(2, 3).to(dtype)
 
 
 def fused_single_block_forward(block, hidden_states, encoder_hidden_states, temb, image_rotary_emb=None, **kwargs):
@@ -125,10 +136,7 @@ def fused_single_block_forward(block, hidden_states, encoder_hidden_states, temb
     )
     mlp = fp8_linear(values, row_scale, block.proj_mlp, dtype)
     qkv = fp8_linear(values, row_scale, attn.to_qkv, dtype).view(batch, -1, attn.to_qkv.out_features)
-    q, k, v = fused_kernels.qk_norm_rope(
-        qkv, None, _norms(attn, False), None, image_rotary_emb, attn.heads, attn.norm_q.eps
-    )
-    values, row_scale = fused_kernels.gelu_fp8(_attention(attn, q, k, v), mlp)
+    values, row_scale = fused_kernels.gelu_fp8(_attention(attn, qkv, None, image_rotary_emb, dtype), mlp)
     out = fp8_linear(values, row_scale, block.proj_out, dtype).view(batch, -1, block.proj_out.out_features)
     hidden_states = torch.cat([encoder_hidden_states, hidden_states], dim=1) + gate.unsqueeze(1) * out
     return hidden_states[:, :text_tokens], hidden_states[:, text_tokens:]
@@ -150,16 +158,14 @@ def fused_double_block_forward(block, hidden_states, encoder_hidden_states, temb
         values, row_scale = fused_kernels.ln_mod_fp8(x, None, mod[0], mod[1], eps)
         return fp8_linear(values, row_scale, linear, dtype).view(batch, -1, linear.out_features)
 
-    q, k, v = fused_kernels.qk_norm_rope(
+    joint = _attention(
+        attn,
         qkv(encoder_hidden_states, text_mod, attn.to_added_qkv),
         qkv(hidden_states, image_mod, attn.to_qkv),
-        _norms(attn, True),
-        _norms(attn, False),
         image_rotary_emb,
-        attn.heads,
-        attn.norm_q.eps,
+        dtype,
     )
-    text_out, image_out = _attention(attn, q, k, v).split_with_sizes([text_tokens, q.shape[1] - text_tokens], dim=1)
+    text_out, image_out = joint.split_with_sizes([text_tokens, joint.shape[1] - text_tokens], dim=1)
 
     def stream(x, attn_out, mod, ff, norm2):
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod
@@ -176,7 +182,18 @@ def fused_double_block_forward(block, hidden_states, encoder_hidden_states, temb
 
 
 def _fused_attention(attn) -> bool:
-    return isinstance(attn.processor, KernelFluxAttnProcessor) and attn.norm_q is not None and hasattr(attn, "to_qkv")
+    """Our processor (its kernel choice), RMSNorm on q/k and the fused QKV layer; keeps the static FP8 scales of
+    q and k on the module for FA3 in FP8 (fused_kernels.fp8_qk_scales)."""
+    if not (
+        isinstance(attn.processor, KernelFluxAttnProcessor) and attn.norm_q is not None and hasattr(attn, "to_qkv")
+    ):
+        return False
+    added = getattr(attn, "norm_added_q", None) is not None
+    weights_q = [attn.norm_q.weight, *([attn.norm_added_q.weight] if added else [])]
+    weights_k = [attn.norm_k.weight, *([attn.norm_added_k.weight] if added else [])]
+    scales = fused_kernels.fp8_qk_scales(weights_q, weights_k, attn.head_dim)
+    attn.register_buffer("fp8_qk_scale", scales, persistent=False)
+    return True
 
 
 def _single_block_fusable(block) -> bool:

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from flux_kontext.optimizations.activation import tanh_gelu
-from flux_kontext.optimizations.quantization import quantize_rowwise_fp8
+from flux_kontext.optimizations.quantization import E4M3_MAX, quantize_rowwise_fp8
 
 FP8 = torch.float8_e4m3fn
 # The GELU kernel's warps per row: bench/fused_blocks.py sweeps 4-32 (H100, 2026-11-26): the single blocks' 15,360-wide
@@ -60,9 +60,10 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
     return (x.float() * cos[None, :, None] + rotated.float() * sin[None, :, None]).to(x.dtype)
 
 
-def reference_qk_norm_rope(first, second, norms_first, norms_second, rotary, heads: int, eps: float):
+def reference_qk_norm_rope(first, second, norms_first, norms_second, rotary, heads: int, eps: float, fp8_scales=None):
     """(batch, tokens, 3·heads·head_dim) QKV rows -> q, k, v (batch, tokens, heads, head_dim): q and k RMS-normed
-    (``norms_*`` = (q weight, k weight) of each source) and rotated; ``second``'s rows follow ``first``'s."""
+    (``norms_*`` = (q weight, k weight) of each source) and rotated; ``second``'s rows follow ``first``'s.
+    With ``fp8_scales`` (q scale, k scale), q and k come out in e4m3, divided by their scale (FP8 attention)."""
     parts = []
     for qkv, norms in ((first, norms_first), (second, norms_second)):
         if qkv is None:
@@ -72,7 +73,24 @@ def reference_qk_norm_rope(first, second, norms_first, norms_second, rotary, hea
         parts.append((_rms_norm(q, weight_q, eps), _rms_norm(k, weight_k, eps), v))
     q, k, v = (torch.cat(tensors, dim=1) for tensors in zip(*parts, strict=True))
     cos, sin = rotary
-    return _rope(q, cos, sin), _rope(k, cos, sin), v.contiguous()
+    q, k = _rope(q, cos, sin), _rope(k, cos, sin)
+    if fp8_scales is not None:
+        q, k = (quantize_static(t, fp8_scales[i]) for i, t in enumerate((q, k)))
+    return q, k, v.contiguous()
+
+
+def quantize_static(t: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``t`` / ``scale`` in e4m3 (clamped to its range): a scale known in advance, no reduction over ``t``."""
+    return (t.float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(FP8)
+
+
+def fp8_qk_scales(norm_weights_q, norm_weights_k, head_dim: int) -> torch.Tensor:
+    """Static e4m3 scales (q, k) for RMS-normed, rotated q and k: after RMSNorm a head's squares sum to head_dim, so
+    no element exceeds sqrt(head_dim) · max|weight|, and RoPE turns pairs without changing their length. The bound
+    holds for every input; e4m3's relative precision is the same across its normal range, so a loose bound costs
+    only values below 2^-6 of it."""
+    bounds = [max(float(w.detach().abs().max()) for w in weights) for weights in (norm_weights_q, norm_weights_k)]
+    return torch.tensor(bounds, dtype=torch.float32, device=norm_weights_q[0].device) * head_dim**0.5 / E4M3_MAX
 
 
 _OPS = None  # namespace of the registered ops, built by build_ops() (GPU only, once)
@@ -255,6 +273,7 @@ def build_ops():
         q_ptr,
         k_ptr,
         v_ptr,
+        qk_scale_ptr,
         n_first,
         seq,
         n_heads,
@@ -265,6 +284,7 @@ def build_ops():
         eps,
         HEAD_DIM: tl.constexpr,
         BLOCK_H: tl.constexpr,
+        FP8_QK: tl.constexpr,
     ):
         row = tl.program_id(0).to(tl.int64)
         b = row // seq
@@ -300,16 +320,35 @@ def build_ops():
             n = ((x * inv_rms).to(tl.bfloat16).to(tl.float32) * w).to(tl.bfloat16).to(tl.float32)
             even, odd = tl.split(tl.reshape(n, (BLOCK_H, HEAD_DIM // 2, 2)))
             rotated = tl.reshape(tl.join(-odd, even), (BLOCK_H, HEAD_DIM))
-            tl.store(out + offsets, (n * cos + rotated * sin).to(tl.bfloat16), mask=mask)
+            result = (n * cos + rotated * sin).to(tl.bfloat16)
+            if FP8_QK:  # e4m3 for FP8 attention, with the static scale of fp8_qk_scales()
+                result = tl.clamp(result.to(tl.float32) / tl.load(qk_scale_ptr + part), -448.0, 448.0)
+                result = result.to(tl.float8e4nv)
+            tl.store(out + offsets, result, mask=mask)
         tl.store(v_ptr + dst + offsets, tl.load(src + 2 * width + offsets, mask=mask), mask=mask)
 
     def launch_qk_norm_rope(
-        first, second, wq_first, wk_first, wq_second, wk_second, cos, sin, has_second, heads, eps, raw=False
+        first,
+        second,
+        wq_first,
+        wk_first,
+        wq_second,
+        wk_second,
+        cos,
+        sin,
+        qk_scale,
+        has_second,
+        heads,
+        eps,
+        fp8_qk,
+        raw=False,
     ):
         batch, n_first, width3 = first.shape
         head_dim = width3 // 3 // heads
         seq = n_first + (second.shape[1] if has_second else 0)
-        q, k, v = (torch.empty((batch, seq, heads, head_dim), dtype=first.dtype, device=first.device) for _ in "qkv")
+        qk_dtype = FP8 if fp8_qk else first.dtype
+        q, k = (torch.empty((batch, seq, heads, head_dim), dtype=qk_dtype, device=first.device) for _ in "qk")
+        v = torch.empty((batch, seq, heads, head_dim), dtype=first.dtype, device=first.device)
         launch(qk_norm_rope_kernel, raw)[(batch * seq,)](
             first,
             second,
@@ -322,6 +361,7 @@ def build_ops():
             q,
             k,
             v,
+            qk_scale,
             n_first,
             seq,
             heads,
@@ -332,6 +372,7 @@ def build_ops():
             eps,
             HEAD_DIM=head_dim,
             BLOCK_H=triton.next_power_of_2(heads),
+            FP8_QK=fp8_qk,
             num_warps=4,
         )
         return q, k, v
@@ -346,12 +387,14 @@ def build_ops():
         wk_second: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
+        qk_scale: torch.Tensor,
         has_second: bool,
         heads: int,
         eps: float,
+        fp8_qk: bool,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return launch_qk_norm_rope(
-            first, second, wq_first, wk_first, wq_second, wk_second, cos, sin, has_second, heads, eps
+            first, second, wq_first, wk_first, wq_second, wk_second, cos, sin, qk_scale, has_second, heads, eps, fp8_qk
         )
 
     _OPS = types.SimpleNamespace(
@@ -390,13 +433,25 @@ def ln_mod_fp8(first, second, shift, scale, eps: float) -> tuple[torch.Tensor, t
     return _OPS.ln_mod_fp8(first, second, shift, scale, has_second, eps)
 
 
-def qk_norm_rope(first, second, norms_first, norms_second, rotary, heads: int, eps: float):
-    """q, k, v (batch, tokens, heads, head_dim) from QKV rows: RMSNorm and RoPE on q and k; see the reference."""
+def qk_norm_rope(first, second, norms_first, norms_second, rotary, heads: int, eps: float, fp8_scales=None):
+    """q, k, v (batch, tokens, heads, head_dim) from QKV rows: RMSNorm and RoPE on q and k (in e4m3 with
+    ``fp8_scales``); see the reference."""
     if not _on_kernel(first):
-        return reference_qk_norm_rope(first, second, norms_first, norms_second, rotary, heads, eps)
+        return reference_qk_norm_rope(first, second, norms_first, norms_second, rotary, heads, eps, fp8_scales)
     has_second = second is not None
     norms_second = norms_second if has_second else norms_first
     cos, sin = (t.contiguous() for t in rotary)
+    fp8 = fp8_scales is not None
     return _OPS.qk_norm_rope(
-        first, second if has_second else first, *norms_first, *norms_second, cos, sin, has_second, heads, eps
+        first,
+        second if has_second else first,
+        *norms_first,
+        *norms_second,
+        cos,
+        sin,
+        fp8_scales if fp8 else cos,
+        has_second,
+        heads,
+        eps,
+        fp8,
     )
