@@ -141,11 +141,31 @@ def check_kernels() -> dict:
             for name, g, w in zip("qkv", got, want, strict=True)
         }
         two = sources[1] is not None
-        raw_args = (sources[0], sources[1] if two else sources[0], *norms[0], *norms[1 if two else 0], cos, sin, two)
+        raw_args = (sources[0], sources[1] if two else sources[0], *norms[0], *norms[1 if two else 0], cos, sin)
+        scales = fused_kernels.fp8_qk_scales(
+            [norms[0][0], norms[1][0]] if two else [norms[0][0]],
+            [norms[0][1], norms[1][1]] if two else [norms[0][1]],
+            128,
+        )
+        got = fused_kernels.qk_norm_rope(*args, fp8_scales=scales)
+        want = fused_kernels.reference_qk_norm_rope(*args, fp8_scales=scales)
+        for name, g, w in zip("qk", got, want, strict=True):
+            row[f"fp8_{name}_codes_differing_fraction"] = float((g.float() != w.float()).float().mean())
+        row["fp8_q_dequantized_rel_error_vs_bf16"] = rel(
+            got[0].float() * scales[0], want_bf16 := fused_kernels.reference_qk_norm_rope(*args)[0].float()
+        )
+        row["fp8_q_largest_scaled_value"] = float(want_bf16.abs().max() / scales[0])
         row |= _timings(
-            lambda a=raw_args: ops.launch_qk_norm_rope(*a, heads, eps, raw=True),
+            lambda a=raw_args, t=two: ops.launch_qk_norm_rope(*a, cos, t, heads, eps, False, raw=True),
             lambda a=args: fused_kernels.reference_qk_norm_rope(*a),
             (text + image) * 3 * width * 2 * 2,
+        )
+        row["fp8_kernel_ms"] = round(
+            time_ms(
+                lambda a=raw_args, sc=scales, t=two: ops.launch_qk_norm_rope(*a, sc, t, heads, eps, True, raw=True),
+                repeats=50,
+            ),
+            4,
         )
         result[label] = row
         log.info("%s: %s", label, row)
