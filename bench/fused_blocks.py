@@ -149,7 +149,7 @@ def check_kernels() -> dict:
         )
         got = fused_kernels.qk_norm_rope(*args, fp8_scales=scales)
         want = fused_kernels.reference_qk_norm_rope(*args, fp8_scales=scales)
-        for name, g, w in zip("qk", got, want, strict=True):
+        for name, g, w in zip("qk", got[:2], want[:2], strict=True):
             row[f"fp8_{name}_codes_differing_fraction"] = float((g.float() != w.float()).float().mean())
         row["fp8_q_dequantized_rel_error_vs_bf16"] = rel(
             got[0].float() * scales[0], want_bf16 := fused_kernels.reference_qk_norm_rope(*args)[0].float()
