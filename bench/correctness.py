@@ -24,7 +24,7 @@ import torch  # noqa: E402
 from diffusers import FluxTransformer2DModel  # noqa: E402
 
 from flux_kontext.logging_setup import configure_logging  # noqa: E402
-from flux_kontext.models import FULL_TRANSFORMER  # noqa: E402
+from flux_kontext.models import FULL_TRANSFORMER, step_inputs  # noqa: E402
 from flux_kontext.optimizations import OptimizationContext, activation, attention, layout, quantization  # noqa: E402
 from flux_kontext.optimizations import compile as compile_step  # noqa: E402
 from flux_kontext.settings import Settings  # noqa: E402
@@ -35,27 +35,8 @@ DEVICE = torch.device("cuda")
 
 def inputs(image_tokens: int, context_tokens: int) -> dict:
     """Transformer inputs of a 1024² step: 512 text tokens, image tokens (+ context tokens for an edit)."""
-    g = torch.Generator(device="cpu").manual_seed(1)
-    tokens = image_tokens + context_tokens
-
-    def randn(*shape):
-        return torch.randn(*shape, generator=g).to(DEVICE, torch.bfloat16)
-
-    side = int(image_tokens**0.5)
-    ids = torch.stack(torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij"), -1).reshape(-1, 2)
-    img_ids = torch.cat([torch.zeros(len(ids), 1), ids.float()], 1)
-    if context_tokens:
-        img_ids = torch.cat([img_ids, torch.cat([torch.ones(len(ids), 1), ids.float()], 1)])
-    return dict(
-        hidden_states=randn(1, tokens, 64),
-        encoder_hidden_states=randn(1, 512, 4096),
-        pooled_projections=randn(1, 768),
-        timestep=torch.tensor([0.7], device=DEVICE, dtype=torch.bfloat16),
-        guidance=torch.tensor([3.5], device=DEVICE, dtype=torch.float32),
-        img_ids=img_ids.to(DEVICE),
-        txt_ids=torch.zeros(512, 3, device=DEVICE),
-        return_dict=False,
-    )
+    config = SimpleNamespace(in_channels=64, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True)
+    return step_inputs(config, DEVICE, torch.bfloat16, image_tokens, context_tokens)
 
 
 @torch.inference_mode()

@@ -239,3 +239,30 @@ def _load_model(settings: Settings, device: torch.device, dtype: torch.dtype) ->
         demo=False,
         max_sequence_length=settings.max_sequence_length or FULL_MAX_SEQUENCE_LENGTH,
     )
+
+
+def step_inputs(config, device, dtype, image_tokens: int, context_tokens: int = 0, text_tokens: int = 512) -> dict:
+    """Transformer inputs of one denoising step from a fixed seed: a square latent of ``image_tokens`` packed tokens
+    (+ as many context tokens for an edit), random text embeddings. ``config``: the transformer's (in_channels,
+    joint_attention_dim, pooled_projection_dim, guidance_embeds). For measurements (start-up screens, benchmarks),
+    not for serving."""
+    g = torch.Generator(device="cpu").manual_seed(1)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g).to(device, dtype)
+
+    side = int(image_tokens**0.5)
+    ids = torch.stack(torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij"), -1).reshape(-1, 2)
+    img_ids = torch.cat([torch.zeros(len(ids), 1), ids.float()], 1)
+    if context_tokens:
+        img_ids = torch.cat([img_ids, torch.cat([torch.ones(len(ids), 1), ids.float()], 1)])
+    return dict(
+        hidden_states=randn(1, image_tokens + context_tokens, config.in_channels),
+        encoder_hidden_states=randn(1, text_tokens, config.joint_attention_dim),
+        pooled_projections=randn(1, config.pooled_projection_dim),
+        timestep=torch.tensor([0.7], device=device, dtype=dtype),
+        guidance=torch.tensor([3.5], device=device, dtype=torch.float32) if config.guidance_embeds else None,
+        img_ids=img_ids.to(device),
+        txt_ids=torch.zeros(text_tokens, 3, device=device),
+        return_dict=False,
+    )

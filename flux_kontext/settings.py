@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_MODEL = "black-forest-labs/FLUX.1-Kontext-dev"
@@ -66,10 +66,12 @@ class Settings(BaseSettings):
     fused_gelu_fp8: bool = Field(
         True, description="One-pass GELU + rowwise FP8 quantization (Triton) before the MLP output GEMMs (GPU, FP8)."
     )
-    fp8_attention: bool = Field(
-        False,
-        description="FlashAttention 3 in FP8 (e4m3 q/k/v, per-head scales): faster long-sequence attention (edits) "
-        "at a measured output error above bf16's (BENCHMARKS.md); off by default. Needs FA3 on Hopper.",
+    fp8_attention: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="FlashAttention 3 in FP8 (e4m3 q/k/v; Hopper with FA3). auto: used when, at start-up, every "
+        "attention layer of the loaded transformer stays within FLUX_FP8_MAX_LAYER_ERROR of bf16 attention (one "
+        "1024² step, the same limit as the FP8 GEMM layers); on: used without that limit (still measured and "
+        "reported); off: never.",
     )
     fused_norm_rope: bool = Field(
         True,
@@ -88,6 +90,15 @@ class Settings(BaseSettings):
     channels_last: bool = Field(
         False, description="Channels-last VAE; off by default: measured slower for the eager VAE decode on H100."
     )
+
+    @field_validator("fp8_attention", mode="before")
+    @classmethod
+    def _fp8_attention_booleans(cls, value):
+        """true/false (and 1/0, yes/no) mean on/off, as for the other switches."""
+        if isinstance(value, bool):
+            return "on" if value else "off"
+        lowered = str(value).strip().lower()
+        return {"true": "on", "1": "on", "yes": "on", "false": "off", "0": "off", "no": "off"}.get(lowered, lowered)
 
     @model_validator(mode="after")
     def _check_device(self) -> Settings:
@@ -110,13 +121,13 @@ class Settings(BaseSettings):
                 "FLUX_FUSED_NORM_ROPE=true routes whole blocks through the fused kernels, GELU included; it needs "
                 "FLUX_FUSED_GELU_FP8=true"
             )
-        if self.fp8_attention and self.attention in ("sdpa", "cudnn"):
+        if self.fp8_attention == "on" and self.attention in ("sdpa", "cudnn"):
             raise ValueError(
-                f"FLUX_FP8_ATTENTION=true runs FlashAttention 3 in FP8; FLUX_ATTENTION={self.attention} excludes it "
-                "(use auto or fa3)"
+                f"FLUX_FP8_ATTENTION=on runs FlashAttention 3 in FP8; FLUX_ATTENTION={self.attention} excludes it "
+                "(use auto or fa3, or FLUX_FP8_ATTENTION=auto/off)"
             )
-        if self.fp8_attention and self.device == "cpu":
-            raise ValueError("FLUX_FP8_ATTENTION=true needs a Hopper GPU (FlashAttention 3); not with FLUX_DEVICE=cpu")
+        if self.fp8_attention == "on" and self.device == "cpu":
+            raise ValueError("FLUX_FP8_ATTENTION=on needs a Hopper GPU (FlashAttention 3); not with FLUX_DEVICE=cpu")
         if self.compile_multi_kernel and not self.compile:
             raise ValueError("FLUX_COMPILE_MULTI_KERNEL=true configures compile; it needs FLUX_COMPILE=true")
         return self

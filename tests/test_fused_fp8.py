@@ -248,4 +248,36 @@ def test_settings_refuse_fp8_attention_without_fa3():
         Settings(model="tiny", attention="cudnn", fp8_attention=True)
     with pytest.raises(ValidationError, match="needs a Hopper GPU"):
         Settings(model="tiny", device="cpu", fp8_attention=True)
-    assert not Settings(model="tiny").fp8_attention  # off by default
+    assert Settings(model="tiny").fp8_attention == "auto"  # used where the start-up measurement allows it
+    assert Settings(model="tiny", fp8_attention="false").fp8_attention == "off"
+    assert Settings(model="tiny", fp8_attention=True).fp8_attention == "on"
+    assert Settings(model="tiny", attention="cudnn").fp8_attention == "auto"  # auto adapts: no error
+
+
+@torch.inference_mode()
+def test_start_up_screen_measures_fp8_attention_layer_by_layer():
+    from flux_kontext.optimizations.attention import (
+        FA3_FP8,
+        KernelChoice,
+        KernelFluxAttnProcessor,
+        _sdpa,
+        quantize_per_head,
+        screen_fp8_attention,
+    )
+
+    pipe, _, _ = tiny_pipe_with_reference(0)
+    blocks = len(pipe.transformer.transformer_blocks) + len(pipe.transformer.single_transformer_blocks)
+
+    def emulated_fp8(q, k, v):  # e4m3 inputs, attention in fp32: FA3 FP8's input rounding
+        return _sdpa(*(values.float() * scale[:, None, :, None] for values, scale in map(quantize_per_head, (q, k, v))))
+
+    choice = KernelChoice(kernels={"sdpa": _sdpa, FA3_FP8: emulated_fp8}, active="sdpa", fallback="sdpa")
+    pipe.transformer.set_attn_processor(KernelFluxAttnProcessor(choice))
+    screen = screen_fp8_attention(pipe.transformer, choice)
+    assert screen["layers"] == blocks and choice.active == "sdpa" and set(choice.kernels) == {"sdpa", FA3_FP8}
+    assert 1e-3 < screen["layer_error_median"] <= screen["layer_error_max"] < 0.06  # e4m3: a few percent per layer
+    assert 0 < screen["output_error"] < screen["layer_error_max"]
+    # A broken kernel: the transformer output barely notices on random weights, the per-layer errors do.
+    choice.kernels[FA3_FP8] = lambda q, k, v: torch.zeros_like(q)
+    broken = screen_fp8_attention(pipe.transformer, choice)
+    assert broken["layer_error_max"] == 1.0 and broken["output_error"] < 0.1
