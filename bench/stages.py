@@ -3,7 +3,7 @@
 For each stage and for a 1024² edit (1024² input) and a 1024² text-to-image: transformer ms/step, VAE ms,
 text-encoder ms, end-to-end ms, speedups, peak GPU memory, first-call (compile) seconds, and the ratio of
 the transformer step to the FLOP floor (docs/FACTS.md: 60 / 152 ms per step with FP8 GEMMs at 1600 TFLOP/s and
-bf16 attention at 650). Run on a GPU:
+bf16 attention at 650; 52 / 125 where FA3 runs in FP8). Run on a GPU:
 
     FLUX_MODEL=random python bench/stages.py --runs 2 --out bench/results/stages-h100.json
 
@@ -33,8 +33,15 @@ from flux_kontext.settings import Settings  # noqa: E402
 log = logging.getLogger("bench.stages")
 
 FLOOR_MS_PER_STEP = {"text_to_image": 60.0, "edit": 152.0}
+FLOOR_MS_PER_STEP_FP8_ATTENTION = {"text_to_image": 52.0, "edit": 125.0}  # attention at FA3 FP8's rate too
 NAIVE = dict(
-    attention="sdpa", fuse_qkv=False, quantize="none", compile=False, first_block_cache=False, cuda_graphs=False
+    attention="sdpa",
+    fuse_qkv=False,
+    quantize="none",
+    compile=False,
+    first_block_cache=False,
+    cuda_graphs=False,
+    fp8_attention="off",
 )
 # The cache is loaded from stage 1 on but held at threshold 0 (never skips) so the rows time the stack, not
 # the random weights' skip rate; stage "5+cache" runs the seed's threshold and reports the skips it measured.
@@ -49,10 +56,26 @@ STAGES = (
         {**NAIVE, **CACHE_OFF, "fuse_qkv": True, "compile": True},
         "euler",
     ),
-    ("2", "+ attention kernel by measurement (FA3 / cuDNN)", {**FULL, **CACHE_OFF, "quantize": "none"}, "euler"),
-    ("3", "+ FP8 rowwise GEMMs (MXFP4 on sm_100+)", {**FULL, **CACHE_OFF}, "euler"),
+    (
+        "2",
+        "+ attention kernel by measurement (FA3 / cuDNN, bf16)",
+        {**FULL, **CACHE_OFF, "quantize": "none", "fp8_attention": "off"},
+        "euler",
+    ),
+    (
+        "3",
+        "+ FP8: rowwise GEMMs (MXFP4 on sm_100+) fed by our fused kernels, FA3 in FP8 where the screen allows",
+        {**FULL, **CACHE_OFF},
+        "euler",
+    ),
     ("4", "+ DPM-Solver++ 2M, 14 steps", {**FULL, **CACHE_OFF}, "dpmpp_2m"),
     ("5", "+ CUDA graphs (per block and shape)", {**FULL, **CACHE_OFF, "cuda_graphs": True}, "dpmpp_2m"),
+    (
+        "5-bf16-attention",
+        "stage 5 with FLUX_FP8_ATTENTION=off (bf16 attention)",
+        {**FULL, **CACHE_OFF, "cuda_graphs": True, "fp8_attention": "off"},
+        "dpmpp_2m",
+    ),
     (
         "5+cache",
         "stage 5 with the cache at the seed's 0.12 (skip rate on random weights means nothing)",
@@ -81,6 +104,9 @@ def measure_stage(stage, what, overrides, scheduler, runs: int, only_steps: int 
         "optimizations": [r.public() for r in engine.reports],
         "modes": {},
     }
+    fp8_attention = any(r.name == "attention" and r.detail.startswith("fa3_fp8") for r in engine.reports)
+    floors = FLOOR_MS_PER_STEP_FP8_ATTENTION if fp8_attention else FLOOR_MS_PER_STEP
+    row["fp8_attention"] = fp8_attention
     for mode in ("edit", "text_to_image"):
         params = BenchmarkParams(runs=runs, width=1024, height=1024, mode=mode, scheduler=scheduler, steps=only_steps)
         result = asyncio.run(run_benchmark(engine, params, submit))
@@ -97,7 +123,8 @@ def measure_stage(stage, what, overrides, scheduler, runs: int, only_steps: int 
             "end_to_end_ms": t["engine_total"]["median"],
             "end_to_end_p95_ms": t["engine_total"]["p95"],
             "peak_gpu_memory_gib": result["peak_gpu_memory_gib"],
-            "floor_ratio": round(per_step / FLOOR_MS_PER_STEP[mode], 2),
+            "floor_ratio": round(per_step / floors[mode], 2),
+            "floor_ms_per_step": floors[mode],
             "first_block_cache": result["first_block_cache"],
             "cuda_graphs": result["cuda_graphs"],
             "raw": result,
@@ -111,9 +138,15 @@ def measure_stage(stage, what, overrides, scheduler, runs: int, only_steps: int 
 
 
 def add_speedups(rows: list[dict]) -> None:
+    """Speedups against stage 0 and the stage before; the variants of stage 5 ("5+cache", "5-bf16-attention")
+    compare with stage 5."""
     for mode in ("edit", "text_to_image"):
-        valid = [r for r in rows if mode in r.get("modes", {})]  # in table order; "5+cache" compares with 5
-        for previous, row in zip([None, *valid[:-1]], valid, strict=True):
+        valid = [r for r in rows if mode in r.get("modes", {})]
+        main = [r for r in valid if r["stage"].isdigit()]
+        stage5 = next((r for r in valid if r["stage"] == "5"), None)
+        previous_of = {id(r): p for p, r in zip([None, *main[:-1]], main, strict=True)}
+        for row in valid:
+            previous = previous_of.get(id(row), stage5)
             base = valid[0]["modes"][mode]["end_to_end_ms"]
             here = row["modes"][mode]
             here["speedup_vs_stage0"] = round(base / here["end_to_end_ms"], 2)
