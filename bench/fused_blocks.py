@@ -127,7 +127,9 @@ def check_kernels() -> dict:
     result["ln_mod_fp8_two_sources"] = row
     log.info("ln_mod_fp8: %s", row)
 
-    cos, sin = (t.float().contiguous() for t in (_randn(text + image, 128, seed=7), _randn(text + image, 128, seed=8)))
+    # A real rotary table: cos and sin of the same angles, repeated per pair (as FluxPosEmbed builds it).
+    angles = (_randn(text + image, 64, seed=7).float() * 3).repeat_interleave(2, dim=1)
+    cos, sin = angles.cos().contiguous(), angles.sin().contiguous()
     norms = [tuple(1 + 0.1 * _randn(128, seed=s) for s in seeds) for seeds in ((9, 10), (11, 12))]
     for label, sources in (
         ("qk_norm_rope_single", (_randn(1, text + image, 3 * width, seed=13), None)),
@@ -147,10 +149,11 @@ def check_kernels() -> dict:
             [norms[0][1], norms[1][1]] if two else [norms[0][1]],
             128,
         )
-        got = fused_kernels.qk_norm_rope(*args, fp8_scales=scales)
-        want = fused_kernels.reference_qk_norm_rope(*args, fp8_scales=scales)
-        for name, g, w in zip("qk", got[:2], want[:2], strict=True):
+        got = fused_kernels.qk_norm_rope_fp8(*args, fp8_scales=scales)
+        want = fused_kernels.reference_qk_norm_rope_fp8(*args, fp8_scales=scales)
+        for name, g, w in zip("qkv", got[:3], want[:3], strict=True):
             row[f"fp8_{name}_codes_differing_fraction"] = float((g.float() != w.float()).float().mean())
+        row["fp8_v_descale_max_rel_diff"] = float(((got[3] - want[3]).abs() / want[3]).max())
         row["fp8_q_dequantized_rel_error_vs_bf16"] = rel(
             got[0].float() * scales[0], want_bf16 := fused_kernels.reference_qk_norm_rope(*args)[0].float()
         )

@@ -261,9 +261,9 @@ def test_start_up_screen_measures_fp8_attention_layer_by_layer():
         KernelChoice,
         KernelFluxAttnProcessor,
         _sdpa,
-        quantize_per_head,
         screen_fp8_attention,
     )
+    from flux_kontext.optimizations.quantization import quantize_per_head
 
     pipe, _, _ = tiny_pipe_with_reference(0)
     blocks = len(pipe.transformer.transformer_blocks) + len(pipe.transformer.single_transformer_blocks)

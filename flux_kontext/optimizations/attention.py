@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from flux_kontext.optimizations import OptimizationContext, Report
+from flux_kontext.optimizations.quantization import quantize_per_head
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +35,6 @@ TIMING_TOKENS = (4608, 8704)
 MAX_RELATIVE_ERROR = 2e-2  # bf16 kernels land near 3e-3 against fp32; anything far above is a wrong kernel
 FP8_MAX_RELATIVE_ERROR = 0.1  # FA3 FP8 lands near 5e-2 on these random inputs (docs/FACTS.md); far above: broken
 FA3_FP8 = "fa3_fp8"
-E4M3_MAX = 448.0
 # FA3 must beat the best other kernel by this much to be kept: on H100 the two tie within run-to-run noise, and
 # each kept kernel costs a compile variant at warm-up.
 FA3_MIN_GAIN = 0.02
@@ -61,12 +61,6 @@ def _load_fa3() -> tuple[Callable | None, str]:
             continue
         return module.flash_attn_func, package
     return None, "no FlashAttention 3 package importable (pip install fa3-fwd, on CUDA 13 / torch >= 2.10)"
-
-
-def quantize_per_head(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(batch, tokens, heads, head_dim) to e4m3 with one scale per (batch, head): (values, descale (batch, heads))."""
-    scale = t.abs().amax(dim=(1, 3)).float().clamp(min=1e-12) / E4M3_MAX
-    return (t.float() / scale[:, None, :, None]).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn), scale
 
 
 def _fa3_fp8(flash_attn_func: Callable) -> Callable:

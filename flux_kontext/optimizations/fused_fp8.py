@@ -23,7 +23,7 @@ import types
 import torch
 
 from flux_kontext.optimizations import OptimizationContext, Report, fused_kernels
-from flux_kontext.optimizations.attention import KernelFluxAttnProcessor, quantize_per_head
+from flux_kontext.optimizations.attention import KernelFluxAttnProcessor
 
 log = logging.getLogger(__name__)
 
@@ -109,15 +109,16 @@ def _norms(attn, added: bool) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _attention(attn, first, second, rotary, dtype):
     """Joint attention from the QKV GEMM output(s): RMSNorm + RoPE kernel, then the chosen attention kernel; with
-    FA3 in FP8 active (FLUX_FP8_ATTENTION), the kernel writes q and k in e4m3 and v is quantized per head."""
+    FA3 in FP8 active (FLUX_FP8_ATTENTION), the kernels write q, k (static scales) and v (per head) in e4m3."""
     choice, added = attn.processor.choice, second is not None
     norms = (_norms(attn, added), _norms(attn, False) if added else None)
     if not choice.fp8:
         q, k, v = fused_kernels.qk_norm_rope(first, second, *norms, rotary, attn.heads, attn.norm_q.eps)
         return choice(q, k, v).flatten(2, 3).to(dtype)
     scales = attn.fp8_qk_scale
-    q8, k8, v = fused_kernels.qk_norm_rope(first, second, *norms, rotary, attn.heads, attn.norm_q.eps, scales)
-    v8, v_descale = quantize_per_head(v)
+    q8, k8, v8, v_descale = fused_kernels.qk_norm_rope_fp8(
+        first, second, *norms, rotary, attn.heads, attn.norm_q.eps, scales
+    )
     q_descale, k_descale = (scale.expand_as(v_descale).contiguous() for scale in scales)
     return choice.fp8_call(q8, k8, v8, q_descale, k_descale, v_descale).flatten(2, 3).to(dtype)
 

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from flux_kontext.optimizations.activation import tanh_gelu
-from flux_kontext.optimizations.quantization import E4M3_MAX, quantize_rowwise_fp8
+from flux_kontext.optimizations.quantization import E4M3_MAX, quantize_per_head, quantize_rowwise_fp8
 
 FP8 = torch.float8_e4m3fn
 # The GELU kernel's warps per row: bench/fused_blocks.py sweeps 4-32 (H100, 2026-11-26): the single blocks' 15,360-wide
@@ -77,6 +77,12 @@ def reference_qk_norm_rope(first, second, norms_first, norms_second, rotary, hea
     if fp8_scales is not None:
         q, k = (quantize_static(t, fp8_scales[i]) for i, t in enumerate((q, k)))
     return q, k, v.contiguous()
+
+
+def reference_qk_norm_rope_fp8(first, second, norms_first, norms_second, rotary, heads, eps, fp8_scales):
+    """reference_qk_norm_rope in e4m3: q, k with the static scales, v per head; (q, k, v, v descales)."""
+    q, k, v = reference_qk_norm_rope(first, second, norms_first, norms_second, rotary, heads, eps, fp8_scales)
+    return (q, k, *quantize_per_head(v))
 
 
 def quantize_static(t: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -274,6 +280,7 @@ def build_ops():
         k_ptr,
         v_ptr,
         qk_scale_ptr,
+        v_amax_ptr,
         n_first,
         seq,
         n_heads,
@@ -325,7 +332,54 @@ def build_ops():
                 result = tl.clamp(result.to(tl.float32) / tl.load(qk_scale_ptr + part), -448.0, 448.0)
                 result = result.to(tl.float8e4nv)
             tl.store(out + offsets, result, mask=mask)
-        tl.store(v_ptr + dst + offsets, tl.load(src + 2 * width + offsets, mask=mask), mask=mask)
+        v = tl.load(src + 2 * width + offsets, mask=mask, other=0.0)
+        if FP8_QK:  # v's per-head absmax over all tokens (v_fp8_kernel quantizes it after this kernel)
+            heads_1d = tl.arange(0, BLOCK_H)
+            v_amax = tl.max(tl.abs(v.to(tl.float32)), axis=1)
+            tl.atomic_max(v_amax_ptr + b * n_heads + heads_1d, v_amax, mask=heads_1d < n_heads)
+        else:
+            tl.store(v_ptr + dst + offsets, v, mask=mask)
+
+    @triton.jit
+    def v_fp8_kernel(
+        first_ptr,
+        second_ptr,
+        v_amax_ptr,
+        v_ptr,
+        descale_ptr,
+        n_first,
+        seq,
+        n_heads,
+        first_sb,
+        first_ss,
+        second_sb,
+        second_ss,
+        HEAD_DIM: tl.constexpr,
+        BLOCK_H: tl.constexpr,
+    ):
+        # v from the QKV rows (one or two sources, as qk_norm_rope_kernel reads them) to e4m3 with its per-head scale
+        # (absmax / 448), written contiguous (batch, tokens, heads, head_dim); the first token of each batch also
+        # writes the descales FA3 takes.
+        row = tl.program_id(0).to(tl.int64)
+        b = row // seq
+        s = row % seq
+        width = n_heads * HEAD_DIM
+        heads_1d = tl.arange(0, BLOCK_H)
+        h = heads_1d[:, None]
+        d = tl.arange(0, HEAD_DIM)[None, :]
+        offsets = h * HEAD_DIM + d
+        mask = (h < n_heads) & (d < HEAD_DIM)
+        if s >= n_first:
+            src = second_ptr + b * second_sb + (s - n_first) * second_ss
+        else:
+            src = first_ptr + b * first_sb + s * first_ss
+        amax = tl.load(v_amax_ptr + b * n_heads + heads_1d, mask=heads_1d < n_heads, other=1.0)
+        scale = tl.maximum(amax, 1e-12) / 448.0
+        v = tl.load(src + 2 * width + offsets, mask=mask, other=0.0).to(tl.float32)
+        q = tl.clamp(v / scale[:, None], -448.0, 448.0)
+        tl.store(v_ptr + row * width + offsets, q.to(tl.float8e4nv), mask=mask)
+        if s == 0:
+            tl.store(descale_ptr + b * n_heads + heads_1d, scale, mask=heads_1d < n_heads)
 
     def launch_qk_norm_rope(
         first,
@@ -347,8 +401,8 @@ def build_ops():
         head_dim = width3 // 3 // heads
         seq = n_first + (second.shape[1] if has_second else 0)
         qk_dtype = FP8 if fp8_qk else first.dtype
-        q, k = (torch.empty((batch, seq, heads, head_dim), dtype=qk_dtype, device=first.device) for _ in "qk")
-        v = torch.empty((batch, seq, heads, head_dim), dtype=first.dtype, device=first.device)
+        q, k, v = (torch.empty((batch, seq, heads, head_dim), dtype=qk_dtype, device=first.device) for _ in "qkv")
+        v_amax = torch.zeros((batch, heads), dtype=torch.float32, device=first.device) if fp8_qk else qk_scale
         launch(qk_norm_rope_kernel, raw)[(batch * seq,)](
             first,
             second,
@@ -362,6 +416,7 @@ def build_ops():
             k,
             v,
             qk_scale,
+            v_amax,
             n_first,
             seq,
             heads,
@@ -375,10 +430,48 @@ def build_ops():
             FP8_QK=fp8_qk,
             num_warps=4,
         )
-        return q, k, v
+        if not fp8_qk:
+            return q, k, v
+        v_descale = torch.empty((batch, heads), dtype=torch.float32, device=first.device)
+        launch(v_fp8_kernel, raw)[(batch * seq,)](
+            first,
+            second,
+            v_amax,
+            v,
+            v_descale,
+            n_first,
+            seq,
+            heads,
+            first.stride(0),
+            first.stride(1),
+            second.stride(0),
+            second.stride(1),
+            HEAD_DIM=head_dim,
+            BLOCK_H=triton.next_power_of_2(heads),
+            num_warps=4,
+        )
+        return q, k, v, v_descale
 
     @triton_op("flux_kontext::qk_norm_rope", mutates_args={})
     def qk_norm_rope(
+        first: torch.Tensor,
+        second: torch.Tensor,
+        wq_first: torch.Tensor,
+        wk_first: torch.Tensor,
+        wq_second: torch.Tensor,
+        wk_second: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        has_second: bool,
+        heads: int,
+        eps: float,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return launch_qk_norm_rope(
+            first, second, wq_first, wk_first, wq_second, wk_second, cos, sin, cos, has_second, heads, eps, False
+        )
+
+    @triton_op("flux_kontext::qk_norm_rope_fp8", mutates_args={})
+    def qk_norm_rope_fp8(
         first: torch.Tensor,
         second: torch.Tensor,
         wq_first: torch.Tensor,
@@ -391,16 +484,16 @@ def build_ops():
         has_second: bool,
         heads: int,
         eps: float,
-        fp8_qk: bool,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         return launch_qk_norm_rope(
-            first, second, wq_first, wk_first, wq_second, wk_second, cos, sin, qk_scale, has_second, heads, eps, fp8_qk
+            first, second, wq_first, wk_first, wq_second, wk_second, cos, sin, qk_scale, has_second, heads, eps, True
         )
 
     _OPS = types.SimpleNamespace(
         gelu_fp8=gelu_fp8,
         ln_mod_fp8=ln_mod_fp8,
         qk_norm_rope=qk_norm_rope,
+        qk_norm_rope_fp8=qk_norm_rope_fp8,
         launch_gelu_fp8=launch_gelu_fp8,
         launch_ln_mod_fp8=launch_ln_mod_fp8,
         launch_qk_norm_rope=launch_qk_norm_rope,
@@ -433,25 +526,24 @@ def ln_mod_fp8(first, second, shift, scale, eps: float) -> tuple[torch.Tensor, t
     return _OPS.ln_mod_fp8(first, second, shift, scale, has_second, eps)
 
 
-def qk_norm_rope(first, second, norms_first, norms_second, rotary, heads: int, eps: float, fp8_scales=None):
-    """q, k, v (batch, tokens, heads, head_dim) from QKV rows: RMSNorm and RoPE on q and k (in e4m3 with
-    ``fp8_scales``); see the reference."""
+def qk_norm_rope(first, second, norms_first, norms_second, rotary, heads: int, eps: float):
+    """q, k, v (batch, tokens, heads, head_dim) from QKV rows: RMSNorm and RoPE on q and k; see the reference."""
     if not _on_kernel(first):
-        return reference_qk_norm_rope(first, second, norms_first, norms_second, rotary, heads, eps, fp8_scales)
+        return reference_qk_norm_rope(first, second, norms_first, norms_second, rotary, heads, eps)
+    return _OPS.qk_norm_rope(*_qk_args(first, second, norms_first, norms_second, rotary), heads, eps)
+
+
+def qk_norm_rope_fp8(first, second, norms_first, norms_second, rotary, heads: int, eps: float, fp8_scales):
+    """As qk_norm_rope, for FA3 in FP8: q, k in e4m3 with the static ``fp8_scales`` (fp8_qk_scales), v in e4m3 with
+    per-head scales; returns (q, k, v, v descales (batch, heads))."""
+    if not _on_kernel(first):
+        return reference_qk_norm_rope_fp8(first, second, norms_first, norms_second, rotary, heads, eps, fp8_scales)
+    first_, second_, *weights, cos, sin, has_second = _qk_args(first, second, norms_first, norms_second, rotary)
+    return _OPS.qk_norm_rope_fp8(first_, second_, *weights, cos, sin, fp8_scales, has_second, heads, eps)
+
+
+def _qk_args(first, second, norms_first, norms_second, rotary) -> tuple:
     has_second = second is not None
     norms_second = norms_second if has_second else norms_first
     cos, sin = (t.contiguous() for t in rotary)
-    fp8 = fp8_scales is not None
-    return _OPS.qk_norm_rope(
-        first,
-        second if has_second else first,
-        *norms_first,
-        *norms_second,
-        cos,
-        sin,
-        fp8_scales if fp8 else cos,
-        has_second,
-        heads,
-        eps,
-        fp8,
-    )
+    return (first, second if has_second else first, *norms_first, *norms_second, cos, sin, has_second)

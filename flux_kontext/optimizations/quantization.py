@@ -74,6 +74,13 @@ def quantize_rowwise_fp8(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (t / scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn), scale
 
 
+def quantize_per_head(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(batch, tokens, heads, head_dim) to e4m3 with one scale per (batch, head), absmax / 448 as above (FA3's FP8
+    descale layout): (values, descales (batch, heads) fp32)."""
+    scale = t.abs().amax(dim=(1, 3)).float().clamp(min=1e-12) / E4M3_MAX
+    return (t.float() / scale[:, None, :, None]).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn), scale
+
+
 def _fp8_rowwise(t: torch.Tensor) -> torch.Tensor:
     """Quantize-dequantize each row to float8 e4m3 with its own scale (what rowwise FP8 GEMMs do)."""
     values, scale = quantize_rowwise_fp8(t)
