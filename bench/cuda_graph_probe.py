@@ -76,10 +76,12 @@ def kernel_family(name: str) -> str:
     lowered = name.lower()
     if lowered.startswith("triton"):  # Inductor's fused kernels name the ops they fuse (scaled_mm, sdpa...)
         return "triton_glue"
+    if any(k in lowered for k in ("flash", "fmha", "cudnn", "attention", "sdpa")):  # before "cutlass": FA3 is one
+        return "attention"
     if any(k in lowered for k in ("gemm", "cutlass", "nvjet", "xmma", "scaled_mm", "f8f8")):
         return "gemm"
-    if any(k in lowered for k in ("flash", "fmha", "cudnn", "attention", "sdpa")):
-        return "attention"
+    if any(k in lowered for k in ("gelu_fp8", "ln_mod_fp8", "qk_norm_rope", "v_fp8")):
+        return "our_kernels"  # fused_kernels.py
     return "other"
 
 

@@ -51,7 +51,10 @@ class Settings(BaseSettings):
         "auto", description="'auto': MXFP4 where FP4 tensor cores exist (sm_100+), FP8 rowwise on sm_89/sm_90."
     )
     fp8_max_layer_error: float = Field(
-        0.06, gt=0, description="Layers whose simulated FP8 output error exceeds this stay bf16 (typical: 0.037)."
+        0.06,
+        gt=0,
+        description="Layers whose simulated FP8 output error exceeds this stay bf16 (typical: 0.037); with "
+        "FLUX_FP8_ATTENTION=auto, also the limit for every attention layer in FP8 (random weights: 0.021).",
     )
     first_block_cache: bool = Field(True, description="diffusers' first-block cache (threshold per request).")
     cache_threshold: float = Field(
