@@ -144,7 +144,7 @@ def check_kernels() -> dict:
         }
         two = sources[1] is not None
         raw_args = (sources[0], sources[1] if two else sources[0], *norms[0], *norms[1 if two else 0], cos, sin)
-        scales = fused_kernels.fp8_qk_scales(
+        scales = attention.fp8_qk_scales(
             [norms[0][0], norms[1][0]] if two else [norms[0][0]],
             [norms[0][1], norms[1][1]] if two else [norms[0][1]],
             128,
@@ -205,6 +205,7 @@ def main() -> int:
     fa3, why = attention._load_fa3()
     if fa3 is not None:
         kernels[attention.FA3_FP8] = attention._fa3_fp8(fa3)
+        attention.register_fp8_qk_scales(model)  # as attention.apply does when FA3 in FP8 is usable
     result["fa3_fp8"] = "available" if fa3 is not None else why
     choice = attention.KernelChoice(kernels=kernels, active="cudnn", fallback="cudnn")
     model.set_attn_processor(attention.KernelFluxAttnProcessor(choice))

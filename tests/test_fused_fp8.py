@@ -189,7 +189,8 @@ def test_settings_refuse_whole_block_fusion_without_the_gelu_kernel():
 
 
 def test_static_fp8_scales_bound_rms_normed_rotated_q_and_k():
-    from flux_kontext.optimizations.fused_kernels import fp8_qk_scales, reference_qk_norm_rope
+    from flux_kontext.optimizations.attention import fp8_qk_scales
+    from flux_kontext.optimizations.fused_kernels import reference_qk_norm_rope
 
     g = torch.Generator().manual_seed(0)
     heads, head_dim, tokens = 2, 32, 12
@@ -214,9 +215,16 @@ def test_static_fp8_scales_bound_rms_normed_rotated_q_and_k():
 
 @torch.inference_mode()
 def test_fp8_attention_path_hands_e4m3_q_k_v_and_their_descales_to_the_fp8_kernel():
-    from flux_kontext.optimizations.attention import FA3_FP8, KernelChoice, KernelFluxAttnProcessor, _sdpa
+    from flux_kontext.optimizations.attention import (
+        FA3_FP8,
+        KernelChoice,
+        KernelFluxAttnProcessor,
+        _sdpa,
+        register_fp8_qk_scales,
+    )
 
     transformer, kwargs, expected = _fp8_tiny_transformer(2)
+    blocks = len(transformer.transformer_blocks) + len(transformer.single_transformer_blocks)
     calls = []
 
     def fp8_call(q8, k8, v8, q_descale, k_descale, v_descale):  # FA3 FP8 emulated: dequantize, attend in fp32
@@ -229,9 +237,9 @@ def test_fp8_attention_path_hands_e4m3_q_k_v_and_their_descales_to_the_fp8_kerne
     fp8_kernel.fp8_call = fp8_call
     choice = KernelChoice(kernels={"sdpa": _sdpa, FA3_FP8: fp8_kernel}, active=FA3_FP8, fallback="sdpa")
     transformer.set_attn_processor(KernelFluxAttnProcessor(choice))
+    assert register_fp8_qk_scales(transformer) == blocks  # what attention.apply does when FA3 in FP8 is usable
     replace(transformer, norm_rope=True)
     ours = transformer(**kwargs)[0]
-    blocks = len(transformer.transformer_blocks) + len(transformer.single_transformer_blocks)
     assert len(calls) == blocks and set(calls) == {(torch.float8_e4m3fn,) * 3 + ((1, 2), (1, 2))}
     error = float((ours - expected).norm() / expected.norm())
     assert 1e-5 < error < 5e-2  # e4m3 attention inputs: a small, non-zero error
@@ -254,30 +262,36 @@ def test_settings_refuse_fp8_attention_without_fa3():
     assert Settings(model="tiny", attention="cudnn").fp8_attention == "auto"  # auto adapts: no error
 
 
+def _emulated_flash_attn_func(q8, k8, v8, q_descale, k_descale, v_descale):
+    """FA3's FP8 forward emulated on CPU: dequantize the e4m3 inputs with their (batch, heads) descales, attend."""
+    from flux_kontext.optimizations.attention import _sdpa
+
+    return _sdpa(*(t.float() * d[:, None, :, None] for t, d in ((q8, q_descale), (k8, k_descale), (v8, v_descale))))
+
+
 @torch.inference_mode()
 def test_start_up_screen_measures_fp8_attention_layer_by_layer():
     from flux_kontext.optimizations.attention import (
         FA3_FP8,
         KernelChoice,
         KernelFluxAttnProcessor,
+        _fa3_fp8,
         _sdpa,
+        register_fp8_qk_scales,
         screen_fp8_attention,
     )
-    from flux_kontext.optimizations.quantization import quantize_per_head
 
     pipe, _, _ = tiny_pipe_with_reference(0)
     blocks = len(pipe.transformer.transformer_blocks) + len(pipe.transformer.single_transformer_blocks)
-
-    def emulated_fp8(q, k, v):  # e4m3 inputs, attention in fp32: FA3 FP8's input rounding
-        return _sdpa(*(values.float() * scale[:, None, :, None] for values, scale in map(quantize_per_head, (q, k, v))))
-
-    choice = KernelChoice(kernels={"sdpa": _sdpa, FA3_FP8: emulated_fp8}, active="sdpa", fallback="sdpa")
+    fp8_kernel = _fa3_fp8(_emulated_flash_attn_func)  # our quantization (static q/k scales, v per head), FA3 emulated
+    choice = KernelChoice(kernels={"sdpa": _sdpa, FA3_FP8: fp8_kernel}, active="sdpa", fallback="sdpa")
     pipe.transformer.set_attn_processor(KernelFluxAttnProcessor(choice))
+    assert register_fp8_qk_scales(pipe.transformer) == blocks
     screen = screen_fp8_attention(pipe.transformer, choice)
     assert screen["layers"] == blocks and choice.active == "sdpa" and set(choice.kernels) == {"sdpa", FA3_FP8}
     assert 1e-3 < screen["layer_error_median"] <= screen["layer_error_max"] < 0.06  # e4m3: a few percent per layer
     assert 0 < screen["output_error"] < screen["layer_error_max"]
     # A broken kernel: the transformer output barely notices on random weights, the per-layer errors do.
-    choice.kernels[FA3_FP8] = lambda q, k, v: torch.zeros_like(q)
+    choice.kernels[FA3_FP8] = lambda q, k, v, attn=None: torch.zeros_like(q)
     broken = screen_fp8_attention(pipe.transformer, choice)
     assert broken["layer_error_max"] == 1.0 and broken["output_error"] < 0.1

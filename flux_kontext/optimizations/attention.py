@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from flux_kontext.optimizations import OptimizationContext, Report
-from flux_kontext.optimizations.quantization import quantize_per_head
+from flux_kontext.optimizations.quantization import E4M3_MAX, quantize_per_head, quantize_static
 
 log = logging.getLogger(__name__)
 
@@ -64,19 +64,52 @@ def _load_fa3() -> tuple[Callable | None, str]:
 
 
 def _fa3_fp8(flash_attn_func: Callable) -> Callable:
-    """FA3 in FP8. As a kernel it takes bf16 q, k, v and quantizes each per head; ``kernel.fp8_call`` takes e4m3
-    tensors and their descales (batch, heads) directly. The output is bf16."""
+    """FA3 in FP8. As a kernel it takes bf16 q, k, v and the attention module: q and k are quantized with the
+    module's static scales (``fp8_qk_scale``, as the fused blocks' RoPE kernel does), per head without them; v per
+    head. ``kernel.fp8_call`` takes e4m3 tensors and their descales (batch, heads) directly. The output is bf16."""
 
     def fp8_call(q8, k8, v8, q_descale, k_descale, v_descale):
         out = flash_attn_func(q8, k8, v8, q_descale=q_descale, k_descale=k_descale, v_descale=v_descale)
         return out[0] if isinstance(out, tuple) else out
 
-    def kernel(q, k, v):
-        (q8, q_descale), (k8, k_descale), (v8, v_descale) = (quantize_per_head(t) for t in (q, k, v))
+    def kernel(q, k, v, attn=None):
+        v8, v_descale = quantize_per_head(v)
+        scales = getattr(attn, "fp8_qk_scale", None)
+        if scales is None:
+            (q8, q_descale), (k8, k_descale) = quantize_per_head(q), quantize_per_head(k)
+        else:
+            q8, k8 = quantize_static(q, scales[0]), quantize_static(k, scales[1])
+            q_descale, k_descale = (scale.expand_as(v_descale).contiguous() for scale in scales)
         return fp8_call(q8, k8, v8, q_descale, k_descale, v_descale)
 
     kernel.fp8_call = fp8_call
+    kernel.takes_module = True
     return kernel
+
+
+def fp8_qk_scales(norm_weights_q, norm_weights_k, head_dim: int) -> torch.Tensor:
+    """Static e4m3 scales (q, k) for RMS-normed, rotated q and k: after RMSNorm a head's squares sum to head_dim, so
+    no element exceeds sqrt(head_dim) · max|weight|, and RoPE turns pairs without changing their length. The bound
+    holds for every input; e4m3's relative precision is the same across its normal range, so a loose bound costs
+    only values below 2^-6 of it."""
+    bounds = [max(float(w.detach().abs().max()) for w in weights) for weights in (norm_weights_q, norm_weights_k)]
+    return torch.tensor(bounds, dtype=torch.float32, device=norm_weights_q[0].device) * head_dim**0.5 / E4M3_MAX
+
+
+def register_fp8_qk_scales(transformer) -> int:
+    """Give every attention module with RMS-normed q/k its static FP8 scales (buffer ``fp8_qk_scale``; the text
+    stream's norms count too); returns how many."""
+    count = 0
+    for module in transformer.modules():
+        if getattr(module, "norm_q", None) is None or getattr(module.norm_q, "weight", None) is None:
+            continue
+        added = getattr(module, "norm_added_q", None) is not None
+        weights_q = [module.norm_q.weight, *([module.norm_added_q.weight] if added else [])]
+        weights_k = [module.norm_k.weight, *([module.norm_added_k.weight] if added else [])]
+        scales = fp8_qk_scales(weights_q, weights_k, module.head_dim)
+        module.register_buffer("fp8_qk_scale", scales, persistent=False)
+        count += 1
+    return count
 
 
 def _returning_output(flash_attn_func: Callable) -> Callable:
@@ -97,8 +130,9 @@ class KernelChoice:
     active: str = "sdpa"
     fallback: str = "sdpa"  # best kernel that is not FA3
 
-    def __call__(self, q, k, v):
-        return self.kernels[self.active](q, k, v)
+    def __call__(self, q, k, v, attn=None):
+        kernel = self.kernels[self.active]
+        return kernel(q, k, v, attn) if getattr(kernel, "takes_module", False) else kernel(q, k, v)
 
     @property
     def fp8(self) -> bool:
@@ -139,7 +173,7 @@ class KernelFluxAttnProcessor:
         if image_rotary_emb is not None:
             q = apply_rotary_emb(q, image_rotary_emb, sequence_dim=1)
             k = apply_rotary_emb(k, image_rotary_emb, sequence_dim=1)
-        out = self.choice(q, k, v).flatten(2, 3).to(q.dtype)
+        out = self.choice(q, k, v, attn).flatten(2, 3).to(q.dtype)
         if encoder_hidden_states is None:
             return out
         text, image = out.split_with_sizes(
@@ -226,18 +260,21 @@ def select_kernel(timing: dict[str, float]) -> tuple[str, str, bool]:
 @torch.inference_mode()
 def screen_fp8_attention(transformer, choice: KernelChoice) -> dict:
     """FA3 in FP8 against the active bf16 kernel on the loaded weights, one 1024² text-to-image step (eager): the
-    relative error of every layer's attention output (both kernels on the same q, k, v, as the model produces them)
-    and of the transformer's output. The per-layer errors decide: on random weights the output barely depends on
-    attention (zeroing it moves the tiny model's output by 2%), so the output error alone would prove nothing."""
+    relative error of every layer's attention output (both kernels on the same q, k, v, as the model produces them;
+    q and k with the static scales serving uses) and of the transformer's output. The per-layer errors decide: on
+    random weights the output barely depends on attention (zeroing it moves the tiny model's output by 2%), so the
+    output error alone would prove nothing."""
     from flux_kontext.models import step_inputs
 
     bf16, fp8, layer_errors = choice.kernels[choice.active], choice.kernels[FA3_FP8], []
 
-    def both(q, k, v):
+    def both(q, k, v, attn):
         reference = bf16(q, k, v)
-        got = fp8(q, k, v).to(reference.dtype)
+        got = fp8(q, k, v, attn).to(reference.dtype)
         layer_errors.append(float((got.float() - reference.float()).norm() / reference.float().norm()))
         return reference
+
+    both.takes_module = True
 
     parameter = next(transformer.parameters())
     inputs = step_inputs(transformer.config, parameter.device, parameter.dtype, TIMING_TOKENS[0] - 512)
@@ -290,6 +327,7 @@ def apply(pipe, context: OptimizationContext) -> list[Report]:
     tokens = "/".join(str(t) for t in TIMING_TOKENS)
     detail = f"{best} (fastest at {tokens} tokens; measured {_summary(measured)})"
     if FA3_FP8 in usable:
+        register_fp8_qk_scales(pipe.transformer)
         screen = screen_fp8_attention(pipe.transformer, choice)
         measured[FA3_FP8]["screen"] = screen
         limit = context.settings.fp8_max_layer_error

@@ -109,7 +109,8 @@ def _norms(attn, added: bool) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _attention(attn, first, second, rotary, dtype):
     """Joint attention from the QKV GEMM output(s): RMSNorm + RoPE kernel, then the chosen attention kernel; with
-    FA3 in FP8 active (FLUX_FP8_ATTENTION), the kernels write q, k (static scales) and v (per head) in e4m3."""
+    FA3 in FP8 active (FLUX_FP8_ATTENTION), the kernels write q, k (the static scales attention.py registered) and v
+    (per head) in e4m3."""
     choice, added = attn.processor.choice, second is not None
     norms = (_norms(attn, added), _norms(attn, False) if added else None)
     if not choice.fp8:
@@ -183,18 +184,8 @@ def fused_double_block_forward(block, hidden_states, encoder_hidden_states, temb
 
 
 def _fused_attention(attn) -> bool:
-    """Our processor (its kernel choice), RMSNorm on q/k and the fused QKV layer; keeps the static FP8 scales of
-    q and k on the module for FA3 in FP8 (fused_kernels.fp8_qk_scales)."""
-    if not (
-        isinstance(attn.processor, KernelFluxAttnProcessor) and attn.norm_q is not None and hasattr(attn, "to_qkv")
-    ):
-        return False
-    added = getattr(attn, "norm_added_q", None) is not None
-    weights_q = [attn.norm_q.weight, *([attn.norm_added_q.weight] if added else [])]
-    weights_k = [attn.norm_k.weight, *([attn.norm_added_k.weight] if added else [])]
-    scales = fused_kernels.fp8_qk_scales(weights_q, weights_k, attn.head_dim)
-    attn.register_buffer("fp8_qk_scale", scales, persistent=False)
-    return True
+    """Our processor (its kernel choice), RMSNorm on q/k and the fused QKV layer."""
+    return isinstance(attn.processor, KernelFluxAttnProcessor) and attn.norm_q is not None and hasattr(attn, "to_qkv")
 
 
 def _single_block_fusable(block) -> bool:

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from flux_kontext.optimizations.activation import tanh_gelu
-from flux_kontext.optimizations.quantization import E4M3_MAX, quantize_per_head, quantize_rowwise_fp8
+from flux_kontext.optimizations.quantization import quantize_per_head, quantize_rowwise_fp8, quantize_static
 
 FP8 = torch.float8_e4m3fn
 # The GELU kernel's warps per row: bench/fused_blocks.py sweeps 4-32 (H100, 2026-11-26): the single blocks' 15,360-wide
@@ -83,20 +83,6 @@ def reference_qk_norm_rope_fp8(first, second, norms_first, norms_second, rotary,
     """reference_qk_norm_rope in e4m3: q, k with the static scales, v per head; (q, k, v, v descales)."""
     q, k, v = reference_qk_norm_rope(first, second, norms_first, norms_second, rotary, heads, eps, fp8_scales)
     return (q, k, *quantize_per_head(v))
-
-
-def quantize_static(t: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """``t`` / ``scale`` in e4m3 (clamped to its range): a scale known in advance, no reduction over ``t``."""
-    return (t.float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(FP8)
-
-
-def fp8_qk_scales(norm_weights_q, norm_weights_k, head_dim: int) -> torch.Tensor:
-    """Static e4m3 scales (q, k) for RMS-normed, rotated q and k: after RMSNorm a head's squares sum to head_dim, so
-    no element exceeds sqrt(head_dim) · max|weight|, and RoPE turns pairs without changing their length. The bound
-    holds for every input; e4m3's relative precision is the same across its normal range, so a loose bound costs
-    only values below 2^-6 of it."""
-    bounds = [max(float(w.detach().abs().max()) for w in weights) for weights in (norm_weights_q, norm_weights_k)]
-    return torch.tensor(bounds, dtype=torch.float32, device=norm_weights_q[0].device) * head_dim**0.5 / E4M3_MAX
 
 
 _OPS = None  # namespace of the registered ops, built by build_ops() (GPU only, once)
@@ -328,7 +314,7 @@ def build_ops():
             even, odd = tl.split(tl.reshape(n, (BLOCK_H, HEAD_DIM // 2, 2)))
             rotated = tl.reshape(tl.join(-odd, even), (BLOCK_H, HEAD_DIM))
             result = (n * cos + rotated * sin).to(tl.bfloat16)
-            if FP8_QK:  # e4m3 for FP8 attention, with the static scale of fp8_qk_scales()
+            if FP8_QK:  # e4m3 for FP8 attention, with the static scale of attention.fp8_qk_scales()
                 result = tl.clamp(result.to(tl.float32) / tl.load(qk_scale_ptr + part), -448.0, 448.0)
                 result = result.to(tl.float8e4nv)
             tl.store(out + offsets, result, mask=mask)
@@ -534,8 +520,8 @@ def qk_norm_rope(first, second, norms_first, norms_second, rotary, heads: int, e
 
 
 def qk_norm_rope_fp8(first, second, norms_first, norms_second, rotary, heads: int, eps: float, fp8_scales):
-    """As qk_norm_rope, for FA3 in FP8: q, k in e4m3 with the static ``fp8_scales`` (fp8_qk_scales), v in e4m3 with
-    per-head scales; returns (q, k, v, v descales (batch, heads))."""
+    """As qk_norm_rope, for FA3 in FP8: q, k in e4m3 with the static ``fp8_scales`` (attention.fp8_qk_scales), v in
+    e4m3 with per-head scales; returns (q, k, v, v descales (batch, heads))."""
     if not _on_kernel(first):
         return reference_qk_norm_rope_fp8(first, second, norms_first, norms_second, rotary, heads, eps, fp8_scales)
     first_, second_, *weights, cos, sin, has_second = _qk_args(first, second, norms_first, norms_second, rotary)

@@ -81,6 +81,11 @@ def quantize_per_head(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (t.float() / scale[:, None, :, None]).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn), scale
 
 
+def quantize_static(t: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``t`` / ``scale`` in e4m3 (clamped to its range): a scale known in advance, no reduction over ``t``."""
+    return (t.float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+
+
 def _fp8_rowwise(t: torch.Tensor) -> torch.Tensor:
     """Quantize-dequantize each row to float8 e4m3 with its own scale (what rowwise FP8 GEMMs do)."""
     values, scale = quantize_rowwise_fp8(t)
