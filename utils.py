@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 from PIL import Image, ImageOps
 
 DECODERS = ("PNG", "JPEG", "WEBP")  # the only decoders untrusted bytes reach (the JPEG one also opens MPO)
@@ -97,6 +98,14 @@ def _too_large(max_pixels: int, what: str) -> str:
         f"input image is too large ({what}); the limit is {max_pixels} pixels (FLUX_MAX_INPUT_PIXELS). "
         "Downscale it first: it is resized to at most 1568 px a side anyway."
     )
+
+
+def pixels_to_pil(images) -> list[Image.Image]:
+    """(batch, 3, H, W) images in [0, 1] (any device) to PIL, with diffusers' arithmetic (fp32, x255, round half to
+    even, uint8) done where the tensor lives: on a GPU only the uint8 pixels cross to the host (a quarter of the
+    float copy diffusers' postprocess makes), and the host does no per-pixel work."""
+    pixels = (images.float() * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(p) for p in pixels]
 
 
 def encode_image(img: Image.Image, output_format: str) -> str:

@@ -41,3 +41,21 @@ def test_16_bit_png_is_scaled_not_clipped():
 def test_transparency_is_composited_on_white(mode):
     img = Image.new(mode, (8, 8), (0, 0, 0, 0) if mode == "RGBA" else (0, 0))
     assert decode_image(b64(img, "PNG"), 10**8).getpixel((0, 0)) == (255, 255, 255)
+
+
+def test_pixels_to_pil_gives_the_pixels_diffusers_postprocess_gives():
+    import torch
+    from diffusers.image_processor import VaeImageProcessor
+
+    from utils import pixels_to_pil
+
+    g = torch.Generator().manual_seed(0)
+    decoded = (torch.randn(2, 3, 24, 40, generator=g) * 0.8).to(torch.bfloat16)  # VAE output, beyond [-1, 1] too
+    decoded[0, 0, 0, :4] = torch.tensor([-1.0, 1.0, 0.0, 127.5 / 127.5 - 1])  # the ends and a round-half case
+    processor = VaeImageProcessor(vae_scale_factor=16)
+    expected = processor.postprocess(decoded, output_type="pil")
+    ours = pixels_to_pil(processor.postprocess(decoded, output_type="pt"))
+    assert [im.size for im in ours] == [(40, 24), (40, 24)] and all(im.mode == "RGB" for im in ours)
+    for got, want in zip(ours, expected, strict=True):
+        assert np.array_equal(np.asarray(got), np.asarray(want))
+    assert len({np.asarray(im).tobytes() for im in ours}) == 2  # not a constant image
