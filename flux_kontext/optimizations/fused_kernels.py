@@ -8,6 +8,9 @@ Each kernel runs one program per token row, loads the row once, keeps it in regi
 - ``qk_norm_rope``: the fused QKV GEMM's output split per head, RMSNorm on q and k, RoPE on q and k, written as
                   contiguous (batch, tokens, heads, head_dim) q, k, v for the attention kernel; two sources (text,
                   image rows with their own norm weights) are written as one concatenated sequence.
+- ``qk_norm_rope_fp8``: the same for FA3 in FP8: q and k written in e4m3 with static scales, v's per-head absmax
+                  taken on the way (atomic max), then a second kernel (``v_fp8_kernel``) writes v in e4m3 straight
+                  from the QKV rows, with FA3's descales.
 
 Under compile Inductor fuses the same work into reduction kernels that pass over each row twice (bench/ profiles:
 1.5-3x the bytes' time). Arithmetic follows the unfused path (fp32 inside, the bf16 roundings diffusers makes,

@@ -66,24 +66,25 @@ def _config(fmt: str):
     )
 
 
+def quantize_static(t: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``t`` / ``scale`` in e4m3 (clamped to its range), in fp32; ``scale`` broadcasts (a scalar known in advance,
+    or the per-row / per-head scales below)."""
+    return (t.float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+
+
 def quantize_rowwise_fp8(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Each row to float8 e4m3 with its own fp32 scale, absmax / 448 (floored at 1e-12 so a zero row stays finite):
-    (values, scales (..., 1)). torchao's rowwise arithmetic; the fused kernel (fused_fp8.py) is checked against it."""
-    t = t.float()
-    scale = t.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12) / E4M3_MAX
-    return (t / scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn), scale
+    (values, scales (..., 1)). torchao's rowwise arithmetic; the fused kernels (fused_kernels.py) are checked
+    against it."""
+    scale = t.float().abs().amax(dim=-1, keepdim=True).clamp(min=1e-12) / E4M3_MAX
+    return quantize_static(t, scale), scale
 
 
 def quantize_per_head(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(batch, tokens, heads, head_dim) to e4m3 with one scale per (batch, head), absmax / 448 as above (FA3's FP8
     descale layout): (values, descales (batch, heads) fp32)."""
     scale = t.abs().amax(dim=(1, 3)).float().clamp(min=1e-12) / E4M3_MAX
-    return (t.float() / scale[:, None, :, None]).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn), scale
-
-
-def quantize_static(t: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """``t`` / ``scale`` in e4m3 (clamped to its range): a scale known in advance, no reduction over ``t``."""
-    return (t.float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+    return quantize_static(t, scale[:, None, :, None]), scale
 
 
 def _fp8_rowwise(t: torch.Tensor) -> torch.Tensor:
