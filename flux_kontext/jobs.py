@@ -8,10 +8,6 @@ from dataclasses import dataclass, field
 from PIL import Image
 
 PHASES = ("text_encoding", "image_encoding", "denoising", "decoding")
-# Scheduler names and their default step counts (the classes live in optimizations/scheduler.py).
-SCHEDULER_DEFAULT_STEPS = {"euler": 28, "dpmpp_2m": 14, "dpmpp_2m_karras": 14}
-SCHEDULERS = tuple(SCHEDULER_DEFAULT_STEPS)
-DEFAULT_DPM = "dpmpp_2m"  # what the seed's use_dpm_solver: true selects
 
 
 class EngineNotReady(RuntimeError):
@@ -67,6 +63,17 @@ class JobResult:
     true_cfg: bool
     timings_ms: dict[str, float]
     optimizations: dict
-    first_block_cache: dict | None = None  # threshold, transformer calls computed and skipped
-    cuda_graphs: dict | None = None  # block calls replayed, captured and run uncaptured (first sight of a shape)
+    # Per optimization with counters, what it counted for this job (None where it is not loaded); the response
+    # carries two of them as fields of their own (below).
+    counters: dict[str, dict | None] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)  # e.g. a prompt longer than the text encoder reads
+
+    @property
+    def first_block_cache(self) -> dict | None:
+        """threshold, transformer calls computed and skipped"""
+        return self.counters.get("first_block_cache")
+
+    @property
+    def cuda_graphs(self) -> dict | None:
+        """block calls replayed, captured and run uncaptured (first sight of a shape)"""
+        return self.counters.get("cuda_graphs")

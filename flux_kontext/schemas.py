@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from flux_kontext.jobs import DEFAULT_DPM, SCHEDULER_DEFAULT_STEPS, SCHEDULERS
+from flux_kontext.schedulers import DEFAULT_DPM, SCHEDULER_DEFAULT_STEPS, SCHEDULERS
 from utils import MAX_SEED
 
 MIN_SIDE, MAX_SIDE, SIZE_MULTIPLE = 256, 1568, 16

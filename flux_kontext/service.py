@@ -16,10 +16,11 @@ from fastapi.responses import JSONResponse, Response
 
 from flux_kontext.benchmark import BenchmarkParams, run_benchmark
 from flux_kontext.errors import ServiceError, install_error_handlers
-from flux_kontext.jobs import SCHEDULERS, EngineNotReady, EngineOutOfMemory, Job, JobRejected, JobResult
+from flux_kontext.jobs import EngineNotReady, EngineOutOfMemory, Job, JobRejected, JobResult
 from flux_kontext.metrics import Metrics
 from flux_kontext.queue import JobQueue, QueueFull, WorkerStopped
 from flux_kontext.request_body import DISCONNECTED, RequestBodyMiddleware
+from flux_kontext.schedulers import SCHEDULERS
 from flux_kontext.schemas import (
     MAX_SIDE,
     MIN_SIDE,

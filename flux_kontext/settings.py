@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import AliasChoices, BaseModel, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_MODEL = "black-forest-labs/FLUX.1-Kontext-dev"
@@ -14,10 +14,8 @@ RANDOM_MODEL = "random"
 TINY_MODEL = "tiny"
 
 
-class Settings(BaseSettings):
-    """Service configuration, read from FLUX_* environment variables or passed directly."""
-
-    model_config = SettingsConfigDict(env_prefix="FLUX_", extra="forbid", frozen=True)
+class ServiceSettings(BaseModel):
+    """The service itself: model, device, queue, limits."""
 
     model: str = Field(
         DEFAULT_MODEL,
@@ -34,7 +32,7 @@ class Settings(BaseSettings):
         4096 * 4096, ge=64 * 64, description="Largest input image (width*height), checked before decoding."
     )
     request_timeout_s: float = Field(600.0, gt=0, description="Longest a request waits for its result.")
-    warmup: bool = Field(True, description="Run one small generation before reporting ready.")
+    warmup: bool = Field(True, description="Run the warm-up generations (and compile, on a GPU) before ready.")
     max_sequence_length: int | None = Field(
         None, ge=16, le=512, description="T5 tokens; default 512 (real/random) or 64 (tiny)."
     )
@@ -42,56 +40,43 @@ class Settings(BaseSettings):
     retry_after_s: int = Field(5, ge=1, description="Retry-After header sent with 429 and 503.")
     seed_for_warmup: int = 0
 
-    # ----- the optimization stack (each is reported in /health with what really happened) -----
+    @model_validator(mode="after")
+    def _check_device(self):
+        if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
+            raise ValueError(f"FLUX_DEVICE must be 'auto', 'cpu' or 'cuda[:N]', not {self.device!r}")
+        return self
+
+
+# ----- one section per optimization (flux_kontext/optimizations/<name>.py); each rule sits with its feature -----
+class FuseQkvSettings(BaseModel):
+    fuse_qkv: bool = Field(True, description="Fuse the Q/K/V projections of the transformer and the VAE.")
+
+
+class ChannelsLastSettings(BaseModel):
+    channels_last: bool = Field(
+        False,
+        description="Channels-last VAE; off by default: measured slower for the eager VAE decode (BENCHMARKS.md).",
+    )
+
+
+class AttentionSettings(BaseModel):
     attention: Literal["auto", "sdpa", "cudnn", "fa3"] = Field(
         "auto", description="'auto' measures the available kernels on this GPU at start-up and keeps the fastest."
     )
-    fuse_qkv: bool = Field(True, description="Fuse the Q/K/V projections of the transformer and the VAE.")
-    quantize: Literal["auto", "none", "fp8", "mxfp4"] = Field(
-        "auto", description="'auto': MXFP4 where FP4 tensor cores exist (sm_100+), FP8 rowwise on sm_89/sm_90."
-    )
-    fp8_max_layer_error: float = Field(
-        0.06,
-        gt=0,
-        description="Layers whose simulated FP8 output error exceeds this stay bf16 (typical: 0.037); with "
-        "FLUX_FP8_ATTENTION=auto, also the limit for every attention layer in FP8 (random weights: 0.021).",
-    )
-    first_block_cache: bool = Field(True, description="diffusers' first-block cache (threshold per request).")
-    cache_threshold: float = Field(
-        0.12, ge=0, le=1, description="First-block cache residual threshold (the seed's 0.12); 0 never skips."
-    )
-    compile: bool = Field(True, description="Regional torch.compile of the transformer blocks (GPU only).")
-    compile_multi_kernel: bool = Field(
-        False,
-        description="Inductor multi-kernel (persistent row reductions up to 16k wide, the faster kept): 1.6-2% faster "
-        "steps, but off by default: on torch 2.11 it fails whenever Inductor's on-disk cache hits (BENCHMARKS.md).",
-    )
-    fused_gelu_fp8: bool = Field(
-        True, description="One-pass GELU + rowwise FP8 quantization (Triton) before the MLP output GEMMs (GPU, FP8)."
-    )
+
+    @model_validator(mode="after")
+    def _attention_rules(self):
+        if self.device == "cpu" and self.attention in ("cudnn", "fa3"):
+            raise ValueError(f"FLUX_ATTENTION={self.attention} is a GPU kernel; with FLUX_DEVICE=cpu use auto or sdpa")
+        return self
+
+
+class FlashAttention3Settings(BaseModel):
     fp8_attention: Literal["auto", "on", "off"] = Field(
         "auto",
-        description="FlashAttention 3 in FP8 (e4m3 q/k/v; Hopper with FA3). auto: used when, at start-up, every "
-        "attention layer of the loaded transformer stays within FLUX_FP8_MAX_LAYER_ERROR of bf16 attention (one "
-        "1024² step, the same limit as the FP8 GEMM layers); on: used without that limit (still measured and "
-        "reported); off: never.",
-    )
-    fused_norm_rope: bool = Field(
-        True,
-        description="Whole FP8 blocks through our Triton kernels: LayerNorm + modulation + FP8 quantization before "
-        "the QKV/MLP GEMMs, RMSNorm + RoPE on q/k (GPU, FP8; needs FLUX_FUSED_GELU_FP8=true).",
-    )
-    gelu_sigmoid_form: bool = Field(
-        True, description="Compute the blocks' tanh-GELU as x*sigmoid(2z) (same function, cheaper once compiled)."
-    )
-    cuda_graphs: bool = Field(
-        True, description="CUDA graph per transformer block and input shape (GPU only; per request: use_cuda_graphs)."
-    )
-    cuda_graph_max_shapes: int = Field(
-        4, ge=1, le=64, description="Input shapes whose graphs are kept (each 1.6-3.2 GiB at 1024²); LRU beyond."
-    )
-    channels_last: bool = Field(
-        False, description="Channels-last VAE; off by default: measured slower for the eager VAE decode on H100."
+        description="FlashAttention 3 in FP8 (e4m3 q/k/v; Hopper with FA3). auto: used when a start-up screen on the "
+        "loaded transformer keeps every attention layer within FLUX_FP8_MAX_LAYER_ERROR of bf16 attention; on: used "
+        "without that limit (still measured and reported); off: never.",
     )
 
     @field_validator("fp8_attention", mode="before")
@@ -104,26 +89,7 @@ class Settings(BaseSettings):
         return {"true": "on", "1": "on", "yes": "on", "false": "off", "0": "off", "no": "off"}.get(lowered, lowered)
 
     @model_validator(mode="after")
-    def _check_device(self) -> Settings:
-        if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
-            raise ValueError(f"FLUX_DEVICE must be 'auto', 'cpu' or 'cuda[:N]', not {self.device!r}")
-        return self
-
-    @model_validator(mode="after")
-    def _check_combinations(self) -> Settings:
-        """Combinations that cannot work are refused here, with what to change (auto values adapt instead)."""
-        if self.device == "cpu" and self.attention in ("cudnn", "fa3"):
-            raise ValueError(f"FLUX_ATTENTION={self.attention} is a GPU kernel; with FLUX_DEVICE=cpu use auto or sdpa")
-        if self.device == "cpu" and self.quantize in ("fp8", "mxfp4"):
-            raise ValueError(
-                f"FLUX_QUANTIZE={self.quantize} needs a GPU with FP8/FP4 tensor cores; with FLUX_DEVICE=cpu use "
-                "auto or none"
-            )
-        if self.fused_norm_rope and not self.fused_gelu_fp8 and "fused_norm_rope" in self.model_fields_set:
-            raise ValueError(
-                "FLUX_FUSED_NORM_ROPE=true routes whole blocks through the fused kernels, GELU included; it needs "
-                "FLUX_FUSED_GELU_FP8=true"
-            )
+    def _flash_attention_3_rules(self):
         if self.fp8_attention == "on" and self.attention in ("sdpa", "cudnn"):
             raise ValueError(
                 f"FLUX_FP8_ATTENTION=on runs FlashAttention 3 in FP8; FLUX_ATTENTION={self.attention} excludes it "
@@ -131,9 +97,117 @@ class Settings(BaseSettings):
             )
         if self.fp8_attention == "on" and self.device == "cpu":
             raise ValueError("FLUX_FP8_ATTENTION=on needs a Hopper GPU (FlashAttention 3); not with FLUX_DEVICE=cpu")
+        return self
+
+
+class LowPrecisionGemmSettings(BaseModel):
+    # FLUX_LOW_PRECISION_GEMM, the feature's name; FLUX_QUANTIZE (and quantize=) stay as aliases.
+    low_precision_gemm: Literal["auto", "none", "fp8", "mxfp4"] = Field(
+        "auto",
+        validation_alias=AliasChoices("low_precision_gemm", "quantize", "flux_low_precision_gemm", "flux_quantize"),
+        description="'auto': MXFP4 where FP4 tensor cores exist (sm_100+), FP8 rowwise on sm_89/sm_90.",
+    )
+    fp8_max_layer_error: float = Field(
+        0.06,
+        gt=0,
+        description="Layers whose simulated FP8 output error exceeds this stay bf16; with FLUX_FP8_ATTENTION=auto, "
+        "also the limit for every attention layer in FP8 (measured values: BENCHMARKS.md).",
+    )
+
+    @property
+    def quantize(self) -> str:
+        """The seed-era name of ``low_precision_gemm``."""
+        return self.low_precision_gemm
+
+    @model_validator(mode="after")
+    def _low_precision_gemm_rules(self):
+        if self.device == "cpu" and self.low_precision_gemm in ("fp8", "mxfp4"):
+            raise ValueError(
+                f"FLUX_QUANTIZE={self.low_precision_gemm} needs a GPU with FP8/FP4 tensor cores; with FLUX_DEVICE=cpu "
+                "use auto or none"
+            )
+        return self
+
+
+class GeluSigmoidFormSettings(BaseModel):
+    gelu_sigmoid_form: bool = Field(
+        True, description="Compute the blocks' tanh-GELU as x*sigmoid(2z) (same function, cheaper once compiled)."
+    )
+
+
+class FusedGeluFp8Settings(BaseModel):
+    fused_gelu_fp8: bool = Field(
+        True, description="One-pass GELU + rowwise FP8 quantization (Triton) before the MLP output GEMMs (GPU, FP8)."
+    )
+
+
+class FusedNormRopeSettings(BaseModel):
+    fused_norm_rope: bool = Field(
+        True,
+        description="Whole FP8 blocks through our Triton kernels: LayerNorm + modulation + FP8 quantization before "
+        "the QKV/MLP GEMMs, RMSNorm + RoPE on q/k (GPU, FP8; needs FLUX_FUSED_GELU_FP8=true).",
+    )
+
+    @model_validator(mode="after")
+    def _fused_norm_rope_rules(self):
+        if self.fused_norm_rope and not self.fused_gelu_fp8 and "fused_norm_rope" in self.model_fields_set:
+            raise ValueError(
+                "FLUX_FUSED_NORM_ROPE=true routes whole blocks through the fused kernels, GELU included; it needs "
+                "FLUX_FUSED_GELU_FP8=true"
+            )
+        return self
+
+
+class CompileSettings(BaseModel):
+    compile: bool = Field(True, description="Regional torch.compile of the transformer blocks and the VAE (GPU only).")
+    compile_multi_kernel: bool = Field(
+        False,
+        description="Inductor multi-kernel (persistent row reductions, the faster kept): slightly faster steps, but "
+        "off by default: on torch 2.11 it fails whenever Inductor's on-disk cache hits (BENCHMARKS.md).",
+    )
+
+    @model_validator(mode="after")
+    def _compile_rules(self):
         if self.compile_multi_kernel and not self.compile:
             raise ValueError("FLUX_COMPILE_MULTI_KERNEL=true configures compile; it needs FLUX_COMPILE=true")
         return self
+
+
+class CudaGraphsSettings(BaseModel):
+    cuda_graphs: bool = Field(
+        True, description="CUDA graph per transformer block and input shape (GPU only; per request: use_cuda_graphs)."
+    )
+    cuda_graph_max_shapes: int = Field(
+        4, ge=1, le=64, description="Input shapes whose graphs are kept (memory per shape: BENCHMARKS.md); LRU beyond."
+    )
+
+
+class FirstBlockCacheSettings(BaseModel):
+    first_block_cache: bool = Field(True, description="diffusers' first-block cache (threshold per request).")
+    cache_threshold: float = Field(
+        0.12, ge=0, le=1, description="First-block cache residual threshold (the seed's 0.12); 0 never skips."
+    )
+
+
+class Settings(
+    FirstBlockCacheSettings,
+    CudaGraphsSettings,
+    CompileSettings,
+    FusedNormRopeSettings,
+    FusedGeluFp8Settings,
+    GeluSigmoidFormSettings,
+    LowPrecisionGemmSettings,
+    FlashAttention3Settings,
+    AttentionSettings,
+    ChannelsLastSettings,
+    FuseQkvSettings,
+    ServiceSettings,
+    BaseSettings,
+):
+    """Service configuration, read from FLUX_* environment variables or passed directly: the service's section and
+    one section per optimization (rules between features are validated in the feature's own section)."""
+
+    model_config = SettingsConfigDict(env_prefix="FLUX_", extra="forbid", frozen=True, populate_by_name=True)
 
     @property
     def model_is_explicit(self) -> bool:

@@ -6,9 +6,9 @@ import torch
 import torch.nn.functional as F
 
 from flux_kontext.models import build_random_pipeline
-from flux_kontext.optimizations import OptimizationContext
-from flux_kontext.optimizations.activation import SigmoidFormGELU, apply, replace_tanh_gelus, tanh_gelu
+from flux_kontext.optimizations.gelu_sigmoid_form import SigmoidFormGELU, replace_tanh_gelus, tanh_gelu
 from flux_kontext.settings import Settings
+from flux_kontext.stack import Hardware, stack_for
 from tests.test_optimizations import tiny_pipe_with_reference
 
 
@@ -36,10 +36,15 @@ def test_every_block_gelu_is_replaced_and_the_transformer_output_holds():
 
 def test_it_is_only_applied_for_compiled_gpu_code():
     pipe = build_random_pipeline(tiny=True, device=torch.device("cpu"), dtype=torch.float32)
-    assert apply(pipe, OptimizationContext("cpu", None, Settings(model="tiny"))).status == "skipped"
-    off = apply(pipe, OptimizationContext("cuda", (9, 0), Settings(model="tiny", gelu_sigmoid_form=False)))
+
+    def apply(hardware, **settings):
+        [report] = stack_for(Settings(model="tiny", **settings), only=["gelu_sigmoid_form"]).apply(pipe, hardware)
+        return report
+
+    hopper = Hardware("cuda", (9, 0))
+    assert apply(Hardware("cpu")).status == "skipped"
+    off = apply(hopper, gelu_sigmoid_form=False)
     assert off.status == "skipped" and "FLUX_GELU_SIGMOID_FORM" in off.detail
-    no_compile = apply(pipe, OptimizationContext("cuda", (9, 0), Settings(model="tiny", compile=False)))
-    assert no_compile.status == "skipped"
-    applied = apply(pipe, OptimizationContext("cuda", (9, 0), Settings(model="tiny")))
+    assert apply(hopper, compile=False).status == "skipped"
+    applied = apply(hopper)
     assert applied.status == "applied" and applied.detail.startswith("3 tanh-GELUs")

@@ -4,37 +4,29 @@ kernels, which bench/fused_blocks.py checks against the same references on the G
 
 from __future__ import annotations
 
-import types
-
 import torch
 from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock
 
-from flux_kontext.optimizations import OptimizationContext
-from flux_kontext.optimizations.activation import tanh_gelu
-from flux_kontext.optimizations.fused_fp8 import apply, replace, single_block_forward
-from flux_kontext.optimizations.fused_kernels import reference_gelu_fp8 as reference
-from flux_kontext.optimizations.quantization import E4M3_MAX as FP8_MAX
-from flux_kontext.optimizations.quantization import quantize_rowwise_fp8
+from flux_kontext.optimizations.attention.kernels import FA3_FP8, KernelChoice, fa3_fp8, sdpa
+from flux_kontext.optimizations.attention.processor import install, register_fp8_qk_scales
+from flux_kontext.optimizations.fp8_blocks import single_block_forward
+from flux_kontext.optimizations.kernels import quantize_rowwise_fp8
 from flux_kontext.settings import Settings
+from flux_kontext.stack import Hardware, stack_for
 from tests.test_optimizations import tiny_pipe_with_reference
 
+HOPPER = Hardware("cuda", (9, 0))  # the fused path is decided for a GPU; on CPU tensors it runs the references
 
-def test_reference_quantizes_attention_and_gelu_rows_with_one_scale_per_row():
-    g = torch.Generator().manual_seed(0)
-    attn, mlp = torch.randn(5, 8, generator=g), torch.randn(5, 24, generator=g) * 4
-    mlp[2] = 0.0
-    attn[2] = 0.0  # an all-zero row: a floored scale, zeros out, no NaN
-    values, scale = reference(attn, mlp)
-    assert values.shape == (5, 32) and values.dtype == torch.float8_e4m3fn and scale.shape == (5, 1)
-    row = torch.cat([attn, tanh_gelu(mlp)], dim=-1)
-    torch.testing.assert_close(scale[[0, 1, 3, 4]], row.abs().amax(-1, keepdim=True)[[0, 1, 3, 4]] / FP8_MAX)
-    assert torch.all(values[2].float() == 0) and torch.isfinite(scale).all()
-    dequantized = values.float() * scale
-    # e4m3: 3 mantissa bits (half a step is 2^-4 relative), subnormal steps of 2^-9 below 2^-6 (in scale units)
-    assert ((dequantized - row).abs() <= row.abs() * 2**-4 + scale * 2**-9 + 1e-7).all()
-    assert values.float().abs().max() == FP8_MAX  # each row's largest value lands on the top of the range
-    gelu_only, _ = reference(None, mlp)
-    assert gelu_only.shape == (5, 24)
+
+def fused_stack(pipe, **settings):
+    """The two fused optimizations applied to ``pipe`` as the GPU stack would (the kernels' references on CPU)."""
+    stack = stack_for(Settings(model="tiny", **settings), only=["fused_gelu_fp8", "fused_norm_rope"])
+    stack.apply(pipe, HOPPER)
+    return stack
+
+
+def statuses(stack) -> dict:
+    return {r.name: (r.status, r.detail, dict(r.data)) for r in stack.reports()}
 
 
 @torch.inference_mode()
@@ -61,30 +53,38 @@ def test_single_block_through_the_fused_path_matches_the_block_with_fake_quantiz
 
 
 def test_only_rowwise_fp8_layers_are_rerouted_and_only_on_the_gpu():
-    pipe, _, _ = tiny_pipe_with_reference(0)
-    nothing = {"mlp_outputs": 0, "single_blocks": 0, "double_blocks": 0}
-    assert replace(pipe.transformer, norm_rope=True) == nothing  # bf16/fp32 weights: nothing to feed
-    assert [r.status for r in apply(pipe, OptimizationContext("cpu", None, Settings(model="tiny")))] == ["skipped"] * 2
-    off = apply(pipe, OptimizationContext("cuda", (9, 0), Settings(model="tiny", fused_gelu_fp8=False)))
-    assert [r.status for r in off] == ["skipped"] * 2
-    assert "FLUX_FUSED_GELU_FP8=false" in off[0].detail and "needs FLUX_FUSED_GELU_FP8=true" in off[1].detail
+    pipe, kwargs, reference = tiny_pipe_with_reference(0)
+    bf16 = statuses(fused_stack(pipe))  # bf16/fp32 weights: nothing to feed
+    assert bf16["fused_gelu_fp8"][:2] == ("skipped", "no rowwise-FP8 MLP output layer to feed (FP8 not applied)")
+    assert bf16["fused_norm_rope"][0] == "skipped" and "needs fused_gelu_fp8" in bf16["fused_norm_rope"][1]
+    torch.testing.assert_close(pipe.transformer(**kwargs)[0], reference, rtol=0, atol=0)
+    cpu = stack_for(Settings(model="tiny"), only=["fused_gelu_fp8", "fused_norm_rope"])
+    cpu.apply(pipe, Hardware("cpu"))
+    assert [r.status for r in cpu.reports()] == ["skipped"] * 2
+    off = statuses(fused_stack(pipe, fused_gelu_fp8=False))
+    assert "FLUX_FUSED_GELU_FP8=false" in off["fused_gelu_fp8"][1]
+    assert "needs FLUX_FUSED_GELU_FP8=true" in off["fused_norm_rope"][1]
 
 
 @torch.inference_mode()
-def test_undo_sends_the_rerouted_block_back_to_diffusers_forward(monkeypatch):
-    from flux_kontext.optimizations import fused_fp8
+def test_undo_sends_the_rerouted_blocks_back_to_diffusers_forward():
+    transformer, pipe, kwargs, expected = _fp8_tiny_transformer(3)
+    stack = fused_stack(pipe)
+    fused = transformer(**kwargs)[0]
+    assert [r.status for r in stack.reports()] == ["applied", "applied"]
+    for name in ("fused_norm_rope", "fused_gelu_fp8"):
+        stack[name].undo()
+    # diffusers' forward on the fake-FP8 layers computes the same as the fused path (test below), so undo is shown
+    # by breaking the fused path's reference kernel: after undo it is never called.
+    from flux_kontext.optimizations.kernels import gelu
 
-    torch.manual_seed(0)
-    block = FluxSingleTransformerBlock(dim=64, num_attention_heads=2, attention_head_dim=32).eval()
-    inputs = dict(
-        hidden_states=torch.randn(1, 24, 64), encoder_hidden_states=torch.randn(1, 8, 64), temb=torch.randn(1, 64)
-    )
-    expected = block(**inputs)
-    monkeypatch.setattr(fused_fp8, "_ACTIVE", True)
-    block.forward = types.MethodType(single_block_forward, block)  # no FP8 buffers: the fused path would fail
-    fused_fp8.undo()
-    for got, want in zip(block(**inputs), expected, strict=True):
-        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    real, gelu.reference_gelu_fp8 = gelu.reference_gelu_fp8, None
+    try:
+        restored = transformer(**kwargs)[0]
+    finally:
+        gelu.reference_gelu_fp8 = real
+    torch.testing.assert_close(restored, expected, rtol=0, atol=0)
+    assert float((fused - expected).norm() / expected.norm()) < 1e-5
 
 
 def _fake_fp8(linear: torch.nn.Linear) -> None:
@@ -102,8 +102,6 @@ def _fp8_tiny_transformer(seed: int):
     fused blocks feed), its inputs, and its output through diffusers' block forwards."""
     from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
 
-    from flux_kontext.optimizations.attention import KernelChoice, KernelFluxAttnProcessor, _sdpa
-
     pipe, kwargs, _ = tiny_pipe_with_reference(seed)
     transformer = pipe.transformer
     transformer.fuse_qkv_projections()
@@ -120,63 +118,46 @@ def _fp8_tiny_transformer(seed: int):
     transformer.set_attn_processor(FluxAttnProcessor())
     with torch.inference_mode():
         expected = transformer(**kwargs)[0]
-    transformer.set_attn_processor(KernelFluxAttnProcessor(KernelChoice(kernels={"sdpa": _sdpa})))
-    return transformer, kwargs, expected
+    install(transformer, KernelChoice(kernels={"sdpa": sdpa}))
+    return transformer, pipe, kwargs, expected
 
 
 @torch.inference_mode()
 def test_whole_blocks_on_the_fused_path_compute_what_diffusers_blocks_compute():
-    transformer, kwargs, expected = _fp8_tiny_transformer(0)
-    counts = replace(transformer, norm_rope=True)
+    transformer, pipe, kwargs, expected = _fp8_tiny_transformer(0)
+    reports = statuses(fused_stack(pipe))
     blocks = len(transformer.single_transformer_blocks), len(transformer.transformer_blocks)
-    assert counts == {"mlp_outputs": blocks[0] + 2 * blocks[1], "single_blocks": blocks[0], "double_blocks": blocks[1]}
-    assert transformer.transformer_blocks[0].forward.__func__.__name__ == "fused_double_block_forward"
+    assert reports["fused_gelu_fp8"][2] == {"mlp_outputs": blocks[0] + 2 * blocks[1]}
+    assert reports["fused_norm_rope"][2] == {"single_blocks": blocks[0], "double_blocks": blocks[1]}
     ours = transformer(**kwargs)[0]
     assert ours.shape == expected.shape and expected.abs().max() > 0
     # The same arithmetic in fp32, the same FP8 roundings: equal up to fp32 summation order.
     assert float((ours - expected).norm() / expected.norm()) < 1e-5
     # Not vacuous: a wrong RoPE (the rotary table shifted by one token) changes the result.
     cos, sin = transformer.pos_embed(torch.cat([kwargs["txt_ids"], kwargs["img_ids"]]))
-    from flux_kontext.optimizations import fused_kernels
+    from flux_kontext.optimizations.kernels import rope
 
-    real = fused_kernels.reference_qk_norm_rope
-    fused_kernels.reference_qk_norm_rope = lambda *a: real(*a[:4], tuple(t.roll(1, 0) for t in a[4]), *a[5:])
+    real = rope.reference_qk_norm_rope
+    rope.reference_qk_norm_rope = lambda *a: real(*a[:4], tuple(t.roll(1, 0) for t in a[4]), *a[5:])
     try:
         wrong = transformer(**kwargs)[0]
     finally:
-        fused_kernels.reference_qk_norm_rope = real
+        rope.reference_qk_norm_rope = real
     assert float((wrong - expected).norm() / expected.norm()) > 1e-3
     assert cos.shape[0] == kwargs["txt_ids"].shape[0] + kwargs["img_ids"].shape[0]
 
 
 def test_a_block_with_a_layer_kept_in_bf16_keeps_the_path_below_it():
-    transformer, _, _ = _fp8_tiny_transformer(1)
+    transformer, pipe, _, _ = _fp8_tiny_transformer(1)
     first = transformer.single_transformer_blocks[0]
     del first.attn.to_qkv.fp8_weight_t, first.attn.to_qkv.fp8_weight_scale  # kept in bf16 by the FP8 screen
     first.attn.to_qkv.weight = torch.nn.Parameter(first.attn.to_qkv.weight.detach().clone())
-    counts = replace(transformer, norm_rope=True)
-    assert counts["single_blocks"] == len(transformer.single_transformer_blocks) - 1
-    assert first.forward.__func__.__name__ == "single_block_forward"  # GELU kernel only
-
-
-def test_modulated_layer_norm_reference_is_diffusers_ada_layer_norm_quantized():
-    from diffusers.models.normalization import AdaLayerNormZeroSingle
-
-    from flux_kontext.optimizations.fused_fp8 import _modulation
-    from flux_kontext.optimizations.fused_kernels import reference_ln_mod_fp8
-
-    torch.manual_seed(0)
-    norm = AdaLayerNormZeroSingle(64).eval()
-    text, image, temb = torch.randn(2, 3, 64), torch.randn(2, 5, 64) * 3, torch.randn(2, 64)
-    with torch.inference_mode():
-        normed, gate = norm(torch.cat([text, image], dim=1), emb=temb)
-        shift, scale, our_gate = _modulation(norm, temb)
-        values, row_scale = reference_ln_mod_fp8(text, image, shift, scale, norm.norm.eps)
-    torch.testing.assert_close(our_gate, gate)
-    want_values, want_scale = quantize_rowwise_fp8(normed.reshape(-1, 64))
-    assert values.shape == (16, 64) and row_scale.shape == (16, 1)
-    torch.testing.assert_close(row_scale, want_scale)
-    assert (values.float() != want_values.float()).float().mean() < 0.01
+    reports = statuses(fused_stack(pipe))
+    # That block keeps the GELU kernel (its MLP output is still counted) but not the whole-block path.
+    assert reports["fused_norm_rope"][2]["single_blocks"] == len(transformer.single_transformer_blocks) - 1
+    assert reports["fused_gelu_fp8"][2]["mlp_outputs"] == len(transformer.single_transformer_blocks) + 2 * len(
+        transformer.transformer_blocks
+    )
 
 
 def test_settings_refuse_whole_block_fusion_without_the_gelu_kernel():
@@ -189,8 +170,8 @@ def test_settings_refuse_whole_block_fusion_without_the_gelu_kernel():
 
 
 def test_static_fp8_scales_bound_rms_normed_rotated_q_and_k():
-    from flux_kontext.optimizations.attention import fp8_qk_scales
-    from flux_kontext.optimizations.fused_kernels import reference_qk_norm_rope
+    from flux_kontext.optimizations.attention.processor import fp8_qk_scales
+    from flux_kontext.optimizations.kernels import reference_qk_norm_rope
 
     g = torch.Generator().manual_seed(0)
     heads, head_dim, tokens = 2, 32, 12
@@ -215,15 +196,7 @@ def test_static_fp8_scales_bound_rms_normed_rotated_q_and_k():
 
 @torch.inference_mode()
 def test_fp8_attention_path_hands_e4m3_q_k_v_and_their_descales_to_the_fp8_kernel():
-    from flux_kontext.optimizations.attention import (
-        FA3_FP8,
-        KernelChoice,
-        KernelFluxAttnProcessor,
-        _sdpa,
-        register_fp8_qk_scales,
-    )
-
-    transformer, kwargs, expected = _fp8_tiny_transformer(2)
+    transformer, pipe, kwargs, expected = _fp8_tiny_transformer(2)
     blocks = len(transformer.transformer_blocks) + len(transformer.single_transformer_blocks)
     calls = []
 
@@ -235,10 +208,10 @@ def test_fp8_attention_path_hands_e4m3_q_k_v_and_their_descales_to_the_fp8_kerne
         raise AssertionError("the fused blocks call fp8_call directly")
 
     fp8_kernel.fp8_call = fp8_call
-    choice = KernelChoice(kernels={"sdpa": _sdpa, FA3_FP8: fp8_kernel}, active=FA3_FP8, fallback="sdpa")
-    transformer.set_attn_processor(KernelFluxAttnProcessor(choice))
-    assert register_fp8_qk_scales(transformer) == blocks  # what attention.apply does when FA3 in FP8 is usable
-    replace(transformer, norm_rope=True)
+    choice = KernelChoice(kernels={"sdpa": sdpa, FA3_FP8: fp8_kernel}, active=FA3_FP8, fallback="sdpa")
+    install(transformer, choice)
+    assert register_fp8_qk_scales(transformer) == blocks  # what attention does when FA3 in FP8 is usable
+    fused_stack(pipe)
     ours = transformer(**kwargs)[0]
     assert len(calls) == blocks and set(calls) == {(torch.float8_e4m3fn,) * 3 + ((1, 2), (1, 2))}
     error = float((ours - expected).norm() / expected.norm())
@@ -264,28 +237,18 @@ def test_settings_refuse_fp8_attention_without_fa3():
 
 def _emulated_flash_attn_func(q8, k8, v8, q_descale, k_descale, v_descale):
     """FA3's FP8 forward emulated on CPU: dequantize the e4m3 inputs with their (batch, heads) descales, attend."""
-    from flux_kontext.optimizations.attention import _sdpa
-
-    return _sdpa(*(t.float() * d[:, None, :, None] for t, d in ((q8, q_descale), (k8, k_descale), (v8, v_descale))))
+    return sdpa(*(t.float() * d[:, None, :, None] for t, d in ((q8, q_descale), (k8, k_descale), (v8, v_descale))))
 
 
 @torch.inference_mode()
 def test_start_up_screen_measures_fp8_attention_layer_by_layer():
-    from flux_kontext.optimizations.attention import (
-        FA3_FP8,
-        KernelChoice,
-        KernelFluxAttnProcessor,
-        _fa3_fp8,
-        _sdpa,
-        register_fp8_qk_scales,
-        screen_fp8_attention,
-    )
+    from flux_kontext.optimizations.attention.fp8_screen import screen_fp8_attention
 
     pipe, _, _ = tiny_pipe_with_reference(0)
     blocks = len(pipe.transformer.transformer_blocks) + len(pipe.transformer.single_transformer_blocks)
-    fp8_kernel = _fa3_fp8(_emulated_flash_attn_func)  # our quantization (static q/k scales, v per head), FA3 emulated
-    choice = KernelChoice(kernels={"sdpa": _sdpa, FA3_FP8: fp8_kernel}, active="sdpa", fallback="sdpa")
-    pipe.transformer.set_attn_processor(KernelFluxAttnProcessor(choice))
+    fp8_kernel = fa3_fp8(_emulated_flash_attn_func)  # our quantization (static q/k scales, v per head), FA3 emulated
+    choice = KernelChoice(kernels={"sdpa": sdpa, FA3_FP8: fp8_kernel}, active="sdpa", fallback="sdpa")
+    install(pipe.transformer, choice)
     assert register_fp8_qk_scales(pipe.transformer) == blocks
     screen = screen_fp8_attention(pipe.transformer, choice)
     assert screen["layers"] == blocks and choice.active == "sdpa" and set(choice.kernels) == {"sdpa", FA3_FP8}

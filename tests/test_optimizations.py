@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 import torch
 
 from flux_kontext.models import build_random_pipeline
-from flux_kontext.optimizations import OptimizationContext, Report, plan_for_request
-from flux_kontext.optimizations.attention import KernelChoice, KernelFluxAttnProcessor, _sdpa
-from flux_kontext.optimizations.attention import apply as apply_attention
-from flux_kontext.optimizations.quantization import choose_format
+from flux_kontext.optimizations.attention.kernels import KernelChoice, sdpa
+from flux_kontext.optimizations.attention.processor import install
+from flux_kontext.optimizations.low_precision_gemm import choose_format
 from flux_kontext.settings import Settings
+from flux_kontext.stack import Hardware, Optimization, Outcome, Stack, stack_for
+
+CPU, HOPPER = Hardware("cpu"), Hardware("cuda", (9, 0))
 
 
 @pytest.mark.parametrize(
@@ -33,33 +33,6 @@ def test_low_precision_format_follows_the_hardware(setting, capability, expected
     fmt, why = choose_format(setting, capability)
     assert fmt == expected
     assert words in why
-
-
-def test_plan_reports_what_ran_what_did_not_and_what_could_not_be_turned_off():
-    switched = []
-    reports = [
-        Report("attention", "applied", "sdpa"),
-        Report(
-            "flash_attention_3",
-            "applied",
-            "fa3",
-            flag="use_flash_attention",
-            disable=lambda: contextlib.nullcontext(switched.append("fa3 off")),
-        ),
-        Report("low_precision_gemm", "applied", "fp8", flag="use_mxfp4"),
-        Report("cuda_graphs", "unavailable", "not built", flag="use_cuda_graphs"),
-    ]
-    default = plan_for_request(reports, {})
-    assert default.ran == ["attention", "flash_attention_3", "low_precision_gemm"]
-    assert default.not_applied == [{"flag": "use_cuda_graphs", "optimization": "cuda_graphs", "reason": "not built"}]
-    off = plan_for_request(reports, {"use_flash_attention": False, "use_mxfp4": False, "use_cuda_graphs": False})
-    assert off.ran == ["attention", "low_precision_gemm"]
-    assert off.not_applied == []
-    assert [entry["flag"] for entry in off.forced_on] == ["use_mxfp4"]
-    assert len(off.switches) == 1
-    with off.switches[0]():
-        pass
-    assert switched == ["fa3 off"]
 
 
 def test_kernel_choice_switches_for_one_request_and_restores():
@@ -94,7 +67,7 @@ def tiny_pipe_with_reference(seed: int):
 def test_our_processor_and_fused_qkv_compute_what_diffusers_computes():
     pipe, kwargs, reference = tiny_pipe_with_reference(0)
     transformer = pipe.transformer
-    transformer.set_attn_processor(KernelFluxAttnProcessor(KernelChoice(kernels={"sdpa": _sdpa})))
+    install(transformer, KernelChoice(kernels={"sdpa": sdpa}))
     ours = transformer(**kwargs)[0]
     transformer.fuse_qkv_projections()
     fused = transformer(**kwargs)[0]
@@ -102,17 +75,20 @@ def test_our_processor_and_fused_qkv_compute_what_diffusers_computes():
     torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(fused, reference, rtol=1e-4, atol=1e-4)
     # A wrong kernel would be caught: a zero kernel changes the output.
-    transformer.set_attn_processor(KernelFluxAttnProcessor(KernelChoice(kernels={"sdpa": lambda q, k, v: q * 0})))
+    install(transformer, KernelChoice(kernels={"sdpa": lambda q, k, v: q * 0}))
     assert not torch.allclose(transformer(**kwargs)[0], reference, atol=1e-3)
 
 
 def test_attention_on_cpu_reports_sdpa_and_why_fa3_is_unavailable():
     pipe = build_random_pipeline(tiny=True, device=torch.device("cpu"), dtype=torch.float32)
-    reports = apply_attention(pipe, OptimizationContext("cpu", None, Settings(model="tiny")))
+    stack = stack_for(Settings(model="tiny"), only=["attention", "flash_attention_3"])
+    reports = stack.apply(pipe, CPU)
     assert [(r.name, r.status) for r in reports] == [("attention", "applied"), ("flash_attention_3", "unavailable")]
     assert "sm_90" in reports[1].detail and "CPU" in reports[1].detail
-    with pytest.raises(ValueError, match="needs a CUDA GPU"):
-        apply_attention(pipe, OptimizationContext("cpu", None, Settings(model="tiny", attention="fa3")))
+    forced = stack_for(Settings(model="tiny", attention="fa3"), only=["attention", "flash_attention_3"])
+    broken = forced.apply(pipe, CPU)  # FLUX_DEVICE=auto on a machine without a GPU: fa3 cannot be honoured
+    assert broken[0].status == "failed" and "needs a CUDA GPU" in broken[0].detail
+    assert broken[1].status == "unavailable"
 
 
 def test_health_on_cpu_names_every_optimization_with_a_reason(client):
@@ -128,21 +104,13 @@ def test_health_on_cpu_names_every_optimization_with_a_reason(client):
 
 @torch.inference_mode()
 def test_fuse_qkv_step_frees_the_unfused_weights_and_keeps_the_output():
-    from types import SimpleNamespace
-
-    from flux_kontext.optimizations.layout import apply_fuse_qkv
-
     pipe, kwargs, reference = tiny_pipe_with_reference(1)
     before = sum(p.numel() for p in pipe.transformer.parameters())
-    report = apply_fuse_qkv(SimpleNamespace(transformer=pipe.transformer, vae=pipe.vae), _cpu_context())
+    [report] = stack_for(Settings(model="tiny"), only=["fuse_qkv"]).apply(pipe, CPU)
     assert report.status == "applied" and "VAE" in report.detail
     assert sum(p.numel() for p in pipe.transformer.parameters()) == before  # fused copies replace the originals
     assert all(block.attn.to_q is None for block in pipe.transformer.transformer_blocks)
     torch.testing.assert_close(pipe.transformer(**kwargs)[0], reference, rtol=1e-4, atol=1e-4)
-
-
-def _cpu_context(**settings) -> OptimizationContext:
-    return OptimizationContext("cpu", None, Settings(model="tiny", **settings))
 
 
 @pytest.mark.parametrize(
@@ -155,13 +123,13 @@ def _cpu_context(**settings) -> OptimizationContext:
     ],
 )
 def test_fa3_is_kept_only_when_it_is_measurably_faster(timing, expected):
-    from flux_kontext.optimizations.attention import select_kernel
+    from flux_kontext.optimizations.attention.selection import select_kernel
 
     assert select_kernel(timing) == expected
 
 
 def test_fp8_screening_keeps_layers_with_outlier_input_channels_in_bf16():
-    from flux_kontext.optimizations.quantization import select_fp8_layers, simulated_fp8_error
+    from flux_kontext.optimizations.low_precision_gemm import select_fp8_layers, simulated_fp8_error
 
     torch.manual_seed(0)
     normal, outlier = torch.nn.Linear(256, 128, bias=False), torch.nn.Linear(256, 128, bias=False)
@@ -177,45 +145,80 @@ def test_fp8_screening_keeps_layers_with_outlier_input_channels_in_bf16():
     assert selected == {"normal"} and set(kept) == {"outlier"}
 
 
+class RecordingCompile:
+    """Stands in for torch.compile on CPU: the "compiled" function is the eager one, and each call is counted, so a
+    test sees which code path a block really ran; ``over_the_limit`` makes it raise as dynamo does past its
+    recompile limit with fullgraph."""
+
+    def __init__(self, over_the_limit: bool = False):
+        self.calls = 0
+        self.over_the_limit = over_the_limit
+
+    def __call__(self, fn, **options):
+        def compiled(*args, **kwargs):
+            if self.over_the_limit:
+                from torch._dynamo.exc import FailOnRecompileLimitHit
+
+                raise FailOnRecompileLimitHit("Hard failure due to fullgraph=True")
+            self.calls += 1
+            return fn(*args, **kwargs)
+
+        return compiled
+
+
+def _compiled_tiny(monkeypatch, seed: int, fake: RecordingCompile):
+    monkeypatch.setattr(torch, "compile", fake)
+    pipe, kwargs, reference = tiny_pipe_with_reference(seed)
+    stack = stack_for(Settings(model="tiny"), only=["compile"])
+    [report] = stack.apply(pipe, HOPPER)  # "cuda" is what lets it decide to compile; the fake runs on CPU
+    return pipe, kwargs, reference, stack, report
+
+
 @torch.inference_mode()
-def test_compile_wraps_each_block_forward_below_the_hooks_and_undo_returns_them_to_eager():
-    from flux_kontext.optimizations import compile as compile_step
-
-    pipe, kwargs, reference = tiny_pipe_with_reference(3)
-    # torch.compile is lazy, so wrapping works on CPU; a "cuda" context is what lets apply() do it.
-    report = compile_step.apply(pipe, OptimizationContext("cuda", (9, 0), Settings(model="tiny")))
-    assert report.status == "applied" and "fullgraph" in report.detail
-    wrapped = [b.forward for b in [*pipe.transformer.transformer_blocks, *pipe.transformer.single_transformer_blocks]]
-    assert all(isinstance(f, compile_step.CompiledForward) and f.run is not f.eager for f in wrapped)
-    assert "VAE Encoder and Decoder" in report.detail
-    assert pipe.vae.decoder._compiled_call_impl is not None and pipe.vae.encoder._compiled_call_impl is not None
-    report.undo()
-    assert all(f.run is f.eager for f in wrapped)
-    assert pipe.vae.decoder._compiled_call_impl is None and pipe.vae.encoder._compiled_call_impl is None
+def test_compile_fills_each_blocks_compiled_slot_and_undo_returns_them_to_eager(monkeypatch):
+    fake = RecordingCompile()
+    pipe, kwargs, reference, stack, report = _compiled_tiny(monkeypatch, 3, fake)
+    blocks = [*pipe.transformer.transformer_blocks, *pipe.transformer.single_transformer_blocks]
+    assert report.status == "applied" and "fullgraph" in report.detail and "VAE Encoder and Decoder" in report.detail
+    assert all(stack.slots.filled(block) == ("compiled",) for block in blocks)
     torch.testing.assert_close(pipe.transformer(**kwargs)[0], reference, rtol=0, atol=0)
+    assert fake.calls == len(blocks)  # each block ran its compiled forward once
+    stack["compile"].undo()
+    assert all(stack.slots.filled(block) == () for block in blocks)
+    torch.testing.assert_close(pipe.transformer(**kwargs)[0], reference, rtol=0, atol=0)
+    assert fake.calls == len(blocks)  # eager again: nothing compiled was called
 
 
-def test_an_optimization_that_breaks_at_warm_up_is_undone_and_reported(monkeypatch):
-    from flux_kontext.engine import Engine
+class BreaksAtFirstUse(Optimization):
+    """Stands in for a compile that fails at its first call (an Inductor error on some GPU)."""
 
-    def breaking_compile(pipe, context):
-        """Stands in for a compile that fails at its first call (an Inductor error on some GPU)."""
+    name = "compile"
+    undoable = True
 
+    def apply(self, model):
         def fail(module, args, kwargs):
             raise RuntimeError("inductor: something went wrong")
 
-        handle = pipe.transformer.register_forward_pre_hook(fail, with_kwargs=True)
-        return Report("compile", "applied", "compiled", undo=handle.remove)
+        self._handle = model.pipe.transformer.register_forward_pre_hook(fail, with_kwargs=True)
+        return Outcome.applied("compiled")
 
-    monkeypatch.setattr("flux_kontext.optimizations.compile.apply", breaking_compile)
-    engine = Engine(Settings(model="tiny"))
+    def undo(self):
+        self._handle.remove()
+
+
+def test_an_optimization_that_breaks_at_warm_up_is_undone_and_reported():
+    from flux_kontext.engine import Engine
+    from flux_kontext.jobs import Job
+
+    settings = Settings(model="tiny")
+    serving = stack_for(settings)
+    stack = Stack([BreaksAtFirstUse(settings) if opt.name == "compile" else opt for opt in serving])
+    engine = Engine(settings, stack=stack)
     engine.load()
     assert engine.ready, engine.reason
     report = next(r for r in engine.reports if r.name == "compile")
     assert report.status == "failed"
     assert "broke at warm-up and was undone" in report.detail and "inductor" in report.detail
-    from flux_kontext.jobs import Job
-
     assert engine.generate(Job(prompt="x", seed=1, width=256, height=256, steps=1)).images[0].size == (256, 256)
 
 
@@ -237,25 +240,13 @@ def test_settings_refuse_combinations_that_cannot_work(settings, words):
 
 
 @torch.inference_mode()
-def test_a_block_past_dynamos_recompile_limit_runs_eager_and_the_report_says_so():
-    from torch._dynamo.exc import FailOnRecompileLimitHit
-
-    from flux_kontext.optimizations import compile as compile_step
-
-    pipe, kwargs, reference = tiny_pipe_with_reference(4)
-    report = compile_step.apply(pipe, OptimizationContext("cuda", (9, 0), Settings(model="tiny")))
-    block_forward = pipe.transformer.single_transformer_blocks[0].forward
-
-    def over_the_limit(*args, **kwargs):
-        raise FailOnRecompileLimitHit("Hard failure due to fullgraph=True")
-
-    for block in [*pipe.transformer.transformer_blocks, *pipe.transformer.single_transformer_blocks]:
-        if block.forward is not block_forward:
-            block.forward.undo()  # the others run eager here (CPU); only this one is "compiled"
-    block_forward.run = over_the_limit
+def test_a_block_past_dynamos_recompile_limit_runs_eager_and_the_report_says_so(monkeypatch):
+    pipe, kwargs, reference, stack, _ = _compiled_tiny(monkeypatch, 4, RecordingCompile(over_the_limit=True))
+    blocks = len(pipe.transformer.transformer_blocks) + len(pipe.transformer.single_transformer_blocks)
     for _ in range(2):
         torch.testing.assert_close(pipe.transformer(**kwargs)[0], reference, rtol=0, atol=0)
+    report = stack["compile"].report()
     assert report.status == "applied"
-    assert report.data["blocks_running_eager"] == 1  # counted once: the block stays eager
-    assert "1 block(s) now run eager: dynamo's recompile limit was hit" in report.detail
+    assert report.data["blocks_running_eager"] == blocks  # counted once per block: each stays eager
+    assert f"{blocks} block(s) now run eager: dynamo's recompile limit was hit" in report.detail
     assert "fullgraph=True" in report.public()["data"]["eager_fallback_reason"]

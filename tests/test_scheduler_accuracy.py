@@ -23,7 +23,8 @@ import pytest
 import torch
 from diffusers.pipelines.flux.pipeline_flux_kontext import calculate_shift, retrieve_timesteps
 
-from flux_kontext.optimizations.scheduler import DEFAULT_DPM, DEFAULT_STEPS, SCHEDULERS, make_scheduler
+from flux_kontext.schedulers import DEFAULT_DPM, SCHEDULERS, make_scheduler
+from flux_kontext.schedulers import SCHEDULER_DEFAULT_STEPS as DEFAULT_STEPS
 
 # FLUX.1's own scheduler config (the model's scheduler_config.json), written out so the test does not trust ours.
 FLUX_SCHEDULER_CONFIG = {

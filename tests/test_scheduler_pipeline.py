@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from flux_kontext.models import build_random_pipeline
-from flux_kontext.optimizations.scheduler import SCHEDULERS, make_scheduler
+from flux_kontext.schedulers import SCHEDULERS, make_scheduler
 
 
 @functools.lru_cache(maxsize=1)
@@ -48,7 +48,9 @@ def test_dpm_changes_the_result():
 
 
 def test_apply_reports_the_schedulers():
-    from flux_kontext.optimizations import scheduler
+    from flux_kontext.settings import Settings
+    from flux_kontext.stack import Hardware, stack_for
 
-    report = scheduler.apply(tiny_pipeline(), None)
+    [report] = stack_for(Settings(model="tiny"), only=["dpm_solver"]).apply(tiny_pipeline(), Hardware("cpu"))
     assert report.status == "applied" and all(name in report.detail for name in SCHEDULERS)
+    assert report.flag == "use_dpm_solver" and report.switchable_per_request

@@ -228,20 +228,17 @@ def test_timeout_answers_504_and_stops_the_job_so_the_next_request_is_not_stuck_
 def test_engine_stops_a_cancelled_job_at_the_next_step():
     engine = Engine(Settings(model="tiny", warmup=False))
     engine.load()
-    calls = []
-    engine.model.pipe.transformer.register_forward_hook(lambda *args: calls.append(1))
     job = Job(prompt="x", seed=1, width=256, height=256, steps=30)
-    original = engine._encode_text
+    calls = []
 
-    def encode_then_cancel(*args):  # the client leaves right after text encoding
-        result = original(*args)
+    def count_then_cancel(*args):  # the client leaves during the first denoising step
+        calls.append(1)
         job.cancel()
-        return result
 
-    engine._encode_text = encode_then_cancel
+    engine.model.pipe.transformer.register_forward_hook(count_then_cancel)
     with pytest.raises(JobCancelled):
         engine.generate(job)
-    assert len(calls) <= 1
+    assert len(calls) == 1  # the remaining 29 steps were skipped
     with pytest.raises(JobCancelled):  # a job cancelled while waiting never starts
         engine.generate(job)
 
@@ -259,13 +256,24 @@ def test_an_unexpected_engine_error_is_a_500_in_the_envelope_and_counted():
         assert 'flux_requests_total{endpoint="/inference",status="500"}' in client.get("/metrics").text
 
 
-def test_a_dpm_scheduler_the_server_could_not_load_is_refused_not_faked():
+def test_a_dpm_scheduler_the_server_could_not_load_is_refused_not_faked(monkeypatch):
+    from diffusers import FlowMatchHeunDiscreteScheduler
+
+    from flux_kontext import engine as engine_module
+
+    real_load = engine_module.load_model
+
+    def load_with_another_scheduler(*args):  # a checkpoint whose scheduler is not the flow-matching Euler one
+        model = real_load(*args)
+        model.pipe.scheduler = FlowMatchHeunDiscreteScheduler.from_config(model.pipe.scheduler.config)
+        return model
+
+    monkeypatch.setattr(engine_module, "load_model", load_with_another_scheduler)
     app = create_app(Settings(model="tiny", warmup=False))
     with TestClient(app) as client:
         wait_ready(client)
-        for report in app.state.service.engine.reports:
-            if report.name == "dpm_solver":
-                report.status, report.detail = "failed", "loaded scheduler is not flow matching"
+        dpm = next(r for r in client.get("/health").json()["optimizations"] if r["name"] == "dpm_solver")
+        assert dpm["status"] == "failed" and "FlowMatchHeunDiscreteScheduler" in dpm["detail"]
         response = client.post("/inference", json={**SMALL, "scheduler": "dpmpp_2m"})
         assert response.status_code == 422
         assert "not available on this server" in response.json()["error"]["message"]

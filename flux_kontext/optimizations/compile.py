@@ -1,5 +1,13 @@
-"""Regional torch.compile: each repeated transformer block's forward compiled once, reused by all 57 of them;
-the VAE's encoder and decoder compiled whole."""
+"""compile: regional torch.compile. Each repeated transformer block's forward compiled once (reused by all 57 of
+them, fullgraph, Inductor's default mode); the VAE's encoder and decoder compiled whole.
+
+Default mode, not max-autotune: on an FP8 FLUX block autotuning measured no faster and compiled 30x longer
+(docs/FACTS.md). Regional rather than whole-model: one compile per block type instead of one graph of 57 blocks,
+the same steady-state speed, a fraction of the start-up. It fills the blocks' ``compiled`` slot: whatever sits in
+``body`` (diffusers' forward or our fused one) is compiled, and the CUDA graphs and the first-block cache's hooks
+sit above the compiled code, so the cache's per-step decision is no graph break. VAE figures: bench/vae.py,
+BENCHMARKS.md. Warm-up compiles the 1024² shapes; another resolution compiles on its first request.
+"""
 
 from __future__ import annotations
 
@@ -9,99 +17,94 @@ from collections.abc import Callable
 import torch
 from torch._dynamo.exc import FailOnRecompileLimitHit
 
-from flux_kontext.optimizations import OptimizationContext, Report
+from flux_kontext.stack import APPLY, Decision, Hardware, Model, Optimization, Outcome, skip
 
 log = logging.getLogger(__name__)
 
+# Variants per block type: static shapes, then dynamic ones after a second resolution. dynamo's limit is process
+# configuration; it is only ever raised here, so another engine in the process is not slowed by it.
+RECOMPILE_LIMIT = 64
+
 
 class CompiledForward:
-    """A block's forward, compiled; ``undo`` puts the eager one back in place (the wrappers above keep this).
+    """A forward, compiled (the ``compiled`` slot's content).
 
     With fullgraph, dynamo raises instead of silently running eager once a block has used up its recompile limit
     (too many distinct shapes): that block then runs eager from here on, and ``on_fallback`` says so in the report.
     """
 
-    def __init__(self, eager: Callable, on_fallback: Callable[[str], None] | None = None):
+    def __init__(self, eager: Callable, options: dict, on_fallback: Callable[[str], None]):
         self.eager = eager
         self.__wrapped__ = eager  # inspect.signature sees the block's own parameters
         self.on_fallback = on_fallback
-        self.run = torch.compile(eager, fullgraph=True)
+        self.run = torch.compile(eager, fullgraph=True, options=options or None)
 
     def __call__(self, *args, **kwargs):
         try:
             return self.run(*args, **kwargs)
         except FailOnRecompileLimitHit as exc:  # raised before the frame runs: nothing was computed
             self.run = self.eager
-            if self.on_fallback is not None:
-                self.on_fallback(str(exc).splitlines()[0])
+            self.on_fallback(str(exc).splitlines()[0])
             return self.eager(*args, **kwargs)
 
+
+class Compile(Optimization):
+    name = "compile"
+    # Everything that changes what a block computes comes first: the compiled graph holds it.
+    after = ("fuse_qkv", "attention", "low_precision_gemm", "gelu_sigmoid_form", "fused_gelu_fp8", "fused_norm_rope")
+    undoable = True
+
+    def __init__(self, settings):
+        super().__init__(settings)
+        self._model: Model | None = None
+        self._vae_parts: list[torch.nn.Module] = []
+
+    def decide(self, hardware: Hardware) -> Decision:
+        if not hardware.is_cuda:
+            return skip("compile is for the GPU path; the CPU demo runs eager")
+        if not self.settings.compile:
+            return skip("FLUX_COMPILE=false")
+        return APPLY
+
+    def inductor_options(self) -> dict:
+        """Inductor configuration for this engine's compiled code only (passed per compile, not set globally).
+
+        Multi-kernel: Inductor also generates a one-pass (persistent) version of each row reduction up to 16k wide
+        and keeps whichever is faster at the first call (the FP8 row quantizations are such reductions). Off by
+        default: with torch 2.11 a start that hits Inductor's on-disk cache fails to load the multi-kernel, and
+        warm-up then undoes compile (BENCHMARKS.md)."""
+        return {"triton.multi_kernel": 1} if self.settings.compile_multi_kernel else {}
+
+    def apply(self, model: Model) -> Outcome:
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, RECOMPILE_LIMIT)
+        self._model = model
+        transformer, vae = model.pipe.transformer, model.pipe.vae
+        options = self.inductor_options()
+        for block in [*transformer.transformer_blocks, *transformer.single_transformer_blocks]:
+            model.slots.set(block, "compiled", lambda inner: CompiledForward(inner, options, self._fell_back))
+        self._vae_parts = [part for part in (getattr(vae, "encoder", None), getattr(vae, "decoder", None)) if part]
+        for part in self._vae_parts:
+            part.compile(options=options or None)
+        parts = " and ".join(type(p).__name__ for p in self._vae_parts) or "(none found)"
+        return Outcome.applied(
+            "regional torch.compile of the FluxTransformerBlock and FluxSingleTransformerBlock forward (default mode, "
+            f"fullgraph{', Inductor multi-kernel' if options else ''}) and of the VAE {parts}; warm-up compiles the "
+            "1024² shapes, another resolution compiles on its first request"
+        )
+
     def undo(self) -> None:
-        self.run = self.eager
-
-
-def _fallback_recorder(report: Report) -> Callable[[str], None]:
-    """Counts blocks that fell back to eager and writes it into the compile report (/health, each response)."""
-    base_detail = report.detail
-
-    def record(reason: str) -> None:
-        fallen = report.data.get("blocks_running_eager", 0) + 1
-        report.data["blocks_running_eager"] = fallen
-        report.data["eager_fallback_reason"] = reason
-        log.error("compile: a block fell back to eager (%d so far): %s", fallen, reason)
-        report.detail = f"{base_detail} | {fallen} block(s) now run eager: dynamo's recompile limit was hit ({reason})"
-
-    return record
-
-
-def apply(pipe, context: OptimizationContext) -> Report:
-    """Compile the forward of the 19 double and 38 single blocks (fullgraph, Inductor's default mode), and the VAE.
-
-    Default mode, not max-autotune: on an FP8 FLUX block autotuning measured no faster (1.95 vs 1.955 ms) and
-    took 280 s instead of 9 s to compile (docs/FACTS.md). Regional rather than whole-model: one compile per block
-    type instead of one graph of 57 blocks, the same steady-state speed, a fraction of the start-up.
-    The block's forward is compiled (not its __call__), so the CUDA graphs and the first-block cache's hooks sit
-    above the compiled code: the cache's per-step decision is no graph break, and every block is one full graph.
-    The VAE's encoder and decoder: 1024² decode 90 -> 38 ms, encode 50 -> 21 ms on H100 (bench/vae.py).
-    """
-    if context.device_type != "cuda":
-        return Report("compile", "skipped", "compile is for the GPU path; the CPU demo runs eager")
-    if not context.settings.compile:
-        return Report("compile", "skipped", "FLUX_COMPILE=false")
-    # Variants per block type: static shapes, then dynamic ones after a second resolution.
-    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-    # Multi-kernel: Inductor also generates a one-pass (persistent) version of each row reduction up to 16k wide and
-    # keeps whichever is faster at the first call. The FP8 row quantizations (3,072- to 15,360-wide rows) are such
-    # reductions: 1.6-2% faster steps on H100 after the GELU form (bench/cuda_graph_probe.py). Off by default: with
-    # torch 2.11 a start that hits Inductor's on-disk cache fails to load the multi-kernel (Triton's JITFunction
-    # has no hash lock after deserialization), and warm-up then undoes compile. Global Inductor config.
-    multi_kernel = context.settings.compile_multi_kernel
-    torch._inductor.config.triton.multi_kernel = 1 if multi_kernel else 0
-    transformer = pipe.transformer
-    blocks = [*transformer.transformer_blocks, *transformer.single_transformer_blocks]
-    vae_parts = [part for part in (getattr(pipe.vae, "encoder", None), getattr(pipe.vae, "decoder", None)) if part]
-    compiled: list[CompiledForward] = []
-
-    def undo() -> None:
-        for forward in compiled:
-            forward.undo()
-        for part in vae_parts:
-            part._compiled_call_impl = None  # what Module.compile() set
+        self._model.slots.clear_everywhere("compiled")
+        for part in self._vae_parts:
+            part._compiled_call_impl = None  # what Module.compile() set: the module runs eager again
         torch._dynamo.reset()
 
-    report = Report(
-        "compile",
-        "applied",
-        undo=undo,
-        detail="regional torch.compile of the FluxTransformerBlock and FluxSingleTransformerBlock forward (default "
-        f"mode, fullgraph{', Inductor multi-kernel' if multi_kernel else ''}) and of the VAE "
-        f"{' and '.join(type(p).__name__ for p in vae_parts) or '(none found)'}; "
-        "warm-up compiles the 1024² shapes, another resolution compiles on its first request",
-    )
-    on_fallback = _fallback_recorder(report)
-    for block in blocks:
-        block.forward = CompiledForward(block.forward, on_fallback)
-        compiled.append(block.forward)
-    for part in vae_parts:
-        part.compile()
-    return report
+    def _fell_back(self, reason: str) -> None:
+        """A block hit dynamo's recompile limit and runs eager from now on: count it in the report."""
+        fallen = self._data.get("blocks_running_eager", 0) + 1
+        log.error("compile: a block fell back to eager (%d so far): %s", fallen, reason)
+        base = self._detail.split(" | ")[0]
+        self._note(blocks_running_eager=fallen, eager_fallback_reason=reason)
+        self._record(
+            self._status,
+            f"{base} | {fallen} block(s) now run eager: dynamo's recompile limit was hit ({reason})",
+        )

@@ -1,4 +1,4 @@
-"""CUDA graphs per transformer block and input shape, chained so that no activation is copied between blocks.
+"""cuda_graphs: CUDA graphs per transformer block and input shape, chained so that no activation is copied between blocks.
 
 Why per block: the first-block cache decides after block 0, on the host, whether the other 56 blocks run. A graph
 of the whole transformer cannot contain that decision; a graph per block sits under the cache's hooks, so the
@@ -18,6 +18,9 @@ How a block's graph is built and replayed (``GraphedBlock``):
 Memory: each captured shape keeps every block's outputs (about 1.6 GiB for a 1024² text-to-image, 3.2 GiB for
 a 1024² edit) and one block's intermediates; at most FLUX_CUDA_GRAPH_MAX_SHAPES shapes are kept, least recently
 used evicted. A capture that fails turns graphs off for good (the report says why); requests go on without.
+
+It fills the blocks' ``graphed`` slot, above ``compiled`` (whose kernels it captures); the first-block cache's hooks
+sit above it. Memory figures: BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -31,12 +34,10 @@ from typing import Any
 import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from flux_kontext.optimizations import OptimizationContext, Report
+from flux_kontext.jobs import Job
+from flux_kontext.stack import APPLY, Decision, Hardware, Model, Optimization, Outcome, RequestRun, skip
 
 log = logging.getLogger(__name__)
-
-NAME = "cuda_graphs"
-FLAG = "use_cuda_graphs"
 
 
 class CudaGraphBackend:
@@ -85,12 +86,19 @@ class _Captured:
 class GraphManager:
     """State shared by the blocks of one transformer: counts, shared inputs, output registry, LRU of shapes."""
 
-    def __init__(self, backend, max_shapes: int = 4):
+    def __init__(
+        self,
+        backend,
+        max_shapes: int = 4,
+        on_shapes: Callable[[list], None] | None = None,
+        on_failure: Callable[[str], None] | None = None,
+    ):
         self.backend = backend
         self.max_shapes = max_shapes
         self.enabled = True  # per request (use_cuda_graphs)
         self.failure: str | None = None
-        self.report: Report | None = None
+        self.on_shapes = on_shapes  # told the captured shapes whenever they change (for the report)
+        self.on_failure = on_failure  # told why graphs were turned off
         self.counts = {"replayed": 0, "captured": 0, "eager": 0}
         self._shapes: OrderedDict[tuple, list[tuple[GraphedBlock, tuple]]] = OrderedDict()
         self._shape: tuple | None = None
@@ -152,8 +160,8 @@ class GraphManager:
 
     def _publish(self) -> None:
         """What /health shows: the input shapes (hidden, text) that hold graphs now, least recently used first."""
-        if self.report is not None:
-            self.report.data["captured_shapes"] = [[list(part) for part in shape] for shape in self._shapes]
+        if self.on_shapes is not None:
+            self.on_shapes([[list(part) for part in shape] for shape in self._shapes])
 
     def _forget(self, shape: tuple) -> None:
         """Drop one shape's graphs, their output registrations and shared inputs; it is run, then captured anew."""
@@ -184,9 +192,8 @@ class GraphManager:
         log.error("CUDA graphs turned off: %s", reason)
         self.failure = reason
         self.clear()
-        if self.report is not None:
-            self.report.status = "failed"
-            self.report.detail = f"capture failed, graphs are off: {reason}"
+        if self.on_failure is not None:
+            self.on_failure(reason)
 
 
 class GraphedBlock:
@@ -247,12 +254,12 @@ class GraphedBlock:
         return captured
 
 
-def install(transformer: torch.nn.Module, backend, max_shapes: int) -> GraphManager:
-    """Wrap every transformer block's forward in a GraphedBlock; returns the manager that drives them."""
-    manager = GraphManager(backend, max_shapes)
+def install(transformer: torch.nn.Module, slots, manager: GraphManager) -> None:
+    """Put a GraphedBlock in every transformer block's ``graphed`` slot; the transformer's forward tells the manager
+    where each call starts (its input shapes)."""
     blocks = [*transformer.transformer_blocks, *transformer.single_transformer_blocks]
     for index, block in enumerate(blocks):
-        block.forward = GraphedBlock(block.forward, manager, index)
+        slots.set(block, "graphed", lambda inner, i=index: GraphedBlock(inner, manager, i))
     original_forward = transformer.forward
 
     def forward_with_graphs(*args, **kwargs):
@@ -263,7 +270,6 @@ def install(transformer: torch.nn.Module, backend, max_shapes: int) -> GraphMana
         return original_forward(*args, **kwargs)
 
     transformer.forward = forward_with_graphs
-    return manager
 
 
 @contextlib.contextmanager
@@ -275,25 +281,69 @@ def _disabled(manager: GraphManager):
         manager.enabled = True
 
 
-def apply(pipe, context: OptimizationContext) -> Report:
-    """Graph each block per shape on CUDA when FLUX_CUDA_GRAPHS is on; the engine reads counts per request."""
-    settings = context.settings
-    if context.device_type != "cuda":
-        return Report(NAME, "skipped", "CUDA graphs need a CUDA device", flag=FLAG)
-    if not settings.cuda_graphs:
-        return Report(NAME, "skipped", "FLUX_CUDA_GRAPHS=false", flag=FLAG)
-    manager = install(pipe.transformer, CudaGraphBackend(), settings.cuda_graph_max_shapes)
-    pipe.cuda_graphs = manager
-    report = Report(
-        NAME,
-        "applied",
-        f"one CUDA graph per transformer block and input shape, captured on a shape's second call, chained "
-        f"block to block without copies; works under the first-block cache (its decision stays between replays); "
-        f"up to {settings.cuda_graph_max_shapes} shapes kept (FLUX_CUDA_GRAPH_MAX_SHAPES); per request: "
-        f"use_cuda_graphs",
-        flag=FLAG,
-        disable=lambda: _disabled(manager),
-        undo=lambda: manager.fail("undone after a failed warm-up"),
-    )
-    manager.report = report
-    return report
+class CudaGraphs(Optimization):
+    name = "cuda_graphs"
+    flag = "use_cuda_graphs"
+    after = ("compile",)  # captures the compiled kernels
+    undoable = True
+    counters = True
+
+    def __init__(self, settings, backend_factory: Callable[[], object] = CudaGraphBackend):
+        super().__init__(settings)
+        self.backend_factory = backend_factory  # tests pass a CPU fake
+        self.manager: GraphManager | None = None
+        self._model: Model | None = None
+
+    def decide(self, hardware: Hardware) -> Decision:
+        if not hardware.is_cuda:
+            return skip("CUDA graphs need a CUDA device")
+        if not self.settings.cuda_graphs:
+            return skip("FLUX_CUDA_GRAPHS=false")
+        return APPLY
+
+    def apply(self, model: Model) -> Outcome:
+        max_shapes = self.settings.cuda_graph_max_shapes
+        self.manager = GraphManager(self.backend_factory(), max_shapes, self._shapes_changed, self._failed)
+        install(model.pipe.transformer, model.slots, self.manager)
+        self._model = model
+        return Outcome.applied(
+            "one CUDA graph per transformer block and input shape, captured on a shape's second call, chained block "
+            "to block without copies; works under the first-block cache (its decision stays between replays); up to "
+            f"{max_shapes} shapes kept (FLUX_CUDA_GRAPH_MAX_SHAPES); per request: use_cuda_graphs"
+        )
+
+    def undo(self) -> None:
+        self.manager.fail("undone after a failed warm-up")
+        self._model.slots.clear_everywhere("graphed")
+
+    def switched_off(self):
+        if self.manager is None:
+            return None
+        return _disabled(self.manager)
+
+    @contextlib.contextmanager
+    def request(self, job: Job, run: RequestRun):
+        """Counts block calls replayed, captured and run uncaptured, whether graphs ran for this request or not."""
+        if self.manager is not None:
+            self.manager.reset_counts()
+        with super().request(job, run):
+            yield
+        if self.manager is not None:
+            run.counters[self.name] = self.manager.reset_counts()
+
+    @contextlib.contextmanager
+    def active(self, job: Job, run: RequestRun):
+        yield
+        counts = self.manager.counts
+        if counts["replayed"] + counts["captured"] == 0:  # a shape's first call runs without graphs
+            run.withdraw(
+                self.name,
+                self.flag,
+                "no block was replayed: this input shape was seen for the first time (captured on its next call)",
+            )
+
+    def _shapes_changed(self, shapes: list) -> None:
+        self._note(captured_shapes=shapes)
+
+    def _failed(self, reason: str) -> None:
+        self._record("failed", f"capture failed, graphs are off: {reason}")

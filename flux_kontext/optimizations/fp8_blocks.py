@@ -1,41 +1,35 @@
-"""FP8 blocks fed by our Triton kernels (fused_kernels.py) instead of torchao's per-layer activation quantization.
+"""The forwards of FP8 blocks fed by our Triton kernels (flux_kontext.optimizations.kernels) instead of torchao's
+per-layer activation quantization; fused_gelu_fp8 and fused_norm_rope put them in the blocks' ``body`` slot.
 
-Two levels, each its own report:
-- fused_gelu_fp8: the MLP outputs. The single blocks' proj_out input (attention output | GELU(MLP)) and the double
+- MLP outputs (fused_gelu_fp8): the single blocks' proj_out input (attention output | GELU(MLP)) and the double
   blocks' ff.net[2] input (GELU(MLP)) are quantized in one pass per row, and the block calls ``torch._scaled_mm``
   with the layer's FP8 weight as torchao would. Under compile Inductor evaluated the GELU in both of its passes over
   each row: the slowest glue kernel in the profile (bench/cuda_graph_probe.py).
-- fused_norm_rope: whole blocks. Before the QKV and MLP GEMMs, LayerNorm + modulation + quantization in one pass
+- Whole blocks (fused_norm_rope): before the QKV and MLP GEMMs, LayerNorm + modulation + quantization in one pass
   (reading the single blocks' text and image rows where they lie: no concatenation written); after the QKV GEMM,
-  RMSNorm + RoPE on q/k with q, k, v written in the attention kernel's layout. Each block's forward is then ours,
-  with diffusers' arithmetic (checked against diffusers' forward in tests/test_fused_fp8.py) and the attention
-  kernel chosen by attention.py.
+  RMSNorm + RoPE on q/k with q, k, v written in the attention kernel's layout. The forward is then ours, with
+  diffusers' arithmetic (checked against diffusers' forward in tests/test_fused_fp8.py) and the attention kernel
+  chosen by the attention optimization.
 
 A block is rerouted only when every layer the path feeds is rowwise FP8 (the FP8 screen may keep a layer in bf16:
-that block keeps the path below it). ``undo`` sends every rerouted module back to diffusers' forward.
+that block keeps the path below it).
 """
 
 from __future__ import annotations
 
 import logging
-import types
 
 import torch
 
-from flux_kontext.optimizations import OptimizationContext, Report, fused_kernels
-from flux_kontext.optimizations.attention import KernelFluxAttnProcessor
+from flux_kontext.optimizations import kernels
+from flux_kontext.optimizations.attention.processor import kernel_choice
 
 log = logging.getLogger(__name__)
 
-NAME = "fused_gelu_fp8"
-NORM_ROPE = "fused_norm_rope"
 FP8 = torch.float8_e4m3fn
 
 
-_ACTIVE = True  # False after undo(): the rerouted modules run diffusers' own forward again
-
-
-def _expose_fp8_weight(linear: torch.nn.Module) -> bool:
+def expose_fp8_weight(linear: torch.nn.Module) -> bool:
     """Keep plain views of a torchao rowwise FP8 weight (qdata (N, K) e4m3, scale (N, 1)) on the module, so the
     compiled forward sees ordinary tensors; False when the layer is not quantized that way."""
     if getattr(linear, "fp8_weight_t", None) is not None:
@@ -65,8 +59,6 @@ def fp8_linear(values: torch.Tensor, scale: torch.Tensor, linear: torch.nn.Modul
 
 def single_block_forward(block, hidden_states, encoder_hidden_states, temb, image_rotary_emb=None, **kwargs):
     """FluxSingleTransformerBlock.forward with proj_out's input quantized by the GELU kernel."""
-    if not _ACTIVE:
-        return type(block).forward(block, hidden_states, encoder_hidden_states, temb, image_rotary_emb, **kwargs)
     _refuse_attention_kwargs(kwargs)
     text_tokens = encoder_hidden_states.shape[1]
     hidden_states = torch.cat([encoder_hidden_states, hidden_states], dim=1)
@@ -74,7 +66,7 @@ def single_block_forward(block, hidden_states, encoder_hidden_states, temb, imag
     normed, gate = block.norm(hidden_states, emb=temb)
     mlp = block.proj_mlp(normed)
     attn = block.attn(hidden_states=normed, image_rotary_emb=image_rotary_emb)
-    values, scale = fused_kernels.gelu_fp8(attn, mlp)
+    values, scale = kernels.gelu_fp8(attn, mlp)
     out = fp8_linear(values, scale, block.proj_out, residual.dtype).reshape(residual.shape)
     hidden_states = residual + gate.unsqueeze(1) * out
     return hidden_states[:, :text_tokens], hidden_states[:, text_tokens:]
@@ -82,14 +74,12 @@ def single_block_forward(block, hidden_states, encoder_hidden_states, temb, imag
 
 def feed_forward(ff, hidden_states):
     """diffusers FeedForward (GELU-tanh projection, dropout, output linear) with the fused quantization."""
-    if not _ACTIVE:
-        return type(ff).forward(ff, hidden_states)
     mlp = ff.net[0].proj(hidden_states)
     return _gelu_output(ff, mlp, hidden_states.shape, hidden_states.dtype)
 
 
 def _gelu_output(ff, mlp, shape, dtype):
-    values, scale = fused_kernels.gelu_fp8(None, mlp)
+    values, scale = kernels.gelu_fp8(None, mlp)
     return fp8_linear(values, scale, ff.net[2], dtype).reshape(shape)
 
 
@@ -109,17 +99,15 @@ def _norms(attn, added: bool) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _attention(attn, first, second, rotary, dtype):
     """Joint attention from the QKV GEMM output(s): RMSNorm + RoPE kernel, then the chosen attention kernel; with
-    FA3 in FP8 active (FLUX_FP8_ATTENTION), the kernels write q, k (the static scales attention.py registered) and v
+    FA3 in FP8 active (FLUX_FP8_ATTENTION), the kernels write q, k (the static scales attention registered) and v
     (per head) in e4m3."""
-    choice, added = attn.processor.choice, second is not None
+    choice, added = kernel_choice(attn), second is not None
     norms = (_norms(attn, added), _norms(attn, False) if added else None)
     if not choice.fp8:
-        q, k, v = fused_kernels.qk_norm_rope(first, second, *norms, rotary, attn.heads, attn.norm_q.eps)
+        q, k, v = kernels.qk_norm_rope(first, second, *norms, rotary, attn.heads, attn.norm_q.eps)
         return choice(q, k, v).flatten(2, 3).to(dtype)
     scales = attn.fp8_qk_scale
-    q8, k8, v8, v_descale = fused_kernels.qk_norm_rope_fp8(
-        first, second, *norms, rotary, attn.heads, attn.norm_q.eps, scales
-    )
+    q8, k8, v8, v_descale = kernels.qk_norm_rope_fp8(first, second, *norms, rotary, attn.heads, attn.norm_q.eps, scales)
     q_descale, k_descale = (scale.expand_as(v_descale).contiguous() for scale in scales)
     return choice.fp8_call(q8, k8, v8, q_descale, k_descale, v_descale).flatten(2, 3).to(dtype)
 
@@ -127,18 +115,14 @@ def _attention(attn, first, second, rotary, dtype):
 def fused_single_block_forward(block, hidden_states, encoder_hidden_states, temb, image_rotary_emb=None, **kwargs):
     """FluxSingleTransformerBlock.forward on our kernels: LN+modulation+FP8, two FP8 GEMMs, RMSNorm+RoPE, attention,
     GELU+FP8, the output GEMM and the gated residual."""
-    if not _ACTIVE:
-        return type(block).forward(block, hidden_states, encoder_hidden_states, temb, image_rotary_emb, **kwargs)
     _refuse_attention_kwargs(kwargs)
     attn, dtype = block.attn, hidden_states.dtype
     batch, text_tokens = encoder_hidden_states.shape[:2]
     shift, scale, gate = _modulation(block.norm, temb)
-    values, row_scale = fused_kernels.ln_mod_fp8(
-        encoder_hidden_states, hidden_states, shift, scale, block.norm.norm.eps
-    )
+    values, row_scale = kernels.ln_mod_fp8(encoder_hidden_states, hidden_states, shift, scale, block.norm.norm.eps)
     mlp = fp8_linear(values, row_scale, block.proj_mlp, dtype)
     qkv = fp8_linear(values, row_scale, attn.to_qkv, dtype).view(batch, -1, attn.to_qkv.out_features)
-    values, row_scale = fused_kernels.gelu_fp8(_attention(attn, qkv, None, image_rotary_emb, dtype), mlp)
+    values, row_scale = kernels.gelu_fp8(_attention(attn, qkv, None, image_rotary_emb, dtype), mlp)
     out = fp8_linear(values, row_scale, block.proj_out, dtype).view(batch, -1, block.proj_out.out_features)
     hidden_states = torch.cat([encoder_hidden_states, hidden_states], dim=1) + gate.unsqueeze(1) * out
     return hidden_states[:, :text_tokens], hidden_states[:, text_tokens:]
@@ -148,8 +132,6 @@ def fused_double_block_forward(block, hidden_states, encoder_hidden_states, temb
     """FluxTransformerBlock.forward on our kernels: per stream LN+modulation+FP8 and the FP8 QKV GEMM, one
     RMSNorm+RoPE writing the joint (text, image) q/k/v, attention, the output projections, then per stream the
     gated residual, LN+modulation+FP8, the MLP GEMM, GELU+FP8, the output GEMM and the gated residual."""
-    if not _ACTIVE:
-        return type(block).forward(block, hidden_states, encoder_hidden_states, temb, image_rotary_emb, **kwargs)
     _refuse_attention_kwargs(kwargs)
     attn, dtype = block.attn, hidden_states.dtype
     batch, text_tokens = encoder_hidden_states.shape[:2]
@@ -157,7 +139,7 @@ def fused_double_block_forward(block, hidden_states, encoder_hidden_states, temb
     eps = block.norm1.norm.eps
 
     def qkv(x, mod, linear):
-        values, row_scale = fused_kernels.ln_mod_fp8(x, None, mod[0], mod[1], eps)
+        values, row_scale = kernels.ln_mod_fp8(x, None, mod[0], mod[1], eps)
         return fp8_linear(values, row_scale, linear, dtype).view(batch, -1, linear.out_features)
 
     joint = _attention(
@@ -172,7 +154,7 @@ def fused_double_block_forward(block, hidden_states, encoder_hidden_states, temb
     def stream(x, attn_out, mod, ff, norm2):
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod
         x = x + gate_msa.unsqueeze(1) * attn_out
-        values, row_scale = fused_kernels.ln_mod_fp8(x, None, shift_mlp, scale_mlp, norm2.eps)
+        values, row_scale = kernels.ln_mod_fp8(x, None, shift_mlp, scale_mlp, norm2.eps)
         mlp = fp8_linear(values, row_scale, ff.net[0].proj, dtype)
         return x + gate_mlp.unsqueeze(1) * _gelu_output(ff, mlp, x.shape, dtype)
 
@@ -185,91 +167,26 @@ def fused_double_block_forward(block, hidden_states, encoder_hidden_states, temb
 
 def _fused_attention(attn) -> bool:
     """Our processor (its kernel choice), RMSNorm on q/k and the fused QKV layer."""
-    return isinstance(attn.processor, KernelFluxAttnProcessor) and attn.norm_q is not None and hasattr(attn, "to_qkv")
+    return kernel_choice(attn) is not None and attn.norm_q is not None and hasattr(attn, "to_qkv")
 
 
-def _single_block_fusable(block) -> bool:
-    return _fused_attention(block.attn) and all(_expose_fp8_weight(x) for x in (block.proj_mlp, block.attn.to_qkv))
+def single_block_fusable(block) -> bool:
+    return _fused_attention(block.attn) and all(expose_fp8_weight(x) for x in (block.proj_mlp, block.attn.to_qkv))
 
 
-def _double_block_fusable(block) -> bool:
+def double_block_fusable(block) -> bool:
     attn = block.attn
     layers = (attn.to_qkv, getattr(attn, "to_added_qkv", None), block.ff.net[0].proj, block.ff_context.net[0].proj)
     gelus = all(getattr(ff.net[0], "approximate", None) == "tanh" for ff in (block.ff, block.ff_context))
-    return _fused_attention(attn) and gelus and all(x is not None and _expose_fp8_weight(x) for x in layers)
+    return _fused_attention(attn) and gelus and all(x is not None and expose_fp8_weight(x) for x in layers)
 
 
-def replace(transformer, norm_rope: bool = False) -> dict[str, int]:
-    """Route every eligible block or MLP through the kernels; returns how many of each were rerouted."""
-    counts = {"mlp_outputs": 0, "single_blocks": 0, "double_blocks": 0}
-    for block in transformer.single_transformer_blocks:
-        if block.proj_out.in_features > block.proj_mlp.out_features and _expose_fp8_weight(block.proj_out):
-            counts["mlp_outputs"] += 1
-            whole = norm_rope and _single_block_fusable(block)
-            counts["single_blocks"] += whole
-            forward = fused_single_block_forward if whole else single_block_forward
-            block.forward = types.MethodType(forward, block)
-    for block in transformer.transformer_blocks:
-        outputs = [ff for ff in (block.ff, block.ff_context) if getattr(ff.net[0], "approximate", None) == "tanh"]
-        outputs = [ff for ff in outputs if _expose_fp8_weight(ff.net[2])]
-        counts["mlp_outputs"] += len(outputs)
-        if norm_rope and len(outputs) == 2 and _double_block_fusable(block):
-            counts["double_blocks"] += 1
-            block.forward = types.MethodType(fused_double_block_forward, block)
-            continue
-        for ff in outputs:
-            ff.forward = types.MethodType(feed_forward, ff)
-    return counts
+def mlp_output_fusable(block) -> bool:
+    """A single block whose proj_out reads [attention | MLP] and is rowwise FP8."""
+    return block.proj_out.in_features > block.proj_mlp.out_features and expose_fp8_weight(block.proj_out)
 
 
-def undo() -> None:
-    """Send every rerouted module back to diffusers' forward (what wraps it, compile and graphs, stays in place)."""
-    global _ACTIVE
-    _ACTIVE = False
-
-
-def apply(pipe, context: OptimizationContext) -> list[Report]:
-    settings = context.settings
-    if context.device_type != "cuda":
-        why = "Triton kernels for the GPU's FP8 path"
-        return [Report(NAME, "skipped", why), Report(NORM_ROPE, "skipped", why)]
-    if not settings.fused_gelu_fp8:
-        return [
-            Report(NAME, "skipped", "FLUX_FUSED_GELU_FP8=false"),
-            Report(NORM_ROPE, "skipped", "needs FLUX_FUSED_GELU_FP8=true"),
-        ]
-    global _ACTIVE
-    fused_kernels.build_ops()
-    _ACTIVE = True
-    counts = replace(pipe.transformer, norm_rope=settings.fused_norm_rope)
-    if counts["mlp_outputs"] == 0:
-        why = "no rowwise-FP8 MLP output layer to feed (FP8 not applied)"
-        return [Report(NAME, "skipped", why), Report(NORM_ROPE, "skipped", why)]
-    reports = [
-        Report(
-            NAME,
-            "applied",
-            f"{counts['mlp_outputs']} MLP outputs: GELU and rowwise FP8 quantization in one pass per row (Triton), "
-            "straight into the FP8 GEMM",
-            data=counts,
-            undo=undo,
-        )
-    ]
-    blocks = counts["single_blocks"] + counts["double_blocks"]
-    if not settings.fused_norm_rope:
-        reports.append(Report(NORM_ROPE, "skipped", "FLUX_FUSED_NORM_ROPE=false"))
-    elif blocks == 0:
-        reports.append(Report(NORM_ROPE, "skipped", "no block has all its QKV/MLP layers in rowwise FP8"))
-    else:
-        total = len(pipe.transformer.single_transformer_blocks) + len(pipe.transformer.transformer_blocks)
-        reports.append(
-            Report(
-                NORM_ROPE,
-                "applied",
-                f"{blocks} of {total} blocks on fused kernels (LayerNorm+modulation+FP8 quantization, "
-                "RMSNorm+RoPE on q/k); the others keep torchao's quantization",
-                data=counts,
-                undo=undo,
-            )
-        )
-    return reports
+def fusable_feed_forwards(block) -> list:
+    """The tanh-GELU feed-forwards of a double block whose output layer is rowwise FP8."""
+    outputs = [ff for ff in (block.ff, block.ff_context) if getattr(ff.net[0], "approximate", None) == "tanh"]
+    return [ff for ff in outputs if expose_fp8_weight(ff.net[2])]

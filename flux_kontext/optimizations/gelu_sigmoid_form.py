@@ -1,10 +1,11 @@
-"""tanh-GELU written in its sigmoid form: the same function, fewer instructions in compiled code.
+"""gelu_sigmoid_form: tanh-GELU written in its sigmoid form, the same function, fewer instructions in compiled code.
 
 0.5·x·(1 + tanh(z)) = x·σ(2z) with z = √(2/π)·(x + 0.044715·x³). Inductor lowers tanh to libdevice's tanhf and σ
 to an exp2 and a reciprocal. In the FP8 blocks the MLP's GELU is fused into the kernel that finds each row's absmax
 and quantizes the row for the next GEMM; that kernel passes over the row twice and evaluates the GELU in both
 passes, and the profile (bench/cuda_graph_probe.py) shows it among the slowest glue kernels. Only for compiled
-code: eager PyTorch has its own fused GELU kernel, so without compile nothing is changed.
+code: eager PyTorch has its own fused GELU kernel, so without compile nothing is changed. Before compile, which
+fuses it.
 """
 
 from __future__ import annotations
@@ -14,9 +15,8 @@ import math
 import torch
 from diffusers.models.activations import GELU as DiffusersGELU
 
-from flux_kontext.optimizations import OptimizationContext, Report
+from flux_kontext.stack import APPLY, Decision, Hardware, Model, Optimization, Outcome, skip
 
-NAME = "gelu_sigmoid_form"
 _TWO_SQRT_2_OVER_PI = 2.0 * math.sqrt(2.0 / math.pi)
 
 
@@ -48,15 +48,19 @@ def replace_tanh_gelus(transformer: torch.nn.Module) -> int:
     return count
 
 
-def apply(pipe, context: OptimizationContext) -> Report:
-    if context.device_type != "cuda" or not context.settings.compile:
-        return Report(NAME, "skipped", "only pays inside compiled code (GPU with FLUX_COMPILE=true)")
-    if not context.settings.gelu_sigmoid_form:
-        return Report(NAME, "skipped", "FLUX_GELU_SIGMOID_FORM=false")
-    count = replace_tanh_gelus(pipe.transformer)
-    return Report(
-        NAME,
-        "applied",
-        f"{count} tanh-GELUs computed as x·sigmoid(2z), the same function (fp32 inside); cheaper where compile "
-        "fuses them into the FP8 row quantization",
-    )
+class GeluSigmoidForm(Optimization):
+    name = "gelu_sigmoid_form"
+
+    def decide(self, hardware: Hardware) -> Decision:
+        if not hardware.is_cuda or not self.settings.compile:
+            return skip("only pays inside compiled code (GPU with FLUX_COMPILE=true)")
+        if not self.settings.gelu_sigmoid_form:
+            return skip("FLUX_GELU_SIGMOID_FORM=false")
+        return APPLY
+
+    def apply(self, model: Model) -> Outcome:
+        count = replace_tanh_gelus(model.pipe.transformer)
+        return Outcome.applied(
+            f"{count} tanh-GELUs computed as x·sigmoid(2z), the same function (fp32 inside); cheaper where compile "
+            "fuses them into the FP8 row quantization"
+        )

@@ -1,4 +1,4 @@
-"""First-block cache on current diffusers, made to work with the Kontext pipeline.
+"""first_block_cache: diffusers' first-block cache on current diffusers, made to work with the Kontext pipeline.
 
 diffusers' FirstBlockCache runs the first transformer block each step and, when the relative change of its
 residual is below the threshold, reuses the remaining blocks' cached residual instead of running them. Its
@@ -7,6 +7,10 @@ which FluxKontextPipeline does not do. So we wrap the transformer's forward (on 
 a context per call: "cond" for the prompt pass and "uncond" for the negative pass of true CFG, which then keep
 separate cache state. Per request: the threshold (0 = never skip: the exact uncached result), a reset of the
 cache, and a count of the transformer calls computed and skipped.
+
+Its hooks sit in diffusers' hook registry, above every forward slot (body -> compiled -> graphed): its per-step
+decision runs on the host, between graph replays and outside compiled code (no graph break). Last of the
+transformer optimizations for that reason.
 """
 
 from __future__ import annotations
@@ -16,15 +20,15 @@ import logging
 
 import torch
 
-from flux_kontext.optimizations import OptimizationContext, Report
+from flux_kontext.jobs import Job
+from flux_kontext.stack import APPLY, Decision, Hardware, Model, Optimization, Outcome, RequestRun, skip
 
 log = logging.getLogger(__name__)
 
-NAME = "first_block_cache"
 HEAD_HOOK = "fbc_leader_block_hook"  # diffusers' name for the hook on the first block
 
 
-class FirstBlockCache:
+class FirstBlockCacheControl:
     """Per-request control of diffusers' first-block cache on one transformer."""
 
     def __init__(self, transformer: torch.nn.Module, threshold: float):
@@ -37,12 +41,13 @@ class FirstBlockCache:
             raise RuntimeError("diffusers did not install its first-block hook on transformer_blocks[0]")
         self.transformer = transformer
         self.default_threshold = self.threshold = threshold
-        self.negative: torch.Tensor | None = None
+        self.run: RequestRun | None = None
         self.computed = self.skipped = 0
         original_forward = transformer.forward
 
         def forward_in_cache_context(*args, **kwargs):
-            negative = self.negative is not None and kwargs.get("encoder_hidden_states") is self.negative
+            negative = self.run is not None and self.run.negative_prompt_embeds is not None
+            negative = negative and kwargs.get("encoder_hidden_states") is self.run.negative_prompt_embeds
             with transformer.cache_context("uncond" if negative else "cond"):
                 output = original_forward(*args, **kwargs)
                 if self._head_hook.state_manager.get_state().should_compute:
@@ -54,34 +59,49 @@ class FirstBlockCache:
         transformer.forward = forward_in_cache_context
 
     @contextlib.contextmanager
-    def request(self, threshold: float | None, negative_prompt_embeds: torch.Tensor | None):
-        """Fresh cache state for one request; yields self, whose counts are read after the call."""
+    def request(self, threshold: float | None, run: RequestRun):
+        """Fresh cache state for one request; the counts are in ``summary()`` afterwards."""
         self.threshold = self.default_threshold if threshold is None else threshold
         # diffusers skips when the change is not above the threshold, so at 0 an unchanged residual would still
         # skip; below zero nothing does, which is what 0 promises (the exact uncached result).
         self._head_hook.threshold = self.threshold if self.threshold > 0 else -1.0
-        self.negative = negative_prompt_embeds
+        self.run = run
         self.computed = self.skipped = 0
         self.transformer._reset_stateful_cache()
         try:
             yield self
         finally:
-            self.negative = None
+            self.run = None
             self.transformer._reset_stateful_cache()
 
     def summary(self) -> dict:
         return {"threshold": self.threshold, "computed": self.computed, "skipped": self.skipped}
 
 
-def apply(pipe, context: OptimizationContext) -> Report:
-    """Install the cache when FLUX_FIRST_BLOCK_CACHE is on; the engine drives it per request."""
-    settings = context.settings
-    if not settings.first_block_cache:
-        return Report(NAME, "skipped", "FLUX_FIRST_BLOCK_CACHE=false")
-    pipe.first_block_cache = FirstBlockCache(pipe.transformer, settings.cache_threshold)
-    return Report(
-        NAME,
-        "applied",
-        f"diffusers FirstBlockCache, residual threshold {settings.cache_threshold} (per request: cache_threshold; "
-        "0 never skips); cond and true-CFG uncond passes keep separate state; skips are reported per request",
-    )
+class FirstBlockCache(Optimization):
+    name = "first_block_cache"
+    after = ("cuda_graphs", "compile")  # its hooks wrap whatever the blocks' forward slots hold
+    counters = True
+
+    def __init__(self, settings):
+        super().__init__(settings)
+        self.control: FirstBlockCacheControl | None = None
+
+    def decide(self, hardware: Hardware) -> Decision:
+        return APPLY if self.settings.first_block_cache else skip("FLUX_FIRST_BLOCK_CACHE=false")
+
+    def apply(self, model: Model) -> Outcome:
+        threshold = self.settings.cache_threshold
+        self.control = FirstBlockCacheControl(model.pipe.transformer, threshold)
+        return Outcome.applied(
+            f"diffusers FirstBlockCache, residual threshold {threshold} (per request: cache_threshold; "
+            "0 never skips); cond and true-CFG uncond passes keep separate state; skips are reported per request"
+        )
+
+    @contextlib.contextmanager
+    def active(self, job: Job, run: RequestRun):
+        with self.control.request(job.cache_threshold, run) as control:
+            try:
+                yield
+            finally:
+                run.counters[self.name] = control.summary()

@@ -1,4 +1,4 @@
-"""Low-precision GEMMs for the transformer: the best format whose tensor cores this GPU really has.
+"""low_precision_gemm: low-precision GEMMs for the transformer, the best format whose tensor cores this GPU really has.
 
 - sm_100+ (Blackwell): MXFP4 (torchao MX, 32-element blocks), real FP4 tensor cores.
 - sm_89 / sm_90 (Ada, Hopper): FP8 e4m3 rowwise (torchao), dynamic activation scales. MX formats only emulate
@@ -10,7 +10,9 @@ weight and of random activations); a layer above FLUX_FP8_MAX_LAYER_ERROR stays 
 2^-9..448, so a row whose largest entry is ~1e5x its typical one pushes the rest into subnormals). After
 quantizing, each layer's real output error is measured and reported. Random activations have no outlier
 channels; real ones may, so real-weight errors can be higher than what is measured here.
-Weights are quantized at load: a request cannot switch this off (its response says so).
+Weights are quantized at load: a request cannot switch this off (its response says so). After fuse_qkv (the fused
+weight is what gets quantized), before the fused FP8 blocks (which read the FP8 weights) and compile (which traces
+them). Setting: FLUX_LOW_PRECISION_GEMM (alias FLUX_QUANTIZE); request flag: the seed's use_mxfp4.
 """
 
 from __future__ import annotations
@@ -19,15 +21,13 @@ import logging
 
 import torch
 
-from flux_kontext.optimizations import OptimizationContext, Report
+from flux_kontext.optimizations.kernels.e4m3 import quantize_rowwise_fp8
+from flux_kontext.stack import APPLY, Decision, Hardware, Model, Optimization, Outcome, skip, unavailable
 
 log = logging.getLogger(__name__)
 
-NAME = "low_precision_gemm"
-FLAG = "use_mxfp4"
 KEEP_BF16 = ("x_embedder", "context_embedder", "time_text_embed", "norm_out", "proj_out")
 ERROR_ROWS = 64  # activation rows per layer for the error measurement
-E4M3_MAX = 448.0
 
 
 def _quantizable(module: torch.nn.Module, name: str) -> bool:
@@ -64,27 +64,6 @@ def _config(fmt: str):
     return MXDynamicActivationMXWeightConfig(
         activation_dtype=torch.float4_e2m1fn_x2, weight_dtype=torch.float4_e2m1fn_x2, block_size=32
     )
-
-
-def quantize_static(t: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """``t`` / ``scale`` in e4m3 (clamped to its range), in fp32; ``scale`` broadcasts (a scalar known in advance,
-    or the per-row / per-head scales below)."""
-    return (t.float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
-
-
-def quantize_rowwise_fp8(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each row to float8 e4m3 with its own fp32 scale, absmax / 448 (floored at 1e-12 so a zero row stays finite):
-    (values, scales (..., 1)). torchao's rowwise arithmetic; the fused kernels (fused_kernels.py) are checked
-    against it."""
-    scale = t.float().abs().amax(dim=-1, keepdim=True).clamp(min=1e-12) / E4M3_MAX
-    return quantize_static(t, scale), scale
-
-
-def quantize_per_head(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(batch, tokens, heads, head_dim) to e4m3 with one scale per (batch, head), absmax / 448 as above (FA3's FP8
-    descale layout): (values, descales (batch, heads) fp32)."""
-    scale = t.abs().amax(dim=(1, 3)).float().clamp(min=1e-12) / E4M3_MAX
-    return quantize_static(t, scale[:, None, :, None]), scale
 
 
 def _fp8_rowwise(t: torch.Tensor) -> torch.Tensor:
@@ -132,39 +111,45 @@ def _layer_errors(transformer: torch.nn.Module, references: dict) -> dict[str, f
     return errors
 
 
-def apply(pipe, context: OptimizationContext) -> Report:
-    fmt, why = choose_format(context.settings.quantize, context.capability)
-    if fmt is None:
-        status = "skipped" if context.settings.quantize == "none" else "unavailable"
-        return Report(NAME, status, why, flag=FLAG)
-    try:
-        config = _config(fmt)
-        from torchao.quantization import quantize_
-    except ImportError as exc:
-        return Report(
-            NAME, "unavailable", f"{why}: torchao not importable ({exc}); pip install torchao==0.18.0", flag=FLAG
+class LowPrecisionGemm(Optimization):
+    name = "low_precision_gemm"
+    flag = "use_mxfp4"
+    after = ("fuse_qkv",)
+
+    def decide(self, hardware: Hardware) -> Decision:
+        fmt, why = choose_format(self.settings.low_precision_gemm, hardware.capability)
+        if fmt is None:
+            return skip(why) if self.settings.low_precision_gemm == "none" else unavailable(why)
+        return APPLY
+
+    def apply(self, model: Model) -> Outcome:
+        fmt, why = choose_format(self.settings.low_precision_gemm, model.hardware.capability)
+        try:
+            config = _config(fmt)
+            from torchao.quantization import quantize_
+        except ImportError as exc:
+            return Outcome("unavailable", f"{why}: torchao not importable ({exc}); pip install torchao==0.18.0")
+        transformer = model.pipe.transformer
+        references = _reference_outputs(transformer)
+        modules = dict(transformer.named_modules())
+        max_error = self.settings.fp8_max_layer_error
+        selected, kept_bf16 = (
+            select_fp8_layers(references, modules, max_error) if fmt == "fp8" else (set(references), {})
         )
-    references = _reference_outputs(pipe.transformer)
-    modules = dict(pipe.transformer.named_modules())
-    max_error = context.settings.fp8_max_layer_error
-    selected, kept_bf16 = select_fp8_layers(references, modules, max_error) if fmt == "fp8" else (set(references), {})
-    if not selected:
-        return Report(
-            NAME, "skipped", f"{why}; every layer's simulated FP8 error is above {max_error}: all bf16", flag=FLAG
+        if not selected:
+            return Outcome.skipped(f"{why}; every layer's simulated FP8 error is above {max_error}: all bf16")
+        quantize_(transformer, config, filter_fn=lambda module, name: name in selected)
+        errors = _layer_errors(transformer, {name: references[name] for name in selected})
+        del references
+        median = sorted(errors.values())[len(errors) // 2]
+        worst = max(errors, key=errors.get)
+        screened = (
+            f"{len(kept_bf16)} more kept bf16 (simulated FP8 error above {max_error})"
+            if fmt == "fp8"
+            else "no per-layer screening for MXFP4"
         )
-    quantize_(pipe.transformer, config, filter_fn=lambda module, name: name in selected)
-    errors = _layer_errors(pipe.transformer, {name: references[name] for name in selected})
-    del references
-    median = sorted(errors.values())[len(errors) // 2]
-    worst = max(errors, key=errors.get)
-    screened = (
-        f"{len(kept_bf16)} more kept bf16 (simulated FP8 error above {max_error})"
-        if fmt == "fp8"
-        else "no per-layer screening for MXFP4"
-    )
-    detail = (
-        f"{why}; {len(errors)} linear layers quantized; {', '.join(KEEP_BF16)} kept bf16, {screened}; output "
-        f"relative error median {median:.2e}, max {errors[worst]:.2e} ({worst}) on random activations"
-    )
-    data = {"format": fmt, "kept_bf16": kept_bf16, "_layer_errors": errors}
-    return Report(NAME, "applied", detail, flag=FLAG, data=data)
+        detail = (
+            f"{why}; {len(errors)} linear layers quantized; {', '.join(KEEP_BF16)} kept bf16, {screened}; output "
+            f"relative error median {median:.2e}, max {errors[worst]:.2e} ({worst}) on random activations"
+        )
+        return Outcome.applied(detail, format=fmt, kept_bf16=kept_bf16, _layer_errors=errors)

@@ -1,0 +1,94 @@
+"""attention: our FLUX attention processor with a pluggable kernel, the kernel picked by measurement.
+
+Layout of this package: kernels.py (the kernels and the per-engine KernelChoice), processor.py (the processor and
+the static FP8 q/k scales), selection.py (check and time the candidates, pick the fastest), fp8_screen.py (may FA3
+in FP8 serve these weights?). Its companion optimization flash_attention_3 reports FlashAttention 3's state and
+turns it off per request (``use_flash_attention``).
+
+Before quantization and compile: the compiled graph holds the kernel call. `use_flash_attention: false` switches a
+request to the fastest non-FA3 kernel.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+
+from flux_kontext.optimizations.attention.fp8_screen import screen_fp8_attention
+from flux_kontext.optimizations.attention.kernels import FA3_FP8, KernelChoice, sdpa
+from flux_kontext.optimizations.attention.processor import install, register_fp8_qk_scales
+from flux_kontext.optimizations.attention.selection import TIMING_TOKENS, measure_kernels, select_kernel, summary
+from flux_kontext.stack import Model, Optimization, Outcome
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Selection:
+    """What start-up decided, read by flash_attention_3 for its own report."""
+
+    best: str  # fastest bf16 kernel (fa3 only with its margin)
+    mode: str  # FLUX_FP8_ATTENTION
+    measured: dict = field(default_factory=dict)
+    rejected: dict = field(default_factory=dict)
+    within_noise: bool = False  # FA3 was fastest, but not by FA3_MIN_GAIN
+
+
+class Attention(Optimization):
+    name = "attention"
+    after = ("fuse_qkv",)  # the processor reads the fused to_qkv where there is one
+
+    def __init__(self, settings):
+        super().__init__(settings)
+        self.choice: KernelChoice | None = None
+        self.selection: Selection | None = None
+
+    def apply(self, model: Model) -> Outcome:
+        transformer, setting = model.pipe.transformer, self.settings.attention
+        if not model.hardware.is_cuda:
+            if setting not in ("auto", "sdpa"):
+                raise ValueError(f"FLUX_ATTENTION={setting} needs a CUDA GPU")
+            self.choice = KernelChoice(kernels={"sdpa": sdpa})
+            self.selection = Selection(best="sdpa", mode=self.settings.fp8_attention)
+            install(transformer, self.choice)
+            return Outcome.applied("PyTorch scaled_dot_product_attention on CPU")
+        device = torch.device("cuda", torch.cuda.current_device())
+        mode = self.settings.fp8_attention
+        usable, measured, rejected = measure_kernels(setting, device, fp8=mode != "off")
+        timing = {name: sum(m[f"ms_{t}"] for t in TIMING_TOKENS) for name, m in measured.items() if name != FA3_FP8}
+        if not timing:
+            raise RuntimeError(f"no usable attention kernel for FLUX_ATTENTION={setting}: {rejected}")
+        best, fallback, within_noise = select_kernel(timing)
+        self.choice = KernelChoice(kernels=usable, active=best, fallback=fallback)
+        self.selection = Selection(best, mode, measured, rejected, within_noise)
+        install(transformer, self.choice)
+        tokens = "/".join(str(t) for t in TIMING_TOKENS)
+        detail = f"{best} (fastest at {tokens} tokens; measured {summary(measured)})"
+        if FA3_FP8 in usable:
+            detail = self._screen_fp8(transformer, measured, detail)
+        elif mode != "off":
+            detail += f"; FA3 in FP8 not usable: {rejected.get(FA3_FP8)}"
+            if mode == "on":
+                log.warning("FLUX_FP8_ATTENTION=on but FA3 in FP8 is not usable: %s", rejected.get(FA3_FP8))
+        return Outcome.applied(detail, measured=measured, rejected=rejected)
+
+    def _screen_fp8(self, transformer, measured: dict, detail: str) -> str:
+        """Run the FP8 screen; make FA3 in FP8 the active kernel where it passes (or FLUX_FP8_ATTENTION=on)."""
+        mode, limit = self.settings.fp8_attention, self.settings.fp8_max_layer_error
+        register_fp8_qk_scales(transformer)
+        screen = screen_fp8_attention(transformer, self.choice)
+        measured[FA3_FP8]["screen"] = screen
+        step = (
+            f"on a 1024² step its {screen['layers']} attention outputs moved by {screen['layer_error_median']:.1e} "
+            f"median, {screen['layer_error_max']:.1e} max, the transformer output by {screen['output_error']:.1e}"
+        )
+        if mode == "on" or screen["layer_error_max"] <= limit:
+            self.choice.active = FA3_FP8
+            within = "no limit" if mode == "on" else f"within FLUX_FP8_MAX_LAYER_ERROR={limit}"
+            return f"fa3_fp8 (FLUX_FP8_ATTENTION={mode}: {step}; {within}; measured {summary(measured)})"
+        return f"{detail}; FA3 in FP8 not used: {step}, above FLUX_FP8_MAX_LAYER_ERROR={limit}"
+
+
+__all__ = ["FA3_FP8", "Attention", "KernelChoice", "Selection"]

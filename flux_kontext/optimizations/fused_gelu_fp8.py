@@ -1,0 +1,66 @@
+"""fused_gelu_fp8: GELU + rowwise FP8 quantization of the MLP outputs in one pass per row (our Triton kernel), then
+the FP8 GEMM (forwards in fp8_blocks.py).
+
+Needs the FP8 weights (after low_precision_gemm) and runs before compile, which traces the kernels as torch ops.
+It fills the ``body`` slot of each rerouted single block and feed-forward; ``undo`` empties them again (diffusers'
+forward).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from flux_kontext.optimizations import kernels
+from flux_kontext.optimizations.fp8_blocks import (
+    feed_forward,
+    fusable_feed_forwards,
+    mlp_output_fusable,
+    single_block_forward,
+)
+from flux_kontext.stack import APPLY, Decision, Hardware, Model, Optimization, Outcome, skip
+
+GPU_ONLY = "Triton kernels for the GPU's FP8 path"
+
+
+class FusedGeluFp8(Optimization):
+    name = "fused_gelu_fp8"
+    after = ("low_precision_gemm", "attention", "gelu_sigmoid_form")
+    undoable = True
+
+    def __init__(self, settings):
+        super().__init__(settings)
+        self._rerouted: list = []
+        self._model: Model | None = None
+
+    def decide(self, hardware: Hardware) -> Decision:
+        if not hardware.is_cuda:
+            return skip(GPU_ONLY)
+        if not self.settings.fused_gelu_fp8:
+            return skip("FLUX_FUSED_GELU_FP8=false")
+        return APPLY
+
+    def apply(self, model: Model) -> Outcome:
+        if torch.cuda.is_available():
+            kernels.ops()  # registered now, at load: never for the first time inside compiled code
+        self._model, transformer = model, model.pipe.transformer
+        for block in transformer.single_transformer_blocks:
+            if mlp_output_fusable(block):
+                model.slots.set_body(block, single_block_forward)
+                self._rerouted.append(block)
+        for block in transformer.transformer_blocks:
+            for ff in fusable_feed_forwards(block):
+                model.slots.set_body(ff, feed_forward)
+                self._rerouted.append(ff)
+        if not self._rerouted:
+            return Outcome.skipped("no rowwise-FP8 MLP output layer to feed (FP8 not applied)")
+        count = len(self._rerouted)
+        return Outcome.applied(
+            f"{count} MLP outputs: GELU and rowwise FP8 quantization in one pass per row (Triton), straight into the "
+            "FP8 GEMM",
+            mlp_outputs=count,
+        )
+
+    def undo(self) -> None:
+        for module in self._rerouted:
+            self._model.slots.clear(module, "body")
+        self._rerouted.clear()

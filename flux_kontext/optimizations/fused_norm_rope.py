@@ -1,0 +1,68 @@
+"""fused_norm_rope: whole FP8 blocks on our Triton kernels (forwards in fp8_blocks.py): LayerNorm + modulation + FP8
+quantization before the QKV/MLP GEMMs, RMSNorm + RoPE writing q/k/v (in e4m3 when FA3 runs in FP8), with diffusers'
+arithmetic.
+
+On top of fused_gelu_fp8 (it uses the same GELU kernel): a block qualifies only when every QKV/MLP layer it feeds is
+rowwise FP8, and its ``body`` slot then holds the whole-block forward; the others keep the path below.
+"""
+
+from __future__ import annotations
+
+from flux_kontext.optimizations.fp8_blocks import (
+    double_block_fusable,
+    fusable_feed_forwards,
+    fused_double_block_forward,
+    fused_single_block_forward,
+    mlp_output_fusable,
+    single_block_fusable,
+)
+from flux_kontext.optimizations.fused_gelu_fp8 import GPU_ONLY
+from flux_kontext.stack import APPLY, Decision, Hardware, Model, Optimization, Outcome, skip
+
+
+class FusedNormRope(Optimization):
+    name = "fused_norm_rope"
+    after = ("fused_gelu_fp8",)
+    requires = ("fused_gelu_fp8",)
+    undoable = True
+
+    def __init__(self, settings):
+        super().__init__(settings)
+        self._rerouted: list = []
+        self._model: Model | None = None
+
+    def decide(self, hardware: Hardware) -> Decision:
+        if not hardware.is_cuda:
+            return skip(GPU_ONLY)
+        if not self.settings.fused_gelu_fp8:
+            return skip("needs FLUX_FUSED_GELU_FP8=true")
+        if not self.settings.fused_norm_rope:
+            return skip("FLUX_FUSED_NORM_ROPE=false")
+        return APPLY
+
+    def apply(self, model: Model) -> Outcome:
+        self._model, transformer = model, model.pipe.transformer
+        counts = {"single_blocks": 0, "double_blocks": 0}
+        for block in transformer.single_transformer_blocks:
+            if mlp_output_fusable(block) and single_block_fusable(block):
+                model.slots.set_body(block, fused_single_block_forward)
+                self._rerouted.append(block)
+                counts["single_blocks"] += 1
+        for block in transformer.transformer_blocks:
+            if len(fusable_feed_forwards(block)) == 2 and double_block_fusable(block):
+                model.slots.set_body(block, fused_double_block_forward)
+                self._rerouted.append(block)
+                counts["double_blocks"] += 1
+        if not self._rerouted:
+            return Outcome.skipped("no block has all its QKV/MLP layers in rowwise FP8")
+        total = len(transformer.single_transformer_blocks) + len(transformer.transformer_blocks)
+        return Outcome.applied(
+            f"{len(self._rerouted)} of {total} blocks on fused kernels (LayerNorm+modulation+FP8 quantization, "
+            "RMSNorm+RoPE on q/k); the others keep torchao's quantization",
+            **counts,
+        )
+
+    def undo(self) -> None:
+        for module in self._rerouted:
+            self._model.slots.clear(module, "body")
+        self._rerouted.clear()
