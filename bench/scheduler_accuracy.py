@@ -22,7 +22,7 @@ sys.path.insert(0, str(ROOT))  # the tests module and flux_kontext, when run as 
 import diffusers  # noqa: E402
 import torch  # noqa: E402
 
-from flux_kontext.optimizations.scheduler import SCHEDULERS  # noqa: E402
+from flux_kontext.schedulers import SCHEDULERS  # noqa: E402
 from tests.test_scheduler_accuracy import MU, error, gaussian_problem, mixture_problem  # noqa: E402
 
 STEPS = (7, 14, 28, 56)

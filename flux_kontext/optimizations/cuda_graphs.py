@@ -1,4 +1,5 @@
-"""cuda_graphs: CUDA graphs per transformer block and input shape, chained so that no activation is copied between blocks.
+"""cuda_graphs: CUDA graphs per transformer block and input shape, chained so that no activation is copied
+between blocks.
 
 Why per block: the first-block cache decides after block 0, on the host, whether the other 56 blocks run. A graph
 of the whole transformer cannot contain that decision; a graph per block sits under the cache's hooks, so the
