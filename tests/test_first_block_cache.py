@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
-import pytest
+from types import SimpleNamespace
 
+import pytest
+import torch
+
+from flux_kontext.jobs import Job
+from flux_kontext.optimizations.first_block_cache import FirstBlockCache, FirstBlockCacheControl
+from flux_kontext.settings import Settings
+from flux_kontext.stack import Hardware, RequestRun, Stack
 from tests.conftest import image_b64, make_client, wait_ready
 
 REQUEST = {"prompt": "paint it red", "width": 256, "height": 256, "steps": 6, "seed": 21, "scheduler": "euler"}
@@ -69,45 +76,69 @@ def test_health_and_bad_threshold(client):
     assert response.status_code == 422 and "cache_threshold" in response.json()["error"]["message"]
 
 
-def test_prompt_and_negative_passes_use_their_own_cache_contexts():
-    import torch
-
+def tiny_transformer_and_inputs():
     from flux_kontext.models import build_random_pipeline
-    from flux_kontext.optimizations.caching import FirstBlockCache
     from tests.test_optimizations import transformer_inputs
 
     pipe = build_random_pipeline(tiny=True, device=torch.device("cpu"), dtype=torch.float32)
-    cache = FirstBlockCache(pipe.transformer, threshold=0.5)
-    cond = transformer_inputs(pipe.transformer, torch.Generator().manual_seed(0))
+    return pipe.transformer, transformer_inputs(pipe.transformer, torch.Generator().manual_seed(0))
+
+
+@torch.inference_mode()
+def test_prompt_and_negative_passes_use_their_own_cache_contexts():
+    """The negative pass of true CFG is told apart by the request's negative embeddings, and each pass is compared
+    with its own previous step: alternating cond/uncond, each repeated input is skipped (its own residual has not
+    changed) and gives its own pass's output; in one shared state, every call would differ from the one before."""
+    transformer, cond = tiny_transformer_and_inputs()
     negative = torch.randn_like(cond["encoder_hidden_states"])
     uncond = {**cond, "encoder_hidden_states": negative}
-    states = cache._head_hook.state_manager._state_cache
-    with torch.inference_mode(), cache.request(None, negative):
-        pipe.transformer(**cond)
-        pipe.transformer(**uncond)
-        assert set(states) == {"cond", "uncond"}
-        assert not torch.equal(states["cond"].head_block_residual, states["uncond"].head_block_residual)
-        assert cache.summary() == {"threshold": 0.5, "computed": 2, "skipped": 0}
-    assert states == {}  # reset after the request
+    cache = FirstBlockCacheControl(transformer, threshold=0.01)
+
+    def alternate(run, threshold=None):
+        with cache.request(threshold, run):
+            outputs = [transformer(**kwargs)[0].clone() for kwargs in (cond, uncond, cond, uncond)]
+            return outputs, cache.summary()
+
+    reference, counts = alternate(RequestRun(negative_prompt_embeds=negative), threshold=0.0)  # never skips
+    assert counts == {"threshold": 0.0, "computed": 4, "skipped": 0}
+    torch.testing.assert_close(reference[2], reference[0], rtol=0, atol=0)
+    assert not torch.allclose(reference[1], reference[0])
+
+    outputs, counts = alternate(RequestRun(negative_prompt_embeds=negative))
+    assert counts == {"threshold": 0.01, "computed": 2, "skipped": 2}
+    for have, want in zip(outputs, reference, strict=True):
+        torch.testing.assert_close(have, want)  # a skipped pass reuses its own pass's residual, not the other's
+    # Without the negative embeddings in the run both passes are "cond": one state, each call differs from the last.
+    assert alternate(RequestRun())[1] == {"threshold": 0.01, "computed": 4, "skipped": 0}
+    # The state is reset after a request: a new one computes its first uncond and cond calls again.
+    outputs, counts = alternate(RequestRun(negative_prompt_embeds=negative))
+    assert counts == {"threshold": 0.01, "computed": 2, "skipped": 2}
 
 
+@torch.inference_mode()
 def test_threshold_zero_computes_even_an_unchanged_input():
     """diffusers skips when the change is not above the threshold; 0 must still mean never skip."""
-    import torch
-
-    from flux_kontext.models import build_random_pipeline
-    from flux_kontext.optimizations.caching import FirstBlockCache
-    from tests.test_optimizations import transformer_inputs
-
-    pipe = build_random_pipeline(tiny=True, device=torch.device("cpu"), dtype=torch.float32)
-    cache = FirstBlockCache(pipe.transformer, threshold=0.12)
-    kwargs = transformer_inputs(pipe.transformer, torch.Generator().manual_seed(0))
-    with torch.inference_mode():
-        with cache.request(0.0, None):
+    transformer, kwargs = tiny_transformer_and_inputs()
+    settings = Settings(model="tiny", cache_threshold=0.12)
+    stack = Stack([FirstBlockCache(settings)])
+    (report,) = stack.apply(SimpleNamespace(transformer=transformer), Hardware("cpu"))
+    assert report.status == "applied" and "0.12" in report.detail
+    for threshold, expected in ((0.0, (3, 0)), (None, (1, 2))):
+        with stack.request(Job(prompt="a cat", seed=0, cache_threshold=threshold)) as run:
             for _ in range(3):
-                pipe.transformer(**kwargs)
-            assert cache.summary() == {"threshold": 0.0, "computed": 3, "skipped": 0}
-        with cache.request(None, None):
-            for _ in range(3):
-                pipe.transformer(**kwargs)
-            assert cache.summary() == {"threshold": 0.12, "computed": 1, "skipped": 2}
+                transformer(**kwargs)
+        computed, skipped = expected
+        assert run.ran == ["first_block_cache"]
+        want = {"threshold": 0.12 if threshold is None else threshold, "computed": computed, "skipped": skipped}
+        assert run.counters["first_block_cache"] == want
+
+
+def test_turned_off_it_reports_no_counts_and_the_calls_run_uncached():
+    transformer, kwargs = tiny_transformer_and_inputs()
+    stack = Stack([FirstBlockCache(Settings(model="tiny", first_block_cache=False))])
+    (report,) = stack.apply(SimpleNamespace(transformer=transformer), Hardware("cpu"))
+    assert report.status == "skipped" and "FLUX_FIRST_BLOCK_CACHE=false" in report.detail
+    with torch.inference_mode(), stack.request(Job(prompt="a cat", seed=0, cache_threshold=1.0)) as run:
+        first, second = (transformer(**kwargs)[0] for _ in range(2))
+    assert run.counters == {"first_block_cache": None} and run.ran == []
+    torch.testing.assert_close(second, first, rtol=0, atol=0)

@@ -336,7 +336,9 @@ class CudaGraphs(Optimization):
     def active(self, job: Job, run: RequestRun):
         yield
         counts = self.manager.counts
-        if counts["replayed"] + counts["captured"] == 0:  # a shape's first call runs without graphs
+        if self.manager.failure is not None:  # a capture failed during this request: graphs are off from now on
+            run.withdraw(self.name, self.flag, f"capture failed, graphs are off: {self.manager.failure}")
+        elif counts["replayed"] + counts["captured"] == 0:  # a shape's first call runs without graphs
             run.withdraw(
                 self.name,
                 self.flag,
