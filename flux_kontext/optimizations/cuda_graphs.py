@@ -16,9 +16,9 @@ How a block's graph is built and replayed (``GraphedBlock``):
 - Outputs are the graph's static tensors, overwritten at its next replay. Every consumer here (the next block,
   the cache's residual arithmetic, norm_out) reads them before that, within the same transformer call.
 
-Memory: each captured shape keeps every block's outputs (about 1.6 GiB for a 1024² text-to-image, 3.2 GiB for
-a 1024² edit) and one block's intermediates; at most FLUX_CUDA_GRAPH_MAX_SHAPES shapes are kept, least recently
-used evicted. A capture that fails turns graphs off for good (the report says why); requests go on without.
+Memory: each captured shape keeps every block's outputs and one block's intermediates (sizes in BENCHMARKS.md, "CUDA
+graphs"); at most FLUX_CUDA_GRAPH_MAX_SHAPES shapes are kept, least recently used evicted. A capture that fails
+turns graphs off for good (the report says why); requests go on without.
 
 It fills the blocks' ``graphed`` slot, above ``compiled`` (whose kernels it captures); the first-block cache's hooks
 sit above it. Memory figures: BENCHMARKS.md.

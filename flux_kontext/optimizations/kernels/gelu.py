@@ -8,8 +8,8 @@ import torch
 from flux_kontext.optimizations.gelu_sigmoid_form import tanh_gelu
 from flux_kontext.optimizations.kernels.e4m3 import FP8, quantize_rowwise_fp8
 
-# The GELU kernel's warps per row: bench/fused_blocks.py sweeps 4-32 (H100, 2026-11-26): the single blocks' 15,360-wide
-# rows 107 µs at 32 warps (112 at 16, 163 at 4), the feed-forwards' 12,288-wide rows 77 µs at 8 (79 at 16, 136 at 4).
+# The GELU kernel's warps per row, the fastest of bench/fused_blocks.py's sweep of 4-32 per row width (BENCHMARKS.md,
+# "Fused FP8 blocks"): the single blocks' 15,360-wide rows take 32, the feed-forwards' 12,288-wide rows 8.
 GELU_NUM_WARPS = {True: 32, False: 8}  # keyed by "has the attention part"
 
 
