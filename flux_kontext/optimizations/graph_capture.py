@@ -1,0 +1,228 @@
+"""The capture-and-replay machinery behind cuda_graphs: one torch.cuda.CUDAGraph per block and input signature,
+chained block to block without copies (how and why: cuda_graphs.py's docstring)."""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+log = logging.getLogger(__name__)
+
+
+class CudaGraphBackend:
+    """Captures a function into a torch.cuda.CUDAGraph; all graphs share one memory pool (replayed in order)."""
+
+    def __init__(self):
+        self.pool = torch.cuda.graph_pool_handle()
+
+    def new_pool(self) -> None:
+        """A fresh pool: once its last graph is gone, a pool cannot be captured into again (allocator assert)."""
+        self.pool = torch.cuda.graph_pool_handle()
+
+    def capture(self, fn: Callable[[], Any]) -> tuple[Callable[[], None], Any]:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # per-stream lazy state (cuBLAS workspace) exists before capture
+            fn()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            outputs = fn()
+        return graph.replay, outputs
+
+
+def _signature(flat: list) -> tuple:
+    return tuple(
+        ("T", tuple(x.shape), x.dtype, tuple(x.stride()), x.device) if isinstance(x, torch.Tensor) else ("V", x)
+        for x in flat
+    )
+
+
+def _flat_tensors(tree) -> list[torch.Tensor]:
+    return [x for x in tree_flatten(tree)[0] if isinstance(x, torch.Tensor)]
+
+
+class _Captured:
+    """One block's graph for one signature: its static inputs, replay function and static outputs."""
+
+    def __init__(self, replay: Callable[[], None], inputs: list, outputs, shared: set[int]):
+        self.replay = replay
+        self.inputs = inputs  # per flat argument: the static tensor the graph reads, or the constant
+        self.outputs = outputs
+        self.shared = shared  # positions whose static tensor is the per-call shared copy
+
+
+class GraphManager:
+    """State shared by the blocks of one transformer: counts, shared inputs, output registry, LRU of shapes."""
+
+    def __init__(
+        self,
+        backend,
+        max_shapes: int = 4,
+        on_shapes: Callable[[list], None] | None = None,
+        on_failure: Callable[[str], None] | None = None,
+    ):
+        self.backend = backend
+        self.max_shapes = max_shapes
+        self.enabled = True  # per request (use_cuda_graphs)
+        self.failure: str | None = None
+        self.on_shapes = on_shapes  # told the captured shapes whenever they change (for the report)
+        self.on_failure = on_failure  # told why graphs were turned off
+        self.counts = {"replayed": 0, "captured": 0, "eager": 0}
+        self._shapes: OrderedDict[tuple, list[tuple[GraphedBlock, tuple]]] = OrderedDict()
+        self._shape: tuple | None = None
+        self._outputs: dict[tuple, torch.Tensor] = {}  # (data_ptr, shape, stride, dtype) of static outputs
+        self._shared: dict[tuple, torch.Tensor] = {}  # per shape and source: the static copy blocks share
+        self._fresh: dict[int, int] = {}  # this call: id(static copy) -> id(source tensor) it holds
+
+    @property
+    def active(self) -> bool:
+        return self.enabled and self.failure is None
+
+    # ----- per transformer call -------------------------------------------------------------------------
+    def begin_call(self, shape: tuple) -> None:
+        """Called at the start of each transformer call: a new set of shared inputs, LRU bookkeeping."""
+        self._fresh.clear()
+        self._shape = shape
+        if shape in self._shapes:
+            self._shapes.move_to_end(shape)
+
+    def reset_counts(self) -> dict:
+        counts, self.counts = self.counts, {"replayed": 0, "captured": 0, "eager": 0}
+        return counts
+
+    # ----- used by GraphedBlock -------------------------------------------------------------------------
+    @staticmethod
+    def _key(t: torch.Tensor) -> tuple:
+        return (t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype)
+
+    def static_input(self, position_key: tuple, source: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        """The tensor a graph being captured reads for ``source``; True when it is the per-call shared copy."""
+        if self._key(source) in self._outputs:  # another graph's output: read it in place
+            return source, False
+        key = (self._shape, position_key, tuple(source.shape), source.dtype, tuple(source.stride()))
+        shared = self._shared.get(key)
+        if shared is None:
+            shared = self._shared[key] = source.clone()
+        elif self._fresh.get(id(shared)) != id(source):
+            shared.copy_(source)  # captured by earlier blocks too: they read it as this call's value
+        self._fresh[id(shared)] = id(source)
+        return shared, True
+
+    def refresh(self, static: torch.Tensor, source: torch.Tensor, shared: bool) -> None:
+        """Make ``static`` hold ``source`` before a replay (a no-op for chained or already refreshed inputs)."""
+        if static.data_ptr() == source.data_ptr():
+            return
+        if shared and self._fresh.get(id(static)) == id(source):
+            return
+        static.copy_(source)
+        if shared:
+            self._fresh[id(static)] = id(source)
+
+    def register(self, block: GraphedBlock, signature: tuple, outputs) -> None:
+        for t in _flat_tensors(outputs):
+            self._outputs[self._key(t)] = t
+        entries = self._shapes.setdefault(self._shape, [])
+        entries.append((block, signature))
+        self._evict_over_limit()
+        self._publish()
+
+    def _publish(self) -> None:
+        """What /health shows: the input shapes (hidden, text) that hold graphs now, least recently used first."""
+        if self.on_shapes is not None:
+            self.on_shapes([[list(part) for part in shape] for shape in self._shapes])
+
+    def _forget(self, shape: tuple) -> None:
+        """Drop one shape's graphs, their output registrations and shared inputs; it is run, then captured anew."""
+        for block, signature in self._shapes.pop(shape):
+            captured = block.graphs.pop(signature, None)
+            block.seen.discard(signature)
+            if captured is not None:
+                for t in _flat_tensors(captured.outputs):
+                    self._outputs.pop(self._key(t), None)
+        self._shared = {k: v for k, v in self._shared.items() if k[0] != shape}
+
+    def _evict_over_limit(self) -> None:
+        while len(self._shapes) > self.max_shapes:
+            shape = next(iter(self._shapes))  # least recently used
+            log.info("CUDA graphs: evicting shape %s (%d graphs)", shape, len(self._shapes[shape]))
+            self._forget(shape)
+
+    def clear(self) -> None:
+        """Drop every graph; each shape is run, then captured again on its next calls."""
+        for shape in list(self._shapes):
+            self._forget(shape)
+        self._shared.clear()  # also copies made for a capture that failed before its shape held a graph
+        self.backend.new_pool()  # CUDA frees a pool with its last graph: later captures need a fresh one
+        self._publish()
+
+    def fail(self, reason: str) -> None:
+        """Turn graphs off for good: drop every graph, say why in the report."""
+        log.error("CUDA graphs turned off: %s", reason)
+        self.failure = reason
+        self.clear()
+        if self.on_failure is not None:
+            self.on_failure(reason)
+
+
+class GraphedBlock:
+    """Replaces one block's forward: runs, captures or replays it (see the module docstring)."""
+
+    def __init__(self, forward: Callable, manager: GraphManager, index: int):
+        self.forward = forward
+        self.__wrapped__ = forward  # inspect.signature sees the block's own parameters
+        self.manager = manager
+        self.index = index
+        self.seen: set[tuple] = set()
+        self.graphs: dict[tuple, _Captured] = {}
+
+    def __call__(self, *args, **kwargs):
+        manager = self.manager
+        if not manager.active or torch.is_grad_enabled():
+            return self.forward(*args, **kwargs)
+        flat, spec = tree_flatten((args, kwargs))
+        signature = _signature(flat)
+        captured = self.graphs.get(signature)
+        if captured is None:
+            if signature not in self.seen:
+                self.seen.add(signature)
+                manager.counts["eager"] += 1
+                return self.forward(*args, **kwargs)
+            captured = self._capture(flat, spec, signature)
+            if captured is None:
+                return self.forward(*args, **kwargs)
+            manager.counts["captured"] += 1
+        else:
+            manager.counts["replayed"] += 1
+            for position, (static, source) in enumerate(zip(captured.inputs, flat, strict=True)):
+                if isinstance(source, torch.Tensor):
+                    manager.refresh(static, source, position in captured.shared)
+        captured.replay()
+        return captured.outputs
+
+    def _capture(self, flat: list, spec, signature: tuple) -> _Captured | None:
+        manager = self.manager
+        inputs, shared = [], set()
+        for position, source in enumerate(flat):
+            if isinstance(source, torch.Tensor):
+                static, is_shared = manager.static_input((position,), source)
+                if is_shared:
+                    shared.add(position)
+                inputs.append(static)
+            else:
+                inputs.append(source)
+        args, kwargs = tree_unflatten(inputs, spec)
+        try:
+            replay, outputs = manager.backend.capture(lambda: self.forward(*args, **kwargs))
+        except Exception as exc:  # graphs are an optimization: the request goes on without them
+            manager.fail(f"block {self.index}: {type(exc).__name__}: {exc}")
+            return None
+        captured = _Captured(replay, inputs, outputs, shared)
+        self.graphs[signature] = captured
+        manager.register(self, signature, outputs)
+        return captured
