@@ -112,7 +112,7 @@ class Generation:
             guidance_scale=job.guidance_scale,
             generator=[torch.Generator("cpu").manual_seed(seed) for seed in seeds],
             max_sequence_length=self.model.max_sequence_length,
-            callback_on_step_end=_stop_when_cancelled(job),
+            callback_on_step_end=_step_callback(job, steps),
             callback_on_step_end_tensor_inputs=[],
             output_type="latent",
             return_dict=False,
@@ -156,10 +156,11 @@ def output_size(job: Job) -> tuple[int, int, str, tuple[int, int] | None]:
     return (*DEFAULT_TEXT_TO_IMAGE_SIZE, "default", None)
 
 
-def _stop_when_cancelled(job: Job):
-    """A step callback that makes the pipeline skip its remaining steps once the job is cancelled."""
+def _step_callback(job: Job, steps: int):
+    """After each step: report progress, and make the pipeline skip its remaining steps once the job is cancelled."""
 
     def callback(pipe, step, timestep, tensors):
+        job.step_done(step + 1, steps)
         if job.cancelled.is_set():
             pipe._interrupt = True  # the pipeline's own flag: each later step is skipped
         return {}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from PIL import Image
@@ -44,10 +45,19 @@ class Job:
     cache_threshold: float | None = None  # None: the server's FLUX_CACHE_THRESHOLD
     flags: dict[str, bool] = field(default_factory=dict)
     cancelled: threading.Event = field(default_factory=threading.Event, repr=False)
+    # Denoising progress, written by the GPU worker after each step: (steps done, steps in all); None until the first
+    # step. ``on_step`` (optional) is called with the same two numbers from the worker thread: keep it quick.
+    progress: tuple[int, int] | None = None
+    on_step: Callable[[int, int], None] | None = field(default=None, repr=False)
 
     def cancel(self) -> None:
         """Ask the engine to stop this job at its next denoising step (called from the event loop)."""
         self.cancelled.set()
+
+    def step_done(self, done: int, total: int) -> None:
+        self.progress = (done, total)
+        if self.on_step is not None:
+            self.on_step(done, total)
 
 
 @dataclass

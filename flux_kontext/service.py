@@ -231,6 +231,10 @@ def create_app(settings: Settings | None = None, engine_factory: Callable[[Setti
     # Outermost first: count every response (413s included), then own the body (limit, disconnect watch).
     app.add_middleware(RequestBodyMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestMetrics, metrics=service.metrics)
+    from flux_kontext.protocols import async_jobs, openai_images  # routers over this Service (no cycle at import)
+
+    app.include_router(openai_images.build_router(service))
+    app.include_router(async_jobs.build_router(service))
 
     @app.post("/inference", response_model=InferenceResponse, responses=ERRORS)
     async def inference(request: InferenceRequest, http_request: Request):
