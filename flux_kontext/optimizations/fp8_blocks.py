@@ -23,6 +23,7 @@ import torch
 
 from flux_kontext.optimizations import kernels
 from flux_kontext.optimizations.attention.processor import kernel_choice
+from flux_kontext.stack import Model, Optimization
 
 log = logging.getLogger(__name__)
 
@@ -190,3 +191,25 @@ def fusable_feed_forwards(block) -> list:
     """The tanh-GELU feed-forwards of a double block whose output layer is rowwise FP8."""
     outputs = [ff for ff in (block.ff, block.ff_context) if getattr(ff.net[0], "approximate", None) == "tanh"]
     return [ff for ff in outputs if expose_fp8_weight(ff.net[2])]
+
+
+class BodyRerouting(Optimization):
+    """Base of the optimizations that put one of these forwards in modules' ``body`` slot; undo empties the slots
+    again (diffusers' forward). Warm-up undoes both fused optimizations together, newest first."""
+
+    undoable = True
+
+    def __init__(self, settings):
+        super().__init__(settings)
+        self._rerouted: list = []
+        self._model: Model | None = None
+
+    def _reroute(self, model: Model, module, forward) -> None:
+        self._model = model
+        model.slots.set_body(module, forward)
+        self._rerouted.append(module)
+
+    def undo(self) -> None:
+        for module in self._rerouted:
+            self._model.slots.clear(module, "body")
+        self._rerouted.clear()

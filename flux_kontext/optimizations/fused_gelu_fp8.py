@@ -12,25 +12,20 @@ import torch
 
 from flux_kontext.optimizations import kernels
 from flux_kontext.optimizations.fp8_blocks import (
+    BodyRerouting,
     feed_forward,
     fusable_feed_forwards,
     mlp_output_fusable,
     single_block_forward,
 )
-from flux_kontext.stack import APPLY, Decision, Hardware, Model, Optimization, Outcome, skip
+from flux_kontext.stack import APPLY, Decision, Hardware, Model, Outcome, skip
 
 GPU_ONLY = "Triton kernels for the GPU's FP8 path"
 
 
-class FusedGeluFp8(Optimization):
+class FusedGeluFp8(BodyRerouting):
     name = "fused_gelu_fp8"
     after = ("low_precision_gemm", "attention", "gelu_sigmoid_form")
-    undoable = True
-
-    def __init__(self, settings):
-        super().__init__(settings)
-        self._rerouted: list = []
-        self._model: Model | None = None
 
     def decide(self, hardware: Hardware) -> Decision:
         if not hardware.is_cuda:
@@ -42,15 +37,13 @@ class FusedGeluFp8(Optimization):
     def apply(self, model: Model) -> Outcome:
         if torch.cuda.is_available():
             kernels.ops()  # registered now, at load: never for the first time inside compiled code
-        self._model, transformer = model, model.pipe.transformer
+        transformer = model.pipe.transformer
         for block in transformer.single_transformer_blocks:
             if mlp_output_fusable(block):
-                model.slots.set_body(block, single_block_forward)
-                self._rerouted.append(block)
+                self._reroute(model, block, single_block_forward)
         for block in transformer.transformer_blocks:
             for ff in fusable_feed_forwards(block):
-                model.slots.set_body(ff, feed_forward)
-                self._rerouted.append(ff)
+                self._reroute(model, ff, feed_forward)
         if not self._rerouted:
             return Outcome.skipped("no rowwise-FP8 MLP output layer to feed (FP8 not applied)")
         count = len(self._rerouted)
@@ -59,8 +52,3 @@ class FusedGeluFp8(Optimization):
             "FP8 GEMM",
             mlp_outputs=count,
         )
-
-    def undo(self) -> None:
-        for module in self._rerouted:
-            self._model.slots.clear(module, "body")
-        self._rerouted.clear()

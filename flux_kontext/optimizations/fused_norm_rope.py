@@ -9,6 +9,7 @@ rowwise FP8, and its ``body`` slot then holds the whole-block forward; the other
 from __future__ import annotations
 
 from flux_kontext.optimizations.fp8_blocks import (
+    BodyRerouting,
     double_block_fusable,
     fusable_feed_forwards,
     fused_double_block_forward,
@@ -17,19 +18,13 @@ from flux_kontext.optimizations.fp8_blocks import (
     single_block_fusable,
 )
 from flux_kontext.optimizations.fused_gelu_fp8 import GPU_ONLY
-from flux_kontext.stack import APPLY, Decision, Hardware, Model, Optimization, Outcome, skip
+from flux_kontext.stack import APPLY, Decision, Hardware, Model, Outcome, skip
 
 
-class FusedNormRope(Optimization):
+class FusedNormRope(BodyRerouting):
     name = "fused_norm_rope"
     after = ("fused_gelu_fp8",)
     requires = ("fused_gelu_fp8",)
-    undoable = True
-
-    def __init__(self, settings):
-        super().__init__(settings)
-        self._rerouted: list = []
-        self._model: Model | None = None
 
     def decide(self, hardware: Hardware) -> Decision:
         if not hardware.is_cuda:
@@ -41,17 +36,15 @@ class FusedNormRope(Optimization):
         return APPLY
 
     def apply(self, model: Model) -> Outcome:
-        self._model, transformer = model, model.pipe.transformer
+        transformer = model.pipe.transformer
         counts = {"single_blocks": 0, "double_blocks": 0}
         for block in transformer.single_transformer_blocks:
             if mlp_output_fusable(block) and single_block_fusable(block):
-                model.slots.set_body(block, fused_single_block_forward)
-                self._rerouted.append(block)
+                self._reroute(model, block, fused_single_block_forward)
                 counts["single_blocks"] += 1
         for block in transformer.transformer_blocks:
             if len(fusable_feed_forwards(block)) == 2 and double_block_fusable(block):
-                model.slots.set_body(block, fused_double_block_forward)
-                self._rerouted.append(block)
+                self._reroute(model, block, fused_double_block_forward)
                 counts["double_blocks"] += 1
         if not self._rerouted:
             return Outcome.skipped("no block has all its QKV/MLP layers in rowwise FP8")
@@ -61,8 +54,3 @@ class FusedNormRope(Optimization):
             "RMSNorm+RoPE on q/k); the others keep torchao's quantization",
             **counts,
         )
-
-    def undo(self) -> None:
-        for module in self._rerouted:
-            self._model.slots.clear(module, "body")
-        self._rerouted.clear()
