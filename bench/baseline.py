@@ -1,7 +1,9 @@
 """Naive baseline on the live engine: per-phase times for a 1024² edit and a 1024² text-to-image.
 
-Eager bf16, the model's Euler scheduler, 28 steps, whatever model FLUX_MODEL names (`random` on machines
-without the weights: same architecture and FLOPs, so the same speed). Writes one JSON under bench/results/.
+Why: every speedup in BENCHMARKS.md ("Naive baseline (stage 0)") is against this. Eager bf16, attention through
+PyTorch SDPA and the model's Euler scheduler (the stack holds only ``attention`` on sdpa and ``dpm_solver``, asked for
+euler: nothing else is applied, whatever the defaults are), 28 steps, whatever model FLUX_MODEL names (`random` on
+machines without the weights: same architecture and FLOPs, so the same speed). Writes one JSON under bench/results/.
 
     FLUX_MODEL=random python bench/baseline.py --runs 3 --out bench/results/baseline-h100.json
 """
@@ -10,19 +12,21 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import logging
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.common import write_json  # noqa: E402
 from flux_kontext.benchmark import BenchmarkParams, run_benchmark  # noqa: E402
 from flux_kontext.engine import Engine  # noqa: E402
 from flux_kontext.logging_setup import configure_logging  # noqa: E402
 from flux_kontext.settings import Settings  # noqa: E402
+from flux_kontext.stack import stack_for  # noqa: E402
 
 log = logging.getLogger("bench.baseline")
+NAIVE_STACK = ("attention", "dpm_solver")
 
 
 def main() -> int:
@@ -34,7 +38,8 @@ def main() -> int:
     args = parser.parse_args()
     configure_logging()
 
-    engine = Engine(Settings())
+    settings = Settings(attention="sdpa", fp8_attention="off")
+    engine = Engine(settings, stack=stack_for(settings, only=NAIVE_STACK))
     engine.load()
     if not engine.ready:
         log.error("engine failed: %s", engine.reason)
@@ -43,7 +48,11 @@ def main() -> int:
     async def submit(job):
         return engine.generate(job), 0.0
 
-    results = {"load_seconds": round(engine.load_seconds, 2), "runs": {}}
+    results = {
+        "load_seconds": round(engine.load_seconds, 2),
+        "optimizations": [report.public() for report in engine.reports],  # what the stack did: attention, dpm_solver
+        "runs": {},
+    }
     for mode in ("edit", "text_to_image"):
         params = BenchmarkParams(
             runs=args.runs, width=args.size, height=args.size, steps=args.steps, mode=mode, scheduler="euler"
@@ -56,8 +65,7 @@ def main() -> int:
             results["runs"][mode]["denoising_ms_per_step"],
             *(t[p]["median"] for p in ("text_encoding", "image_encoding", "denoising", "decoding", "engine_total")),
         )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    write_json(args.out, results)
     return 0
 
 

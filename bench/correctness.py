@@ -2,77 +2,63 @@
 
 Reference: the eager bf16 transformer with diffusers' own attention processor. Each variant's output is
 compared by ||out - ref|| / ||ref|| (fp32): our processor per kernel, fused QKV, regional compile, and FP8
-(end to end, plus the per-layer errors that quantization.apply measures). Also times one forward each.
+(end to end, plus the per-layer errors that low_precision_gemm measures). The variants are cumulative and built
+by the serving stack's own optimizations (``stack_for(settings, only=...)``), one subset at a time, so that each
+row adds one thing; the kernel of the fused/compiled/FP8 rows is the fastest measured in this run. One forward of
+each is timed too (not a benchmark: no repeats). Results: BENCHMARKS.md, "Correctness of each optimization".
 
     python bench/correctness.py --out bench/results/correctness-h100.json
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
-import json
+import gc
 import logging
 import sys
-import time
 from pathlib import Path
-from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 from diffusers import FluxTransformer2DModel  # noqa: E402
 
-from flux_kontext.logging_setup import configure_logging  # noqa: E402
-from flux_kontext.models import FULL_TRANSFORMER, step_inputs  # noqa: E402
-from flux_kontext.optimizations import OptimizationContext, activation, attention, layout, quantization  # noqa: E402
-from flux_kontext.optimizations import compile as compile_step  # noqa: E402
+from bench.common import (  # noqa: E402
+    DEVICE,
+    apply_stack,
+    full_random_transformer,
+    header,
+    output_and_ms,
+    output_path_from_args,
+    rel,
+    step_cases,
+    transformer_pipe,
+    write_json,
+)
+from flux_kontext.models import FULL_TRANSFORMER  # noqa: E402
+from flux_kontext.optimizations.attention.processor import install  # noqa: E402
 from flux_kontext.settings import Settings  # noqa: E402
 
 log = logging.getLogger("bench.correctness")
-DEVICE = torch.device("cuda")
 
 
-def inputs(image_tokens: int, context_tokens: int) -> dict:
-    """Transformer inputs of a 1024² step: 512 text tokens, image tokens (+ context tokens for an edit)."""
-    config = SimpleNamespace(in_channels=64, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True)
-    return step_inputs(config, DEVICE, torch.bfloat16, image_tokens, context_tokens)
+def settings() -> Settings:
+    """Attention measured among the bf16 kernels only (FA3 in FP8 is a lower-precision tier, see fused_blocks.py);
+    FP8 GEMMs where this GPU has them; compile without multi-kernel (the defaults otherwise)."""
+    return Settings(attention="auto", fp8_attention="off", low_precision_gemm="auto", compile_multi_kernel=False)
 
 
 @torch.inference_mode()
 def forward(model, kwargs) -> tuple[torch.Tensor, float]:
-    model(**kwargs)  # warm (or compile)
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    out = model(**kwargs)[0]
-    torch.cuda.synchronize()
-    return out.float(), (time.perf_counter() - start) * 1000.0
-
-
-def rel(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((out - ref).norm() / ref.norm())
-
-
-def full_random_transformer() -> FluxTransformer2DModel:
-    """The full-size FLUX transformer, random weights (seed 0), bf16, built on the GPU."""
-    torch.manual_seed(0)
-    with torch.device(DEVICE):
-        return FluxTransformer2DModel(**FULL_TRANSFORMER).to(torch.bfloat16).eval()
-
-
-def output_path_from_args() -> Path:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--out", type=Path, required=True)
-    path = parser.parse_args().out
-    configure_logging()
-    return path
+    """One warm (or compiling) call, the output of the next, and one timed call."""
+    return output_and_ms(model, kwargs, warmup=1, repeats=1)
 
 
 def main() -> int:
-    out = output_path_from_args()
+    out = output_path_from_args(__doc__)
     reference_model = full_random_transformer()
-    cases = {"text_to_image": inputs(4096, 0), "edit": inputs(4096, 4096)}
-    results = {"cases": {}, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "torch": torch.__version__}
+    cases = step_cases()
+    results = {"cases": {}, **header()}
     refs = {}
     for case, kwargs in cases.items():
         refs[case], ms = forward(reference_model, kwargs)
@@ -86,42 +72,39 @@ def main() -> int:
             results["cases"][case]["variants"][name] = {"relative_error": rel(out, refs[case]), "ms": round(ms, 1)}
             log.info("%-28s %-13s rel err %.2e  %.1f ms", name, case, rel(out, refs[case]), ms)
 
-    usable, measured, rejected = attention.measure_kernels("auto", DEVICE)
-    results["kernels"] = {"measured": measured, "rejected": rejected}
-    choice = attention.KernelChoice(kernels=usable)
-    reference_model.set_attn_processor(attention.KernelFluxAttnProcessor(choice))
-    for name in usable:
+    # Our processor on the unfused model, each kernel the attention optimization found usable, then the fastest.
+    reference = transformer_pipe(reference_model)
+    attention = apply_stack(reference, settings(), ["attention"])["attention"]
+    measured = attention.selection.measured
+    results["kernels"] = {"measured": measured, "rejected": attention.selection.rejected}
+    choice = attention.choice
+    for name in list(choice.kernels):
         choice.active = name
         record(f"processor[{name}]", reference_model)
     choice.active = min(measured, key=lambda n: sum(v for k, v in measured[n].items() if k.startswith("ms_")))
-    context = _cuda_context()
-    layout.apply_fuse_qkv(SimpleNamespace(transformer=reference_model, vae=None), context)
+    apply_stack(reference, settings(), ["fuse_qkv"])
     record(f"fused_qkv[{choice.active}]", reference_model)
-    compile_step.apply(SimpleNamespace(transformer=reference_model, vae=None), context)
+    apply_stack(reference, settings(), ["compile"])
     record(f"compiled+fused[{choice.active}]", reference_model)
 
-    layout.apply_fuse_qkv(SimpleNamespace(transformer=fp8_model, vae=None), context)
-    fp8_model.set_attn_processor(attention.KernelFluxAttnProcessor(choice))
-    report = quantization.apply(SimpleNamespace(transformer=fp8_model), context)
+    # FP8 on a copy of the weights, with the same processor and kernel.
+    fp8 = transformer_pipe(fp8_model)
+    report = apply_stack(fp8, settings(), ["fuse_qkv", "low_precision_gemm"])["low_precision_gemm"].report()
+    install(fp8_model, choice)
     errors = report.data.get("_layer_errors", {})
     results["fp8"] = {"status": report.status, "detail": report.detail, "layer_errors": errors}
     log.info("fp8: %s", report.detail)
     if report.status == "applied":
         record(f"fp8+fused[{choice.active}]", fp8_model)
-        activation.replace_tanh_gelus(fp8_model)  # what the service compiles: the GELU in sigmoid form
-        compile_step.apply(SimpleNamespace(transformer=fp8_model, vae=None), context)
+        apply_stack(fp8, settings(), ["gelu_sigmoid_form", "compile"])  # what the service compiles: the sigmoid form
         record(f"fp8+gelu_form+compiled+fused[{choice.active}]", fp8_model)
-    del reference_model, fp8_model
+    del reference_model, fp8_model, reference, fp8
+    gc.collect()  # compiled forwards and slots refer back to their modules: cycles
     torch._dynamo.reset()
     torch.cuda.empty_cache()
     results["against_fp32"] = compile_against_fp32(cases["text_to_image"])
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
+    write_json(out, results)
     return 0
-
-
-def _cuda_context() -> OptimizationContext:
-    return OptimizationContext("cuda", torch.cuda.get_device_capability(), Settings(quantize="auto"))
 
 
 def compile_against_fp32(kwargs: dict) -> dict:
@@ -139,7 +122,7 @@ def compile_against_fp32(kwargs: dict) -> dict:
     torch.set_float32_matmul_precision("highest")  # true fp32 GEMMs, no TF32, for the reference
     reference, _ = forward(fp32_model, fp32_kwargs)
     eager, _ = forward(bf16_model, kwargs)
-    compile_step.apply(SimpleNamespace(transformer=bf16_model, vae=None), _cuda_context())
+    apply_stack(transformer_pipe(bf16_model), settings(), ["compile"])
     compiled, _ = forward(bf16_model, kwargs)
     result = {
         "blocks": "4 double + 8 single, full width",

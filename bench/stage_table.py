@@ -1,10 +1,12 @@
-"""Render a stages JSON (bench/stages.py) as the markdown table in BENCHMARKS.md.
+"""Render a stages JSON (bench/stages.py) as the markdown table in BENCHMARKS.md ("The stage table"), so that the
+table there is the raw result's, not retyped. CPU only; reads the JSON, writes markdown to stdout.
 
-python bench/stage_table.py bench/results/stages-h100-2026-11-25b.json
+    python bench/stage_table.py bench/results/stages-h100-2026-11-25b.json
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -53,4 +55,6 @@ def main(path: str) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1]))
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("path", help="a JSON written by bench/stages.py")
+    sys.exit(main(parser.parse_args().path))

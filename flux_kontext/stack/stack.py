@@ -24,13 +24,14 @@ class StackOrderError(ValueError):
 
 
 class Stack:
-    def __init__(self, optimizations: Sequence[Optimization]):
+    def __init__(self, optimizations: Sequence[Optimization], slots: ForwardSlots | None = None):
+        """``slots``: share another stack's forward slots, to apply several subsets to one model (benches)."""
         self._optimizations = list(optimizations)
         self._by_name = {opt.name: opt for opt in self._optimizations}
         if len(self._by_name) != len(self._optimizations):
             raise StackOrderError(f"an optimization is listed twice: {[opt.name for opt in self._optimizations]}")
         check_order(self._optimizations)
-        self.slots = ForwardSlots()
+        self.slots = slots if slots is not None else ForwardSlots()
 
     # ----- lookup ----------------------------------------------------------------------------------------
     def __iter__(self) -> Iterator[Optimization]:
@@ -111,8 +112,9 @@ def check_order(optimizations: Sequence[Optimization]) -> None:
                 raise StackOrderError(f"{opt.name} must come after {earlier}")
 
 
-def stack_for(settings, only: Iterable[str] | None = None) -> Stack:
-    """The serving stack for ``settings`` (every optimization, in order), or the subset named in ``only``."""
+def stack_for(settings, only: Iterable[str] | None = None, slots: ForwardSlots | None = None) -> Stack:
+    """The serving stack for ``settings`` (every optimization, in order), or the subset named in ``only``; ``slots``
+    as for Stack."""
     from flux_kontext.optimizations import build_all
 
     optimizations = build_all(settings)
@@ -122,4 +124,4 @@ def stack_for(settings, only: Iterable[str] | None = None) -> Stack:
         if unknown:
             raise ValueError(f"unknown optimization(s) {sorted(unknown)}")
         optimizations = [opt for opt in optimizations if opt.name in wanted]
-    return Stack(optimizations)
+    return Stack(optimizations, slots)
