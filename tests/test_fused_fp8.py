@@ -128,7 +128,11 @@ def test_whole_blocks_on_the_fused_path_compute_what_diffusers_blocks_compute():
     reports = statuses(fused_stack(pipe))
     blocks = len(transformer.single_transformer_blocks), len(transformer.transformer_blocks)
     assert reports["fused_gelu_fp8"][2] == {"mlp_outputs": blocks[0] + 2 * blocks[1]}
-    assert reports["fused_norm_rope"][2] == {"single_blocks": blocks[0], "double_blocks": blocks[1]}
+    assert reports["fused_norm_rope"][2] == {
+        "mlp_outputs": blocks[0] + 2 * blocks[1],
+        "single_blocks": blocks[0],
+        "double_blocks": blocks[1],
+    }
     ours = transformer(**kwargs)[0]
     assert ours.shape == expected.shape and expected.abs().max() > 0
     # The same arithmetic in fp32, the same FP8 roundings: equal up to fp32 summation order.

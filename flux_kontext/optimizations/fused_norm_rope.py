@@ -37,7 +37,9 @@ class FusedNormRope(BodyRerouting):
 
     def apply(self, model: Model) -> Outcome:
         transformer = model.pipe.transformer
-        counts = {"single_blocks": 0, "double_blocks": 0}
+        # The MLP outputs on the GELU kernel are reported here too, beside the whole blocks (as /health always has).
+        mlp_outputs = model.earlier["fused_gelu_fp8"].report().data.get("mlp_outputs", 0)
+        counts = {"mlp_outputs": mlp_outputs, "single_blocks": 0, "double_blocks": 0}
         for block in transformer.single_transformer_blocks:
             if mlp_output_fusable(block) and single_block_fusable(block):
                 self._reroute(model, block, fused_single_block_forward)
