@@ -38,6 +38,12 @@ class ServiceSettings(BaseModel):
     )
     benchmark_max_runs: int = Field(20, ge=1, le=200, description="Upper bound for /benchmark?runs=.")
     retry_after_s: int = Field(5, ge=1, description="Retry-After header sent with 429 and 503.")
+    # Async jobs (/v1/jobs): in this process's memory, lost on restart; jobs not finished are bounded by the queue.
+    job_result_ttl_s: float = Field(600.0, gt=0, description="How long a finished async job stays readable.")
+    max_kept_jobs: int = Field(256, ge=1, le=100_000, description="Finished async jobs kept; oldest evicted first.")
+    max_kept_job_mb: float = Field(
+        1024.0, gt=0, description="Encoded images of finished async jobs kept; oldest evicted first beyond it."
+    )
     seed_for_warmup: int = 0
 
     @model_validator(mode="after")

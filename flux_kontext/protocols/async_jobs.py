@@ -1,9 +1,400 @@
-"""(being built)"""
+"""Async jobs: submit, poll, cancel, progress events and raw image bytes, over the same queue as /inference.
+
+``POST /v1/jobs`` (or ``POST /inference`` with ``Prefer: respond-async``, through ``RespondAsyncMiddleware``)
+answers 202 with a job id once the job is in the queue (429 / 503 exactly as /inference when it cannot be).
+The job then runs on its own: a client that disconnects, from the submission or from the event stream, does not
+cancel it; only ``DELETE /v1/jobs/{id}`` (or FLUX_REQUEST_TIMEOUT_S) does. Jobs live in this process's memory:
+finished ones are kept for FLUX_JOB_RESULT_TTL_S, at most FLUX_MAX_KEPT_JOBS of them and FLUX_MAX_KEPT_JOB_MB
+of encoded images (oldest finished evicted first), and all are lost on restart. Jobs not yet finished are
+bounded by the queue itself. No torch here.
+"""
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+import asyncio
+import base64
+import json
+import logging
+import time
+import uuid
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+from fastapi import APIRouter, Header, Query, Request
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, Field
+from sse_starlette import EventSourceResponse, ServerSentEvent
+
+from flux_kontext.errors import ServiceError
+from flux_kontext.jobs import Job, JobCancelled
+from flux_kontext.schemas import ErrorBody, ErrorEnvelope, InferenceRequest, InferenceResponse
+from flux_kontext.service import ERRORS, to_job, to_response
+
+log = logging.getLogger(__name__)
+FINISHED = ("succeeded", "failed", "cancelled")
+NOT_FOUND = {404: {"model": ErrorEnvelope}}
+CONFLICT = {409: {"model": ErrorEnvelope}}
+IMAGE_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+
+
+# ----- Prefer (RFC 7240) -------------------------------------------------------------------------------------------
+def preferences(header: str | None) -> dict[str, str | None]:
+    """``respond-async, wait=10`` -> {"respond-async": None, "wait": "10"} (names lower-cased, parameters dropped)."""
+    prefs: dict[str, str | None] = {}
+    for item in (header or "").split(","):
+        name, _, value = item.split(";")[0].strip().partition("=")
+        if name:
+            prefs.setdefault(name.strip().lower(), value.strip().strip('"') or None)
+    return prefs
+
+
+def wait_seconds(prefs: dict[str, str | None], limit: float) -> float:
+    try:
+        return min(max(float(prefs.get("wait") or 0), 0.0), limit)
+    except ValueError:
+        return 0.0
+
+
+class RespondAsyncMiddleware:
+    """Sends ``POST /inference`` with ``Prefer: respond-async`` to ``POST /v1/jobs``; everything else passes.
+
+    A middleware because the /inference route is matched by path and method only; the job route applies the
+    preference and says so (``Preference-Applied``)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] == "/inference":
+            prefer = dict(scope.get("headers") or []).get(b"prefer", b"").decode("latin-1")
+            if "respond-async" in preferences(prefer):
+                scope = {**scope, "path": "/v1/jobs", "raw_path": b"/v1/jobs"}
+        return await self.app(scope, receive, send)
+
+
+# ----- one job and the store -------------------------------------------------------------------------------------
+@dataclass
+class JobRecord:
+    id: str
+    request: InferenceRequest
+    job: Job
+    created_at: float = field(default_factory=time.time)
+    status: str = "queued"
+    first_step_at: float | None = None
+    last_step_at: float | None = None
+    finished_at: float | None = None
+    body: dict | None = None  # succeeded: the /inference body, its images' base64 kept in ``images`` instead
+    images: list[bytes] = field(default_factory=list)
+    error: tuple[int, dict] | None = None  # failed: (the status /inference would have answered, the error body)
+    task: asyncio.Task | None = None
+    listeners: set[asyncio.Queue] = field(default_factory=set)
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def kept_bytes(self) -> int:
+        return sum(len(image) for image in self.images)
+
+    def urls(self, root: str = "") -> dict[str, str]:
+        base = f"{root}/v1/jobs/{self.id}"
+        return {"get": base, "cancel": base, "events": f"{base}/events", "image": f"{base}/image?index=0"}
+
+    def state(self, root: str = "") -> dict:
+        """What GET /v1/jobs/{id} answers, and the data of every event."""
+        out = {"id": self.id, "status": self.status, "created_at": round(self.created_at, 3), "urls": self.urls(root)}
+        if self.job.progress is not None and self.status in ("running", "cancelled"):
+            step, steps = self.job.progress
+            out["progress"] = {"step": step, "steps": steps}
+            if self.status == "running":
+                out["eta_s"] = self.eta_s()
+        if self.status == "succeeded":
+            result = dict(self.body)
+            result["images"] = [
+                {**meta, "image": base64.b64encode(data).decode()}
+                for meta, data in zip(self.body["images"], self.images, strict=True)
+            ]
+            out["result"] = result
+        elif self.status == "failed":
+            out["status_code"], out["error"] = self.error
+        return out
+
+    def eta_s(self) -> float | None:
+        """Remaining denoising steps at the mean step time so far (decoding not included); None before 2 steps."""
+        step, steps = self.job.progress
+        if step < 2 or self.first_step_at is None:
+            return None
+        per_step = (self.last_step_at - self.first_step_at) / (step - 1)
+        return round(per_step * (steps - step), 2)
+
+    # called on the event loop
+    def step(self, done: int, total: int, at: float) -> None:
+        if self.status in FINISHED:
+            return
+        self.status = "running"
+        self.first_step_at = self.first_step_at or at
+        self.last_step_at = at
+        self.publish("progress")
+
+    def finish(self, status: str) -> None:
+        if self.status in FINISHED:
+            return
+        self.status, self.finished_at = status, time.monotonic()
+        self.publish(status)
+        for listener in self.listeners:
+            listener.put_nowait(None)
+        self.done.set()
+
+    def publish(self, event: str) -> None:
+        if self.listeners:
+            data = json.dumps(self.state())
+            for listener in self.listeners:
+                listener.put_nowait((event, data))
+
+
+class JobStore:
+    """Jobs by id. Finished ones are evicted oldest first past the TTL, the count or the byte budget."""
+
+    def __init__(self, ttl_s: float, max_kept: int, max_bytes: int):
+        self.ttl_s, self.max_kept, self.max_bytes = ttl_s, max_kept, max_bytes
+        self.jobs: dict[str, JobRecord] = {}
+        self.finished: OrderedDict[str, JobRecord] = OrderedDict()  # in the order they finished
+        self.finished_bytes = 0
+
+    def add(self, record: JobRecord) -> None:
+        self.prune()
+        self.jobs[record.id] = record
+
+    def drop(self, record: JobRecord) -> None:
+        self.jobs.pop(record.id, None)
+
+    def get(self, job_id: str) -> JobRecord:
+        self.prune()
+        record = self.jobs.get(job_id)
+        if record is None:
+            raise ServiceError(
+                404,
+                "not_found",
+                f"no job {job_id!r}: unknown, or finished and no longer kept (finished jobs are kept "
+                f"{self.ttl_s:g} s, at most {self.max_kept} of them, in memory: a restart loses them)",
+            )
+        return record
+
+    def finished_job(self, record: JobRecord) -> None:
+        if record.id in self.jobs and record.id not in self.finished:
+            self.finished[record.id] = record
+            self.finished_bytes += record.kept_bytes
+        self.prune()
+
+    def prune(self) -> None:
+        now = time.monotonic()
+        while self.finished:
+            oldest = next(iter(self.finished.values()))
+            expired = now - oldest.finished_at > self.ttl_s
+            if not (expired or len(self.finished) > self.max_kept or self.finished_bytes > self.max_bytes):
+                return
+            self.finished.popitem(last=False)
+            self.finished_bytes -= oldest.kept_bytes
+            self.jobs.pop(oldest.id, None)
+
+
+# ----- the runner ------------------------------------------------------------------------------------------------
+class AsyncJobs:
+    """Admits jobs into the Service's queue and runs each as its own task, detached from any HTTP connection."""
+
+    def __init__(self, service):
+        self.service = service
+        s = service.settings
+        self.store = JobStore(s.job_result_ttl_s, s.max_kept_jobs, int(s.max_kept_job_mb * 2**20))
+
+    async def submit(self, request: InferenceRequest) -> JobRecord:
+        """Queue a job; raises the 429/503 /inference would give, before any job id exists."""
+        self.service.require_ready()
+        self.service.require_room()
+        job = await asyncio.to_thread(to_job, request, self.service.settings)
+        record = JobRecord(id=f"job-{uuid.uuid4().hex}", request=request, job=job)
+        loop = asyncio.get_running_loop()
+        # From the GPU worker thread: hand the step to the event loop, which owns the record.
+        job.on_step = lambda done, total: loop.call_soon_threadsafe(record.step, done, total, time.monotonic())
+        self.store.add(record)
+        record.task = asyncio.create_task(self._run(record), name=record.id)
+        await asyncio.sleep(0)  # one tick: the task enqueues the job (or is refused) before anything else runs
+        if record.task.done() and record.status == "failed":
+            self.store.drop(record)
+            status, body = record.error
+            raise ServiceError(status, body["type"], body["message"], headers=self.service.retry_after)
+        return record
+
+    async def _run(self, record: JobRecord) -> None:
+        service = self.service
+        start = time.perf_counter()
+        try:
+            result, wait_ms = await service.submit(record.job)
+            model = service.engine.describe_model()
+            body = await asyncio.to_thread(to_response, record.request, record.job, result, wait_ms, model)
+        except (asyncio.CancelledError, JobCancelled):
+            record.finish("cancelled")
+        except ServiceError as exc:
+            record.error = (exc.status, {"type": exc.type, "message": exc.message})
+            record.finish("failed")
+        except Exception as exc:
+            log.exception("async job %s failed", record.id)
+            message = f"internal error: {type(exc).__name__}; see the server log"
+            record.error = (500, {"type": "internal_error", "message": message})
+            record.finish("failed")
+        else:
+            body["timings_ms"]["total"] = round((time.perf_counter() - start) * 1000.0, 2)
+            service.metrics.observe_timings(body["timings_ms"])
+            service.metrics.images.inc(len(body["images"]))
+            record.images = [base64.b64decode(image.pop("image")) for image in body["images"]]
+            record.body = body
+            record.finish("succeeded")
+        self.store.finished_job(record)
+
+    def cancel(self, record: JobRecord) -> None:
+        """Queued: taken out of the queue, never reaches the GPU; running: stops at its next step."""
+        if record.status in FINISHED:
+            raise ServiceError(409, "job_finished", f"job {record.id} has already {record.status}; nothing to cancel")
+        record.finish("cancelled")
+        record.task.cancel()  # the queue skips a job not started and tells a running one to stop
+        self.store.finished_job(record)
+
+    async def events(self, record: JobRecord, root: str):
+        """The job's current state, then each change, then its end; leaving does not cancel the job."""
+        listener: asyncio.Queue = asyncio.Queue()
+        first = {"queued": "queued", "running": "progress"}.get(record.status, record.status)
+        yield ServerSentEvent(data=json.dumps(record.state(root)), event=first)
+        if record.status in FINISHED:
+            return
+        record.listeners.add(listener)
+        try:
+            while (item := await listener.get()) is not None:
+                yield ServerSentEvent(data=item[1], event=item[0])
+        finally:
+            record.listeners.discard(listener)
+
+
+# ----- HTTP --------------------------------------------------------------------------------------------------------
+class JobUrls(BaseModel):
+    get: str = Field(..., examples=["/v1/jobs/job-0123abcd"])
+    cancel: str = Field(..., description="DELETE this URL to cancel.")
+    events: str = Field(..., description="Server-Sent Events: queued, progress (each step), then the outcome.")
+    image: str = Field(..., description="The first image as raw bytes once succeeded (?index=i for the others).")
+
+
+class JobProgress(BaseModel):
+    step: int = Field(..., description="Denoising steps done.")
+    steps: int = Field(..., description="Denoising steps in all.")
+
+
+class JobState(BaseModel):
+    id: str
+    status: str = Field(..., description="queued | running | succeeded | failed | cancelled")
+    created_at: float = Field(..., description="Unix time of the submission.")
+    urls: JobUrls
+    progress: JobProgress | None = Field(None, description="running (and cancelled while running).")
+    eta_s: float | None = Field(None, description="running: remaining steps at the step rate so far.")
+    result: InferenceResponse | None = Field(None, description="succeeded: what POST /inference returns.")
+    status_code: int | None = Field(None, description="failed: the status /inference would have answered.")
+    error: ErrorBody | None = Field(None, description="failed: the error envelope's body.")
+
+
+def _accepts(request: Request) -> str:
+    return request.headers.get("accept", "").lower()
 
 
 def build_router(service) -> APIRouter:
-    return APIRouter()
+    jobs = AsyncJobs(service)
+    router = APIRouter(tags=["async jobs"])
+
+    def root(request: Request) -> str:
+        return request.scope.get("root_path", "")
+
+    @router.post(
+        "/v1/jobs",
+        status_code=202,
+        response_model=JobState,
+        responses={
+            **ERRORS,
+            200: {"description": "Prefer: wait=N and the job finished in time; or Accept: text/event-stream."},
+        },
+    )
+    async def submit_job(
+        body: InferenceRequest,
+        request: Request,
+        prefer: str | None = Header(
+            None,
+            description="RFC 7240: respond-async (the default here; also on POST /inference); wait=N: wait up to "
+            "N s for the outcome before answering 202.",
+        ),
+    ):
+        """Queue a generation (the /inference body) and answer 202 with its id and URLs at once.
+        ``Accept: text/event-stream`` streams its events instead; ``Prefer: wait=N`` with ``Accept: image/png``
+        (or jpeg, webp) answers the image itself when it is done within N seconds."""
+        prefs = preferences(prefer)
+        wants_image = next((fmt for fmt, kind in IMAGE_TYPES.items() if kind in _accepts(request)), None)
+        if wants_image and wants_image != body.output_format:
+            if "output_format" in body.model_fields_set:
+                raise ServiceError(
+                    406, "not_acceptable", f"Accept asks for {wants_image}; output_format is {body.output_format}"
+                )
+            body = body.model_copy(update={"output_format": wants_image})
+        record = await jobs.submit(body)
+        headers = {"Location": record.urls(root(request))["get"]}
+        if "respond-async" in prefs:
+            headers["Preference-Applied"] = "respond-async"
+        if "text/event-stream" in _accepts(request):
+            return EventSourceResponse(jobs.events(record, root(request)), headers=headers)
+        wait = wait_seconds(prefs, service.settings.request_timeout_s)
+        if wait:
+            try:
+                await asyncio.wait_for(asyncio.shield(record.done.wait()), wait)
+            except asyncio.TimeoutError:
+                pass
+            else:
+                headers["Preference-Applied"] = f"wait={prefs['wait']}"
+                if wants_image and record.status == "succeeded":
+                    return _image_response(record, 0, headers)
+                return JSONResponse(record.state(root(request)), status_code=200, headers=headers)
+        return JSONResponse(record.state(root(request)), status_code=202, headers=headers)
+
+    @router.get("/v1/jobs/{job_id}", response_model=JobState, responses=NOT_FOUND)
+    async def get_job(job_id: str, request: Request):
+        """The job's status: queued, running (step i of n, ETA), succeeded (result), failed (error), cancelled."""
+        return JSONResponse(jobs.store.get(job_id).state(root(request)))
+
+    @router.delete("/v1/jobs/{job_id}", response_model=JobState, responses={**NOT_FOUND, **CONFLICT})
+    async def cancel_job(job_id: str, request: Request):
+        """Cancel: a queued job never reaches the GPU, a running one stops at its next step; 409 once finished."""
+        record = jobs.store.get(job_id)
+        jobs.cancel(record)
+        return JSONResponse(record.state(root(request)))
+
+    @router.get("/v1/jobs/{job_id}/events", responses={200: {"content": {"text/event-stream": {}}}, **NOT_FOUND})
+    async def job_events(job_id: str, request: Request):
+        """Server-Sent Events: the current state (queued or progress), progress after each step, then succeeded
+        (with the result), failed or cancelled, and the stream ends. Disconnecting does not cancel the job."""
+        record = jobs.store.get(job_id)
+        return EventSourceResponse(jobs.events(record, root(request)))
+
+    @router.get(
+        "/v1/jobs/{job_id}/image",
+        response_class=Response,
+        responses={200: {"content": {kind: {} for kind in IMAGE_TYPES.values()}}, **NOT_FOUND, **CONFLICT},
+    )
+    async def job_image(job_id: str, index: int = Query(0, ge=0, le=3, description="Which image (num_images).")):
+        """A succeeded job's image as raw bytes in its format (``curl -o out.png``)."""
+        record = jobs.store.get(job_id)
+        if record.status != "succeeded":
+            raise ServiceError(
+                409, "job_not_succeeded", f"job {job_id} is {record.status}; images exist once it has succeeded"
+            )
+        if index >= len(record.images):
+            raise ServiceError(404, "not_found", f"job {job_id} has {len(record.images)} image(s); no index {index}")
+        return _image_response(record, index)
+
+    return router
+
+
+def _image_response(record: JobRecord, index: int, headers: dict | None = None) -> Response:
+    fmt = record.body["images"][index]["format"]
+    headers = {**(headers or {}), "Content-Disposition": f'inline; filename="{record.id}-{index}.{fmt}"'}
+    return Response(record.images[index], media_type=IMAGE_TYPES[fmt], headers=headers)
