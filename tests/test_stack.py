@@ -228,3 +228,13 @@ def test_undoing_the_fused_path_of_one_stack_leaves_another_stacks_fused_path_ru
 
 def test_a_skip_helper_is_a_decision_not_to_apply():
     assert not skip("why").go and skip("why").detail == "why"
+
+
+def test_the_feature_name_and_the_seed_era_name_set_the_same_setting(monkeypatch):
+    monkeypatch.setenv("FLUX_QUANTIZE", "none")
+    assert Settings(model="tiny").low_precision_gemm == "none"
+    monkeypatch.delenv("FLUX_QUANTIZE")
+    monkeypatch.setenv("FLUX_LOW_PRECISION_GEMM", "fp8")
+    assert Settings(model="tiny").quantize == "fp8"
+    assert Settings(model="tiny", quantize="none").low_precision_gemm == "none"
+    assert Settings(model="tiny", low_precision_gemm="none").quantize == "none"
