@@ -108,11 +108,12 @@ def pixels_to_pil(images) -> list[Image.Image]:
     return [Image.fromarray(p) for p in pixels]
 
 
-def encode_image(img: Image.Image, output_format: str) -> str:
-    """Encode an image as base64 in png, jpeg or webp (deterministic for the same pixels)."""
+def encode_image(img: Image.Image, output_format: str, quality: int = 95) -> str:
+    """Encode an image as base64 in png, jpeg or webp (deterministic for the same pixels); ``quality`` (0-100) is
+    the JPEG/WebP encoder's, unused for the lossless png."""
     buffer = io.BytesIO()
     pil_format = OUTPUT_FORMATS[output_format]
-    options = {"quality": 95} if pil_format in ("JPEG", "WEBP") else {}
+    options = {"quality": quality} if pil_format in ("JPEG", "WEBP") else {}
     img.save(buffer, format=pil_format, **options)
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 

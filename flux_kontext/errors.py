@@ -1,4 +1,9 @@
-"""One JSON error envelope for every failure: {"error": {"type", "message", "details"?}}."""
+"""Error bodies for every failure, mapped in one place.
+
+The service's own envelope, ``{"error": {"type", "message", "details"?}}``, everywhere but the OpenAI-compatible
+routes (``OPENAI_PATHS``), which answer OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``, because
+the OpenAI SDKs parse that (and validation errors there are 400s, as OpenAI's are, not 422s).
+"""
 
 from __future__ import annotations
 
@@ -10,14 +15,18 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger(__name__)
+OPENAI_PATHS = ("/v1/images/", "/v1/models")  # not all of /v1: /v1/jobs is ours and keeps our envelope
 
 
 class ServiceError(Exception):
-    """An error with an HTTP status, a stable machine-readable type and a message a person can act on."""
+    """An error with an HTTP status, a stable machine-readable type and a message a person can act on; ``param``
+    names the request field at fault, where there is one."""
 
-    def __init__(self, status: int, type_: str, message: str, headers: dict[str, str] | None = None):
+    def __init__(
+        self, status: int, type_: str, message: str, headers: dict[str, str] | None = None, param: str | None = None
+    ):
         super().__init__(message)
-        self.status, self.type, self.message, self.headers = status, type_, message, headers
+        self.status, self.type, self.message, self.headers, self.param = status, type_, message, headers, param
 
 
 def error_response(
@@ -27,6 +36,43 @@ def error_response(
     if details:
         body["details"] = details
     return JSONResponse({"error": body}, status_code=status, headers=headers)
+
+
+def openai_error_type(status: int) -> str:
+    """OpenAI's error ``type`` for a status (its own vocabulary; our specific type goes into ``code``)."""
+    if status == 429:
+        return "rate_limit_error"
+    if status >= 500:
+        return "server_error"
+    return "invalid_request_error"
+
+
+def openai_error_response(
+    status: int, code: str, message: str, param: str | None = None, headers: dict | None = None
+) -> JSONResponse:
+    status = 400 if status == 422 else status
+    body = {"message": message, "type": openai_error_type(status), "param": param, "code": code}
+    return JSONResponse({"error": body}, status_code=status, headers=headers)
+
+
+def is_openai_path(request: Request) -> bool:
+    return request.url.path.startswith(OPENAI_PATHS)
+
+
+def _respond(
+    request: Request,
+    status: int,
+    type_: str,
+    message: str,
+    details: list[dict] | None = None,
+    headers: dict | None = None,
+    param: str | None = None,
+) -> JSONResponse:
+    if is_openai_path(request):
+        if param is None and details:
+            param = details[0]["field"]
+        return openai_error_response(status, type_, message, param, headers)
+    return error_response(status, type_, message, details, headers)
 
 
 def _describe(error: dict) -> dict:
@@ -40,6 +86,7 @@ def _describe(error: dict) -> dict:
         message = f"field '{field}' is required"
     elif kind == "json_invalid":
         message = f"request body is not valid JSON ({error.get('ctx', {}).get('error', 'parse error')})"
+        field = ""
     elif field:
         message = f"{field}: {message}"
     return {"field": field or None, "type": kind, "message": message}
@@ -48,19 +95,20 @@ def _describe(error: dict) -> dict:
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ServiceError)
     async def _service_error(request: Request, exc: ServiceError):
-        return error_response(exc.status, exc.type, exc.message, headers=exc.headers)
+        return _respond(request, exc.status, exc.type, exc.message, headers=exc.headers, param=exc.param)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError):
         details = [_describe(e) for e in exc.errors()]
-        return error_response(422, "invalid_request", "; ".join(d["message"] for d in details), details)
+        return _respond(request, 422, "invalid_request", "; ".join(d["message"] for d in details), details)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException):
         kinds = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}
-        return error_response(exc.status_code, kinds.get(exc.status_code, "http_error"), str(exc.detail))
+        return _respond(request, exc.status_code, kinds.get(exc.status_code, "http_error"), str(exc.detail))
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):
         log.exception("unexpected error on %s %s", request.method, request.url.path)
-        return error_response(500, "internal_error", f"internal error: {type(exc).__name__}; see the server log")
+        message = f"internal error: {type(exc).__name__}; see the server log"
+        return _respond(request, 500, "internal_error", message)

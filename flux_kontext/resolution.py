@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 # The 17 resolutions FLUX.1-Kontext was trained on (BFL reference; also in diffusers' Kontext pipeline).
 PREFERRED_KONTEXT_RESOLUTIONS: tuple[tuple[int, int], ...] = (
     (672, 1568),
@@ -32,6 +34,27 @@ def kontext_resolution(width: int, height: int) -> tuple[int, int]:
     """
     if width <= 0 or height <= 0:
         raise ValueError(f"image size must be positive, got {width}x{height}")
-    aspect = width / height
+    return resolution_for_aspect(width / height)
+
+
+def resolution_for_aspect(aspect: float) -> tuple[int, int]:
+    """The preferred (width, height) nearest to a width/height ratio (ties to the smaller size)."""
     _, w, h = min((abs(aspect - w / h), w, h) for w, h in PREFERRED_KONTEXT_RESOLUTIONS)
     return w, h
+
+
+# The ratios the preferred resolutions span: 672x1568 is exactly 9:21, 1568x672 is 21:9. A ratio outside would
+# snap to an end and be silently something else, so it is refused instead.
+WIDEST_ASPECT = 21 / 9
+_ASPECT_RATIO = re.compile(r"^\s*(\d{1,3})\s*:\s*(\d{1,3})\s*$")
+
+
+def parse_aspect_ratio(text: str) -> float:
+    """'16:9' -> 16/9; ValueError (with the accepted form) for anything else or a ratio beyond 21:9 / 9:21."""
+    match = _ASPECT_RATIO.match(text)
+    if not match or not int(match[1]) or not int(match[2]):
+        raise ValueError(f"expected 'W:H' such as '16:9' (or 'match_input_image'), got {text!r}")
+    aspect = int(match[1]) / int(match[2])
+    if not 1 / WIDEST_ASPECT - 1e-9 <= aspect <= WIDEST_ASPECT + 1e-9:
+        raise ValueError(f"{text!r} is outside 9:21 to 21:9, the range of the Kontext resolutions")
+    return aspect

@@ -6,10 +6,13 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from flux_kontext.resolution import parse_aspect_ratio, resolution_for_aspect
 from flux_kontext.schedulers import DEFAULT_DPM, SCHEDULER_DEFAULT_STEPS, SCHEDULERS
 from utils import MAX_SEED
 
 MIN_SIDE, MAX_SIDE, SIZE_MULTIPLE = 256, 1568, 16
+MATCH_INPUT_IMAGE = "match_input_image"
+DEFAULT_OUTPUT_QUALITY = 95  # JPEG/WebP encoder quality when the request names none
 
 
 class InferenceRequest(BaseModel):
@@ -33,6 +36,13 @@ class InferenceRequest(BaseModel):
         "to the nearest preferred Kontext resolution; text-to-image is 1024.",
     )
     height: int | None = Field(None, ge=MIN_SIDE, le=MAX_SIDE, description="Output height; see width.")
+    aspect_ratio: str | None = Field(
+        None,
+        description=f"Instead of width/height: '{MATCH_INPUT_IMAGE}' (what an edit does by default) or 'W:H' from "
+        "9:21 to 21:9 ('1:1', '16:9', '9:16', '4:3', '3:4', '3:2', '2:3', '21:9', '9:21', ...), snapped to the "
+        "nearest of the 17 preferred Kontext resolutions. Not together with width/height.",
+        examples=["16:9"],
+    )
     steps: int | None = Field(
         None, ge=1, le=50, description="Denoising steps; default follows the scheduler: 14 for DPM, 28 for euler."
     )
@@ -53,6 +63,9 @@ class InferenceRequest(BaseModel):
     num_images: int = Field(1, ge=1, le=4, description="Images for this prompt; image i uses seed + i.")
     seed: int | None = Field(None, ge=0, le=MAX_SEED - 4, description="Random when absent; returned per image.")
     output_format: Literal["png", "jpeg", "webp"] = "png"
+    output_quality: int | None = Field(
+        None, ge=1, le=100, description=f"JPEG/WebP encoder quality (default {DEFAULT_OUTPUT_QUALITY}); not with png."
+    )
     use_flash_attention: bool = Field(True, description="Allow FlashAttention 3 if the server loaded it.")
     use_mxfp4: bool = Field(True, description="Allow the best low-precision GEMMs the GPU has (MXFP4 or FP8).")
     use_dpm_solver: bool = Field(True, description="Allow DPM-Solver++ 2M if the server has it.")
@@ -79,13 +92,36 @@ class InferenceRequest(BaseModel):
             raise ValueError(f"unknown scheduler {value!r}; valid: {', '.join(SCHEDULERS)}")
         return value
 
+    @field_validator("aspect_ratio")
+    @classmethod
+    def _known_aspect_ratio(cls, value: str | None) -> str | None:
+        if value is not None and value != MATCH_INPUT_IMAGE:
+            parse_aspect_ratio(value)
+        return value
+
     @model_validator(mode="after")
     def _consistent(self) -> InferenceRequest:
         if (self.width is None) != (self.height is None):
             raise ValueError("give both width and height, or neither (then the size follows the input image)")
+        if self.aspect_ratio is not None and self.width is not None:
+            raise ValueError("give aspect_ratio or width/height, not both")
+        if self.aspect_ratio == MATCH_INPUT_IMAGE and self.image is None:
+            raise ValueError(f"aspect_ratio '{MATCH_INPUT_IMAGE}' needs an input image")
+        if self.output_quality is not None and self.output_format == "png":
+            raise ValueError("output_quality applies to jpeg and webp only; png is lossless")
         if self.scheduler not in (None, "euler") and not self.use_dpm_solver:
             raise ValueError(f"scheduler {self.scheduler!r} is a DPM solver but use_dpm_solver is false")
         return self
+
+    def output_size(self) -> tuple[int | None, int | None]:
+        """(width, height) for the engine: as given, from aspect_ratio, or (None, None) for the engine's default."""
+        if self.aspect_ratio is not None and self.aspect_ratio != MATCH_INPUT_IMAGE:
+            return resolution_for_aspect(parse_aspect_ratio(self.aspect_ratio))
+        return self.width, self.height
+
+    @property
+    def encoder_quality(self) -> int:
+        return self.output_quality if self.output_quality is not None else DEFAULT_OUTPUT_QUALITY
 
     def flags(self) -> dict[str, bool]:
         return {
@@ -109,7 +145,7 @@ class InferenceResponse(BaseModel):
     mode: Literal["edit", "text_to_image"]
     prompt: str
     images: list[GeneratedImage]
-    size_source: str = Field(..., description="request | input_aspect_snapped | default")
+    size_source: str = Field(..., description="request | aspect_ratio_snapped | input_aspect_snapped | default")
     context_size: list[int] | None = Field(None, description="Size the input image was resized to (edit).")
     steps: int
     scheduler: str
