@@ -22,7 +22,7 @@ from flux_kontext.engine import Engine
 from flux_kontext.protocols.async_jobs import RespondAsyncMiddleware
 from flux_kontext.service import create_app
 from flux_kontext.settings import Settings
-from tests.conftest import decode_b64_image, image_b64, make_client, wait_ready
+from tests.conftest import decode_b64_image, image_b64, image_bytes, make_client, wait_ready
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = {"prompt": "a small test", "width": 256, "height": 256, "steps": 2}
@@ -170,6 +170,16 @@ def test_inference_with_prefer_respond_async_answers_202_and_applies_the_prefere
     assert response.headers["Location"] == f"/v1/jobs/{response.json()['id']}"
     assert poll(client, response.json()["id"])["status"] == "succeeded"
     assert client.post("/inference", json=SMALL).status_code == 200  # without the preference: synchronous
+
+
+def test_a_multipart_edit_with_prefer_respond_async_on_inference_is_a_job(gates):
+    client, _ = gates
+    form = {"prompt": "add a moon", "steps": "2", "width": "256", "height": "256"}
+    files = {"image": ("in.png", image_bytes(300, 200), "image/png")}
+    response = client.post("/inference", data=form, files=files, headers={"Prefer": "respond-async"})
+    assert response.status_code == 202, response.text
+    result = poll(client, response.json()["id"])["result"]
+    assert result["mode"] == "edit" and result["images"][0]["width"] == 256
 
 
 def test_progress_is_reported_while_running_with_an_eta(gates):

@@ -28,7 +28,7 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 from flux_kontext.errors import ServiceError
 from flux_kontext.jobs import Job, JobCancelled
 from flux_kontext.schemas import ErrorBody, ErrorEnvelope, InferenceRequest, InferenceResponse
-from flux_kontext.service import ERRORS, to_job, to_response
+from flux_kontext.service import ERRORS, INFERENCE_BODY, read_inference_request, to_job, to_response
 
 log = logging.getLogger(__name__)
 FINISHED = ("succeeded", "failed", "cancelled")
@@ -312,13 +312,13 @@ def build_router(service) -> APIRouter:
         "/v1/jobs",
         status_code=202,
         response_model=JobState,
+        openapi_extra=INFERENCE_BODY,
         responses={
             **ERRORS,
             200: {"description": "Prefer: wait=N and the job finished in time; or Accept: text/event-stream."},
         },
     )
     async def submit_job(
-        body: InferenceRequest,
         request: Request,
         prefer: str | None = Header(
             None,
@@ -326,9 +326,10 @@ def build_router(service) -> APIRouter:
             "N s for the outcome before answering 202.",
         ),
     ):
-        """Queue a generation (the /inference body) and answer 202 with its id and URLs at once.
+        """Queue a generation (the /inference body, JSON or multipart) and answer 202 with its id and URLs at once.
         ``Accept: text/event-stream`` streams its events instead; ``Prefer: wait=N`` with ``Accept: image/png``
         (or jpeg, webp) answers the image itself when it is done within N seconds."""
+        body = await read_inference_request(request, service.settings)  # JSON, or multipart with an image file
         prefs = preferences(prefer)
         wants_image = next((fmt for fmt, kind in IMAGE_TYPES.items() if kind in _accepts(request)), None)
         if wants_image and wants_image != body.output_format:
