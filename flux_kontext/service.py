@@ -3,22 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-import base64
 import logging
-import re
 import threading
 import time
 import uuid
 from collections.abc import Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from typing import Literal
 
 from fastapi import FastAPI, Query, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from pydantic import ValidationError
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from flux_kontext.benchmark import BenchmarkParams, run_benchmark
 from flux_kontext.errors import ServiceError, install_error_handlers
@@ -26,6 +20,7 @@ from flux_kontext.jobs import EngineNotReady, EngineOutOfMemory, Job, JobRejecte
 from flux_kontext.metrics import Metrics
 from flux_kontext.queue import JobQueue, QueueFull, WorkerStopped
 from flux_kontext.request_body import DISCONNECTED, RequestBodyMiddleware
+from flux_kontext.request_forms import INFERENCE_BODY, read_inference_request
 from flux_kontext.schedulers import SCHEDULERS
 from flux_kontext.schemas import (
     MATCH_INPUT_IMAGE,
@@ -41,25 +36,6 @@ from utils import ImageInputError, decode_image, encode_image, new_seed
 
 log = logging.getLogger(__name__)
 ERRORS = {status: {"model": ErrorEnvelope} for status in (400, 409, 413, 415, 422, 429, 503, 504)}
-
-
-def _inference_body_doc() -> dict:
-    """The /inference request body for the OpenAPI document: the JSON model, and the same fields as a form."""
-    schema = InferenceRequest.model_json_schema()
-    form = {**schema, "properties": {**schema["properties"]}}
-    form["properties"]["image"] = {"type": "string", "format": "binary", "description": "Input image file (edit)."}
-    example = {"prompt": "make it a winter scene", "aspect_ratio": "16:9", "steps": 14, "seed": 42}
-    content = {
-        "application/json": {"schema": schema, "example": example},
-        "multipart/form-data": {
-            "schema": form,
-            "encoding": {"image": {"contentType": "image/png, image/jpeg, image/webp"}},
-        },
-    }
-    return {"requestBody": {"required": True, "content": content}}
-
-
-INFERENCE_BODY = _inference_body_doc()
 
 
 def default_engine_factory(settings: Settings):
@@ -212,91 +188,6 @@ async def run_inference(service: Service, request: InferenceRequest, http_reques
     return body
 
 
-# ----- request bodies: JSON or multipart/form-data -----------------------------------------------------------------
-MULTIPART_BOUNDARY = re.compile(r"boundary=(?P<b>\"[^\"]+\"|[^;\s]+)", re.IGNORECASE)
-
-
-@dataclass
-class FormBody:
-    """A parsed multipart/form-data (or urlencoded) body: text fields (each given once) and file parts by name."""
-
-    fields: dict[str, str]
-    files: dict[str, list[bytes]]
-
-
-async def read_form(http_request: Request, max_bytes: int) -> FormBody:
-    """Parse a form body; a malformed one (no boundary, truncated, a field given twice) is a 400 that says why."""
-    boundary = MULTIPART_BOUNDARY.search(http_request.headers.get("content-type", ""))
-    # python-multipart takes a body cut short for a complete one with fewer fields; its closing delimiter tells.
-    if boundary and b"--" + boundary["b"].strip('"').encode("latin-1") + b"--" not in await http_request.body():
-        raise ServiceError(400, "invalid_multipart", "multipart body is truncated: its closing boundary is missing")
-    try:
-        form = await http_request.form(max_part_size=max_bytes, max_files=16, max_fields=64)
-    except StarletteHTTPException as exc:
-        raise ServiceError(400, "invalid_multipart", f"multipart body could not be parsed: {exc.detail}") from None
-    except Exception as exc:  # python-multipart's own parse errors
-        raise ServiceError(400, "invalid_multipart", f"multipart body could not be parsed: {exc}") from None
-    fields: dict[str, str] = {}
-    files: dict[str, list[bytes]] = {}
-    try:
-        for name, value in form.multi_items():
-            if isinstance(value, str):
-                if name in fields:
-                    raise ServiceError(400, "invalid_multipart", f"field '{name}' is given more than once", param=name)
-                fields[name] = value
-            else:
-                files.setdefault(name, []).append(await value.read())
-    finally:
-        await form.close()
-    return FormBody(fields, files)
-
-
-def validation_error(exc: ValidationError) -> RequestValidationError:
-    """A pydantic error raised outside FastAPI's own body parsing, answered like one (the envelope names fields)."""
-    return RequestValidationError(exc.errors(include_url=False))
-
-
-async def read_inference_request(http_request: Request, settings: Settings) -> InferenceRequest:
-    """The /inference body: JSON (as always), or a form (multipart/form-data with the image as a file part or a
-    base64 text field; urlencoded without one), every other field a text field, validated by the same model with
-    the same defaults."""
-    kind = http_request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if kind == "application/x-www-form-urlencoded" and (await http_request.body()).lstrip().startswith(b"{"):
-        raise ServiceError(  # curl -d '{...}' without a Content-Type header sends JSON labelled as a form
-            415,
-            "unsupported_media_type",
-            "the body looks like JSON but is labelled a form: add -H 'Content-Type: application/json'",
-        )
-    if kind in ("multipart/form-data", "application/x-www-form-urlencoded"):
-        form = await read_form(http_request, settings.max_body_bytes)
-        fields: dict[str, object] = dict(form.fields)
-        for name, parts in form.files.items():
-            if name != "image":
-                raise ServiceError(
-                    422, "invalid_request", f"field '{name}' is a file part; only 'image' may be a file", param=name
-                )
-            if len(parts) > 1 or "image" in fields:
-                raise ServiceError(
-                    422, "invalid_request", "send one 'image': FLUX.1-Kontext edits one image", param="image"
-                )
-            fields["image"] = base64.b64encode(parts[0]).decode("ascii")
-        try:
-            return InferenceRequest.model_validate(fields)
-        except ValidationError as exc:
-            raise validation_error(exc) from None
-    if kind and kind != "application/json" and not kind.endswith("+json"):
-        raise ServiceError(
-            415,
-            "unsupported_media_type",
-            f"Content-Type {kind} is not accepted: send application/json (curl -H 'Content-Type: application/json' "
-            "-d '{...}') or multipart/form-data (curl -F image=@in.png -F prompt=...)",
-        )
-    try:
-        return InferenceRequest.model_validate_json(await http_request.body())
-    except ValidationError as exc:
-        raise validation_error(exc) from None
-
-
 async def until_disconnect(request: Request, work):
     """Await ``work``; if the client disconnects first, cancel it (the queue then stops the job)."""
     disconnected: asyncio.Event | None = request.scope.get(DISCONNECTED)
@@ -362,6 +253,8 @@ def create_app(settings: Settings | None = None, engine_factory: Callable[[Setti
     app.add_middleware(RequestBodyMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestMetrics, metrics=service.metrics)
     from flux_kontext.protocols import async_jobs, openai_images  # routers over this Service (no cycle at import)
+
+    app.add_middleware(async_jobs.RespondAsyncMiddleware)  # POST /inference + Prefer: respond-async -> POST /v1/jobs
 
     app.include_router(openai_images.build_router(service))
     app.include_router(async_jobs.build_router(service))

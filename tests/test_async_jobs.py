@@ -19,7 +19,6 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from flux_kontext.engine import Engine
-from flux_kontext.protocols.async_jobs import RespondAsyncMiddleware
 from flux_kontext.service import create_app
 from flux_kontext.settings import Settings
 from tests.conftest import decode_b64_image, image_b64, image_bytes, make_client, wait_ready
@@ -68,13 +67,6 @@ class GatedEngine(Engine):
         return super()._run(job)
 
 
-def with_respond_async(app):
-    """create_app adds RespondAsyncMiddleware itself once service.py has the line; until then, add it here."""
-    if not any(m.cls is RespondAsyncMiddleware for m in app.user_middleware):
-        app.add_middleware(RespondAsyncMiddleware)
-    return app
-
-
 @pytest.fixture(scope="module")
 def gated():
     engines = []
@@ -83,7 +75,7 @@ def gated():
         engines.append(GatedEngine(settings))
         return engines[0]
 
-    app = with_respond_async(create_app(Settings(model="tiny", warmup=False, max_queue=2), factory))
+    app = create_app(Settings(model="tiny", warmup=False, max_queue=2), factory)
     with TestClient(app) as client:
         wait_ready(client)
         engine = engines[0]

@@ -23,8 +23,9 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
 from flux_kontext.errors import ServiceError
+from flux_kontext.request_forms import read_form
 from flux_kontext.schemas import MAX_SIDE, MIN_SIDE, SIZE_MULTIPLE, InferenceRequest
-from flux_kontext.service import Service, read_form, run_inference
+from flux_kontext.service import Service, run_inference
 
 # Our request fields a client may send as extras (extra_body), with the meaning and limits they have on /inference.
 EXTRAS = (

@@ -1,0 +1,121 @@
+"""Request bodies of /inference and the routes that take its fields: JSON, or multipart/form-data / urlencoded
+forms (the image as a file part), validated by the same InferenceRequest model; and the OpenAPI document of that
+body. Malformed bodies get a 400/415/422 that says why. No torch here."""
+
+from __future__ import annotations
+
+import base64
+import re
+from dataclasses import dataclass
+
+from fastapi import Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from flux_kontext.errors import ServiceError
+from flux_kontext.schemas import InferenceRequest
+from flux_kontext.settings import Settings
+
+
+def _inference_body_doc() -> dict:
+    """The /inference request body for the OpenAPI document: the JSON model, and the same fields as a form."""
+    schema = InferenceRequest.model_json_schema()
+    form = {**schema, "properties": {**schema["properties"]}}
+    form["properties"]["image"] = {"type": "string", "format": "binary", "description": "Input image file (edit)."}
+    example = {"prompt": "make it a winter scene", "aspect_ratio": "16:9", "steps": 14, "seed": 42}
+    content = {
+        "application/json": {"schema": schema, "example": example},
+        "multipart/form-data": {
+            "schema": form,
+            "encoding": {"image": {"contentType": "image/png, image/jpeg, image/webp"}},
+        },
+    }
+    return {"requestBody": {"required": True, "content": content}}
+
+
+INFERENCE_BODY = _inference_body_doc()
+
+
+MULTIPART_BOUNDARY = re.compile(r"boundary=(?P<b>\"[^\"]+\"|[^;\s]+)", re.IGNORECASE)
+
+
+@dataclass
+class FormBody:
+    """A parsed multipart/form-data (or urlencoded) body: text fields (each given once) and file parts by name."""
+
+    fields: dict[str, str]
+    files: dict[str, list[bytes]]
+
+
+async def read_form(http_request: Request, max_bytes: int) -> FormBody:
+    """Parse a form body; a malformed one (no boundary, truncated, a field given twice) is a 400 that says why."""
+    boundary = MULTIPART_BOUNDARY.search(http_request.headers.get("content-type", ""))
+    # python-multipart takes a body cut short for a complete one with fewer fields; its closing delimiter tells.
+    if boundary and b"--" + boundary["b"].strip('"').encode("latin-1") + b"--" not in await http_request.body():
+        raise ServiceError(400, "invalid_multipart", "multipart body is truncated: its closing boundary is missing")
+    try:
+        form = await http_request.form(max_part_size=max_bytes, max_files=16, max_fields=64)
+    except StarletteHTTPException as exc:
+        raise ServiceError(400, "invalid_multipart", f"multipart body could not be parsed: {exc.detail}") from None
+    except Exception as exc:  # python-multipart's own parse errors
+        raise ServiceError(400, "invalid_multipart", f"multipart body could not be parsed: {exc}") from None
+    fields: dict[str, str] = {}
+    files: dict[str, list[bytes]] = {}
+    try:
+        for name, value in form.multi_items():
+            if isinstance(value, str):
+                if name in fields:
+                    raise ServiceError(400, "invalid_multipart", f"field '{name}' is given more than once", param=name)
+                fields[name] = value
+            else:
+                files.setdefault(name, []).append(await value.read())
+    finally:
+        await form.close()
+    return FormBody(fields, files)
+
+
+def validation_error(exc: ValidationError) -> RequestValidationError:
+    """A pydantic error raised outside FastAPI's own body parsing, answered like one (the envelope names fields)."""
+    return RequestValidationError(exc.errors(include_url=False))
+
+
+async def read_inference_request(http_request: Request, settings: Settings) -> InferenceRequest:
+    """The /inference body: JSON (as always), or a form (multipart/form-data with the image as a file part or a
+    base64 text field; urlencoded without one), every other field a text field, validated by the same model with
+    the same defaults."""
+    kind = http_request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind == "application/x-www-form-urlencoded" and (await http_request.body()).lstrip().startswith(b"{"):
+        raise ServiceError(  # curl -d '{...}' without a Content-Type header sends JSON labelled as a form
+            415,
+            "unsupported_media_type",
+            "the body looks like JSON but is labelled a form: add -H 'Content-Type: application/json'",
+        )
+    if kind in ("multipart/form-data", "application/x-www-form-urlencoded"):
+        form = await read_form(http_request, settings.max_body_bytes)
+        fields: dict[str, object] = dict(form.fields)
+        for name, parts in form.files.items():
+            if name != "image":
+                raise ServiceError(
+                    422, "invalid_request", f"field '{name}' is a file part; only 'image' may be a file", param=name
+                )
+            if len(parts) > 1 or "image" in fields:
+                raise ServiceError(
+                    422, "invalid_request", "send one 'image': FLUX.1-Kontext edits one image", param="image"
+                )
+            fields["image"] = base64.b64encode(parts[0]).decode("ascii")
+        try:
+            return InferenceRequest.model_validate(fields)
+        except ValidationError as exc:
+            raise validation_error(exc) from None
+    if kind and kind != "application/json" and not kind.endswith("+json"):
+        raise ServiceError(
+            415,
+            "unsupported_media_type",
+            f"Content-Type {kind} is not accepted: send application/json (curl -H 'Content-Type: application/json' "
+            "-d '{...}') or multipart/form-data (curl -F image=@in.png -F prompt=...)",
+        )
+    try:
+        return InferenceRequest.model_validate_json(await http_request.body())
+    except ValidationError as exc:
+        raise validation_error(exc) from None
