@@ -18,6 +18,7 @@ DECODERS = ("PNG", "JPEG", "WEBP")  # the only decoders untrusted bytes reach (t
 # MPO: a JPEG holding more than one image (phone "Ultra HDR" / gain-map photos); its first frame is the photo.
 ACCEPTED_INPUT_FORMATS = ("PNG", "JPEG", "MPO", "WEBP")
 OUTPUT_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
+MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 MAX_SEED = 2**63 - 1
 # Recognised only to answer 415 with the format's name; never decoded.
 _RECOGNISED_ONLY = ("GIF", "BMP", "TIFF", "ICO")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 import threading
 import time
@@ -32,7 +33,7 @@ from flux_kontext.schemas import (
     InferenceResponse,
 )
 from flux_kontext.settings import Settings
-from utils import ImageInputError, decode_image, encode_image, new_seed
+from utils import MEDIA_TYPES, ImageInputError, decode_image, encode_image, new_seed
 
 log = logging.getLogger(__name__)
 ERRORS = {status: {"model": ErrorEnvelope} for status in (400, 409, 413, 415, 422, 429, 503, 504)}
@@ -188,6 +189,43 @@ async def run_inference(service: Service, request: InferenceRequest, http_reques
     return body
 
 
+# ----- Accept: image/* on /inference: the image itself, so `curl -o out.png` works ----------------------------------
+def image_wanted(accept: str) -> str | None:
+    """The output format the Accept header asks for first, if it is an image type we make (else JSON)."""
+    for part in accept.split(","):
+        kind = part.split(";")[0].strip().lower()
+        if kind in ("application/json", "*/*", "application/*"):
+            return None
+        fmt = next((fmt for fmt, media in MEDIA_TYPES.items() if media == kind), None)
+        if fmt is not None:
+            return fmt
+    return None
+
+
+def raw_image_request(request: InferenceRequest, fmt: str) -> InferenceRequest:
+    """The request answered with one image's bytes: its format is the one accepted, and one image only."""
+    if "output_format" in request.model_fields_set and request.output_format != fmt:
+        raise ServiceError(406, "not_acceptable", f"Accept asks for {fmt}; output_format is {request.output_format}")
+    if request.num_images != 1:
+        raise ServiceError(
+            406, "not_acceptable", "an image/* response holds one image: send num_images 1, or Accept: application/json"
+        )
+    return request.model_copy(update={"output_format": fmt})
+
+
+def image_response(body: dict) -> Response:
+    """One image's bytes; what JSON would carry besides it goes into headers (seed, size, timings, what ran)."""
+    image = body["images"][0]
+    headers = {
+        "Content-Disposition": f'inline; filename="{body["id"]}.{image["format"]}"',
+        "X-Seed": str(image["seed"]),
+        "X-Image-Size": f"{image['width']}x{image['height']}",
+        "X-Timings-Total-Ms": str(body["timings_ms"]["total"]),
+        "X-Optimizations-Ran": ",".join(body["optimizations"]["ran"]),
+    }
+    return Response(base64.b64decode(image["image"]), media_type=MEDIA_TYPES[image["format"]], headers=headers)
+
+
 async def until_disconnect(request: Request, work):
     """Await ``work``; if the client disconnects first, cancel it (the queue then stops the job)."""
     disconnected: asyncio.Event | None = request.scope.get(DISCONNECTED)
@@ -259,12 +297,27 @@ def create_app(settings: Settings | None = None, engine_factory: Callable[[Setti
     app.include_router(openai_images.build_router(service))
     app.include_router(async_jobs.build_router(service))
 
-    @app.post("/inference", response_model=InferenceResponse, responses=ERRORS, openapi_extra=INFERENCE_BODY)
+    raw_image = {
+        "description": "Accept: image/png|jpeg|webp: the image itself",
+        "content": {m: {} for m in MEDIA_TYPES.values()},
+    }
+
+    @app.post(
+        "/inference",
+        response_model=InferenceResponse,
+        responses={**ERRORS, 200: raw_image, 406: {"model": ErrorEnvelope}},
+        openapi_extra=INFERENCE_BODY,
+    )
     async def inference(http_request: Request):
         """Edit an image (``image`` given) or generate one from text. JSON, or multipart/form-data with the image
         as a file part."""
         request = await read_inference_request(http_request, settings)
-        return JSONResponse(await run_inference(service, request, http_request))
+        wanted = image_wanted(http_request.headers.get("accept", ""))
+        if wanted is None:
+            return JSONResponse(await run_inference(service, request, http_request))
+        request = raw_image_request(request, wanted)
+        body = await run_inference(service, request, http_request)
+        return image_response(body)
 
     @app.get("/benchmark", responses=ERRORS)
     async def benchmark(
