@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
+import json
 import os
-from typing import Literal
+from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
-from pydantic import AliasChoices, BaseModel, Field, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import AliasChoices, BaseModel, Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DEFAULT_MODEL = "black-forest-labs/FLUX.1-Kontext-dev"
 # Sources that are not a hub id or a folder: built in-process with random weights.
@@ -44,6 +48,21 @@ class ServiceSettings(BaseModel):
     max_kept_job_mb: float = Field(
         1024.0, gt=0, description="Encoded images of finished async jobs kept; oldest evicted first beyond it."
     )
+    # Webhooks of async jobs: off unless the operator names the URL prefixes a job may ask to be called at.
+    webhook_allowed_prefixes: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="URL prefixes a job's webhook_url must start with, e.g. '[\"https://hooks.example.com/\"]' "
+        "(a JSON list; commas also work); empty (the default): webhooks are off.",
+    )
+    webhook_secret: SecretStr | None = Field(
+        None,
+        description="HMAC-SHA256 key of the webhook signatures (Standard Webhooks): 'whsec_<base64>' (the key is "
+        "the decoded bytes) or any other string (its UTF-8 bytes), 16 bytes at least; required with prefixes.",
+    )
+    webhook_timeout_s: float = Field(10.0, gt=0, le=300, description="Longest one webhook attempt may take.")
+    webhook_retries: int = Field(
+        2, ge=0, le=10, description="Attempts after the first on a network error, 5xx or 429 (0.5 s, 1 s, ... apart)."
+    )
     seed_for_warmup: int = 0
 
     @model_validator(mode="after")
@@ -51,6 +70,56 @@ class ServiceSettings(BaseModel):
         if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
             raise ValueError(f"FLUX_DEVICE must be 'auto', 'cpu' or 'cuda[:N]', not {self.device!r}")
         return self
+
+    @field_validator("webhook_allowed_prefixes", mode="before")
+    @classmethod
+    def _prefix_list(cls, value):
+        """FLUX_WEBHOOK_ALLOWED_PREFIXES='["https://a/", "https://b/"]', or the same comma-separated."""
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                try:
+                    return json.loads(text)
+                except ValueError as exc:
+                    raise ValueError(f"FLUX_WEBHOOK_ALLOWED_PREFIXES is not a valid JSON list: {exc}") from None
+            return [item.strip() for item in text.split(",") if item.strip()]
+        return value
+
+    @field_validator("webhook_allowed_prefixes")
+    @classmethod
+    def _prefixes_name_a_host(cls, prefixes: list[str]) -> list[str]:
+        for prefix in prefixes:
+            parts = urlsplit(prefix)
+            if parts.scheme not in ("http", "https") or not parts.hostname or not parts.path.startswith("/"):
+                raise ValueError(
+                    f"FLUX_WEBHOOK_ALLOWED_PREFIXES entry {prefix!r} must be an http(s) URL with its host and at "
+                    "least the '/' after it (https://hooks.example.com/), so that it cannot match another host"
+                )
+            if parts.username is not None or parts.password is not None or parts.query or parts.fragment:
+                raise ValueError(f"FLUX_WEBHOOK_ALLOWED_PREFIXES entry {prefix!r}: no user, query or fragment")
+        return prefixes
+
+    @model_validator(mode="after")
+    def _webhook_rules(self):
+        if self.webhook_allowed_prefixes and self.webhook_secret is None:
+            raise ValueError(
+                "FLUX_WEBHOOK_ALLOWED_PREFIXES enables webhooks, which are signed: set FLUX_WEBHOOK_SECRET too "
+                "(e.g. whsec_ and 32 random bytes in base64)"
+            )
+        if self.webhook_secret is not None and len(self.webhook_key) < 16:
+            raise ValueError("FLUX_WEBHOOK_SECRET must be a key of 16 bytes at least")
+        return self
+
+    @property
+    def webhook_key(self) -> bytes:
+        """The HMAC key: Standard Webhooks' 'whsec_<base64>' decoded, else the secret's UTF-8 bytes."""
+        secret = self.webhook_secret.get_secret_value() if self.webhook_secret is not None else ""
+        if secret.startswith("whsec_"):
+            try:
+                return base64.b64decode(secret.removeprefix("whsec_"), validate=True)
+            except binascii.Error:
+                raise ValueError("FLUX_WEBHOOK_SECRET starts with whsec_ but the rest is not base64") from None
+        return secret.encode()
 
 
 # ----- one section per optimization (flux_kontext/optimizations/<name>.py); each rule sits with its feature -----

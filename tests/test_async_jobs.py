@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
 import io
 import json
 import os
@@ -10,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
@@ -17,8 +21,10 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 from PIL import Image
+from pydantic import ValidationError
 
 from flux_kontext.engine import Engine
+from flux_kontext.protocols import async_jobs
 from flux_kontext.service import create_app
 from flux_kontext.settings import Settings
 from tests.conftest import decode_b64_image, image_b64, image_bytes, make_client, wait_ready
@@ -369,3 +375,231 @@ def test_a_job_runs_on_when_its_submitting_connection_and_its_event_stream_close
         except subprocess.TimeoutExpired:
             process.kill()
         log.close()
+
+
+# ----- webhooks ------------------------------------------------------------------------------------------------------
+SECRET = "whsec_" + base64.b64encode(b"a test key of thirty-two bytes!!").decode()
+
+
+class Receiver:
+    """A real HTTP server on 127.0.0.1 that records each POST and answers the statuses it is told (then 200)."""
+
+    def __init__(self):
+        self.requests: list[tuple[str, dict, bytes]] = []
+        self.statuses: list[int] = []
+        self.got = threading.Condition()
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers["content-length"]))
+                with receiver.got:
+                    status = receiver.statuses.pop(0) if receiver.statuses else 200
+                    receiver.requests.append((self.path, {k.lower(): v for k, v in self.headers.items()}, body))
+                    receiver.got.notify_all()
+                self.send_response(status)
+                if status == 302:
+                    self.send_header("Location", "http://127.0.0.1:9/elsewhere")
+                self.send_header("Content-Length", "2")
+                self.end_headers()
+                self.wfile.write(b"ok")
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.base = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def wait(self, count: int, timeout_s: float = 30.0) -> list[tuple[str, dict, bytes]]:
+        with self.got:
+            assert self.got.wait_for(lambda: len(self.requests) >= count, timeout_s), self.requests
+            return list(self.requests)
+
+
+def verify(secret: str, headers: dict, body: bytes) -> bool:
+    """The receiver's check, written from the Standard Webhooks spec (not the server's code)."""
+    key = base64.b64decode(secret.removeprefix("whsec_"))
+    signed = f"{headers['webhook-id']}.{headers['webhook-timestamp']}.".encode() + body
+    expected = base64.b64encode(hmac.new(key, signed, hashlib.sha256).digest()).decode()
+    return any(hmac.compare_digest(f"v1,{expected}", sig) for sig in headers["webhook-signature"].split())
+
+
+@pytest.fixture(scope="module")
+def hooked():
+    """An app whose operator allows webhooks to the receiver's /hooks/, over the gated engine; and the receiver."""
+    receiver = Receiver()
+    engines = []
+
+    def factory(settings):
+        engines.append(GatedEngine(settings))
+        return engines[0]
+
+    settings = Settings(
+        model="tiny",
+        warmup=False,
+        webhook_allowed_prefixes=[f"{receiver.base}/hooks/"],
+        webhook_secret=SECRET,
+        webhook_timeout_s=5,
+    )
+    with TestClient(create_app(settings, factory)) as client:
+        wait_ready(client)
+        yield client, engines[0], receiver
+    receiver.server.shutdown()
+
+
+@pytest.fixture
+def hooks(hooked):
+    client, engine, receiver = hooked
+    with receiver.got:
+        receiver.requests.clear()
+        receiver.statuses.clear()
+    yield client, engine, receiver
+    wait_idle(client)
+
+
+def delivered(client, job_id: str, event: str = "completed", timeout_s: float = 30.0) -> dict:
+    """The job's state once the event's delivery is over (delivered or given up)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        state = client.get(f"/v1/jobs/{job_id}").json()
+        outcome = state.get("webhook", {}).get("deliveries", {}).get(event)
+        if outcome and not outcome["pending"]:
+            return state
+        time.sleep(0.02)
+    raise AssertionError(f"webhook {event} of {job_id} still pending: {state}")
+
+
+def test_webhooks_are_off_by_default_and_never_on_a_synchronous_inference(client):
+    hook = {"webhook_url": "https://hooks.example.com/flux"}
+    for response in (
+        client.post("/v1/jobs", json={**SMALL, **hook}),
+        client.post("/inference", data={**SMALL, **hook}, headers={"Prefer": "respond-async"}),
+    ):
+        assert response.status_code == 422, response.text
+        error = response.json()["error"]
+        assert error["details"][0]["field"] == "webhook_url"
+        assert "operator has not enabled" in error["message"]
+    sync = client.post("/inference", json={**SMALL, **hook})  # not a job: a field /inference does not take
+    assert sync.status_code == 422 and sync.json()["error"]["details"][0]["field"] == "webhook_url"
+    assert client.get("/health").json()["queue"]["depth"] == 0
+
+
+def test_a_succeeded_job_posts_its_signed_state_with_the_image(hooks):
+    client, _, receiver = hooks
+    job = submit(client, {**SMALL, "seed": 3, "webhook_url": f"{receiver.base}/hooks/flux?job=1"})
+    assert job["webhook"] == {"url": f"{receiver.base}/hooks/flux?job=1", "events": ["completed"], "deliveries": {}}
+    ((path, headers, body),) = receiver.wait(1)
+    assert path == "/hooks/flux?job=1" and headers["content-type"] == "application/json"
+    assert verify(SECRET, headers, body)
+    assert not verify(SECRET, headers, body.replace(b'"succeeded"', b'"failed"'))
+    assert headers["webhook-id"] == f"{job['id']}_completed"
+    assert abs(int(headers["webhook-timestamp"]) - time.time()) < 60
+    payload = json.loads(body)
+    assert payload["id"] == job["id"] and payload["status"] == "succeeded"
+    assert decode_b64_image(payload["result"]["images"][0]["image"]).size == (256, 256)
+    state = delivered(client, job["id"])
+    assert state["webhook"]["deliveries"]["completed"] == {
+        "delivered": True, "pending": False, "attempts": 1, "status_code": 200, "error": None
+    }  # fmt: skip
+    del state["webhook"]["deliveries"]
+    assert payload == state  # the body is what GET /v1/jobs/{id} answers
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://127.0.0.1:1/hooks/",  # another port
+        "http://evil.example/hooks/",
+        "PREFIX/../admin",
+        "PREFIX/x/%2f..%2fadmin",
+        "ftp://127.0.0.1/hooks/",
+        "/hooks/relative",
+        42,
+    ],
+)
+def test_a_url_outside_the_allowed_prefixes_is_a_422_naming_webhook_url(hooks, url):
+    client, _, receiver = hooks
+    if isinstance(url, str):
+        url = url.replace("PREFIX", f"{receiver.base}/hooks")
+    response = client.post("/v1/jobs", json={**SMALL, "webhook_url": url})
+    assert response.status_code == 422, response.text
+    assert response.json()["error"]["details"][0]["field"] == "webhook_url"
+    bad_events = client.post(
+        "/v1/jobs", json={**SMALL, "webhook_url": f"{receiver.base}/hooks/", "webhook_events": ["output"]}
+    )
+    assert bad_events.status_code == 422 and bad_events.json()["error"]["details"][0]["field"] == "webhook_events"
+    assert client.post("/v1/jobs", json={**SMALL, "webhook_event": ["start"]}).status_code == 422  # still forbid
+    assert not receiver.requests
+
+
+def test_a_receiver_answering_500_then_200_gets_it_on_the_retry(hooks):
+    client, _, receiver = hooks
+    receiver.statuses = [500]
+    job = submit(client, {**SMALL, "webhook_url": f"{receiver.base}/hooks/retry"})
+    first, second = receiver.wait(2)
+    assert first[1]["webhook-id"] == second[1]["webhook-id"] and first[2] == second[2]
+    assert verify(SECRET, second[1], second[2])
+    outcome = delivered(client, job["id"])["webhook"]["deliveries"]["completed"]
+    assert outcome["delivered"] and outcome["attempts"] == 2 and outcome["status_code"] == 200
+
+
+def test_a_failed_job_still_notifies(hooks):
+    client, engine, receiver = hooks
+    engine.fail_next = True
+    job = submit(client, {**SMALL, "webhook_url": f"{receiver.base}/hooks/"})
+    ((_, headers, body),) = receiver.wait(1)
+    assert verify(SECRET, headers, body)
+    payload = json.loads(body)
+    assert payload["status"] == "failed" and payload["error"]["type"] == "out_of_memory"
+    assert delivered(client, job["id"])["status"] == "failed"
+
+
+def test_start_and_completed_events_from_form_fields_on_inference_come_in_order(hooks):
+    client, _, receiver = hooks
+    form = {"prompt": "two events", "steps": "2", "width": "256", "height": "256"}
+    form |= {"webhook_url": f"{receiver.base}/hooks/", "webhook_events": "start,completed"}
+    files = {"image": ("in.png", image_bytes(300, 200), "image/png")}
+    response = client.post("/inference", data=form, files=files, headers={"Prefer": "respond-async"})
+    assert response.status_code == 202, response.text
+    start, done = (json.loads(body) for _, _, body in receiver.wait(2))
+    assert start["status"] == "running" and start["progress"]["step"] == 1
+    assert done["status"] == "succeeded" and done["result"]["mode"] == "edit"
+    state = delivered(client, response.json()["id"])
+    assert set(state["webhook"]["deliveries"]) == {"start", "completed"}
+
+
+def test_redirects_are_not_followed_and_an_unreachable_receiver_never_fails_the_job(hooks, monkeypatch):
+    client, _, receiver = hooks
+    receiver.statuses = [302]
+    job = submit(client, {**SMALL, "webhook_url": f"{receiver.base}/hooks/moved"})
+    outcome = delivered(client, job["id"])["webhook"]["deliveries"]["completed"]
+    assert not outcome["delivered"] and outcome["attempts"] == 1 and "redirects" in outcome["error"]
+    assert len(receiver.wait(1)) == 1
+    monkeypatch.setattr(async_jobs.Webhooks, "backoff_s", 0.01)
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        dead = sock.getsockname()[1]
+    settings = {"webhook_allowed_prefixes": [f"http://127.0.0.1:{dead}/"], "webhook_secret": SECRET}
+    with make_client(**settings, webhook_retries=1) as other:
+        wait_ready(other)
+        job = submit(other, {**SMALL, "webhook_url": f"http://127.0.0.1:{dead}/x"})
+        state = delivered(other, job["id"])
+        assert state["status"] == "succeeded"
+        outcome = state["webhook"]["deliveries"]["completed"]
+        assert not outcome["delivered"] and outcome["attempts"] == 2 and outcome["status_code"] is None
+        assert "Connect" in outcome["error"]
+
+
+def test_webhook_settings_come_from_the_environment_and_need_a_secret(monkeypatch):
+    monkeypatch.setenv("FLUX_WEBHOOK_ALLOWED_PREFIXES", '["https://hooks.example.com/"]')
+    with pytest.raises(ValidationError, match="FLUX_WEBHOOK_SECRET"):
+        Settings(model="tiny")
+    monkeypatch.setenv("FLUX_WEBHOOK_SECRET", SECRET)
+    settings = Settings(model="tiny")
+    assert settings.webhook_allowed_prefixes == ["https://hooks.example.com/"]
+    assert settings.webhook_timeout_s == 10 and settings.webhook_retries == 2
+    assert SECRET not in repr(settings)
+    monkeypatch.setenv("FLUX_WEBHOOK_ALLOWED_PREFIXES", "https://hooks.example.com")  # no '/': other hosts match
+    with pytest.raises(ValidationError, match="cannot match another host"):
+        Settings(model="tiny")

@@ -7,13 +7,43 @@ import base64
 import json
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 
 from flux_kontext.errors import ServiceError
 from flux_kontext.jobs import Job
 from flux_kontext.schemas import InferenceRequest
 
 FINISHED = ("succeeded", "failed", "cancelled")
+WEBHOOK_EVENTS = ("start", "completed")  # start: the first denoising step; completed: succeeded, failed or cancelled
+
+
+@dataclass
+class Delivery:
+    """One webhook event's delivery: attempts so far, the receiver's last status or the last error."""
+
+    delivered: bool = False
+    pending: bool = True  # still being sent (or waiting to retry)
+    attempts: int = 0
+    status_code: int | None = None
+    error: str | None = None
+
+
+@dataclass
+class Webhook:
+    """A job's webhook: where, for which events, and how each delivery went (async_jobs.Webhooks sends them)."""
+
+    url: str
+    events: tuple[str, ...] = ("completed",)
+    root: str = ""  # the submission's root_path, for the URLs in the payload
+    deliveries: dict[str, Delivery] = field(default_factory=dict)
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # one delivery at a time: start before completed
+
+    def state(self, deliveries: bool = True) -> dict:
+        out: dict = {"url": self.url, "events": list(self.events)}
+        if deliveries:
+            out["deliveries"] = {event: asdict(delivery) for event, delivery in self.deliveries.items()}
+        return out
 
 
 @dataclass
@@ -32,6 +62,8 @@ class JobRecord:
     task: asyncio.Task | None = None
     listeners: set[asyncio.Queue] = field(default_factory=set)
     done: asyncio.Event = field(default_factory=asyncio.Event)
+    webhook: Webhook | None = None
+    on_event: Callable[[JobRecord, str], None] | None = None  # "start" (first step), "completed" (finished)
 
     @property
     def kept_bytes(self) -> int:
@@ -41,8 +73,9 @@ class JobRecord:
         base = f"{root}/v1/jobs/{self.id}"
         return {"get": base, "cancel": base, "events": f"{base}/events", "image": f"{base}/image?index=0"}
 
-    def state(self, root: str = "") -> dict:
-        """What GET /v1/jobs/{id} answers, and the data of every event."""
+    def state(self, root: str = "", deliveries: bool = True) -> dict:
+        """What GET /v1/jobs/{id} answers, the data of every event and the body of a webhook (without its
+        deliveries: ``deliveries=False``)."""
         out = {"id": self.id, "status": self.status, "created_at": round(self.created_at, 3), "urls": self.urls(root)}
         if self.job.progress is not None and self.status in ("running", "cancelled"):
             step, steps = self.job.progress
@@ -58,6 +91,8 @@ class JobRecord:
             out["result"] = result
         elif self.status == "failed":
             out["status_code"], out["error"] = self.error
+        if self.webhook is not None:
+            out["webhook"] = self.webhook.state(deliveries)
         return out
 
     def eta_s(self) -> float | None:
@@ -72,10 +107,12 @@ class JobRecord:
     def step(self, done: int, total: int, at: float) -> None:
         if self.status in FINISHED:
             return
-        self.status = "running"
+        started, self.status = self.status == "queued", "running"
         self.first_step_at = self.first_step_at or at
         self.last_step_at = at
         self.publish("progress")
+        if started and self.on_event is not None:
+            self.on_event(self, "start")
 
     def finish(self, status: str) -> None:
         if self.status in FINISHED:
@@ -85,6 +122,8 @@ class JobRecord:
         for listener in self.listeners:
             listener.put_nowait(None)
         self.done.set()
+        if self.on_event is not None:
+            self.on_event(self, "completed")
 
     def publish(self, event: str) -> None:
         if self.listeners:
