@@ -75,9 +75,19 @@ async def read_form(http_request: Request, max_bytes: int) -> FormBody:
     return FormBody(fields, files)
 
 
+ASYNC_ONLY = ("webhook_url", "webhook_events")  # read by the async jobs (protocols/async_jobs.py), not here
+
+
 def validation_error(exc: ValidationError) -> RequestValidationError:
-    """A pydantic error raised outside FastAPI's own body parsing, answered like one (the envelope names fields)."""
-    return RequestValidationError(exc.errors(include_url=False))
+    """A pydantic error raised outside FastAPI's own body parsing, answered like one (the envelope names fields);
+    a webhook field on a synchronous request says where it belongs instead of "unknown field"."""
+    errors = exc.errors(include_url=False)
+    for error in errors:
+        if error["type"] == "extra_forbidden" and error["loc"][:1] in [(name,) for name in ASYNC_ONLY]:
+            error.update(
+                type="async_only", msg="for async jobs: send 'Prefer: respond-async' or POST the request to /v1/jobs"
+            )
+    return RequestValidationError(errors)
 
 
 async def read_inference_request(http_request: Request, settings: Settings) -> InferenceRequest:

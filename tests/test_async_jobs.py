@@ -482,6 +482,7 @@ def test_webhooks_are_off_by_default_and_never_on_a_synchronous_inference(client
         assert "operator has not enabled" in error["message"]
     sync = client.post("/inference", json={**SMALL, **hook})  # not a job: a field /inference does not take
     assert sync.status_code == 422 and sync.json()["error"]["details"][0]["field"] == "webhook_url"
+    assert "Prefer: respond-async" in sync.json()["error"]["message"]
     assert client.get("/health").json()["queue"]["depth"] == 0
 
 
