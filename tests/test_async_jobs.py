@@ -7,10 +7,7 @@ import hashlib
 import hmac
 import io
 import json
-import os
 import socket
-import subprocess
-import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -28,6 +25,7 @@ from flux_kontext.protocols import async_jobs
 from flux_kontext.service import create_app
 from flux_kontext.settings import Settings
 from tests.conftest import decode_b64_image, image_b64, image_bytes, make_client, wait_ready
+from tests.live_server import live_server
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = {"prompt": "a small test", "width": 256, "height": 256, "steps": 2}
@@ -331,26 +329,9 @@ def test_finished_jobs_beyond_the_count_limit_are_evicted_oldest_first():
         assert [client.get(f"/v1/jobs/{i}").json()["status"] for i in ids[1:]] == ["succeeded"] * 2
 
 
-def test_a_job_runs_on_when_its_submitting_connection_and_its_event_stream_close(tmp_path):
+def test_a_job_runs_on_when_its_submitting_connection_and_its_event_stream_close():
     """Through a real uvicorn: the connection really closes (unlike /inference, where that stops the job)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    env = {**os.environ, "FLUX_MODEL": "tiny", "FLUX_WARMUP": "false", "PYTHONUNBUFFERED": "1"}
-    command = [sys.executable, "-m", "uvicorn", "flux_kontext_optimized:app", "--port", str(port)]
-    log = open(tmp_path / "server.log", "w")  # noqa: SIM115 (closed below, after the process)
-    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            assert process.poll() is None, (tmp_path / "server.log").read_text()
-            try:
-                if httpx.get(f"{base}/health", timeout=5).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
+    with live_server(ready_timeout_s=120, FLUX_WARMUP="false") as (base, _):
         slow = {"prompt": "slow", "image": image_b64(512, 512), "steps": 20, "scheduler": "euler"}
         headers = {"Accept": "text/event-stream"}
         with httpx.stream("POST", f"{base}/v1/jobs", json=slow, headers=headers, timeout=60) as stream:
@@ -368,13 +349,6 @@ def test_a_job_runs_on_when_its_submitting_connection_and_its_event_stream_close
             state = httpx.get(f"{base}{job_url}", timeout=5).json()
         assert state["status"] == "succeeded", state
         assert state["result"]["steps"] == 20
-    finally:
-        process.terminate()
-        try:
-            process.wait(15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-        log.close()
 
 
 # ----- webhooks ------------------------------------------------------------------------------------------------------

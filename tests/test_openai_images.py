@@ -4,13 +4,8 @@ from __future__ import annotations
 
 import base64
 import io
-import os
-import subprocess
-import sys
 import time
-from pathlib import Path
 
-import httpx
 import openai
 import pytest
 from fastapi.testclient import TestClient
@@ -19,48 +14,16 @@ from PIL import Image
 from flux_kontext.service import create_app
 from flux_kontext.settings import Settings
 from tests.conftest import image_bytes
-from tests.test_process import free_port
+from tests.live_server import live_server
 
-ROOT = Path(__file__).resolve().parent.parent
 FAST = {"steps": 1, "seed": 21}
 
 
 @pytest.fixture(scope="module")
 def base_url():
     """uvicorn flux_kontext_optimized:app with the tiny model (no warm-up: these tests are about the protocol)."""
-    port = free_port()
-    env = {**os.environ, "FLUX_MODEL": "tiny", "FLUX_WARMUP": "false", "PYTHONUNBUFFERED": "1"}
-    command = [
-        sys.executable,
-        "-m",
-        "uvicorn",
-        "flux_kontext_optimized:app",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-    ]
-    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            assert process.poll() is None, process.stdout.read()
-            try:
-                if httpx.get(f"{base}/health", timeout=5).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        else:
-            raise AssertionError("the server did not become ready")
+    with live_server(FLUX_WARMUP="false") as (base, _):
         yield base
-    finally:
-        process.terminate()
-        try:
-            process.wait(15)
-        except subprocess.TimeoutExpired:
-            process.kill()
 
 
 @pytest.fixture(scope="module")

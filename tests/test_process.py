@@ -2,66 +2,25 @@
 
 from __future__ import annotations
 
-import os
-import socket
 import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import httpx
 import pytest
 from PIL import Image
 
 from tests.conftest import decode_b64_image, image_b64
+from tests.live_server import ROOT, live_server
 from tests.test_inference import SEED_CURL_BODY
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def server():
     """uvicorn flux_kontext_optimized:app with the tiny model and a queue of 4."""
-    port = free_port()
-    env = {**os.environ, "FLUX_MODEL": "tiny", "FLUX_MAX_QUEUE": "4", "PYTHONUNBUFFERED": "1"}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "flux_kontext_optimized:app", "--host", "127.0.0.1", "--port", str(port)],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    base = f"http://127.0.0.1:{port}"
-    seen = []
-    deadline = time.monotonic() + 180
-    try:
-        while time.monotonic() < deadline:
-            assert process.poll() is None, process.stdout.read()
-            try:
-                status = httpx.get(f"{base}/health", timeout=5).status_code
-            except httpx.TransportError:
-                time.sleep(0.2)
-                continue
-            seen.append(status)
-            if status == 200:
-                break
-            time.sleep(0.05)
-        assert seen and seen[-1] == 200, f"not ready; statuses seen: {seen}"
-        yield base, seen
-    finally:
-        process.terminate()
-        try:
-            process.wait(15)
-        except subprocess.TimeoutExpired:
-            process.kill()
+    with live_server(FLUX_MAX_QUEUE="4") as running:
+        yield running
 
 
 def test_health_is_503_until_the_model_is_ready(server):

@@ -1,0 +1,67 @@
+"""A real uvicorn process serving the app (the tiny model), for tests that need real connections."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def live_server(ready_timeout_s: float = 180, **env: str) -> Iterator[tuple[str, list[int]]]:
+    """``uvicorn flux_kontext_optimized:app`` with FLUX_MODEL=tiny and ``env`` on top; yields (base URL, the /health
+    statuses seen until it turned 200). Its output goes to a log file, shown if it dies or never gets ready."""
+    port = free_port()
+    environment = {**os.environ, "FLUX_MODEL": "tiny", "PYTHONUNBUFFERED": "1", **env}
+    command = [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        "flux_kontext_optimized:app",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
+    with tempfile.TemporaryFile("w+") as log:
+        process = subprocess.Popen(command, cwd=ROOT, env=environment, stdout=log, stderr=subprocess.STDOUT)
+        base, seen = f"http://127.0.0.1:{port}", []
+
+        def output() -> str:
+            log.seek(0)
+            return log.read()[-4000:]
+
+        try:
+            deadline = time.monotonic() + ready_timeout_s
+            while not seen or seen[-1] != 200:
+                assert process.poll() is None, output()
+                assert time.monotonic() < deadline, f"not ready; statuses seen: {seen}\n{output()}"
+                try:
+                    seen.append(httpx.get(f"{base}/health", timeout=5).status_code)
+                except httpx.TransportError:
+                    time.sleep(0.2)
+                    continue
+                time.sleep(0.05)
+            yield base, seen
+        finally:
+            process.terminate()
+            try:
+                process.wait(15)
+            except subprocess.TimeoutExpired:
+                process.kill()
