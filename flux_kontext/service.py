@@ -139,7 +139,8 @@ def to_job(request: InferenceRequest, settings: Settings) -> Job:
 
 
 def to_response(request: InferenceRequest, job: Job, result: JobResult, wait_ms: float, model: dict) -> dict:
-    """Build the response body; encodes images (call off the event loop)."""
+    """Build the response body; encodes images (call off the event loop), timed as the ``encoding`` phase."""
+    encoding_start = time.perf_counter()
     images = [
         GeneratedImage(
             image=encode_image(img, request.output_format, request.encoder_quality),
@@ -150,6 +151,7 @@ def to_response(request: InferenceRequest, job: Job, result: JobResult, wait_ms:
         )
         for img, seed in zip(result.images, result.seeds, strict=True)
     ]
+    encoding_ms = round((time.perf_counter() - encoding_start) * 1000.0, 2)
     snapped_ratio = request.aspect_ratio not in (None, MATCH_INPUT_IMAGE)
     return InferenceResponse(
         id=f"req-{uuid.uuid4().hex[:16]}",
@@ -165,7 +167,7 @@ def to_response(request: InferenceRequest, job: Job, result: JobResult, wait_ms:
         true_cfg_active=result.true_cfg,
         first_block_cache=result.first_block_cache,
         cuda_graphs=result.cuda_graphs,
-        timings_ms={"queue_wait": round(wait_ms, 2), **result.timings_ms},
+        timings_ms={"queue_wait": round(wait_ms, 2), **result.timings_ms, "encoding": encoding_ms},
         warnings=result.warnings,
         model=model,
         optimizations=result.optimizations,

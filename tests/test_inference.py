@@ -195,3 +195,19 @@ def test_a_prompt_longer_than_t5_reads_is_reported_and_not_logged(client):
     assert body["warnings"] == ["prompt is 191 T5 tokens; only the first 64 are used"]
     assert post(client, prompt="short", width=256, height=256, seed=1, steps=1).json()["warnings"] == []
     assert not [r for r in records if "very long prompt" in r.getMessage()]  # the user's text is not logged
+
+
+def test_the_response_times_its_image_encoding_and_png_stays_lossless(client):
+    import base64
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from utils import encode_image
+
+    body = client.post("/inference", json={"prompt": "a fox", "width": 256, "height": 256, "steps": 1}).json()
+    assert body["timings_ms"]["encoding"] >= 0 and body["timings_ms"]["total"] >= body["timings_ms"]["encoding"]
+    pixels = np.random.default_rng(0).integers(0, 256, (64, 96, 3), dtype=np.uint8)
+    decoded = Image.open(io.BytesIO(base64.b64decode(encode_image(Image.fromarray(pixels), "png"))))
+    assert decoded.format == "PNG" and np.array_equal(np.asarray(decoded), pixels)
