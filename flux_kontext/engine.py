@@ -70,7 +70,14 @@ class Engine:
             self._set_state("loading", f"loading model {self.settings.model!r}")
             self.model = load_model(self.settings, self.device, self.hardware.dtype)
             self.generation = Generation(self.model, self.hardware)
-            self.stack.apply(self.model.pipe, Hardware(self.device.type, self.hardware.capability()))
+            self.stack.apply(
+                self.model.pipe,
+                Hardware(
+                    self.device.type,
+                    self.hardware.capability(),
+                    torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else None,
+                ),
+            )
             if self.settings.warmup:
                 self._set_state("warming_up", "running warm-up generations (and compiling, on a GPU)")
                 self._warm_up_or_fall_back()

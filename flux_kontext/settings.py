@@ -240,6 +240,12 @@ class CompileSettings(BaseModel):
         description="Inductor multi-kernel (persistent row reductions, the faster kept): slightly faster steps, but "
         "off by default: on torch 2.11 it fails whenever Inductor's on-disk cache hits (BENCHMARKS.md).",
     )
+    compile_cache_dir: str | None = Field(
+        None,
+        description="A directory kept between restarts for Inductor's and Triton's caches (one subdirectory per "
+        "torch/GPU/settings fingerprint): a restart on the same fingerprint reuses the compiled code; unset: the "
+        "process defaults, not kept by the service.",
+    )
 
     @model_validator(mode="after")
     def _compile_rules(self):

@@ -7,6 +7,10 @@ the same steady-state speed, a fraction of the start-up. It fills the blocks' ``
 ``body`` (diffusers' forward or our fused one) is compiled, and the CUDA graphs and the first-block cache's hooks
 sit above the compiled code, so the cache's per-step decision is no graph break. VAE figures: bench/vae.py,
 BENCHMARKS.md. Warm-up compiles the 1024² shapes; another resolution compiles on its first request.
+
+With FLUX_COMPILE_CACHE_DIR, Inductor's and Triton's on-disk caches live in a directory per torch/GPU/settings
+fingerprint under it (compile_cache.py), so a restart on a kept directory reuses the compiled code; the report
+says which directory, its fingerprint, and whether it held compiled artifacts at start (hit) or not (cold).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from collections.abc import Callable
 import torch
 from torch._dynamo.exc import FailOnRecompileLimitHit
 
+from flux_kontext.optimizations import compile_cache
 from flux_kontext.stack import APPLY, Decision, Hardware, Model, Optimization, Outcome, skip
 
 log = logging.getLogger(__name__)
@@ -77,6 +82,13 @@ class Compile(Optimization):
 
     def apply(self, model: Model) -> Outcome:
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, RECOMPILE_LIMIT)
+        # Before anything compiles (the first compile is warm-up's first call): where the caches go.
+        caches = compile_cache.prepare(
+            self.settings.compile_cache_dir,
+            self.settings,
+            model.hardware,
+            getattr(model.pipe.transformer, "dtype", None),
+        )
         self._model = model
         transformer, vae = model.pipe.transformer, model.pipe.vae
         options = self.inductor_options()
@@ -89,7 +101,8 @@ class Compile(Optimization):
         return Outcome.applied(
             "regional torch.compile of the FluxTransformerBlock and FluxSingleTransformerBlock forward (default mode, "
             f"fullgraph{', Inductor multi-kernel' if options else ''}) and of the VAE {parts}; warm-up compiles the "
-            "1024² shapes, another resolution compiles on its first request"
+            "1024² shapes, another resolution compiles on its first request; " + caches.detail,
+            **caches.data(),
         )
 
     def undo(self) -> None:

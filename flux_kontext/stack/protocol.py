@@ -39,6 +39,7 @@ class Hardware:
 
     device_type: str  # "cuda" or "cpu"
     capability: tuple[int, int] | None = None  # CUDA compute capability, None on CPU
+    name: str | None = None  # the GPU's name (torch.cuda.get_device_name), None on CPU or when not known
 
     @property
     def is_cuda(self) -> bool:
