@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 from dataclasses import dataclass
 
@@ -36,6 +37,13 @@ class Device:
 
     def capability(self) -> tuple[int, int] | None:
         return torch.cuda.get_device_capability(self.torch_device) if self.is_cuda else None
+
+    def for_stack(self):
+        """What the optimizations' ``decide`` sees of this device."""
+        from flux_kontext.stack import Hardware
+
+        name = torch.cuda.get_device_name(self.torch_device) if self.is_cuda else None
+        return Hardware(self.torch_device.type, self.capability(), name)
 
     def describe(self) -> dict:
         info = {"type": self.torch_device.type, "dtype": str(self.dtype).removeprefix("torch.")}
@@ -87,3 +95,15 @@ def is_sticky_gpu_error(exc: BaseException) -> bool:
     accelerator_error = getattr(torch, "AcceleratorError", ())
     text = str(exc)
     return isinstance(exc, accelerator_error) or "CUDA error" in text or "device-side assert" in text
+
+
+def seconds_since_process_start() -> float | None:
+    """How long this process has run (imports included), from the kernel's record of its start; None off Linux."""
+    try:
+        with open("/proc/self/stat") as stat:
+            started_ticks = int(stat.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime") as uptime:
+            up = float(uptime.read().split()[0])
+        return max(0.0, up - started_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return None

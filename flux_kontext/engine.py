@@ -8,6 +8,7 @@ job to its Generation (generation.py). ``generate`` is called from the single GP
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -15,12 +16,12 @@ import time
 import torch
 from PIL import Image
 
-from flux_kontext.device import Device, is_sticky_gpu_error, resolve_device, resolve_dtype
+from flux_kontext.device import Device, is_sticky_gpu_error, resolve_device, resolve_dtype, seconds_since_process_start
 from flux_kontext.generation import Generation
 from flux_kontext.jobs import EngineNotReady, EngineOutOfMemory, Job, JobCancelled, JobResult
 from flux_kontext.models import LoadedModel, load_model
 from flux_kontext.settings import Settings
-from flux_kontext.stack import Hardware, Report, Stack, stack_for
+from flux_kontext.stack import Report, Stack, stack_for
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,8 @@ class Engine:
         self.hardware = Device(torch_device, resolve_dtype(settings.dtype, torch_device))
         self.load_seconds: float | None = None
         self.warmup_seconds: float | None = None
+        # Seconds per start-up phase (before_load: from process start to the model load; logged and in /health).
+        self.startup_seconds: dict[str, float | None] = {}
         self._lock = threading.Lock()
 
     @property
@@ -67,26 +70,33 @@ class Engine:
         try:
             if self._config_error:
                 raise ValueError(self._config_error)
+            self.startup_seconds["before_load"] = seconds_since_process_start()  # interpreter, imports, app
             self._set_state("loading", f"loading model {self.settings.model!r}")
-            self.model = load_model(self.settings, self.device, self.hardware.dtype)
-            self.generation = Generation(self.model, self.hardware)
-            self.stack.apply(
-                self.model.pipe,
-                Hardware(
-                    self.device.type,
-                    self.hardware.capability(),
-                    torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else None,
-                ),
-            )
+            with self._phase("load_model"):
+                self.model = load_model(self.settings, self.device, self.hardware.dtype)
+                self.generation = Generation(self.model, self.hardware)
+            with self._phase("optimize"):
+                self.stack.apply(self.model.pipe, self.hardware.for_stack())
             if self.settings.warmup:
                 self._set_state("warming_up", "running warm-up generations (and compiling, on a GPU)")
-                self._warm_up_or_fall_back()
+                with self._phase("warm_up"):
+                    self._warm_up_or_fall_back()
             self.load_seconds = time.perf_counter() - start
+            self.startup_seconds["since_process_start"] = seconds_since_process_start()
             self._set_state("ready", None)
+            log.info("start-up phases (s): %s", {k: v and round(v, 2) for k, v in self.startup_seconds.items()})
             log.info("engine ready in %.1f s (%s)", self.load_seconds, self.model.kind)
         except Exception as exc:
             log.exception("engine failed to start")
             self._set_state("failed", f"{type(exc).__name__}: {exc}")
+
+    @contextlib.contextmanager
+    def _phase(self, name: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.startup_seconds[name] = time.perf_counter() - start
 
     def _set_state(self, state: str, reason: str | None) -> None:
         self.state, self.reason = state, reason

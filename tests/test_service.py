@@ -278,3 +278,11 @@ def test_a_dpm_scheduler_the_server_could_not_load_is_refused_not_faked(monkeypa
         assert response.status_code == 422
         assert "not available on this server" in response.json()["error"]["message"]
         assert client.post("/inference", json=SMALL).json()["scheduler"] == "euler"
+
+
+def test_health_reports_each_start_up_phase_in_seconds(client):
+    phases = client.get("/health").json()["startup_seconds"]
+    assert {"load_model", "optimize", "warm_up", "since_process_start", "before_load"} <= set(phases)
+    assert all(phases[name] >= 0 for name in ("load_model", "optimize", "warm_up"))
+    if phases["since_process_start"] is not None:  # Linux: from the kernel's record of the process start
+        assert phases["since_process_start"] >= phases["load_model"] + phases["optimize"] + phases["warm_up"]
