@@ -1,0 +1,74 @@
+"""Start to ready, cold and again on a kept compile cache (FLUX_COMPILE_CACHE_DIR): the service started as users
+start it (uvicorn), /health polled until 200, its start-up phases and compile-cache report recorded, then stopped;
+--starts times over the same cache directory. Run on the GPU:
+
+    FLUX_MODEL=random python bench/restart.py --cache-dir /tmp/flux-cache --out bench/results/restart-<gpu>.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def one_start(cache_dir: Path, timeout_s: float, port: int) -> dict:
+    env = {**os.environ, "FLUX_COMPILE_CACHE_DIR": str(cache_dir), "PYTHONUNBUFFERED": "1"}
+    command = [sys.executable, "-m", "uvicorn", "flux_kontext_optimized:app", "--host", "127.0.0.1", "--port", str(port)]
+    started = time.monotonic()
+    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    row: dict = {"ready": False}
+    try:
+        while time.monotonic() - started < timeout_s and process.poll() is None:
+            try:
+                response = httpx.get(f"http://127.0.0.1:{port}/health", timeout=5)
+            except httpx.TransportError:
+                time.sleep(0.5)
+                continue
+            if response.status_code == 200:
+                health = response.json()
+                compile_report = next(r for r in health["optimizations"] if r["name"] == "compile")
+                row = {
+                    "ready": True,
+                    "seconds_to_ready": round(time.monotonic() - started, 1),
+                    "startup_seconds": health.get("startup_seconds"),
+                    "compile_cache": compile_report["data"].get("cache"),
+                    "compile_status": compile_report["status"],
+                }
+                break
+            time.sleep(0.5)
+    finally:
+        process.terminate()
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+    return row
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cache-dir", type=Path, required=True)
+    parser.add_argument("--starts", type=int, default=2)
+    parser.add_argument("--timeout-s", type=float, default=300)
+    parser.add_argument("--port", type=int, default=8431)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    rows = []
+    for index in range(args.starts):
+        rows.append({"start": index + 1, **one_start(args.cache_dir, args.timeout_s, args.port)})
+        print(json.dumps(rows[-1]), flush=True)
+        args.out.write_text(json.dumps({"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "starts": rows}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
