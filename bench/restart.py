@@ -22,7 +22,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def one_start(cache_dir: Path, timeout_s: float, port: int) -> dict:
     env = {**os.environ, "FLUX_COMPILE_CACHE_DIR": str(cache_dir), "PYTHONUNBUFFERED": "1"}
-    command = [sys.executable, "-m", "uvicorn", "flux_kontext_optimized:app", "--host", "127.0.0.1", "--port", str(port)]
+    command = [sys.executable, "-m", "uvicorn", "flux_kontext_optimized:app", "--host", "127.0.0.1"]
+    command += ["--port", str(port)]
     started = time.monotonic()
     process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     row: dict = {"ready": False}
