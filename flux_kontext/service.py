@@ -290,12 +290,14 @@ def create_app(settings: Settings | None = None, engine_factory: Callable[[Setti
     app = FastAPI(title="FLUX.1-Kontext optimized", version="0.1.0", lifespan=lifespan)
     app.state.service = service
     install_error_handlers(app)
-    # Outermost first: count every response (413s included), then own the body (limit, disconnect watch).
-    app.add_middleware(RequestBodyMiddleware, max_bytes=settings.max_body_bytes)
-    app.add_middleware(RequestMetrics, metrics=service.metrics)
     from flux_kontext.protocols import async_jobs, openai_images  # routers over this Service (no cycle at import)
 
-    app.add_middleware(async_jobs.RespondAsyncMiddleware)  # POST /inference + Prefer: respond-async -> POST /v1/jobs
+    # Innermost first (Starlette wraps each added middleware around the ones before): POST /inference with
+    # Prefer: respond-async becomes POST /v1/jobs (metrics count it under that route); then the body (limit,
+    # disconnect watch); outermost, count every response (413s included).
+    app.add_middleware(async_jobs.RespondAsyncMiddleware)
+    app.add_middleware(RequestBodyMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestMetrics, metrics=service.metrics)
 
     app.include_router(openai_images.build_router(service))
     app.include_router(async_jobs.build_router(service))

@@ -578,3 +578,11 @@ def test_webhook_settings_come_from_the_environment_and_need_a_secret(monkeypatc
     monkeypatch.setenv("FLUX_WEBHOOK_ALLOWED_PREFIXES", "https://hooks.example.com")  # no '/': other hosts match
     with pytest.raises(ValidationError, match="cannot match another host"):
         Settings(model="tiny")
+
+
+def test_an_async_inference_is_counted_under_the_route_that_served_it():
+    with make_client() as client:
+        wait_ready(client)
+        response = client.post("/inference", json=SMALL, headers={"Prefer": "respond-async"})
+        assert response.status_code == 202
+        assert 'flux_requests_total{endpoint="/v1/jobs",status="202"} 1.0' in client.get("/metrics").text

@@ -75,7 +75,8 @@ class RespondAsyncMiddleware:
         if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] == "/inference":
             prefer = dict(scope.get("headers") or []).get(b"prefer", b"").decode("latin-1")
             if "respond-async" in preferences(prefer):
-                scope = {**scope, "path": "/v1/jobs", "raw_path": b"/v1/jobs"}
+                # In place: the middlewares around this one (metrics) see the route that served it, /v1/jobs.
+                scope.update(path="/v1/jobs", raw_path=b"/v1/jobs")
         return await self.app(scope, receive, send)
 
 
