@@ -8,7 +8,7 @@ PHASE_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128)
 
 
 class Metrics:
-    def __init__(self, queue_depth):
+    def __init__(self, queue_depth, graph_evictions=lambda: 0):
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "flux_requests", "HTTP requests by endpoint and status code", ["endpoint", "status"], registry=self.registry
@@ -19,6 +19,12 @@ class Metrics:
         self.images = Counter("flux_images_generated", "Images returned to clients", registry=self.registry)
         depth = Gauge("flux_queue_depth", "Jobs waiting or running", registry=self.registry)
         depth.set_function(queue_depth)
+        evictions = Gauge(
+            "flux_cuda_graph_evictions",
+            "Input shapes whose CUDA graphs the LRU dropped since start",
+            registry=self.registry,
+        )
+        evictions.set_function(graph_evictions)
 
     def observe_timings(self, timings_ms: dict[str, float]) -> None:
         for phase, ms in timings_ms.items():

@@ -52,8 +52,12 @@ class Service:
         self.settings = settings
         self.engine = engine
         self.queue = JobQueue(engine.generate, settings.max_queue)
-        self.metrics = Metrics(lambda: self.queue.depth)
+        self.metrics = Metrics(lambda: self.queue.depth, self._graph_evictions)
         self.benchmark_lock = asyncio.Lock()
+
+    def _graph_evictions(self) -> int:
+        reports = getattr(self.engine, "reports", [])
+        return next((r.data.get("evictions", 0) for r in reports if r.name == "cuda_graphs"), 0)
 
     @property
     def retry_after(self) -> dict[str, str]:

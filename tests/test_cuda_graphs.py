@@ -341,6 +341,7 @@ def test_health_data_lists_the_shapes_that_hold_graphs():
     assert opt.report().public()["data"]["captured_shapes"] == [[[1, 64, 64], [1, 8, 32]]]  # (hidden, text) inputs
     calls(transformer, [1, 2], tokens=32)
     assert opt.report().data["captured_shapes"] == [[[1, 32, 64], [1, 8, 32]]]  # the other was evicted
+    assert opt.report().data["evictions"] == 1
     opt.manager.clear()
     assert opt.report().data["captured_shapes"] == []
 

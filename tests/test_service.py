@@ -209,6 +209,7 @@ def test_metrics_count_requests_and_phases(client):
     assert 'flux_requests_total{endpoint="/inference",status="422"}' in text
     assert 'flux_phase_seconds_count{phase="denoising"}' in text
     assert "flux_queue_depth" in text
+    assert "flux_cuda_graph_evictions 0.0" in text  # no graphs on CPU
 
 
 def test_timeout_answers_504_and_stops_the_job_so_the_next_request_is_not_stuck_behind_it():

@@ -129,7 +129,7 @@ class CudaGraphs(Optimization):
             )
 
     def _shapes_changed(self, shapes: list) -> None:
-        self._note(captured_shapes=shapes)
+        self._note(captured_shapes=shapes, evictions=self.manager.evictions)
 
     def _failed(self, reason: str) -> None:
         self._record("failed", f"capture failed, graphs are off: {reason}")

@@ -71,6 +71,7 @@ class GraphManager:
         self.max_shapes = max_shapes
         self.enabled = True  # per request (use_cuda_graphs)
         self.failure: str | None = None
+        self.evictions = 0  # shapes dropped by the LRU since start (/health, /metrics)
         self.on_shapes = on_shapes  # told the captured shapes whenever they change (for the report)
         self.on_failure = on_failure  # told why graphs were turned off
         self.counts = {"replayed": 0, "captured": 0, "eager": 0}
@@ -151,6 +152,7 @@ class GraphManager:
         while len(self._shapes) > self.max_shapes:
             shape = next(iter(self._shapes))  # least recently used
             log.info("CUDA graphs: evicting shape %s (%d graphs)", shape, len(self._shapes[shape]))
+            self.evictions += 1
             self._forget(shape)
 
     def clear(self) -> None:
