@@ -15,6 +15,7 @@ from typing import Literal
 from fastapi import FastAPI, Query, Request
 from fastapi.responses import JSONResponse, Response
 
+from flux_kontext.auth import ApiKeyMiddleware
 from flux_kontext.benchmark import BenchmarkParams, run_benchmark
 from flux_kontext.errors import ServiceError, install_error_handlers
 from flux_kontext.jobs import EngineNotReady, EngineOutOfMemory, Job, JobRejected, JobResult
@@ -301,6 +302,7 @@ def create_app(settings: Settings | None = None, engine_factory: Callable[[Setti
     # disconnect watch); outermost, count every response (413s included).
     app.add_middleware(async_jobs.RespondAsyncMiddleware)
     app.add_middleware(RequestBodyMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(ApiKeyMiddleware, settings=settings)  # before the body is read: no key, no bytes buffered
     app.add_middleware(RequestMetrics, metrics=service.metrics)
 
     app.include_router(openai_images.build_router(service))
