@@ -59,6 +59,16 @@ def is_openai_path(request: Request) -> bool:
     return request.url.path.startswith(OPENAI_PATHS)
 
 
+def error_response_for_path(
+    path: str, status: int, type_: str, message: str, headers: dict | None = None
+) -> JSONResponse:
+    """The error body a route at ``path`` answers (OpenAI's shape on ``OPENAI_PATHS``), for middlewares that answer
+    before any route (and without a ``Request``)."""
+    if path.startswith(OPENAI_PATHS):
+        return openai_error_response(status, type_, message, None, headers)
+    return error_response(status, type_, message, None, headers)
+
+
 def _respond(
     request: Request,
     status: int,

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import json
 import os
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
-from pydantic import AliasChoices, BaseModel, Field, SecretStr, field_validator, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DEFAULT_MODEL = "black-forest-labs/FLUX.1-Kontext-dev"
@@ -20,6 +21,9 @@ TINY_MODEL = "tiny"
 
 class ServiceSettings(BaseModel):
     """The service itself: model, device, queue, limits."""
+
+    # Settings inherits this: a validation error never repeats the input, which can hold API keys or secrets.
+    model_config = ConfigDict(hide_input_in_errors=True)
 
     model: str = Field(
         DEFAULT_MODEL,
@@ -42,6 +46,13 @@ class ServiceSettings(BaseModel):
     )
     benchmark_max_runs: int = Field(20, ge=1, le=200, description="Upper bound for /benchmark?runs=.")
     retry_after_s: int = Field(5, ge=1, description="Retry-After header sent with 429 and 503.")
+    drain_timeout_s: float = Field(
+        25.0,
+        ge=0,
+        le=3600,
+        description="On SIGTERM/SIGINT (`serve`): how long the running and queued jobs may take to finish while new "
+        "requests get 503; what is left then gets a 503 (not run, or stopped). Below Kubernetes' grace period.",
+    )
     # Async jobs (/v1/jobs): in this process's memory, lost on restart; jobs not finished are bounded by the queue.
     job_result_ttl_s: float = Field(600.0, gt=0, description="How long a finished async job stays readable.")
     max_kept_jobs: int = Field(256, ge=1, le=100_000, description="Finished async jobs kept; oldest evicted first.")
@@ -62,6 +73,32 @@ class ServiceSettings(BaseModel):
     webhook_timeout_s: float = Field(10.0, gt=0, le=300, description="Longest one webhook attempt may take.")
     webhook_retries: int = Field(
         2, ge=0, le=10, description="Attempts after the first on a network error, 5xx or 429 (0.5 s, 1 s, ... apart)."
+    )
+    # API keys (flux_kontext/auth.py): none configured (the default) = no authentication, as before.
+    api_keys: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list,
+        description="Keys accepted as 'Authorization: Bearer <key>' or 'X-API-Key: <key>', e.g. '[\"k1\", \"k2\"]' "
+        "(a JSON list; commas also work); 16 characters at least. With FLUX_API_KEYS_FILE, both are accepted.",
+    )
+    api_keys_file: str | None = Field(
+        None,
+        description="A file of hashed keys, one 'sha256:<hex of the key's UTF-8 bytes>' a line ('#' comments and "
+        "blank lines allowed), read at start: the keys themselves need not be stored on the server.",
+    )
+    auth_protect_info: bool = Field(
+        False,
+        description="With keys set, also key /health, /metrics, /docs, /redoc and /openapi.json (open by default); "
+        "/health/live and /health/ready stay open for probes.",
+    )
+    benchmark_enabled: bool = Field(
+        True,
+        description="Serve /benchmark (keyed when keys are set); false: it answers 403 (it occupies the GPU).",
+    )
+    max_requests_per_key: int = Field(
+        0,
+        ge=0,
+        description="Generation requests one key may have in flight (429 beyond, with Retry-After); 0: no limit. "
+        "Async job submissions count while submitting, not while the job runs.",
     )
     seed_for_warmup: int = 0
 
@@ -110,6 +147,48 @@ class ServiceSettings(BaseModel):
             raise ValueError("FLUX_WEBHOOK_SECRET must be a key of 16 bytes at least")
         return self
 
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _key_list(cls, value):
+        """FLUX_API_KEYS='["k1", "k2"]', or the same comma-separated (the message never repeats the value)."""
+        if isinstance(value, SecretStr):
+            value = value.get_secret_value()
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                try:
+                    return json.loads(text)
+                except ValueError:
+                    raise ValueError("FLUX_API_KEYS is not a valid JSON list (nor a comma-separated one)") from None
+            return [item.strip() for item in text.split(",") if item.strip()]
+        return value
+
+    @field_validator("api_keys")
+    @classmethod
+    def _keys_are_long(cls, keys: list[SecretStr]) -> list[SecretStr]:
+        for number, key in enumerate(keys, 1):
+            secret = key.get_secret_value()
+            if len(secret) < 16 or secret != secret.strip() or any(c.isspace() or ord(c) < 32 for c in secret):
+                raise ValueError(
+                    f"FLUX_API_KEYS: key {number} must be 16 characters at least, with no spaces or control "
+                    "characters (e.g. python -c 'import secrets; print(secrets.token_urlsafe(32))')"
+                )
+        return keys
+
+    @model_validator(mode="after")
+    def _key_file_readable(self):
+        if self.api_keys_file is not None:
+            self.api_key_digests  # noqa: B018 - reads and checks the file now, not at the first request
+        return self
+
+    @property
+    def api_key_digests(self) -> list[bytes]:
+        """SHA-256 digests of every accepted key (FLUX_API_KEYS and FLUX_API_KEYS_FILE), without duplicates."""
+        digests = [hashlib.sha256(key.get_secret_value().encode()).digest() for key in self.api_keys]
+        if self.api_keys_file is not None:
+            digests += read_key_digests(self.api_keys_file)
+        return list(dict.fromkeys(digests))
+
     @property
     def webhook_key(self) -> bytes:
         """The HMAC key: Standard Webhooks' 'whsec_<base64>' decoded, else the secret's UTF-8 bytes."""
@@ -120,6 +199,34 @@ class ServiceSettings(BaseModel):
             except binascii.Error:
                 raise ValueError("FLUX_WEBHOOK_SECRET starts with whsec_ but the rest is not base64") from None
         return secret.encode()
+
+
+def read_key_digests(path: str) -> list[bytes]:
+    """The digests of FLUX_API_KEYS_FILE: one 'sha256:<64 hex>' a line; '#' starts a comment; blank lines skipped."""
+    try:
+        with open(os.path.expanduser(path), encoding="utf-8") as handle:
+            lines = handle.read().splitlines()
+    except OSError as exc:
+        raise ValueError(f"FLUX_API_KEYS_FILE {path!r} cannot be read: {exc.strerror or exc}") from None
+    digests = []
+    for number, line in enumerate(lines, 1):
+        entry = line.split("#", 1)[0].strip()
+        if not entry:
+            continue
+        kind, _, hexdigest = entry.partition(":")
+        try:
+            digest = bytes.fromhex(hexdigest) if kind.lower() == "sha256" else b""
+        except ValueError:
+            digest = b""
+        if len(digest) != 32:
+            raise ValueError(
+                f"FLUX_API_KEYS_FILE {path!r} line {number}: expected 'sha256:<64 hex digits>' (e.g. "
+                'printf %s "$KEY" | sha256sum), not what is there'
+            )
+        digests.append(digest)
+    if not digests:
+        raise ValueError(f"FLUX_API_KEYS_FILE {path!r} holds no key (one 'sha256:<hex>' a line)")
+    return digests
 
 
 # ----- one section per optimization (flux_kontext/optimizations/<name>.py); each rule sits with its feature -----
