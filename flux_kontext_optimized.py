@@ -3,6 +3,9 @@
     uvicorn flux_kontext_optimized:app --host 0.0.0.0 --port 8000
     python flux_kontext_optimized.py [serve|generate|benchmark] [--model SOURCE] ...
 
+Under an orchestrator use ``serve``: on SIGTERM/SIGINT it drains (readiness 503 with the listener still open, new
+requests 503, accepted jobs finish within FLUX_DRAIN_TIMEOUT_S) and exits 0. Plain uvicorn closes the listener first.
+
 Settings come from FLUX_* environment variables (see flux_kontext/settings.py); --model overrides FLUX_MODEL.
 """
 
@@ -30,10 +33,66 @@ def _settings(args: argparse.Namespace) -> Settings:
     return Settings(model=args.model) if args.model else Settings()
 
 
+SHUTDOWN_GRACE_S = 5.0  # after the drain: the last responses' encoding and sending, then the lifespan shutdown
+
+
 def _serve(args: argparse.Namespace) -> int:
+    import signal
+
     import uvicorn
 
-    uvicorn.run(create_app(_settings(args)), host=args.host, port=args.port, log_config=None)
+    from flux_kontext.service import refuse_several_workers
+
+    try:
+        if args.workers != 1:
+            raise RuntimeError(f"--workers {args.workers}: one worker process per GPU only")
+        refuse_several_workers()
+    except RuntimeError as exc:
+        log.error("%s", exc)
+        return 2
+    application = create_app(_settings(args))
+    service = application.state.service
+
+    class DrainingServer(uvicorn.Server):
+        """uvicorn, except that the first SIGTERM/SIGINT drains the service while the listener stays open (probes
+        see readiness 503, new requests get a 503 envelope); only then does uvicorn stop, and the exit status is 0
+        (the signal is not re-raised). A second signal ends the drain at once (what is left is answered 503)."""
+
+        loop: asyncio.AbstractEventLoop | None = None
+        drain: asyncio.Future | None = None
+
+        async def serve(self, sockets=None):
+            self.loop = asyncio.get_running_loop()
+            await super().serve(sockets)
+
+        def handle_exit(self, sig: int, frame) -> None:
+            if self.loop is None or self.should_exit:
+                self.should_exit = True
+                return
+            log.warning("%s received: draining", signal.Signals(sig).name)
+            self.loop.call_soon_threadsafe(self._drain_then_exit)
+
+        def _drain_then_exit(self) -> None:
+            if self.drain is not None:
+                service.hurry()
+                return
+
+            async def run() -> None:
+                try:
+                    await service.drain()
+                finally:
+                    self.should_exit = True
+
+            self.drain = asyncio.ensure_future(run())
+
+    config = uvicorn.Config(
+        application,
+        host=args.host,
+        port=args.port,
+        log_config=None,
+        timeout_graceful_shutdown=int(SHUTDOWN_GRACE_S),
+    )
+    DrainingServer(config).run()
     return 0
 
 
@@ -112,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     serve = sub.add_parser("serve", help="start the HTTP service (the default)")
     serve.add_argument("--host", default=os.environ.get("HOST", "0.0.0.0"))
     serve.add_argument("--port", type=int, default=int(os.environ.get("PORT", "8000")))
+    serve.add_argument("--workers", type=int, default=1, help="must be 1: one process per GPU")
 
     generate = sub.add_parser("generate", help="one generation to a file, no HTTP")
     generate.add_argument("--prompt", required=True)

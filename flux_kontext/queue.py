@@ -21,7 +21,15 @@ class WorkerStopped(RuntimeError):
     """The GPU worker died; the service cannot run jobs until it is restarted."""
 
 
-@dataclass
+class ShuttingDown(RuntimeError):
+    """The server stopped before this job could finish: ``started`` False, it was never run; True, it was stopped."""
+
+    def __init__(self, message: str, started: bool):
+        super().__init__(message)
+        self.started = started
+
+
+@dataclass(eq=False)
 class _Item:
     job: Any
     future: asyncio.Future
@@ -46,6 +54,7 @@ class JobQueue:
         self.waiting = 0
         self.running = 0
         self.failure: str | None = None
+        self._items: set[_Item] = set()  # submitted and still awaited by their callers
 
     @property
     def depth(self) -> int:
@@ -81,6 +90,7 @@ class JobQueue:
         item = _Item(job, asyncio.get_running_loop().create_future(), time.perf_counter())
         self.waiting += 1
         self._queue.put_nowait(item)
+        self._items.add(item)
         try:
             return await asyncio.wait_for(item.future, timeout_s)
         except BaseException:  # cancelled (client gone) or timed out: free the place, stop the work
@@ -91,6 +101,26 @@ class JobQueue:
             if cancel is not None:
                 cancel()
             raise
+        finally:
+            self._items.discard(item)
+
+    async def until_idle(self, timeout_s: float) -> bool:
+        """Wait until no job is queued or running, at most ``timeout_s``; True if it got there."""
+        deadline = time.monotonic() + timeout_s
+        while self.depth and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        return not self.depth
+
+    def abort(self, not_run: str, stopped: str) -> int:
+        """Answer every job still awaited at once with ShuttingDown (``not_run`` for those waiting, ``stopped`` for
+        the running one): waiting jobs are skipped, the running one is told to stop at its next step (its caller's
+        ``submit`` cancels it). Returns how many were answered."""
+        count = 0
+        for item in list(self._items):
+            if not item.future.done():
+                item.future.set_exception(ShuttingDown(stopped if item.started else not_run, item.started))
+                count += 1
+        return count
 
     async def _work(self) -> None:
         loop = asyncio.get_running_loop()

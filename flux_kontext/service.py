@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
+import os
 import threading
 import time
 import uuid
@@ -20,7 +21,7 @@ from flux_kontext.benchmark import BenchmarkParams, run_benchmark
 from flux_kontext.errors import ServiceError, install_error_handlers
 from flux_kontext.jobs import EngineNotReady, EngineOutOfMemory, Job, JobRejected, JobResult
 from flux_kontext.metrics import Metrics
-from flux_kontext.queue import JobQueue, QueueFull, WorkerStopped
+from flux_kontext.queue import JobQueue, QueueFull, ShuttingDown, WorkerStopped
 from flux_kontext.request_body import DISCONNECTED, RequestBodyMiddleware
 from flux_kontext.request_forms import INFERENCE_BODY, read_inference_request
 from flux_kontext.schedulers import SCHEDULERS
@@ -38,6 +39,7 @@ from utils import MEDIA_TYPES, ImageInputError, decode_image, encode_image, new_
 
 log = logging.getLogger(__name__)
 ERRORS = {status: {"model": ErrorEnvelope} for status in (400, 409, 413, 415, 422, 429, 503, 504)}
+STOP_WAIT_S = 5.0  # after the drain timeout: how long the running job gets to reach its next step and stop
 
 
 def default_engine_factory(settings: Settings):
@@ -55,6 +57,9 @@ class Service:
         self.queue = JobQueue(engine.generate, settings.max_queue)
         self.metrics = Metrics(lambda: self.queue.depth, self._graph_evictions)
         self.benchmark_lock = asyncio.Lock()
+        self.draining = False  # set by drain(): readiness 503, new jobs refused, those accepted finish
+        self._drained: asyncio.Event | None = None
+        self._hurry: asyncio.Event | None = None
 
     def _graph_evictions(self) -> int:
         reports = getattr(self.engine, "reports", [])
@@ -64,7 +69,26 @@ class Service:
     def retry_after(self) -> dict[str, str]:
         return {"Retry-After": str(self.settings.retry_after_s)}
 
+    @property
+    def ready(self) -> bool:
+        return self.engine.ready and not self.draining
+
+    @property
+    def state(self) -> str:
+        return "draining" if self.draining else self.engine.state
+
+    @property
+    def reason(self) -> str | None:
+        return "the server is shutting down" if self.draining else self.engine.reason
+
     def require_ready(self) -> None:
+        if self.draining:
+            raise ServiceError(
+                503,
+                "shutting_down",
+                f"the server is shutting down; retry in {self.settings.retry_after_s} s (another instance serves it)",
+                headers=self.retry_after,
+            )
         if self.queue.failure:
             raise ServiceError(503, "not_ready", self.queue.failure, headers=self.retry_after)
         if not self.engine.ready:
@@ -94,6 +118,8 @@ class Service:
             raise ServiceError(503, "out_of_memory", str(exc), headers=retry) from None
         except (EngineNotReady, WorkerStopped) as exc:
             raise ServiceError(503, "not_ready", str(exc), headers=retry) from None
+        except ShuttingDown as exc:
+            raise ServiceError(503, "shutting_down", str(exc), headers=retry) from None
         except asyncio.TimeoutError:
             raise ServiceError(
                 504,
@@ -103,12 +129,48 @@ class Service:
         except JobRejected as exc:
             raise ServiceError(422, "invalid_request", str(exc)) from None
 
+    async def drain(self, timeout_s: float | None = None) -> None:
+        """Stop admitting jobs (readiness 503, new requests 503) and let the accepted ones finish within
+        ``timeout_s`` (FLUX_DRAIN_TIMEOUT_S); then the waiting ones are answered 503 "not run" and the running one
+        503 "stopped" (it stops at its next step). Idempotent: a second call waits for the first."""
+        if self._drained is not None:
+            self.hurry()
+            await self._drained.wait()
+            return
+        self.draining = True
+        self._drained, self._hurry = asyncio.Event(), asyncio.Event()
+        timeout_s = self.settings.drain_timeout_s if timeout_s is None else timeout_s
+        start = time.monotonic()
+        log.warning("draining: %d job(s) queued or running; up to %.3g s to finish", self.queue.depth, timeout_s)
+        try:
+            idle = asyncio.ensure_future(self.queue.until_idle(timeout_s))
+            hurry = asyncio.ensure_future(self._hurry.wait())
+            await asyncio.wait({idle, hurry}, return_when=asyncio.FIRST_COMPLETED)
+            hurry.cancel()
+            idle.cancel()
+            if self.queue.depth:
+                limit = f"FLUX_DRAIN_TIMEOUT_S={timeout_s:g} s"
+                answered = self.queue.abort(
+                    f"the server is shutting down: the job was not run (still queued after {limit}); retry elsewhere",
+                    f"the server is shutting down: the job was stopped before it finished ({limit}); retry elsewhere",
+                )
+                log.warning("drain: %d job(s) answered 503 after %.1f s", answered, time.monotonic() - start)
+                await self.queue.until_idle(STOP_WAIT_S)
+            log.warning("drained in %.1f s", time.monotonic() - start)
+        finally:
+            self._drained.set()
+
+    def hurry(self) -> None:
+        """End a drain in progress now (a second signal): what has not finished is answered 503 at once."""
+        if self._hurry is not None:
+            self._hurry.set()
+
     def health(self) -> dict:
         engine = self.engine
         return {
-            "status": "ok" if engine.ready else engine.state,
-            "state": engine.state,
-            "reason": engine.reason,
+            "status": "ok" if self.ready else self.state,
+            "state": self.state,
+            "reason": self.reason,
             "demo": engine.model.demo if engine.model else None,
             "model": engine.describe_model(),
             "device": engine.describe_device(),
@@ -276,6 +338,16 @@ class RequestMetrics:
             self.metrics.requests.labels(endpoint=endpoint, status=str(status)).inc()
 
 
+def refuse_several_workers() -> None:
+    """One GPU, one process: the queue, the model and async jobs live in this process's memory."""
+    workers = os.environ.get("WEB_CONCURRENCY", "1").strip() or "1"
+    if workers != "1":
+        raise RuntimeError(
+            f"WEB_CONCURRENCY={workers}: this service runs one worker process per GPU (the model, the queue and the "
+            "async jobs are in its memory); run one process per GPU, behind a load balancer"
+        )
+
+
 def create_app(settings: Settings | None = None, engine_factory: Callable[[Settings], object] | None = None) -> FastAPI:
     """Build the app. The model loads in a background thread at startup; /health is 503 until ready."""
     settings = settings or Settings()
@@ -284,11 +356,15 @@ def create_app(settings: Settings | None = None, engine_factory: Callable[[Setti
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        refuse_several_workers()
         service.queue.start()
         loader = threading.Thread(target=engine.load, name="model-loader", daemon=True)
         loader.start()
         try:
             yield
+            # `serve` drained already (a no-op then); under plain uvicorn this is the best effort left: the listener
+            # is closed, the HTTP requests are done, async jobs still queued get FLUX_DRAIN_TIMEOUT_S, then a 503.
+            await service.drain()
         finally:
             await service.queue.stop()
 
@@ -350,7 +426,7 @@ def create_app(settings: Settings | None = None, engine_factory: Callable[[Setti
     @app.get("/health")
     async def health():
         """200 when ready to serve; 503 while loading, warming up or failed (with the reason)."""
-        return JSONResponse(service.health(), status_code=200 if engine.ready else 503)
+        return JSONResponse(service.health(), status_code=200 if service.ready else 503)
 
     @app.get("/health/live")
     async def live():
@@ -359,9 +435,10 @@ def create_app(settings: Settings | None = None, engine_factory: Callable[[Setti
 
     @app.get("/health/ready")
     async def ready():
-        """Readiness: 200 only when the model is loaded and warmed up."""
-        body = {"ready": engine.ready, "state": engine.state, "reason": engine.reason}
-        return JSONResponse(body, status_code=200 if engine.ready else 503)
+        """Readiness: 200 only when the model is loaded and warmed up, and the server is not shutting down (503
+        with state "draining" from the signal on)."""
+        body = {"ready": service.ready, "state": service.state, "reason": service.reason}
+        return JSONResponse(body, status_code=200 if service.ready else 503)
 
     @app.get("/metrics")
     async def metrics():

@@ -9,7 +9,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -27,18 +27,23 @@ def free_port() -> int:
 def live_server(ready_timeout_s: float = 180, **env: str) -> Iterator[tuple[str, list[int]]]:
     """``uvicorn flux_kontext_optimized:app`` with FLUX_MODEL=tiny and ``env`` on top; yields (base URL, the /health
     statuses seen until it turned 200). Its output goes to a log file, shown if it dies or never gets ready."""
+    with live_process(ready_timeout_s, **env) as (base, seen, _, _):
+        yield base, seen
+
+
+@contextlib.contextmanager
+def live_process(
+    ready_timeout_s: float = 180, serve: bool = False, **env: str
+) -> Iterator[tuple[str, list[int], subprocess.Popen, Callable[[], str]]]:
+    """As ``live_server``; ``serve``: ``python flux_kontext_optimized.py serve`` (the draining server) instead of
+    plain uvicorn. Yields (base URL, /health statuses seen, the process, a function returning its output so far)."""
     port = free_port()
     environment = {**os.environ, "FLUX_MODEL": "tiny", "PYTHONUNBUFFERED": "1", **env}
-    command = [
-        sys.executable,
-        "-m",
-        "uvicorn",
-        "flux_kontext_optimized:app",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-    ]
+    if serve:
+        command = [sys.executable, "flux_kontext_optimized.py", "serve", "--host", "127.0.0.1", "--port", str(port)]
+    else:
+        command = [sys.executable, "-m", "uvicorn", "flux_kontext_optimized:app", "--host", "127.0.0.1"]
+        command += ["--port", str(port)]
     with tempfile.TemporaryFile("w+") as log:
         process = subprocess.Popen(command, cwd=ROOT, env=environment, stdout=log, stderr=subprocess.STDOUT)
         base, seen = f"http://127.0.0.1:{port}", []
@@ -58,10 +63,12 @@ def live_server(ready_timeout_s: float = 180, **env: str) -> Iterator[tuple[str,
                     time.sleep(0.2)
                     continue
                 time.sleep(0.05)
-            yield base, seen
+            yield base, seen, process, output
         finally:
-            process.terminate()
-            try:
-                process.wait(15)
-            except subprocess.TimeoutExpired:
-                process.kill()
+            if process.poll() is None:
+                process.terminate()
+                try:
+                    process.wait(15)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait()
