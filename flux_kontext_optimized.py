@@ -113,8 +113,8 @@ def _generate(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from flux_kontext.errors import ServiceError
+    from flux_kontext.inference import to_job
     from flux_kontext.schemas import InferenceRequest
-    from flux_kontext.service import to_job
 
     fields = {
         "prompt": args.prompt,

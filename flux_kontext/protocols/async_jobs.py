@@ -30,13 +30,14 @@ from fastapi.responses import JSONResponse, Response
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from flux_kontext.errors import ServiceError
+from flux_kontext.inference import to_job, to_response
 from flux_kontext.jobs import JobCancelled
 from flux_kontext.protocols.job_schemas import JobState
 from flux_kontext.protocols.job_store import FINISHED, WEBHOOK_EVENTS, JobRecord, JobStore, Webhook
 from flux_kontext.protocols.webhooks import Webhooks, read_job_request
 from flux_kontext.request_forms import INFERENCE_BODY
 from flux_kontext.schemas import ErrorEnvelope, InferenceRequest
-from flux_kontext.service import ERRORS, to_job, to_response
+from flux_kontext.service import ERRORS
 
 log = logging.getLogger(__name__)
 NOT_FOUND = {404: {"model": ErrorEnvelope}}

@@ -23,9 +23,10 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
 from flux_kontext.errors import ServiceError
+from flux_kontext.inference import run_inference
 from flux_kontext.request_forms import read_form
 from flux_kontext.schemas import MAX_SIDE, MIN_SIDE, SIZE_MULTIPLE, InferenceRequest
-from flux_kontext.service import Service, run_inference
+from flux_kontext.service import Service
 
 # Our request fields a client may send as extras (extra_body), with the meaning and limits they have on /inference.
 EXTRAS = (
