@@ -19,6 +19,20 @@ RANDOM_MODEL = "random"
 TINY_MODEL = "tiny"
 
 
+def setting_list(value, name: str):
+    """A list setting from the environment: a JSON list, or the same comma-separated; other values pass through.
+    A malformed JSON list is refused with where it broke, never with the value (it may hold keys)."""
+    if not isinstance(value, str):
+        return value
+    text = value.strip()
+    if text.startswith("["):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{name} is not a valid JSON list ({exc.msg} at character {exc.pos})") from None
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
 class ServiceSettings(BaseModel):
     """The service itself: model, device, queue, limits."""
 
@@ -112,15 +126,7 @@ class ServiceSettings(BaseModel):
     @classmethod
     def _prefix_list(cls, value):
         """FLUX_WEBHOOK_ALLOWED_PREFIXES='["https://a/", "https://b/"]', or the same comma-separated."""
-        if isinstance(value, str):
-            text = value.strip()
-            if text.startswith("["):
-                try:
-                    return json.loads(text)
-                except ValueError as exc:
-                    raise ValueError(f"FLUX_WEBHOOK_ALLOWED_PREFIXES is not a valid JSON list: {exc}") from None
-            return [item.strip() for item in text.split(",") if item.strip()]
-        return value
+        return setting_list(value, "FLUX_WEBHOOK_ALLOWED_PREFIXES")
 
     @field_validator("webhook_allowed_prefixes")
     @classmethod
@@ -153,15 +159,7 @@ class ServiceSettings(BaseModel):
         """FLUX_API_KEYS='["k1", "k2"]', or the same comma-separated (the message never repeats the value)."""
         if isinstance(value, SecretStr):
             value = value.get_secret_value()
-        if isinstance(value, str):
-            text = value.strip()
-            if text.startswith("["):
-                try:
-                    return json.loads(text)
-                except ValueError:
-                    raise ValueError("FLUX_API_KEYS is not a valid JSON list (nor a comma-separated one)") from None
-            return [item.strip() for item in text.split(",") if item.strip()]
-        return value
+        return setting_list(value, "FLUX_API_KEYS")
 
     @field_validator("api_keys")
     @classmethod

@@ -38,11 +38,11 @@ from flux_kontext.protocols.webhooks import Webhooks, read_job_request
 from flux_kontext.request_forms import INFERENCE_BODY
 from flux_kontext.schemas import ErrorEnvelope, InferenceRequest
 from flux_kontext.service import ERRORS
+from utils import MEDIA_TYPES
 
 log = logging.getLogger(__name__)
 NOT_FOUND = {404: {"model": ErrorEnvelope}}
 CONFLICT = {409: {"model": ErrorEnvelope}}
-IMAGE_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 
 
 # ----- Prefer (RFC 7240) -------------------------------------------------------------------------------------------
@@ -223,7 +223,7 @@ def build_router(service) -> APIRouter:
         body, job_fields = await read_job_request(request, service.settings)  # JSON, or multipart with an image
         webhook = jobs.webhooks.parse(job_fields, root(request))
         prefs = preferences(prefer)
-        wants_image = next((fmt for fmt, kind in IMAGE_TYPES.items() if kind in _accepts(request)), None)
+        wants_image = next((fmt for fmt, kind in MEDIA_TYPES.items() if kind in _accepts(request)), None)
         if wants_image and wants_image != body.output_format:
             if "output_format" in body.model_fields_set:
                 raise ServiceError(
@@ -271,7 +271,7 @@ def build_router(service) -> APIRouter:
     @router.get(
         "/v1/jobs/{job_id}/image",
         response_class=Response,
-        responses={200: {"content": {kind: {} for kind in IMAGE_TYPES.values()}}, **NOT_FOUND, **CONFLICT},
+        responses={200: {"content": {kind: {} for kind in MEDIA_TYPES.values()}}, **NOT_FOUND, **CONFLICT},
     )
     async def job_image(job_id: str, index: int = Query(0, ge=0, le=3, description="Which image (num_images).")):
         """A succeeded job's image as raw bytes in its format (``curl -o out.png``)."""
@@ -290,4 +290,4 @@ def build_router(service) -> APIRouter:
 def _image_response(record: JobRecord, index: int, headers: dict | None = None) -> Response:
     fmt = record.body["images"][index]["format"]
     headers = {**(headers or {}), "Content-Disposition": f'inline; filename="{record.id}-{index}.{fmt}"'}
-    return Response(record.images[index], media_type=IMAGE_TYPES[fmt], headers=headers)
+    return Response(record.images[index], media_type=MEDIA_TYPES[fmt], headers=headers)
