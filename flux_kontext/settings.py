@@ -29,7 +29,7 @@ def setting_list(value, name: str):
         try:
             return json.loads(text)
         except json.JSONDecodeError as exc:
-            raise ValueError(f"{name} is not a valid JSON list ({exc.msg} at character {exc.pos})") from None
+            raise ValueError(f"{name} is not a valid JSON list ({exc.msg}; character {exc.pos})") from None
     return [item.strip() for item in text.split(",") if item.strip()]
 
 
