@@ -35,6 +35,17 @@ class Device:
             return None
         return round(torch.cuda.max_memory_allocated(self.torch_device) / 2**30, 3)
 
+    def memory_bytes(self) -> dict[str, int] | None:
+        """GPU memory in bytes held by tensors (allocated), by the caching allocator (reserved), and the peak
+        allocated since start or the last ``reset_peak_memory``; None on a CPU (there is no device memory)."""
+        if not self.is_cuda:
+            return None
+        return {
+            "allocated": torch.cuda.memory_allocated(self.torch_device),
+            "reserved": torch.cuda.memory_reserved(self.torch_device),
+            "peak": torch.cuda.max_memory_allocated(self.torch_device),
+        }
+
     def capability(self) -> tuple[int, int] | None:
         return torch.cuda.get_device_capability(self.torch_device) if self.is_cuda else None
 

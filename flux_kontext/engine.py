@@ -179,6 +179,9 @@ class Engine:
     def peak_memory_gib(self) -> float | None:
         return self.hardware.peak_memory_gib()
 
+    def memory_bytes(self) -> dict[str, int] | None:
+        return self.hardware.memory_bytes()
+
     def describe_device(self) -> dict:
         return self.hardware.describe()
 

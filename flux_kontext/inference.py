@@ -15,6 +15,7 @@ from fastapi.responses import Response
 
 from flux_kontext.errors import ServiceError
 from flux_kontext.jobs import Job, JobResult
+from flux_kontext.metrics import GENERATION_MODE
 from flux_kontext.request_body import DISCONNECTED
 from flux_kontext.schemas import (
     MATCH_INPUT_IMAGE,
@@ -92,6 +93,7 @@ async def run_inference(service, request: InferenceRequest, http_request: Reques
     """One validated request through the queue, as /inference and the OpenAI routes run it: 503 / 429 before any
     work, the image decoded and the result encoded off the event loop, the job cancelled if the client leaves.
     Returns the /inference response body (total time and metrics recorded)."""
+    http_request.scope[GENERATION_MODE] = "edit" if request.image is not None else "text_to_image"
     service.require_ready()
     service.require_room()
     start = time.perf_counter()
@@ -100,8 +102,7 @@ async def run_inference(service, request: InferenceRequest, http_request: Reques
     model = service.engine.describe_model()
     body = await asyncio.to_thread(to_response, request, job, result, wait_ms, model)
     body["timings_ms"]["total"] = round((time.perf_counter() - start) * 1000.0, 2)
-    service.metrics.observe_timings(body["timings_ms"])
-    service.metrics.images.inc(len(body["images"]))
+    service.metrics.observe_result(body)
     return body
 
 

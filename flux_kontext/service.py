@@ -19,7 +19,7 @@ from flux_kontext.benchmark import BenchmarkParams, run_benchmark
 from flux_kontext.errors import ServiceError, install_error_handlers
 from flux_kontext.inference import image_response, image_wanted, raw_image_request, run_inference
 from flux_kontext.jobs import EngineNotReady, EngineOutOfMemory, Job, JobRejected, JobResult
-from flux_kontext.metrics import Metrics
+from flux_kontext.metrics import GENERATION_MODE, Metrics
 from flux_kontext.queue import JobQueue, QueueFull, ShuttingDown, WorkerStopped
 from flux_kontext.request_body import RequestBodyMiddleware
 from flux_kontext.request_forms import INFERENCE_BODY, read_inference_request
@@ -51,7 +51,8 @@ class Service:
         self.settings = settings
         self.engine = engine
         self.queue = JobQueue(engine.generate, settings.max_queue)
-        self.metrics = Metrics(lambda: self.queue.depth, self._graph_evictions)
+        memory = getattr(engine, "memory_bytes", lambda: None)
+        self.metrics = Metrics(lambda: self.queue.depth, self._graph_evictions, memory)
         self.benchmark_lock = asyncio.Lock()
         self.draining = False  # set by drain(): readiness 503, new jobs refused, those accepted finish
         self._drained: asyncio.Event | None = None
@@ -179,7 +180,8 @@ class Service:
 
 
 class RequestMetrics:
-    """ASGI middleware counting every response by route and status, the 500s of escaped exceptions too."""
+    """ASGI middleware counting every response by route template and status (the 500s of escaped exceptions too),
+    with its latency, and generation requests by mode (see metrics.py for why not a library)."""
 
     def __init__(self, app, metrics: Metrics):
         self.app, self.metrics = app, metrics
@@ -188,6 +190,7 @@ class RequestMetrics:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         status = 500  # an exception escaping the app becomes a 500 further out
+        start = time.perf_counter()
 
         async def record_status(message):
             nonlocal status
@@ -200,7 +203,8 @@ class RequestMetrics:
         finally:
             route = scope.get("route")
             endpoint = route.path if route is not None else "unmatched"
-            self.metrics.requests.labels(endpoint=endpoint, status=str(status)).inc()
+            seconds = time.perf_counter() - start
+            self.metrics.observe_http(endpoint, scope["method"], status, seconds, scope.get(GENERATION_MODE))
 
 
 def refuse_several_workers() -> None:

@@ -43,6 +43,7 @@ from utils import MEDIA_TYPES
 log = logging.getLogger(__name__)
 NOT_FOUND = {404: {"model": ErrorEnvelope}}
 CONFLICT = {409: {"model": ErrorEnvelope}}
+CLIENT_CLOSED = 499  # a cancelled job's status in the metrics (nginx's "client closed request")
 
 
 # ----- Prefer (RFC 7240) -------------------------------------------------------------------------------------------
@@ -130,12 +131,14 @@ class AsyncJobs:
             record.finish("failed")
         else:
             body["timings_ms"]["total"] = round((time.perf_counter() - start) * 1000.0, 2)
-            service.metrics.observe_timings(body["timings_ms"])
-            service.metrics.images.inc(len(body["images"]))
+            service.metrics.observe_result(body)
             record.images = [base64.b64decode(image.pop("image")) for image in body["images"]]
             record.body = body
             record.finish("succeeded")
         self.store.finished_job(record)
+        mode = "edit" if record.job.image is not None else "text_to_image"
+        status = {"succeeded": 200, "cancelled": CLIENT_CLOSED}.get(record.status) or record.error[0]
+        service.metrics.observe_generation(mode, status)
 
     def cancel(self, record: JobRecord) -> None:
         """Queued: taken out of the queue, never reaches the GPU; running: stops at its next step."""
