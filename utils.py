@@ -113,14 +113,19 @@ def pixels_to_pil(images) -> list[Image.Image]:
     return [Image.fromarray(p) for p in pixels]
 
 
-def encode_image(img: Image.Image, output_format: str, quality: int = 95) -> str:
-    """Encode an image as base64 in png, jpeg or webp (deterministic for the same pixels); ``quality`` (0-100) is
-    the JPEG/WebP encoder's, unused for the lossless png."""
+def image_bytes(img: Image.Image, output_format: str, quality: int = 95) -> bytes:
+    """Encode an image in png, jpeg or webp (deterministic for the same pixels); ``quality`` (0-100) is the
+    JPEG/WebP encoder's, unused for the lossless png."""
     buffer = io.BytesIO()
     pil_format = OUTPUT_FORMATS[output_format]
     options = {"quality": quality} if pil_format in ("JPEG", "WEBP") else PNG_OPTIONS
     img.save(buffer, format=pil_format, **options)
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
+    return buffer.getvalue()
+
+
+def encode_image(img: Image.Image, output_format: str, quality: int = 95) -> str:
+    """``image_bytes`` in base64."""
+    return base64.b64encode(image_bytes(img, output_format, quality)).decode("ascii")
 
 
 def new_seed() -> int:

@@ -92,3 +92,28 @@ async def run_benchmark(
         "cuda_graphs": last.cuda_graphs,  # of the last run: block calls replayed, captured, uncaptured
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+
+
+def format_table(report: dict) -> str:
+    """The report of ``run_benchmark`` as a table to read on a terminal (the JSON has everything)."""
+    params, device = report["params"], report["device"]
+    lines = [
+        f"{params['mode']} {params['width']}x{params['height']}, {params['steps']} steps {params['scheduler']}, "
+        f"{params['runs']} timed run(s) after {params['warmup_runs']} warm-up",
+        f"device: {device.get('name')} ({device['type']}, {device['dtype']}); model: {report['model']['kind']}",
+        "",
+        f"{'phase (ms)':<16}{'median':>10}{'p95':>10}{'min':>10}{'max':>10}",
+    ]
+    for phase, stats in report["timings_ms"].items():
+        lines.append(f"{phase:<16}" + "".join(f"{stats[key]:>10.1f}" for key in ("median", "p95", "min", "max")))
+    peak = report["peak_gpu_memory_gib"]
+    cache = report["first_block_cache"]
+    lines += [
+        "",
+        f"denoising per step: {report['denoising_ms_per_step']:.1f} ms; images/s: {report['images_per_second']:.3f}; "
+        f"peak GPU memory: {'n/a (CPU)' if peak is None else f'{peak:.2f} GiB'}",
+        f"optimizations ran: {', '.join(report['optimizations']['ran']) or 'none'}",
+    ]
+    if cache:
+        lines.append(f"first-block cache (last run): {cache['computed']} computed, {cache['skipped']} skipped")
+    return "\n".join(lines)

@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-from PIL import Image
 
 from tests.conftest import decode_b64_image, image_b64
-from tests.live_server import ROOT, live_server
+from tests.live_server import live_server
 from tests.test_inference import SEED_CURL_BODY
 
 
@@ -73,26 +70,6 @@ def test_metrics_endpoint_in_prometheus_format(server):
     response = httpx.get(f"{base}/metrics", timeout=10)
     assert response.status_code == 200
     assert "# TYPE flux_requests_total counter" in response.text
-
-
-def test_cli_generate_writes_an_image(tmp_path):
-    source = tmp_path / "in.png"
-    Image.new("RGB", (200, 400), (10, 200, 30)).save(source)
-    out = tmp_path / "out.png"
-    command = [sys.executable, "flux_kontext_optimized.py", "--model", "tiny", "generate", "--prompt", "add a moon"]
-    command += ["--image", str(source), "--steps", "1", "--seed", "3", "--out", str(out)]
-    completed = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert completed.returncode == 0, completed.stderr[-2000:]
-    assert Image.open(out).size == (720, 1456)
-
-
-def test_cli_generate_validates_like_the_api(tmp_path):
-    command = [sys.executable, "flux_kontext_optimized.py", "--model", "tiny", "generate", "--prompt", "x"]
-    command += ["--width", "1000", "--height", "256", "--out", str(tmp_path / "never.png")]
-    completed = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert completed.returncode == 2
-    assert "multiple of 16" in completed.stderr
-    assert not (tmp_path / "never.png").exists()
 
 
 def test_a_client_that_disconnects_has_its_job_stopped(server):
