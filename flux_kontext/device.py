@@ -46,6 +46,10 @@ class Device:
             "peak": torch.cuda.max_memory_allocated(self.torch_device),
         }
 
+    def free_memory_bytes(self) -> int:
+        """Free GPU memory now (what the memory plan may use by default)."""
+        return torch.cuda.mem_get_info(self.torch_device)[0]
+
     def capability(self) -> tuple[int, int] | None:
         return torch.cuda.get_device_capability(self.torch_device) if self.is_cuda else None
 

@@ -9,6 +9,8 @@ job to its Generation (generation.py). ``generate`` is called from the single GP
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import json
 import logging
 import threading
 import time
@@ -17,13 +19,19 @@ import torch
 from PIL import Image
 
 from flux_kontext.device import Device, is_sticky_gpu_error, resolve_device, resolve_dtype, seconds_since_process_start
-from flux_kontext.generation import Generation
+from flux_kontext.generation import Generation, output_size
 from flux_kontext.jobs import EngineNotReady, EngineOutOfMemory, Job, JobCancelled, JobResult
+from flux_kontext.loading import host_rss_bytes, host_rss_peak_bytes
+from flux_kontext.memory_plan import GIB, ModelSizes, Request, plan_for_settings
 from flux_kontext.models import LoadedModel, load_model
 from flux_kontext.settings import Settings
 from flux_kontext.stack import Report, Stack, stack_for
 
 log = logging.getLogger(__name__)
+
+
+def _gib(value: int | None) -> float | None:
+    return None if value is None else round(value / GIB, 3)
 
 
 class _NoPromptText(logging.Filter):
@@ -56,6 +64,8 @@ class Engine:
         self.warmup_seconds: float | None = None
         # Seconds per start-up phase (before_load: from process start to the model load; logged and in /health).
         self.startup_seconds: dict[str, float | None] = {}
+        self.load_memory: dict[str, float | None] = {}
+        self._stack_hardware = self.hardware.for_stack()
         self._lock = threading.Lock()
 
     @property
@@ -73,10 +83,9 @@ class Engine:
             self.startup_seconds["before_load"] = seconds_since_process_start()  # interpreter, imports, app
             self._set_state("loading", f"loading model {self.settings.model!r}")
             with self._phase("load_model"):
-                self.model = load_model(self.settings, self.device, self.hardware.dtype)
-                self.generation = Generation(self.model, self.hardware)
+                self._load_with_plan()
             with self._phase("optimize"):
-                self.stack.apply(self.model.pipe, self.hardware.for_stack())
+                self.stack.apply(self.model.pipe, self._stack_hardware)
             if self.settings.warmup:
                 self._set_state("warming_up", "running warm-up generations (and compiling, on a GPU)")
                 with self._phase("warm_up"):
@@ -89,6 +98,52 @@ class Engine:
         except Exception as exc:
             log.exception("engine failed to start")
             self._set_state("failed", f"{type(exc).__name__}: {exc}")
+
+    def _load_with_plan(self) -> None:
+        """Load the model where the memory plan puts each part, measuring host and GPU memory on the way."""
+        rss_before = host_rss_bytes()
+        self.hardware.reset_peak_memory()
+        self.model = load_model(self.settings, self.device, self.hardware.dtype, self._choose_plan)
+        self.load_memory = {
+            "host_rss_before_load_gib": _gib(rss_before),
+            "host_rss_peak_gib": _gib(host_rss_peak_bytes()),
+            "host_rss_after_load_gib": _gib(host_rss_bytes()),
+            "gpu_peak_during_load_gib": self.hardware.peak_memory_gib(),
+        }
+        plan = self.model.plan
+        cache = self.settings.prompt_cache == "on" or (
+            self.settings.prompt_cache == "auto" and not plan.text_encoder_on_gpu
+        )
+        self.generation = Generation(self.model, self.hardware, self.settings.prompt_cache_size if cache else 0)
+        log.info("memory plan: %s", json.dumps(plan.public()))
+        log.info("load memory: %s", self.load_memory)
+
+    def _choose_plan(self, sizes: ModelSizes):
+        """The memory plan for this device and model, and the block transforms the loader runs (called once)."""
+        base = self.hardware.for_stack()
+        free = self.hardware.free_memory_bytes() if self.hardware.is_cuda else None
+        at_load = [name for name, _ in self.stack.load_transforms(base)]
+        plan, ruled_out = plan_for_settings(self.settings, sizes, base.capability, free, at_load)
+        self._stack_hardware = dataclasses.replace(base, ruled_out=ruled_out)
+        return plan, [transform for _, transform in self.stack.load_transforms(self._stack_hardware)]
+
+    def memory_refusal(self, job: Job) -> str | None:
+        """Why the memory plan cannot hold this job (None: it can, or nothing is loaded yet)."""
+        if self.model is None or self.model.plan is None:
+            return None
+        width, height, _, _ = output_size(job)
+        return self.model.plan.refusal(Request(width, height, edit=job.image is not None, num_images=job.num_images))
+
+    def describe_memory(self) -> dict | None:
+        """The memory plan, the prompt cache and the memory measured at load (/health)."""
+        if self.model is None or self.model.plan is None:
+            return None
+        cache = self.generation.prompts.cache if self.generation else None
+        return {
+            **self.model.plan.public(),
+            "prompt_cache": cache.public() if cache else None,
+            "load": self.load_memory,
+        }
 
     @contextlib.contextmanager
     def _phase(self, name: str):

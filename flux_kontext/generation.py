@@ -19,6 +19,7 @@ from flux_kontext.jobs import PHASES, Job, JobCancelled, JobResult
 from flux_kontext.models import LoadedModel
 from flux_kontext.resolution import kontext_resolution
 from flux_kontext.schedulers import SCHEDULER_DEFAULT_STEPS, make_scheduler
+from flux_kontext.text_encoding import PromptEncoder
 from utils import PhaseTimer, pixels_to_pil
 
 log = logging.getLogger(__name__)
@@ -29,9 +30,13 @@ DEFAULT_TEXT_TO_IMAGE_SIZE = (1024, 1024)
 class Generation:
     """Generates jobs on one loaded model; ``run(job, stack)`` is the whole of one job."""
 
-    def __init__(self, model: LoadedModel, hardware: Device):
+    def __init__(self, model: LoadedModel, hardware: Device, prompt_cache_size: int = 0):
         self.model = model
         self.hardware = hardware
+        t5_placement = model.plan.placements["text_encoder_2"] if model.plan is not None else "gpu"
+        self.prompts = PromptEncoder(
+            model.pipe, hardware.torch_device, model.max_sequence_length, t5_placement, prompt_cache_size
+        )
         self.scheduler_config = dict(model.pipe.scheduler.config)  # the model's own; seeds every scheduler
         self._timer: PhaseTimer | None = None
         self._time_image_encoding(model.pipe)
@@ -127,14 +132,7 @@ class Generation:
         return [f"prompt is {tokens} T5 tokens; only the first {limit} are used"]
 
     def _encode_text(self, prompt: str, num_images: int):
-        prompt_embeds, pooled, _ = self.model.pipe.encode_prompt(
-            prompt=prompt,
-            prompt_2=None,
-            device=self.hardware.torch_device,
-            num_images_per_prompt=num_images,
-            max_sequence_length=self.model.max_sequence_length,
-        )
-        return prompt_embeds, pooled
+        return self.prompts.encode(prompt, num_images)
 
     def _decode(self, latents: torch.Tensor, width: int, height: int) -> list[Image.Image]:
         pipe = self.model.pipe

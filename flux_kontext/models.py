@@ -6,16 +6,32 @@ channels, the FLUX scheduler config), so everything above this module runs the s
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
-from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxKontextPipeline, FluxTransformer2DModel
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxKontextPipeline
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast, T5Config, T5EncoderModel
+from transformers import PreTrainedTokenizerFast, T5Config
 
+from flux_kontext.loading import (
+    BlockTransform,
+    CheckpointWeights,
+    RandomWeights,
+    Skeleton,
+    folder_configs,
+    folder_scheduler_and_tokenizers,
+    hub_snapshot,
+    load_large_component,
+    meta_skeleton,
+    model_sizes,
+    module_bytes,
+    small_components_from,
+    small_components_random,
+)
+from flux_kontext.memory_plan import VAE_TILE, MemoryPlan, ModelSizes
 from flux_kontext.settings import Settings, hub_token
 
 log = logging.getLogger(__name__)
@@ -92,7 +108,7 @@ CLIP_MAX_LENGTH = 77
 
 @dataclass
 class LoadedModel:
-    """A pipeline plus what the service reports about where it came from."""
+    """A pipeline plus what the service reports about where it came from and where its parts live."""
 
     pipe: FluxKontextPipeline
     source: str
@@ -100,6 +116,7 @@ class LoadedModel:
     demo: bool
     max_sequence_length: int
     fallback_reason: str | None = None
+    plan: MemoryPlan | None = None  # None: built outside the engine (tests, benches): everything on one device
 
 
 def byte_level_tokenizer(model_max_length: int) -> PreTrainedTokenizerFast:
@@ -124,17 +141,6 @@ def byte_level_tokenizer(model_max_length: int) -> PreTrainedTokenizerFast:
     )
 
 
-@contextlib.contextmanager
-def _default_dtype(dtype: torch.dtype):
-    # Parameters are created directly in the target dtype: a 12B model built in fp32 first would need 48 GB.
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(previous)
-
-
 def build_vae(config: dict = FULL_VAE) -> AutoencoderKL:
     """The FLUX VAE's architecture (16 latent channels, 8x downsampling) at the given widths, random weights."""
     return AutoencoderKL(
@@ -150,70 +156,176 @@ def build_vae(config: dict = FULL_VAE) -> AutoencoderKL:
     )
 
 
-def build_random_pipeline(
-    *, tiny: bool, device: torch.device, dtype: torch.dtype, seed: int = 0
-) -> FluxKontextPipeline:
-    """Construct a FluxKontextPipeline with random weights, full-size or tiny, directly on ``device``."""
-    torch.manual_seed(seed)
+@dataclass
+class Parts:
+    """Everything a pipeline is made of before the large components have weights (see loading.py)."""
+
+    skeleton: Skeleton
+    clip: torch.nn.Module
+    vae: AutoencoderKL
+    scheduler: FlowMatchEulerDiscreteScheduler
+    tokenizer: object
+    tokenizer_2: object
+    weights: object  # loading.RandomWeights | loading.CheckpointWeights
+    max_sequence_length: int
+
+    def sizes(self, dtype: torch.dtype) -> ModelSizes:
+        small = {
+            "text_encoder": module_bytes(self.clip),
+            "vae": module_bytes(self.vae),
+            "vae_channels": self.vae.config.block_out_channels[0],
+        }
+        return model_sizes(self.skeleton, dtype, small, self.max_sequence_length)
+
+
+def random_parts(*, tiny: bool, dtype: torch.dtype, seed: int = 0, scratch: torch.device | None = None) -> Parts:
+    """The full-size or tiny architecture with random weights (drawn block by block when loaded)."""
     transformer_cfg, t5_cfg, clip_cfg, vae_cfg = (
         (TINY_TRANSFORMER, TINY_T5, TINY_CLIP, TINY_VAE) if tiny else (FULL_TRANSFORMER, FULL_T5, FULL_CLIP, FULL_VAE)
     )
-    with torch.device(device), _default_dtype(dtype):
-        transformer = FluxTransformer2DModel(**transformer_cfg)
-        text_encoder_2 = T5EncoderModel(T5Config(**t5_cfg))
-        text_encoder = CLIPTextModel(CLIPTextConfig(**clip_cfg))
-        vae = build_vae(vae_cfg)
     max_len = TINY_MAX_SEQUENCE_LENGTH if tiny else FULL_MAX_SEQUENCE_LENGTH
-    pipe = FluxKontextPipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG),
+    clip, vae = small_components_random(clip_cfg, lambda: build_vae(vae_cfg), dtype, seed)
+    return Parts(
+        skeleton=meta_skeleton(transformer_cfg, T5Config(**t5_cfg), dtype),
+        clip=clip,
         vae=vae,
-        text_encoder=text_encoder,
+        scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG),
         tokenizer=byte_level_tokenizer(CLIP_MAX_LENGTH),
-        text_encoder_2=text_encoder_2,
         tokenizer_2=byte_level_tokenizer(max_len),
-        transformer=transformer,
+        weights=RandomWeights(seed, scratch),
+        max_sequence_length=max_len,
     )
-    for module in (transformer, text_encoder, text_encoder_2, vae):
+
+
+def _load_pretrained(source: str, settings: Settings, device: torch.device, dtype: torch.dtype) -> Parts:
+    """A local diffusers folder or a hub id (its diffusers files, fetched into the local cache)."""
+    folder = os.path.expanduser(source)
+    if not os.path.isdir(folder):
+        folder = hub_snapshot(source, settings.revision, hub_token())
+    transformer_config, t5_config = folder_configs(folder)
+    clip, vae = small_components_from(folder, dtype)
+    scheduler, tokenizer, tokenizer_2 = folder_scheduler_and_tokenizers(folder)
+    return Parts(
+        skeleton=meta_skeleton(transformer_config, t5_config, dtype),
+        clip=clip,
+        vae=vae,
+        scheduler=scheduler,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        weights=CheckpointWeights(folder),
+        max_sequence_length=FULL_MAX_SEQUENCE_LENGTH,
+    )
+
+
+ALL_ON_DEVICE = {"transformer": "gpu", "text_encoder_2": "gpu", "text_encoder": "gpu", "vae": "gpu"}
+
+
+def assemble(
+    parts: Parts,
+    device: torch.device,
+    dtype: torch.dtype,
+    plan: MemoryPlan | None = None,
+    transforms: Sequence[BlockTransform] = (),
+) -> FluxKontextPipeline:
+    """Give the large components their weights block by block where ``plan`` puts them ("gpu" is ``device``,
+    which may be the CPU), the small ones whole, and make the pipeline."""
+    placements = plan.placements if plan is not None else ALL_ON_DEVICE
+    host = torch.device("cpu")
+    skeleton = parts.skeleton
+    for component in ("transformer", "text_encoder_2"):
+        place = placements[component]
+        load_large_component(
+            getattr(skeleton, component),
+            component,
+            parts.weights,
+            device if place == "gpu" else host,
+            dtype,
+            transforms if component == "transformer" else (),
+            pin=place in ("on_demand", "group_offload"),
+        )
+    clip = parts.clip.to(device if placements["text_encoder"] == "gpu" else host)
+    vae = parts.vae.to(device)
+    for module in (clip, vae):
         module.eval().requires_grad_(False)
+    pipe = FluxKontextPipeline(
+        scheduler=parts.scheduler,
+        vae=vae,
+        text_encoder=clip,
+        tokenizer=parts.tokenizer,
+        text_encoder_2=skeleton.text_encoder_2,
+        tokenizer_2=parts.tokenizer_2,
+        transformer=skeleton.transformer,
+    )
+    if plan is not None:
+        apply_vae_plan(vae, plan)
+        if placements["transformer"] == "group_offload":
+            stream_transformer(skeleton.transformer, device)
     return pipe
 
 
-def _load_pretrained(source: str, settings: Settings, device: torch.device, dtype: torch.dtype) -> FluxKontextPipeline:
-    pipe = FluxKontextPipeline.from_pretrained(
-        os.path.expanduser(source),
-        dtype=dtype,
-        token=hub_token(),
-        revision=settings.revision,
+def apply_vae_plan(vae: AutoencoderKL, plan: MemoryPlan) -> None:
+    """One image decoded at a time (the same pixels); tiles of VAE_TILE pixels where the plan needs them."""
+    if plan.tier >= 1:
+        vae.enable_slicing()
+    if plan.vae_tiling:
+        vae.enable_tiling()
+        vae.tile_sample_min_size = VAE_TILE
+        vae.tile_latent_min_size = VAE_TILE // 8
+
+
+def stream_transformer(transformer: torch.nn.Module, device: torch.device) -> None:
+    """diffusers' group offloading: each block copied in on a side stream just before it runs (slow, last tier)."""
+    from diffusers.hooks import apply_group_offloading
+
+    apply_group_offloading(
+        transformer,
+        onload_device=device,
+        offload_device=torch.device("cpu"),
+        offload_type="block_level",
+        num_blocks_per_group=1,
+        use_stream=True,
     )
-    return pipe.to(device)
 
 
-def load_model(settings: Settings, device: torch.device, dtype: torch.dtype) -> LoadedModel:
-    """Load the configured source (progress bars off: a server logs, it does not draw)."""
-    model = _load_model(settings, device, dtype)
+def build_random_pipeline(
+    *, tiny: bool, device: torch.device, dtype: torch.dtype, seed: int = 0
+) -> FluxKontextPipeline:
+    """A FluxKontextPipeline with random weights, full-size or tiny, everything on ``device`` (tests, benches)."""
+    parts = random_parts(tiny=tiny, dtype=dtype, seed=seed, scratch=device if device.type == "cuda" else None)
+    pipe = assemble(parts, device, dtype)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+PlanChooser = Callable[[ModelSizes], tuple[MemoryPlan, Sequence[BlockTransform]]]
+
+
+def load_model(
+    settings: Settings, device: torch.device, dtype: torch.dtype, choose: PlanChooser | None = None
+) -> LoadedModel:
+    """Load the configured source; ``choose`` picks the memory plan from the model's sizes and returns the block
+    transforms to run at load. Progress bars off: a server logs, it does not draw."""
+    parts, model = _parts(settings, device, dtype)
+    plan, transforms = choose(parts.sizes(dtype)) if choose is not None else (None, ())
+    model.pipe = assemble(parts, device, dtype, plan, transforms)
+    model.plan = plan
     model.pipe.set_progress_bar_config(disable=True)
     return model
 
 
-def _load_model(settings: Settings, device: torch.device, dtype: torch.dtype) -> LoadedModel:
-    """Load the configured source. A defaulted hub model that cannot be found falls back to tiny (demo)."""
+def _parts(settings: Settings, device: torch.device, dtype: torch.dtype) -> tuple[Parts, LoadedModel]:
+    """The configured source's parts. A defaulted hub model that cannot be found falls back to tiny (demo)."""
     kind = settings.model_kind
+    scratch = device if device.type == "cuda" else None
     if kind in ("random", "tiny"):
         tiny = kind == "tiny"
-        log.info("building the %s FLUX.1-Kontext architecture with random weights on %s (%s)", kind, device, dtype)
-        pipe = build_random_pipeline(tiny=tiny, device=device, dtype=dtype)
+        log.info("building the %s FLUX.1-Kontext architecture with random weights for %s (%s)", kind, device, dtype)
         log.warning("random weights (%s): images are noise, not FLUX.1-Kontext output; timings are real", kind)
-        return LoadedModel(
-            pipe=pipe,
-            source=settings.model,
-            kind=kind,
-            demo=tiny,
-            max_sequence_length=settings.max_sequence_length
-            or (TINY_MAX_SEQUENCE_LENGTH if tiny else FULL_MAX_SEQUENCE_LENGTH),
-        )
+        parts = random_parts(tiny=tiny, dtype=dtype, scratch=scratch)
+        return parts, _loaded(settings, settings.model, kind, tiny, parts)
     try:
         log.info("loading FLUX.1-Kontext pipeline from %s %s", kind, settings.model)
-        pipe = _load_pretrained(settings.model, settings, device, dtype)
+        parts = _load_pretrained(settings.model, settings, device, dtype)
     except Exception as exc:
         if settings.model_is_explicit:
             raise
@@ -223,22 +335,17 @@ def _load_model(settings: Settings, device: torch.device, dtype: torch.dtype) ->
         log.warning("Serving the TINY RANDOM pipeline: images are noise, not FLUX.1-Kontext output.")
         log.warning("Set HF_TOKEN (gated repo) or FLUX_MODEL=<hub id | folder> to serve the real model.")
         log.warning("=" * 78)
-        pipe = build_random_pipeline(tiny=True, device=device, dtype=dtype)
-        return LoadedModel(
-            pipe=pipe,
-            source="tiny",
-            kind="tiny",
-            demo=True,
-            max_sequence_length=settings.max_sequence_length or TINY_MAX_SEQUENCE_LENGTH,
-            fallback_reason=reason,
-        )
-    return LoadedModel(
-        pipe=pipe,
-        source=settings.model,
-        kind=kind,
-        demo=False,
-        max_sequence_length=settings.max_sequence_length or FULL_MAX_SEQUENCE_LENGTH,
-    )
+        parts = random_parts(tiny=True, dtype=dtype, scratch=scratch)
+        model = _loaded(settings, "tiny", "tiny", True, parts)
+        model.fallback_reason = reason
+        return parts, model
+    return parts, _loaded(settings, settings.model, kind, False, parts)
+
+
+def _loaded(settings: Settings, source: str, kind: str, demo: bool, parts: Parts) -> LoadedModel:
+    max_len = settings.max_sequence_length or parts.max_sequence_length
+    parts.max_sequence_length = max_len
+    return LoadedModel(pipe=None, source=source, kind=kind, demo=demo, max_sequence_length=max_len)
 
 
 def step_inputs(config, device, dtype, image_tokens: int, context_tokens: int = 0, text_tokens: int = 512) -> dict:

@@ -93,6 +93,12 @@ class Service:
                 503, "not_ready", f"model is {self.engine.state}: {self.engine.reason}", headers=self.retry_after
             )
 
+    def require_memory(self, job: Job) -> None:
+        """422 before queueing a job the memory plan cannot hold (num_images above its limit at that size)."""
+        refusal = self.engine.memory_refusal(job)
+        if refusal is not None:
+            raise ServiceError(422, "exceeds_memory_plan", refusal, param="num_images")
+
     def require_room(self) -> None:
         """429 before any work (image decoding included) when the queue is full."""
         if not self.queue.has_room():
@@ -106,6 +112,7 @@ class Service:
     async def submit(self, job: Job) -> tuple[JobResult, float]:
         """Run a job through the bounded queue, mapping engine failures to HTTP errors."""
         self.require_ready()
+        self.require_memory(job)
         retry = self.retry_after
         try:
             return await self.queue.submit(job, self.settings.request_timeout_s)
@@ -172,6 +179,7 @@ class Service:
             "model": engine.describe_model(),
             "device": engine.describe_device(),
             "optimizations": [report.public() for report in engine.reports],
+            "memory_plan": engine.describe_memory(),
             "queue": {"depth": self.queue.depth, "max_waiting": self.queue.max_waiting},
             "load_seconds": round(engine.load_seconds, 2) if engine.load_seconds else None,
             "warmup_seconds": round(engine.warmup_seconds, 2) if engine.warmup_seconds else None,

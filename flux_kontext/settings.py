@@ -227,6 +227,21 @@ def read_key_digests(path: str) -> list[bytes]:
     return digests
 
 
+class MemoryPlanSettings(BaseModel):
+    """Where each component lives (flux_kontext/memory_plan.py), chosen at start."""
+
+    gpu_memory_gib: float | None = Field(
+        None,
+        gt=0,
+        description="GPU memory the memory plan may use, in GiB; default: the GPU's free memory at start. On a CPU "
+        "it simulates a GPU of that size for the plan and its request limits (tests).",
+    )
+    prompt_cache: Literal["auto", "on", "off"] = Field(
+        "auto", description="Cache prompt embeddings (LRU); auto: on when the memory plan keeps T5 off the GPU."
+    )
+    prompt_cache_size: int = Field(64, ge=1, le=4096, description="Prompts whose embeddings are kept (LRU).")
+
+
 # ----- one section per optimization (flux_kontext/optimizations/<name>.py); each rule sits with its feature -----
 class FuseQkvSettings(BaseModel):
     fuse_qkv: bool = Field(True, description="Fuse the Q/K/V projections of the transformer and the VAE.")
@@ -387,6 +402,7 @@ class Settings(
     AttentionSettings,
     ChannelsLastSettings,
     FuseQkvSettings,
+    MemoryPlanSettings,
     ServiceSettings,
     BaseSettings,
 ):

@@ -30,7 +30,7 @@ KEEP_BF16 = ("x_embedder", "context_embedder", "time_text_embed", "norm_out", "p
 ERROR_ROWS = 64  # activation rows per layer for the error measurement
 
 
-def _quantizable(module: torch.nn.Module, name: str) -> bool:
+def quantizable(module: torch.nn.Module, name: str) -> bool:
     if not isinstance(module, torch.nn.Linear) or any(name.startswith(prefix) for prefix in KEEP_BF16):
         return False
     return module.in_features % 16 == 0 and module.out_features % 16 == 0
@@ -81,11 +81,12 @@ def simulated_fp8_error(layer: torch.nn.Linear, x: torch.Tensor) -> float:
 
 
 @torch.inference_mode()
-def _reference_outputs(transformer: torch.nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def _reference_outputs(transformer: torch.nn.Module, prefix: str = "") -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     generator = torch.Generator(device="cpu").manual_seed(0)
     outputs = {}
-    for name, module in transformer.named_modules():
-        if _quantizable(module, name):
+    for local, module in transformer.named_modules():
+        name = f"{prefix}.{local}" if prefix and local else prefix or local
+        if quantizable(module, name):
             x = torch.randn(ERROR_ROWS, module.in_features, generator=generator).to(module.weight)
             outputs[name] = (x, module(x))
     return outputs
@@ -101,9 +102,13 @@ def select_fp8_layers(references: dict, modules: dict, max_error: float) -> tupl
     return set(references) - set(kept_bf16), kept_bf16
 
 
+def _named_modules(root: torch.nn.Module, prefix: str = "") -> dict[str, torch.nn.Module]:
+    return {(f"{prefix}.{n}" if prefix and n else prefix or n): m for n, m in root.named_modules()}
+
+
 @torch.inference_mode()
-def _layer_errors(transformer: torch.nn.Module, references: dict) -> dict[str, float]:
-    modules = dict(transformer.named_modules())
+def _layer_errors(transformer: torch.nn.Module, references: dict, prefix: str = "") -> dict[str, float]:
+    modules = _named_modules(transformer, prefix)
     errors = {}
     for name, (x, expected) in references.items():
         got = modules[name](x).float()
@@ -122,25 +127,55 @@ class LowPrecisionGemm(Optimization):
             return skip(why) if self.settings.low_precision_gemm == "none" else unavailable(why)
         return APPLY
 
+    def at_load(self, hardware: Hardware):
+        """Quantize each transformer block as the loader moves it to the GPU (the memory plan's path: the bf16
+        transformer never sits whole there); ``apply`` then reports what was done at load. None when torchao is
+        missing (``apply`` says so)."""
+        fmt, why = choose_format(self.settings.low_precision_gemm, hardware.capability)
+        try:
+            config = _config(fmt)
+            from torchao.quantization import quantize_
+        except ImportError:
+            return None
+        self._at_load = {"fmt": fmt, "why": why, "errors": {}, "kept_bf16": {}}
+
+        def quantize_block(block: torch.nn.Module, prefix: str) -> None:
+            errors, kept = self._quantize(block, prefix, fmt, config, quantize_)
+            self._at_load["errors"].update(errors)
+            self._at_load["kept_bf16"].update(kept)
+
+        return quantize_block
+
+    def _quantize(self, root, prefix, fmt, config, quantize_) -> tuple[dict[str, float], dict[str, float]]:
+        """Screen, quantize and measure the quantizable layers under ``root`` (named from ``prefix``)."""
+        references = _reference_outputs(root, prefix)
+        max_error = self.settings.fp8_max_layer_error
+        modules = _named_modules(root, prefix)
+        selected, kept_bf16 = (
+            select_fp8_layers(references, modules, max_error) if fmt == "fp8" else (set(references), {})
+        )
+        if selected:
+            full = {id(m): n for n, m in modules.items()}
+            quantize_(root, config, filter_fn=lambda module, _name: full.get(id(module)) in selected)
+        return _layer_errors(root, {name: references[name] for name in selected}, prefix), kept_bf16
+
     def apply(self, model: Model) -> Outcome:
+        loaded = getattr(self, "_at_load", None)
+        if loaded is not None:
+            return self._outcome(loaded["fmt"], loaded["why"], loaded["errors"], loaded["kept_bf16"], at_load=True)
         fmt, why = choose_format(self.settings.low_precision_gemm, model.hardware.capability)
         try:
             config = _config(fmt)
             from torchao.quantization import quantize_
         except ImportError as exc:
             return Outcome("unavailable", f"{why}: torchao not importable ({exc}); pip install torchao==0.18.0")
-        transformer = model.pipe.transformer
-        references = _reference_outputs(transformer)
-        modules = dict(transformer.named_modules())
+        errors, kept_bf16 = self._quantize(model.pipe.transformer, "", fmt, config, quantize_)
+        return self._outcome(fmt, why, errors, kept_bf16, at_load=False)
+
+    def _outcome(self, fmt, why, errors, kept_bf16, at_load: bool) -> Outcome:
         max_error = self.settings.fp8_max_layer_error
-        selected, kept_bf16 = (
-            select_fp8_layers(references, modules, max_error) if fmt == "fp8" else (set(references), {})
-        )
-        if not selected:
+        if not errors:
             return Outcome.skipped(f"{why}; every layer's simulated FP8 error is above {max_error}: all bf16")
-        quantize_(transformer, config, filter_fn=lambda module, name: name in selected)
-        errors = _layer_errors(transformer, {name: references[name] for name in selected})
-        del references
         median = sorted(errors.values())[len(errors) // 2]
         worst = max(errors, key=errors.get)
         screened = (
@@ -148,8 +183,9 @@ class LowPrecisionGemm(Optimization):
             if fmt == "fp8"
             else "no per-layer screening for MXFP4"
         )
+        where = "applied at load, block by block on the way to the GPU (memory plan); " if at_load else ""
         detail = (
-            f"{why}; {len(errors)} linear layers quantized; {', '.join(KEEP_BF16)} kept bf16, {screened}; output "
-            f"relative error median {median:.2e}, max {errors[worst]:.2e} ({worst}) on random activations"
+            f"{where}{why}; {len(errors)} linear layers quantized; {', '.join(KEEP_BF16)} kept bf16, {screened}; "
+            f"output relative error median {median:.2e}, max {errors[worst]:.2e} ({worst}) on random activations"
         )
-        return Outcome.applied(detail, format=fmt, kept_bf16=kept_bf16, _layer_errors=errors)
+        return Outcome.applied(detail, format=fmt, kept_bf16=kept_bf16, at_load=at_load, _layer_errors=errors)

@@ -97,6 +97,7 @@ class AsyncJobs:
         self.service.require_ready()
         self.service.require_room()
         job = await asyncio.to_thread(to_job, request, self.service.settings)
+        self.service.require_memory(job)  # refused now, not after the job was accepted
         record = JobRecord(id=f"job-{uuid.uuid4().hex}", request=request, job=job, webhook=webhook)
         loop = asyncio.get_running_loop()
         # From the GPU worker thread: hand the step to the event loop, which owns the record.

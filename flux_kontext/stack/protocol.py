@@ -40,10 +40,15 @@ class Hardware:
     device_type: str  # "cuda" or "cpu"
     capability: tuple[int, int] | None = None  # CUDA compute capability, None on CPU
     name: str | None = None  # the GPU's name (torch.cuda.get_device_name), None on CPU or when not known
+    # (optimization, why) pairs the memory plan (flux_kontext/memory_plan.py) leaves no room for: skipped, saying so.
+    ruled_out: tuple[tuple[str, str], ...] = ()
 
     @property
     def is_cuda(self) -> bool:
         return self.device_type == "cuda"
+
+    def ruled_out_reason(self, name: str) -> str | None:
+        return dict(self.ruled_out).get(name)
 
 
 @dataclass(frozen=True)
@@ -149,6 +154,12 @@ class Optimization:
 
     def undo(self) -> None:
         raise NotImplementedError(f"{self.name} cannot be undone")
+
+    def at_load(self, hardware: Hardware):
+        """A transform ``(block, name) -> None`` the loader runs on each transformer block as soon as it has its
+        weights on the device (so that a full-precision copy never sits there whole), or None. Called only when
+        ``decide`` says apply; ``apply`` then reports what was done at load."""
+        return None
 
     def active(self, job: Job, run: RequestRun) -> contextlib.AbstractContextManager:
         """Around one generation that runs it; may add counters or withdraw it from ``run`` (see RequestRun)."""

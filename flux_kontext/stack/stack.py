@@ -67,7 +67,21 @@ class Stack:
             log.info("optimization %-20s %-11s %s", opt.name, status, detail)
         return self.reports()
 
+    def load_transforms(self, hardware: Hardware) -> list[tuple[str, object]]:
+        """(name, transform) of every optimization that will apply and can work block by block while the
+        transformer loads (see ``Optimization.at_load``), in serving order."""
+        transforms = []
+        for opt in self._optimizations:
+            if hardware.ruled_out_reason(opt.name) is None and opt.decide(hardware).go:
+                transform = opt.at_load(hardware)
+                if transform is not None:
+                    transforms.append((opt.name, transform))
+        return transforms
+
     def _apply_one(self, opt: Optimization, model: Model) -> tuple[str, str, dict]:
+        ruled_out = model.hardware.ruled_out_reason(opt.name)
+        if ruled_out is not None:
+            return "skipped", ruled_out, {}
         decision = opt.decide(model.hardware)
         if not decision.go:
             return decision.status, decision.detail, {}
