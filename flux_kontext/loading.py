@@ -202,6 +202,7 @@ def model_sizes(skeleton: Skeleton, dtype: torch.dtype, small_bytes: dict[str, i
         transformer_bf16=total * itemsize,
         transformer_fp8=(total - fp8_weights) * itemsize + fp8_weights + scales,
         text_encoder_2=sum(p.numel() for p in skeleton.text_encoder_2.parameters()) * itemsize,
+        text_encoder_2_streamed=streamed_bytes(skeleton.text_encoder_2, itemsize),
         text_encoder=small_bytes["text_encoder"],
         vae=small_bytes["vae"],
         hidden=config.num_attention_heads * config.attention_head_dim,
@@ -209,6 +210,13 @@ def model_sizes(skeleton: Skeleton, dtype: torch.dtype, small_bytes: dict[str, i
         text_tokens=max_sequence_length,
         vae_channels=small_bytes["vae_channels"],
     )
+
+
+def streamed_bytes(t5: torch.nn.Module, itemsize: int) -> int:
+    """T5's bytes on the GPU at once when its layers visit one at a time: the largest layer and the rest."""
+    layers = [sum(p.numel() for p in block.parameters()) for _, block in blocks_of("text_encoder_2", t5)]
+    rest = sum(p.numel() for p in t5.parameters()) - sum(layers)
+    return (max(layers) + rest) * itemsize
 
 
 def module_bytes(module: torch.nn.Module) -> int:

@@ -6,9 +6,10 @@ naming the limit), else the service refuses to start and says what it needs:
 
 1. ``resident``: everything on the GPU (the transformer in FP8 where the GPU has FP8 tensor cores, quantized block by
    block on its way there, so the bf16 transformer never sits whole on the GPU).
-2. ``text_encoder_off_gpu``: T5-XXL kept in host memory, either copied to the GPU for each new prompt and dropped
-   after (``on_demand``) or run on the CPU (``cpu``, slow: seconds per prompt); repeated prompts come from the
-   prompt-embedding cache. The VAE decodes in tiles when a whole image would not fit.
+2. ``text_encoder_off_gpu``: T5-XXL kept in pinned host memory and copied to the GPU for each new prompt, whole
+   (``on_demand``) or one layer at a time as it runs (``streamed``, for when T5 cannot visit whole); repeated
+   prompts come from the prompt-embedding cache. Running T5 on the CPU instead costs about 4.8 TFLOP per 512-token
+   prompt there: seconds to minutes, so it is not a tier. The VAE decodes in tiles when a whole image would not fit.
 3. ``group_offload``: the transformer's blocks stay in host memory and are streamed to the GPU for every step
    (diffusers' group offloading with CUDA streams): the last resort, several times slower.
 
@@ -36,6 +37,7 @@ class ModelSizes:
     transformer_bf16: int
     transformer_fp8: int  # quantized layers at 1 byte per weight + row scales; embedders and output kept bf16
     text_encoder_2: int  # T5
+    text_encoder_2_streamed: int  # T5 bytes on the GPU at once when streamed: its largest layer, embedding, norm
     text_encoder: int  # CLIP
     vae: int
     hidden: int = 3072  # transformer width
@@ -56,7 +58,8 @@ class ActivationModel:
     reserve: int = int(2.5 * GIB)
     transformer: float = 50.0
     vae: float = 20.0
-    graphs: float = 7.7
+    graphs: float = 1.3
+    graph_warmup_tokens: int = 8704 + 4608  # the shapes warm-up captures (1024² edit and text-to-image), kept
 
 
 @dataclass(frozen=True)
@@ -93,6 +96,13 @@ class MemoryPlan:
     def text_encoder_on_gpu(self) -> bool:
         return self.placements.get("text_encoder_2") == "gpu"
 
+    @property
+    def reserve(self) -> int:
+        """Held whatever the request: the allocator's and compile's share, and the warm-up shapes' graphs."""
+        act, sizes = self.activations, self.sizes
+        graphs = act.graphs * act.graph_warmup_tokens * sizes.hidden * sizes.blocks if self.cuda_graphs else 0
+        return int(act.reserve + graphs)
+
     def per_image(self, request: Request) -> int:
         """Transient bytes per image of ``request`` in the transformer phase (graphs included where captured)."""
         return transformer_bytes_per_image(self.sizes, self.activations, request, self.cuda_graphs)
@@ -105,7 +115,7 @@ class MemoryPlan:
         """How many images of this size the plan holds (MAX_NUM_IMAGES when there is no GPU budget)."""
         if self.budget is None:
             return MAX_NUM_IMAGES
-        room = self.budget - sum(self.gpu_bytes.values()) - self.activations.reserve
+        room = self.budget - sum(self.gpu_bytes.values()) - self.reserve
         if room < self.vae_bytes(request):
             return 0
         return max(0, min(MAX_NUM_IMAGES, room // max(1, self.per_image(request))))
@@ -116,7 +126,7 @@ class MemoryPlan:
         if request.num_images <= most:
             return None
         kind = "edit" if request.edit else "text-to-image"
-        need = (request.num_images * self.per_image(request) + self.activations.reserve) / GIB
+        need = (request.num_images * self.per_image(request) + self.reserve) / GIB
         holds = f"at most {most} image(s)" if most else "no image"
         return (
             f"num_images={request.num_images} at {request.width}x{request.height} ({kind}) needs about {need:.1f} GiB "
@@ -139,7 +149,7 @@ class MemoryPlan:
             "transformer_fp8": self.transformer_fp8,
             "vae_tiling": self.vae_tiling,
             "cuda_graphs": self.cuda_graphs,
-            "reserve_gib": round(self.activations.reserve / GIB, 2),
+            "reserve_gib": round(self.reserve / GIB, 2),
             "max_num_images_largest_edit": self.max_num_images(largest),
             "largest_edit": f"{largest.width}x{largest.height}",
             "notes": list(self.notes),
@@ -228,8 +238,8 @@ def _candidates():
     yield 1, "resident", {"transformer": "gpu", "text_encoder_2": "gpu", "text_encoder": "gpu", "vae": "gpu"}
     off = {"transformer": "gpu", "text_encoder": "gpu", "vae": "gpu"}
     yield 2, "text_encoder_off_gpu", {**off, "text_encoder_2": "on_demand"}
-    yield 2, "text_encoder_off_gpu", {**off, "text_encoder_2": "cpu"}
-    streamed = {"transformer": "group_offload", "text_encoder_2": "cpu", "text_encoder": "cpu", "vae": "gpu"}
+    yield 2, "text_encoder_off_gpu", {**off, "text_encoder_2": "streamed"}
+    streamed = {"transformer": "group_offload", "text_encoder_2": "streamed", "text_encoder": "cpu", "vae": "gpu"}
     yield 3, "group_offload", streamed
 
 
@@ -291,7 +301,9 @@ def _fit(tier, name, placements, budget, source, sizes, act, fp8, graphs_wanted)
     holding_all = [plan for plan in plans if plan.max_num_images(largest) >= MAX_NUM_IMAGES]
     plan = holding_all[0] if holding_all else max(plans, key=lambda p: p.max_num_images(largest))
     resident = sum(plan.gpu_bytes.values())
-    transient = sizes.text_encoder_2 if placements["text_encoder_2"] == "on_demand" else 0
+    transient = {"on_demand": sizes.text_encoder_2, "streamed": sizes.text_encoder_2_streamed}.get(
+        placements["text_encoder_2"], 0
+    )
     if resident + transient + act.reserve > budget:
         return None
     return plan
@@ -302,8 +314,10 @@ def _with_notes(plan: MemoryPlan, largest: Request, cuda_graphs_wanted: bool) ->
     t5 = plan.placements["text_encoder_2"]
     if t5 == "on_demand":
         notes.append("T5 lives in host memory and is copied to the GPU for each new prompt (cached prompts skip it)")
-    elif t5 == "cpu":
-        notes.append("T5 runs on the CPU: seconds per new prompt (cached prompts skip it)")
+    elif t5 == "streamed":
+        notes.append(
+            "T5 lives in host memory; its layers visit the GPU one at a time for each new prompt (cached skip)"
+        )
     if plan.placements["transformer"] == "group_offload":
         notes.append("the transformer's blocks are streamed from host memory every step: several times slower")
     if plan.vae_tiling:
@@ -320,7 +334,7 @@ def _with_notes(plan: MemoryPlan, largest: Request, cuda_graphs_wanted: bool) ->
 
 def _does_not_fit(budget: int, sizes: ModelSizes, act: ActivationModel, fp8: bool) -> str:
     one = Request(*LARGEST_REQUEST, edit=True)
-    streamed = _build(3, "", {"transformer": "group_offload", "text_encoder_2": "cpu", "text_encoder": "cpu",
+    streamed = _build(3, "", {"transformer": "group_offload", "text_encoder_2": "streamed", "text_encoder": "cpu",
                               "vae": "gpu"}, budget, "", sizes, act, fp8, True, False)  # fmt: skip
     need = sum(streamed.gpu_bytes.values()) + act.reserve + max(streamed.per_image(one), streamed.vae_bytes(one))
     fast = _component_bytes(sizes, fp8)["transformer"] + sizes.vae + sizes.text_encoder

@@ -241,7 +241,7 @@ def assemble(
             device if place == "gpu" else host,
             dtype,
             transforms if component == "transformer" else (),
-            pin=place in ("on_demand", "group_offload"),
+            pin=place in ("on_demand", "streamed", "group_offload"),
         )
     clip = parts.clip.to(device if placements["text_encoder"] == "gpu" else host)
     vae = parts.vae.to(device)

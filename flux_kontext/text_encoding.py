@@ -1,7 +1,8 @@
 """Prompt encoding where the memory plan puts the text encoders, with a bounded cache of prompt embeddings.
 
-T5-XXL off the GPU (memory plan tier 2) costs time per new prompt: a copy to the GPU (``on_demand``) or a CPU run.
-A repeated prompt's embeddings come from the cache instead (the same tensors: encoding is deterministic).
+T5-XXL off the GPU (memory plan tier 2) costs a copy to the GPU per new prompt: whole (``on_demand``) or one layer at
+a time as it runs (``streamed``). A repeated prompt's embeddings come from the cache instead (the same tensors:
+encoding is deterministic).
 """
 
 from __future__ import annotations
@@ -13,12 +14,46 @@ from collections import OrderedDict
 import torch
 
 
-class OnDemand:
-    """Copies a module's weights (kept in pinned host memory) to the GPU for one call, and drops the copies after."""
+def on_demand(module: torch.nn.Module, device: torch.device) -> Visit:
+    """The whole module's weights (kept in pinned host memory) on the GPU for one call, dropped after."""
+    return Visit(list(module.parameters()), device)
 
-    def __init__(self, module: torch.nn.Module, device: torch.device):
+
+class Streamed:
+    """Copies T5's embedding and final norm to the GPU for one call, and each layer only while it runs."""
+
+    def __init__(self, t5: torch.nn.Module, device: torch.device):
+        from flux_kontext.loading import blocks_of
+
+        layers = [block for _, block in blocks_of("text_encoder_2", t5)]
+        in_layers = {id(p) for layer in layers for p in layer.parameters()}
+        self._rest = Visit([p for p in t5.parameters() if id(p) not in in_layers], device)
+        self._layers = [(layer, Visit(list(layer.parameters()), device)) for layer in layers]
+        self._hooks: list = []
+
+    def __enter__(self):
+        self._rest.__enter__()
+        for layer, visit in self._layers:
+            self._hooks.append(layer.register_forward_pre_hook(visit.arrive))
+            self._hooks.append(layer.register_forward_hook(visit.leave))
+        return self
+
+    def __exit__(self, *exc):
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks.clear()
+        for _, visit in self._layers:
+            visit.__exit__()  # a layer left on the GPU by an exception inside it
+        self._rest.__exit__()
+        return False
+
+
+class Visit:
+    """Parameters' data on ``device`` while entered, their host tensors again after (exit is idempotent)."""
+
+    def __init__(self, params: list[torch.nn.Parameter], device: torch.device):
         self.device = device
-        self._host = [(param, param.data) for param in module.parameters()]
+        self._host = [(param, param.data) for param in params]
 
     def __enter__(self):
         for param, host in self._host:
@@ -29,6 +64,12 @@ class OnDemand:
         for param, host in self._host:
             param.data = host
         return False
+
+    def arrive(self, *_hook_args) -> None:  # a forward pre-hook: returns None, so the inputs stay as they are
+        self.__enter__()
+
+    def leave(self, *_hook_args) -> None:  # a forward hook: returns None, so the output stays as it is
+        self.__exit__()
 
 
 class PromptCache:
@@ -67,7 +108,9 @@ class PromptEncoder:
     def __init__(self, pipe, device: torch.device, max_sequence_length: int, t5_placement: str, cache_size: int):
         self.pipe, self.device, self.max_sequence_length = pipe, device, max_sequence_length
         self.cache = PromptCache(cache_size) if cache_size else None
-        self._on_demand = OnDemand(pipe.text_encoder_2, device) if t5_placement == "on_demand" else None
+        visits = {"on_demand": on_demand, "streamed": Streamed}
+        visit = visits.get(t5_placement)
+        self._on_demand = visit(pipe.text_encoder_2, device) if visit is not None else None
 
     def encode(self, prompt: str, num_images: int) -> tuple[torch.Tensor, torch.Tensor]:
         key = (prompt, self.max_sequence_length)

@@ -20,6 +20,7 @@ from flux_kontext.memory_plan import (
 from flux_kontext.models import FULL_T5, FULL_TRANSFORMER, build_random_pipeline, load_model
 from flux_kontext.service import create_app
 from flux_kontext.settings import Settings
+from flux_kontext.text_encoding import PromptEncoder
 from tests.conftest import decode_b64_image, image_b64, wait_ready
 
 LARGEST = Request(*LARGEST_REQUEST, edit=True, num_images=MAX_NUM_IMAGES)
@@ -43,9 +44,9 @@ def full_sizes():
         (48, (8, 9), 1, "gpu", True),  # L40S / 6000 Ada
         (24, (8, 9), 2, "on_demand", True),  # 4090: FP8 transformer, T5 copied in per new prompt
         (24, (9, 0), 2, "on_demand", True),
-        (16, (9, 0), 2, "cpu", True),  # T5 cannot even visit: it runs on the CPU
-        (32, (8, 0), 2, "cpu", False),  # bf16 transformer resident, text encoder off the GPU
-        (24, (8, 6), 3, "cpu", False),  # 3090 / A10: no FP8, the bf16 transformer does not fit: streamed
+        (16, (9, 0), 2, "streamed", True),  # T5 cannot visit whole: its layers visit one at a time
+        (32, (8, 0), 2, "streamed", False),  # bf16 transformer resident, text encoder off the GPU
+        (24, (8, 6), 3, "streamed", False),  # 3090 / A10: no FP8, the bf16 transformer does not fit: streamed
     ],
 )
 def test_tier_follows_memory_and_capability(full_sizes, gib, capability, tier, t5, fp8):
@@ -65,7 +66,7 @@ def test_fp8_halves_the_transformer_and_is_used_only_where_it_runs(full_sizes):
 
 def test_cuda_graphs_only_where_their_memory_fits(full_sizes):
     assert choose_plan(139 * GIB, (9, 0), full_sizes).cuda_graphs
-    assert not choose_plan(48 * GIB, (9, 0), full_sizes).cuda_graphs
+    assert not choose_plan(32 * GIB, (9, 0), full_sizes).cuda_graphs
     assert not choose_plan(139 * GIB, (9, 0), full_sizes, cuda_graphs_wanted=False).cuda_graphs
 
 
@@ -120,14 +121,12 @@ def test_a_request_above_the_plans_limit_gets_a_422_naming_it():
         small = client.post(
             "/inference", json={"prompt": "small", "width": 256, "height": 256, "steps": 1, "num_images": 4}
         )
-        served = client.post("/inference", json={**wide, "num_images": most})
     assert refused.status_code == 422, refused.text
     error = refused.json()["error"]
     assert error["type"] == "exceeds_memory_plan"
     assert f"num_images={most + 1}" in error["message"] and f"at most {most} image" in error["message"]
     assert job.status_code == 422 and job.json()["error"]["type"] == "exceeds_memory_plan"  # before a job exists
     assert small.status_code == 200 and len(small.json()["images"]) == 4  # the limit depends on the size
-    assert served.status_code == 200 and len(served.json()["images"]) == most
 
 
 def test_a_budget_too_small_for_the_model_fails_the_start_with_what_it_needs():
@@ -164,6 +163,17 @@ def test_the_prompt_cache_is_on_by_itself_when_t5_leaves_the_gpu():
         plan = wait_ready(client)["memory_plan"]
     assert plan["placements"]["text_encoder_2"] in ("on_demand", "cpu")
     assert plan["prompt_cache"] is not None and plan["prompt_cache"]["capacity"] == 64
+
+
+@pytest.mark.parametrize("placement", ["on_demand", "streamed"])
+def test_t5_off_the_device_encodes_the_same_embeddings(placement):
+    pipe = build_random_pipeline(tiny=True, device=torch.device("cpu"), dtype=torch.float32)
+    resident = PromptEncoder(pipe, torch.device("cpu"), 64, "gpu", 0).encode("a prompt", 2)
+    visiting = PromptEncoder(pipe, torch.device("cpu"), 64, placement, 0)
+    for _ in range(2):  # the second call finds the weights back where they live and no hook left behind
+        got = visiting.encode("a prompt", 2)
+        assert all(torch.equal(a, b) for a, b in zip(got, resident, strict=True))
+    assert got[0].shape[0] == 2
 
 
 # ----- loading: one path for every source ----------------------------------------------------------------------
