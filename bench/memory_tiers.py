@@ -116,13 +116,15 @@ def main() -> int:
         part = args.out.with_suffix(f".cap{int(cap)}.json")
         command = [sys.executable, __file__, "--child", str(cap), "--out", str(part)]
         command += ["--deadline", str(time.time() + left - 30)]
+        log_path = part.with_suffix(".log")  # the child's log, kept when it is stopped at the deadline
         try:
-            done = subprocess.run(command, env=env, timeout=left, capture_output=True, text=True)
+            with log_path.open("w") as log:
+                done = subprocess.run(command, env=env, timeout=left, stdout=log, stderr=subprocess.STDOUT)
             row = json.loads(part.read_text()) if part.exists() else {"cap_gib": cap, "exit": done.returncode}
             if done.returncode:
-                row["stderr_tail"] = done.stderr[-1500:]
+                row["log_tail"] = log_path.read_text()[-1500:]
         except subprocess.TimeoutExpired:
-            row = {"cap_gib": cap or None, "timeout_s": round(left)}
+            row = {"cap_gib": cap or None, "timeout_s": round(left), "log_tail": log_path.read_text()[-1500:]}
         result["runs"].append(row)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=1, default=str))
