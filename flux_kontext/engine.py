@@ -131,8 +131,9 @@ class Engine:
         """Why the memory plan cannot hold this job (None: it can, or nothing is loaded yet)."""
         if self.model is None or self.model.plan is None:
             return None
-        width, height, _, _ = output_size(job)
-        return self.model.plan.refusal(Request(width, height, edit=job.image is not None, num_images=job.num_images))
+        width, height, _, context = output_size(job)
+        request = Request(width, height, edit=context is not None, num_images=job.num_images, context=context)
+        return self.model.plan.refusal(request)
 
     def describe_memory(self) -> dict | None:
         """The memory plan, the prompt cache and the memory measured at load (/health)."""

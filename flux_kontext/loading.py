@@ -53,6 +53,9 @@ class RandomWeights:
     def __init__(self, seed: int = 0, scratch: torch.device | None = None):
         self.seed, self.scratch = seed, scratch
 
+    def close(self) -> None:
+        pass
+
     def tensor(self, component: str, names: Sequence[str], like: torch.Tensor, device, dtype) -> torch.Tensor:
         name = names[0]
         where = self.scratch if self.scratch is not None else torch.device(device)
@@ -73,6 +76,20 @@ class CheckpointWeights:
     def __init__(self, folder: str):
         self.folder = folder
         self._files: dict[str, dict[str, str]] = {}
+        self._open = contextlib.ExitStack()
+        self._handles: dict[str, object] = {}
+
+    def close(self) -> None:
+        """Unmap the files (after the last block)."""
+        self._open.close()
+        self._handles.clear()
+
+    def _handle(self, path: str):
+        if path not in self._handles:
+            from safetensors import safe_open
+
+            self._handles[path] = self._open.enter_context(safe_open(path, framework="pt"))
+        return self._handles[path]
 
     def _index(self, component: str) -> dict[str, str]:
         if component not in self._files:
@@ -88,14 +105,11 @@ class CheckpointWeights:
         return self._files[component]
 
     def tensor(self, component: str, names: Sequence[str], like: torch.Tensor, device, dtype) -> torch.Tensor:
-        from safetensors import safe_open
-
         index = self._index(component)
         name = next((n for n in names if n in index), None)
         if name is None:
             raise KeyError(f"{component}: no tensor {' or '.join(names)} in the checkpoint")
-        with safe_open(index[name], framework="pt") as handle:
-            value = handle.get_tensor(name)
+        value = self._handle(index[name]).get_tensor(name)
         if tuple(value.shape) != tuple(like.shape):
             raise ValueError(f"{component}.{name}: checkpoint shape {tuple(value.shape)}, model {tuple(like.shape)}")
         return value.to(device=device, dtype=dtype)

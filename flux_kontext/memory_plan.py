@@ -70,10 +70,14 @@ class Request:
     height: int
     edit: bool
     num_images: int = 1
+    context: tuple[int, int] | None = None  # an edit's context image size (default: the output size)
 
     def tokens(self, text_tokens: int) -> int:
-        image = (self.width // 16) * (self.height // 16)  # 8x VAE downsampling, 2x2 packing
-        return text_tokens + image * (2 if self.edit else 1)
+        def packed(width: int, height: int) -> int:
+            return (width // 16) * (height // 16)  # 8x VAE downsampling, 2x2 packing
+
+        context = packed(*(self.context or (self.width, self.height))) if self.edit else 0
+        return text_tokens + packed(self.width, self.height) + context
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ channels, the FLUX scheduler config), so everything above this module runs the s
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -232,17 +233,8 @@ def assemble(
     placements = plan.placements if plan is not None else ALL_ON_DEVICE
     host = torch.device("cpu")
     skeleton = parts.skeleton
-    for component in ("transformer", "text_encoder_2"):
-        place = placements[component]
-        load_large_component(
-            getattr(skeleton, component),
-            component,
-            parts.weights,
-            device if place == "gpu" else host,
-            dtype,
-            transforms if component == "transformer" else (),
-            pin=place in ("on_demand", "streamed", "group_offload"),
-        )
+    with contextlib.closing(parts.weights):
+        _load_large(parts, device, dtype, placements, transforms)
     clip = parts.clip.to(device if placements["text_encoder"] == "gpu" else host)
     vae = parts.vae.to(device)
     for module in (clip, vae):
@@ -261,6 +253,21 @@ def assemble(
         if placements["transformer"] == "group_offload":
             stream_transformer(skeleton.transformer, device)
     return pipe
+
+
+def _load_large(parts: Parts, device, dtype, placements: dict, transforms: Sequence[BlockTransform]) -> None:
+    host = torch.device("cpu")
+    for component in ("transformer", "text_encoder_2"):
+        place = placements[component]
+        load_large_component(
+            getattr(parts.skeleton, component),
+            component,
+            parts.weights,
+            device if place == "gpu" else host,
+            dtype,
+            transforms if component == "transformer" else (),
+            pin=place in ("on_demand", "streamed", "group_offload"),
+        )
 
 
 def apply_vae_plan(vae: AutoencoderKL, plan: MemoryPlan) -> None:
