@@ -1,8 +1,9 @@
 """The memory plan: where each component lives, chosen once at start from the GPU's memory and capability.
 
-Tiers, tried fastest first; the first one where the largest accepted request (a 1568x672 edit, num_images 4) fits
-with the measured activation margin wins, else the one that holds the most images (requests above that get a 422
-naming the limit), else the service refuses to start and says what it needs:
+Tiers, tried fastest first: the first that holds the largest accepted request (a 1568x672 edit, num_images 4) with
+the activation margin wins; if none does, the tier keeping the transformer on the GPU that holds the most images
+(at least one; requests above get a 422 naming the limit) comes before streaming the transformer; if no tier holds
+one image, the service refuses to start and says what it needs:
 
 1. ``resident``: everything on the GPU (the transformer in FP8 where the GPU has FP8 tensor cores, quantized block by
    block on its way there, so the bf16 transformer never sits whole on the GPU).
@@ -14,7 +15,7 @@ naming the limit), else the service refuses to start and says what it needs:
    (diffusers' group offloading with CUDA streams): the last resort, several times slower.
 
 Pure: no torch. ``choose_plan`` is a function of the budget, the capability and the model's sizes (tests: a table).
-The activation figures are measured (bench/memory_tiers.py, BENCHMARKS.md "Memory tiers").
+The activation margins are fitted to peaks measured on an H200 (bench/memory_tiers.py, BENCHMARKS.md "Memory tiers").
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ import math
 from dataclasses import dataclass, field
 
 GIB = 2**30
-MIB = 2**20
 MAX_NUM_IMAGES = 4  # the request schema's limit
 LARGEST_REQUEST = (1568, 672)  # the widest preferred Kontext resolution, edited: the most tokens accepted
 VAE_TILE = 512  # pixels a side of a tiled decode (diffusers' default, the VAE's sample_size, would not tile 1024²)
