@@ -108,6 +108,7 @@ class Service:
         self.require_ready()
         retry = self.retry_after
         try:
+            self.engine.check(job)
             return await self.queue.submit(job, self.settings.request_timeout_s)
         except QueueFull as exc:
             raise ServiceError(429, "overloaded", f"server is busy: {exc}; retry later", headers=retry) from None

@@ -41,6 +41,7 @@ EXTRAS = (
     "use_mxfp4",
     "use_dpm_solver",
     "use_cuda_graphs",
+    "loras",
 )
 MAPPED = ("prompt", "model", "n", "size", "output_format", "output_compression", "response_format")
 METADATA = ("user", "safety_identifier")  # cannot change the image: accepted and dropped
@@ -131,7 +132,7 @@ def openai_response(request: InferenceRequest, body: dict) -> dict:
         "seeds": [image["seed"] for image in body["images"]],
         **{key: body[key] for key in ("steps", "scheduler", "guidance_scale", "true_cfg_scale", "true_cfg_active")},
         **{key: body[key] for key in ("size_source", "context_size", "timings_ms", "optimizations", "warnings")},
-        **{key: body[key] for key in ("first_block_cache", "cuda_graphs", "model")},
+        **{key: body[key] for key in ("first_block_cache", "cuda_graphs", "loras", "model")},
     }
 
 
