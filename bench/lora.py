@@ -17,8 +17,12 @@ q, k, v, proj_mlp, proj_out), written to files and loaded as the service loads t
       together, per step, against A's no-adapter step (the same compiled code); FP8 + r64 against bf16 + r64.
 3. Merging instead (one layer, 3072 -> 12288): dequantize, add the rank-16 delta, requantize rowwise FP8: its time
    (times the adapted layers: the cost of one switch) and how much of the delta survives FP8's rounding.
+4. ``--check`` (alone): the side path on FP8, eager, the fused blocks' path (FP8 activations times their row scales)
+   against torchao's layers (the forward hook on bf16 activations), each against bf16: the adapter's effect on the
+   output, the whole output's error with and without the adapter, and the error of the effect itself.
 
     python bench/lora.py --out bench/results/lora-h200-2026-12-01.json
+    python bench/lora.py --check --out bench/results/lora-check-h200-2026-12-01.json
     python bench/lora.py --tiny --out /tmp/lora-tiny.json   # the same flow on the CPU's tiny model (no timings)
 """
 
@@ -42,8 +46,10 @@ from flux_kontext.stack import SLOTS, Hardware, stack_for  # noqa: E402
 
 log = logging.getLogger("bench.lora")
 TINY = "--tiny" in sys.argv
-if TINY:
-    sys.argv.remove("--tiny")
+CHECK = "--check" in sys.argv  # only part 4
+for _flag in ("--tiny", "--check"):
+    if _flag in sys.argv:
+        sys.argv.remove(_flag)
 BASE = dict(attention="auto" if TINY else "cudnn", compile_multi_kernel=False, first_block_cache=False)
 SERVING_BODY = ["low_precision_gemm", "gelu_sigmoid_form", "fused_gelu_fp8", "fused_norm_rope"]
 ON_TOP = ["lora", "compile", "cuda_graphs"]
@@ -279,6 +285,10 @@ def main() -> int:
     files = {name: write_adapter(config, folder, name, rank, seed) for name, rank, seed in ADAPTERS}
     result["adapter_layers"] = len(block_targets(config))
     result["seconds_setup"] = round(time.perf_counter() - start, 1)
+    if CHECK:
+        result["check"] = side_path_check(bench, cases, files["r16"])
+        bench.save()
+        return 0
     ref = reference(bench, cases, [files["r16"], files["r64"]])
     bench.apply(SERVING_BODY, slots=bench.slots)
     result["seconds_reference_and_fp8"] = round(time.perf_counter() - start, 1)
@@ -297,6 +307,35 @@ def main() -> int:
     bench.save()
     log.info("done in %.0f s", result["seconds_total"])
     return 0
+
+
+def side_path_check(bench: Bench, cases: dict, lora: str) -> dict:
+    """Part 4: eager outputs without and with r16: bf16, FP8 with the fused blocks, FP8 on torchao's layers."""
+    t2i = cases["text_to_image"]
+    choice = CHOICES["r16"]
+
+    def pair(stack) -> tuple[torch.Tensor, torch.Tensor]:
+        return bench.step(stack, t2i)[0].float(), bench.step(stack, t2i, choice)[0].float()
+
+    stack = bench.apply(["fuse_qkv", "attention", "lora"], loras=[lora])
+    bf16 = pair(stack)
+    stack["lora"].undo()
+    bench.apply(SERVING_BODY, slots=stack.slots)
+    check = {"r16_effect_bf16": rel(bf16[1], bf16[0])}
+    for label in ("fused_blocks", "torchao_layers"):
+        if label == "torchao_layers":
+            stack.slots.clear_everywhere("body")
+        side = bench.apply(["lora"], slots=stack.slots, loras=[lora])
+        fp8 = pair(side)
+        check[label] = {
+            "r16_effect": rel(fp8[1], fp8[0]),
+            "none_vs_bf16": rel(fp8[0], bf16[0]),
+            "r16_vs_bf16_r16": rel(fp8[1], bf16[1]),
+            "effect_vs_bf16_effect": rel(fp8[1] - fp8[0], bf16[1] - bf16[0]),
+        }
+        side["lora"].undo()
+        log.info("check %s: %s", label, check[label])
+    return check
 
 
 ADAPTERS = (("r16", 16, 1), ("r16b", 16, 2), ("r64", 64, 3))

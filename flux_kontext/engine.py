@@ -144,7 +144,7 @@ class Engine:
 
     # ----- generation ------------------------------------------------------------------------------
     def check(self, job: Job) -> None:
-        """Raise JobRejected (a 422) for a job this engine cannot serve (a LoRA adapter it has not loaded, say), before
+        """Raise JobRejected (a 422) for a job this engine cannot serve (an adapter it has not loaded, say), before
         the job is queued."""
         self.stack.check(job)
 

@@ -70,6 +70,8 @@ def read_state_dict(source: str) -> tuple[dict, dict | None, dict | None]:
 
     path = Path(source).expanduser()
     location, weight_name = source, None
+    if not path.exists() and (source.startswith(("/", ".", "~")) or source.endswith(".safetensors")):
+        raise AdapterError(f"cannot read {source!r}: no such file or folder")  # a path, never a hub id to fetch
     if path.is_file():
         location, weight_name = str(path.parent), path.name
     elif not path.exists() and ":" in source:
