@@ -166,6 +166,25 @@ class InferenceRequest(BaseModel):
         }
 
 
+def request_schema() -> dict:
+    """InferenceRequest's JSON schema with its ``$defs`` inlined: the OpenAPI document embeds it where a ``$ref`` to
+    the schema's own ``$defs`` would point nowhere."""
+    schema = InferenceRequest.model_json_schema()
+    defs = schema.pop("$defs", {})
+
+    def inline(node):
+        if isinstance(node, dict):
+            ref = node.get("$ref", "")
+            if ref.startswith("#/$defs/"):
+                return inline(defs[ref.removeprefix("#/$defs/")])
+            return {key: inline(value) for key, value in node.items()}
+        if isinstance(node, list):
+            return [inline(value) for value in node]
+        return node
+
+    return inline(schema)
+
+
 class GeneratedImage(BaseModel):
     image: str = Field(..., description="Base64-encoded image bytes.")
     seed: int

@@ -238,3 +238,11 @@ def test_flux_loras_from_the_environment_as_a_comma_list_or_json(monkeypatch):
     assert Settings(model="tiny").lora_sources == {"style": "/a/s.safetensors", "light": "owner/repo:light.safetensors"}
     monkeypatch.setenv("FLUX_LORAS", '["style=/a/s.safetensors"]')
     assert Settings(model="tiny").lora_sources == {"style": "/a/s.safetensors"}
+
+
+def test_the_openapi_document_describes_loras_inline():
+    with TestClient(create_app(Settings(model="tiny", warmup=False))) as client:
+        document = client.get("/openapi.json").json()
+    body = document["paths"]["/inference"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert set(body["properties"]["loras"]["items"]["properties"]) == {"name", "scale"}
+    assert "#/$defs/" not in str(document)

@@ -25,7 +25,7 @@ from pydantic import ValidationError
 from flux_kontext.errors import ServiceError
 from flux_kontext.inference import run_inference
 from flux_kontext.request_forms import read_form
-from flux_kontext.schemas import MAX_SIDE, MIN_SIDE, SIZE_MULTIPLE, InferenceRequest
+from flux_kontext.schemas import MAX_SIDE, MIN_SIDE, SIZE_MULTIPLE, InferenceRequest, request_schema
 from flux_kontext.service import Service
 
 # Our request fields a client may send as extras (extra_body), with the meaning and limits they have on /inference.
@@ -180,7 +180,7 @@ def model_card(service: Service, created: int) -> dict:
 
 def body_doc(edit: bool) -> dict:
     """The request body for the OpenAPI document: OpenAI's fields we honour, then our extras as /inference has them."""
-    ours = InferenceRequest.model_json_schema()["properties"]
+    ours = request_schema()["properties"]
     text = {"type": "string"}
     properties = {
         "prompt": {**ours["prompt"], "description": "Instruction (edit) or description."},
