@@ -9,6 +9,7 @@ import time
 
 import numpy as np
 import pytest
+import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
@@ -246,3 +247,37 @@ def test_the_openapi_document_describes_loras_inline():
     body = document["paths"]["/inference"]["post"]["requestBody"]["content"]["application/json"]["schema"]
     assert set(body["properties"]["loras"]["items"]["properties"]) == {"name", "scale"}
     assert "#/$defs/" not in str(document)
+
+
+def test_cuda_graphs_keep_a_graph_per_side_path_state_and_a_switch_between_adapters_replays(files):
+    """Graphs are keyed on the side path being on or off: turning it on captures once; switching adapters is a copy
+    into the same slots and replays (the CPU stand-in for CUDA graphs, tests/test_cuda_graphs.py)."""
+    from flux_kontext.models import build_random_pipeline, step_inputs
+    from flux_kontext.optimizations.cuda_graphs import CudaGraphs
+    from flux_kontext.optimizations.lora import Lora
+    from flux_kontext.stack import Hardware, Stack
+    from tests.test_cuda_graphs import RerunBackend
+
+    pipe = build_random_pipeline(tiny=True, device=torch.device("cpu"), dtype=torch.float32)
+    settings = Settings(model="tiny", loras=entries(files))
+    stack = Stack([Lora(settings), CudaGraphs(settings, backend_factory=RerunBackend)])
+    stack.apply(pipe, Hardware("cuda", (9, 0)))
+    inputs = step_inputs(pipe.transformer.config, "cpu", torch.float32, 64, 64, text_tokens=16)
+
+    def call(loras=()):
+        with stack.request(Job(prompt="x", seed=0, loras=loras)) as run, torch.inference_mode():
+            output = pipe.transformer(**inputs)[0].clone()
+        return output, run.counters["cuda_graphs"]
+
+    blocks = len(pipe.transformer.transformer_blocks) + len(pipe.transformer.single_transformer_blocks)
+    plain, _ = call()
+    assert call()[1]["captured"] == blocks
+    with_style, counts = call([("style", 1.0)])
+    assert counts["eager"] == blocks  # a new variant: run once, then captured
+    assert call([("style", 1.0)])[1]["captured"] == blocks
+    with_kohya, counts = call([("kohya", 1.0)])
+    assert counts == {"replayed": blocks, "captured": 0, "eager": 0}
+    again, counts = call()
+    assert counts == {"replayed": blocks, "captured": 0, "eager": 0}
+    assert torch.equal(again, plain) and not torch.equal(with_style, with_kohya)
+    assert torch.equal(call([("style", 1.0)])[0], with_style)
