@@ -190,15 +190,19 @@ class Engine:
             jobs = [Job(prompt="warm-up", seed=seed, image=image, steps=2), Job(prompt="warm-up", seed=seed, steps=2)]
         else:
             jobs = [Job(prompt="warm-up", seed=seed, image=Image.new("RGB", (64, 48), (128, 64, 32)), steps=2)]
-        variants = self.stack.warmup_flag_variants()
-        for flags in variants:
+        variants = self.stack.warmup_job_variants()
+        for fields in variants:
             for job in jobs:
-                job.flags = flags
-                self._generate(job)
+                self._generate(dataclasses.replace(job, **fields))
         self.warmup_seconds = time.perf_counter() - start
         log.info("warm-up: %d generations in %.1f s", len(variants) * len(jobs), self.warmup_seconds)
 
     # ----- generation ------------------------------------------------------------------------------
+    def check(self, job: Job) -> None:
+        """Raise JobRejected (a 422) for a job this engine cannot serve (an adapter it has not loaded, say), before
+        the job is queued."""
+        self.stack.check(job)
+
     def generate(self, job: Job) -> JobResult:
         """Run one job. Raises EngineNotReady, EngineOutOfMemory, JobRejected or JobCancelled."""
         if not self.ready:

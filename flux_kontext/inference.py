@@ -50,6 +50,7 @@ def to_job(request: InferenceRequest, settings: Settings) -> Job:
         scheduler=request.scheduler,
         cache_threshold=request.cache_threshold,
         flags=request.flags(),
+        loras=request.lora_choices(),
     )
 
 
@@ -82,6 +83,7 @@ def to_response(request: InferenceRequest, job: Job, result: JobResult, wait_ms:
         true_cfg_active=result.true_cfg,
         first_block_cache=result.first_block_cache,
         cuda_graphs=result.cuda_graphs,
+        loras=result.loras,
         timings_ms={"queue_wait": round(wait_ms, 2), **result.timings_ms, "encoding": encoding_ms},
         warnings=result.warnings,
         model=model,

@@ -44,6 +44,7 @@ class Job:
     scheduler: str | None = None  # None: DEFAULT_DPM when use_dpm_solver allows it, else euler
     cache_threshold: float | None = None  # None: the server's FLUX_CACHE_THRESHOLD
     flags: dict[str, bool] = field(default_factory=dict)
+    loras: tuple[tuple[str, float], ...] = ()  # (adapter name, scale); checked by the engine against what it loaded
     cancelled: threading.Event = field(default_factory=threading.Event, repr=False)
     # Denoising progress, written by the GPU worker after each step: (steps done, steps in all); None until the first
     # step. ``on_step`` (optional) is called with the same two numbers from the worker thread: keep it quick.
@@ -87,3 +88,8 @@ class JobResult:
     def cuda_graphs(self) -> dict | None:
         """block calls replayed, captured and run uncaptured (first sight of a shape)"""
         return self.counters.get("cuda_graphs")
+
+    @property
+    def loras(self) -> list[dict]:
+        """the LoRA adapters that ran (name, scale, rank); [] when none did"""
+        return list((self.counters.get("lora") or {}).get("adapters", []))

@@ -14,13 +14,13 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from flux_kontext.errors import ServiceError
-from flux_kontext.schemas import InferenceRequest
+from flux_kontext.schemas import InferenceRequest, request_schema
 from flux_kontext.settings import Settings
 
 
 def _inference_body_doc() -> dict:
     """The /inference request body for the OpenAPI document: the JSON model, and the same fields as a form."""
-    schema = InferenceRequest.model_json_schema()
+    schema = request_schema()
     form = {**schema, "properties": {**schema["properties"]}}
     form["properties"]["image"] = {"type": "string", "format": "binary", "description": "Input image file (edit)."}
     example = {"prompt": "make it a winter scene", "aspect_ratio": "16:9", "steps": 14, "seed": 42}

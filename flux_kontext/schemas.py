@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -13,6 +14,17 @@ from utils import MAX_SEED
 MIN_SIDE, MAX_SIDE, SIZE_MULTIPLE = 256, 1568, 16
 MATCH_INPUT_IMAGE = "match_input_image"
 DEFAULT_OUTPUT_QUALITY = 95  # JPEG/WebP encoder quality when the request names none
+# Entries the loras field takes at all; the server's own limit (FLUX_LORA_MAX_PER_REQUEST) is checked by the engine.
+MAX_LORAS_FIELD = 8
+
+
+class LoraChoice(BaseModel):
+    """One LoRA adapter for a request: a name the server loaded (GET /health lists them) and its scale."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(..., min_length=1, max_length=64, description="An adapter the server loaded, by name.")
+    scale: float = Field(1.0, allow_inf_nan=False, description="Its strength (0: no effect); bounded by the server.")
 
 
 class InferenceRequest(BaseModel):
@@ -70,6 +82,24 @@ class InferenceRequest(BaseModel):
     use_mxfp4: bool = Field(True, description="Allow the best low-precision GEMMs the GPU has (MXFP4 or FP8).")
     use_dpm_solver: bool = Field(True, description="Allow DPM-Solver++ 2M if the server has it.")
     use_cuda_graphs: bool = Field(True, description="Allow CUDA graphs if the server captured them.")
+    loras: list[LoraChoice] = Field(
+        default_factory=list,
+        max_length=MAX_LORAS_FIELD,
+        description="LoRA adapters to apply, by the names the server loaded (FLUX_LORAS; /health lists them), e.g. "
+        '[{"name": "relight", "scale": 0.8}]; in a form, the same as a JSON text field.',
+    )
+
+    @field_validator("loras", mode="before")
+    @classmethod
+    def _loras_from_text(cls, value):
+        """A form sends the list as one JSON text field."""
+        if isinstance(value, str):
+            try:
+                return json.loads(value) if value.strip() else []
+            except ValueError as exc:
+                example = '[{"name": "style", "scale": 1.0}]'
+                raise ValueError(f"loras must be a JSON list such as {example} ({exc})") from None
+        return value
 
     @field_validator("prompt")
     @classmethod
@@ -123,6 +153,10 @@ class InferenceRequest(BaseModel):
     def encoder_quality(self) -> int:
         return self.output_quality if self.output_quality is not None else DEFAULT_OUTPUT_QUALITY
 
+    def lora_choices(self) -> tuple[tuple[str, float], ...]:
+        """(name, scale) per adapter, for the engine (which checks them against what it loaded)."""
+        return tuple((choice.name, choice.scale) for choice in self.loras)
+
     def flags(self) -> dict[str, bool]:
         return {
             "use_flash_attention": self.use_flash_attention,
@@ -130,6 +164,25 @@ class InferenceRequest(BaseModel):
             "use_dpm_solver": self.use_dpm_solver,
             "use_cuda_graphs": self.use_cuda_graphs,
         }
+
+
+def request_schema() -> dict:
+    """InferenceRequest's JSON schema with its ``$defs`` inlined: the OpenAPI document embeds it where a ``$ref`` to
+    the schema's own ``$defs`` would point nowhere."""
+    schema = InferenceRequest.model_json_schema()
+    defs = schema.pop("$defs", {})
+
+    def inline(node):
+        if isinstance(node, dict):
+            ref = node.get("$ref", "")
+            if ref.startswith("#/$defs/"):
+                return inline(defs[ref.removeprefix("#/$defs/")])
+            return {key: inline(value) for key, value in node.items()}
+        if isinstance(node, list):
+            return [inline(value) for value in node]
+        return node
+
+    return inline(schema)
 
 
 class GeneratedImage(BaseModel):
@@ -159,6 +212,10 @@ class InferenceResponse(BaseModel):
         None,
         description="Transformer block calls replayed from a CUDA graph, captured, or run uncaptured (a shape's "
         "first call); null when graphs are not loaded.",
+    )
+    loras: list[dict] = Field(
+        default_factory=list,
+        description="The LoRA adapters that ran for this request, each with its name, scale and rank; [] when none.",
     )
     timings_ms: dict[str, float]
     warnings: list[str] = Field(default_factory=list, description="Things the client should know, e.g. truncation.")

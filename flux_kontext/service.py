@@ -115,6 +115,7 @@ class Service:
         self.require_memory(job)
         retry = self.retry_after
         try:
+            self.engine.check(job)
             return await self.queue.submit(job, self.settings.request_timeout_s)
         except QueueFull as exc:
             raise ServiceError(429, "overloaded", f"server is busy: {exc}; retry later", headers=retry) from None

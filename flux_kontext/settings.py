@@ -7,6 +7,7 @@ import binascii
 import hashlib
 import json
 import os
+import re
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
@@ -390,7 +391,68 @@ class FirstBlockCacheSettings(BaseModel):
     )
 
 
+class LoraSettings(BaseModel):
+    """LoRA adapters the operator makes available (flux_kontext/optimizations/lora.py); requests choose among them by
+    name, never by path or URL."""
+
+    loras: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Adapters as 'name=source', e.g. 'relight=/models/relight.safetensors,style=owner/repo' (a JSON "
+        "list or comma-separated): a .safetensors file, a folder or a Hugging Face repo id (':file.safetensors' after "
+        "it picks a file); diffusers/peft or kohya/ai-toolkit keys. Each is checked at start; a bad one is reported "
+        "in /health and skipped.",
+    )
+    lora_dir: str | None = Field(
+        None, description="A folder whose *.safetensors files are adapters too, each named after its file's stem."
+    )
+    lora_max_per_request: int = Field(
+        2, ge=1, le=8, description="Adapters one request may combine (the side path's slots are sized for this many)."
+    )
+    lora_max_scale: float = Field(2.0, gt=0, le=100, description="A request's scale must lie in [-this, this].")
+    lora_max_rank: int = Field(
+        128, ge=1, le=1024, description="Adapters of a higher rank are refused at start (reported in /health)."
+    )
+    lora_gpu_adapters: int = Field(
+        4, ge=1, le=256, description="Adapters kept on the GPU (least recently used evicted; all stay in host memory)."
+    )
+
+    @field_validator("loras", mode="before")
+    @classmethod
+    def _lora_list(cls, value):
+        return setting_list(value, "FLUX_LORAS")
+
+    @field_validator("loras")
+    @classmethod
+    def _lora_entries(cls, entries: list[str]) -> list[str]:
+        names = [lora_entry(entry)[0] for entry in entries]
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise ValueError(f"FLUX_LORAS names {', '.join(repeated)} more than once")
+        return entries
+
+    @property
+    def lora_sources(self) -> dict[str, str]:
+        """FLUX_LORAS as {name: source}."""
+        return dict(lora_entry(entry) for entry in self.loras)
+
+
+LORA_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def lora_entry(entry: str) -> tuple[str, str]:
+    """'name=source' -> (name, source); the name is what requests use (letters, digits, '_', '.', '-')."""
+    name, sep, source = entry.partition("=")
+    name, source = name.strip(), source.strip()
+    if not sep or not source or not LORA_NAME.match(name):
+        raise ValueError(
+            f"FLUX_LORAS entry {entry!r} must be 'name=source' with a name of letters, digits, '_', '.' or '-' "
+            "(64 characters at most)"
+        )
+    return name, source
+
+
 class Settings(
+    LoraSettings,
     FirstBlockCacheSettings,
     CudaGraphsSettings,
     CompileSettings,

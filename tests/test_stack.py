@@ -127,6 +127,8 @@ DECISIONS = [
     ("first_block_cache", {"first_block_cache": False}, CPU, "skipped", "FLUX_FIRST_BLOCK_CACHE=false"),
     ("first_block_cache", {}, CPU, "apply", ""),
     ("dpm_solver", {}, CPU, "apply", ""),
+    ("lora", {}, CPU, "skipped", "no adapters configured"),
+    ("lora", {"loras": ["style=/adapters/style.safetensors"]}, CPU, "apply", ""),
 ]
 
 

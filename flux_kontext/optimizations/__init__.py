@@ -11,10 +11,11 @@ and checked when the Stack is built (flux_kontext/stack):
  6. gelu_sigmoid_form  the same GELU, cheaper once compiled
  7. fused_gelu_fp8     MLP outputs on our kernels: the blocks' ``body`` slot
  8. fused_norm_rope    whole FP8 blocks on our kernels: the ``body`` slot
- 9. compile            the ``compiled`` slot, and the VAE
-10. cuda_graphs        the ``graphed`` slot (use_cuda_graphs)
-11. first_block_cache  diffusers' hooks, above every slot
-12. dpm_solver         the scheduler per request (use_dpm_solver)
+ 9. lora               LoRA adapters' side path next to the (FP8) layers, the fused blocks' too; before compile
+10. compile            the ``compiled`` slot, and the VAE
+11. cuda_graphs        the ``graphed`` slot (use_cuda_graphs), keyed on LoRA's side path being on or off
+12. first_block_cache  diffusers' hooks, above every slot
+13. dpm_solver         the scheduler per request (use_dpm_solver)
 
 Optional dependencies (torchao, FA3, Triton) are imported inside ``apply``: importing this package needs no GPU.
 """
@@ -35,6 +36,7 @@ def build_all(settings) -> list:
     from flux_kontext.optimizations.fused_gelu_fp8 import FusedGeluFp8
     from flux_kontext.optimizations.fused_norm_rope import FusedNormRope
     from flux_kontext.optimizations.gelu_sigmoid_form import GeluSigmoidForm
+    from flux_kontext.optimizations.lora import Lora
     from flux_kontext.optimizations.low_precision_gemm import LowPrecisionGemm
 
     order = (
@@ -46,6 +48,7 @@ def build_all(settings) -> list:
         GeluSigmoidForm,
         FusedGeluFp8,
         FusedNormRope,
+        Lora,
         Compile,
         CudaGraphs,
         FirstBlockCache,

@@ -56,7 +56,15 @@ class CompiledForward:
 class Compile(Optimization):
     name = "compile"
     # Everything that changes what a block computes comes first: the compiled graph holds it.
-    after = ("fuse_qkv", "attention", "low_precision_gemm", "gelu_sigmoid_form", "fused_gelu_fp8", "fused_norm_rope")
+    after = (
+        "fuse_qkv",
+        "attention",
+        "low_precision_gemm",
+        "gelu_sigmoid_form",
+        "fused_gelu_fp8",
+        "fused_norm_rope",
+        "lora",
+    )
     undoable = True
 
     def __init__(self, settings):

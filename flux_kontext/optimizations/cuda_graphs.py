@@ -68,7 +68,7 @@ def _disabled(manager: GraphManager):
 class CudaGraphs(Optimization):
     name = "cuda_graphs"
     flag = "use_cuda_graphs"
-    after = ("compile",)  # captures the compiled kernels
+    after = ("compile", "lora")  # captures the compiled kernels; keyed on LoRA's side path being on or off
     undoable = True
     counters = True
 
@@ -88,6 +88,7 @@ class CudaGraphs(Optimization):
     def apply(self, model: Model) -> Outcome:
         max_shapes = self.settings.cuda_graph_max_shapes
         self.manager = GraphManager(self.backend_factory(), max_shapes, self._shapes_changed, self._failed)
+        self.manager.variant = lambda: tuple(variant() for variant in model.graph_variants)
         install(model.pipe.transformer, model.slots, self.manager)
         self._model = model
         return Outcome.applied(

@@ -46,8 +46,10 @@ def expose_fp8_weight(linear: torch.nn.Module) -> bool:
 
 
 def fp8_linear(values: torch.Tensor, scale: torch.Tensor, linear: torch.nn.Module, out_dtype) -> torch.Tensor:
-    """``linear`` on activations already quantized rowwise: cuBLAS FP8 GEMM with both scales, bias fused."""
-    return torch._scaled_mm(
+    """``linear`` on activations already quantized rowwise: cuBLAS FP8 GEMM with both scales, bias fused; plus the
+    LoRA adapters' side path of that layer when one is on (optimizations/lora_side.py: this call bypasses the module,
+    so its forward hook does not run)."""
+    out = torch._scaled_mm(
         values,
         linear.fp8_weight_t,
         scale_a=scale,
@@ -56,6 +58,8 @@ def fp8_linear(values: torch.Tensor, scale: torch.Tensor, linear: torch.nn.Modul
         out_dtype=out_dtype,
         use_fast_accum=True,
     )
+    side = getattr(linear, "lora_side", None)
+    return out if side is None or not side.enabled else side.add_quantized(out, values, scale)
 
 
 def single_block_forward(block, hidden_states, encoder_hidden_states, temb, image_rotary_emb=None, **kwargs):

@@ -75,6 +75,8 @@ class GraphManager:
         self.on_shapes = on_shapes  # told the captured shapes whenever they change (for the report)
         self.on_failure = on_failure  # told why graphs were turned off
         self.counts = {"replayed": 0, "captured": 0, "eager": 0}
+        # What a block computes besides its arguments (LoRA's side path on or off): part of every graph's key.
+        self.variant: Callable[[], tuple] = tuple
         self._shapes: OrderedDict[tuple, list[tuple[GraphedBlock, tuple]]] = OrderedDict()
         self._shape: tuple | None = None
         self._outputs: dict[tuple, torch.Tensor] = {}  # (data_ptr, shape, stride, dtype) of static outputs
@@ -188,7 +190,7 @@ class GraphedBlock:
         if not manager.active or torch.is_grad_enabled():
             return self.forward(*args, **kwargs)
         flat, spec = tree_flatten((args, kwargs))
-        signature = _signature(flat)
+        signature = (manager.variant(), _signature(flat))
         captured = self.graphs.get(signature)
         if captured is None:
             if signature not in self.seen:

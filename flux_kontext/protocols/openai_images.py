@@ -25,7 +25,7 @@ from pydantic import ValidationError
 from flux_kontext.errors import ServiceError
 from flux_kontext.inference import run_inference
 from flux_kontext.request_forms import read_form
-from flux_kontext.schemas import MAX_SIDE, MIN_SIDE, SIZE_MULTIPLE, InferenceRequest
+from flux_kontext.schemas import MAX_SIDE, MIN_SIDE, SIZE_MULTIPLE, InferenceRequest, request_schema
 from flux_kontext.service import Service
 
 # Our request fields a client may send as extras (extra_body), with the meaning and limits they have on /inference.
@@ -41,6 +41,7 @@ EXTRAS = (
     "use_mxfp4",
     "use_dpm_solver",
     "use_cuda_graphs",
+    "loras",
 )
 MAPPED = ("prompt", "model", "n", "size", "output_format", "output_compression", "response_format")
 METADATA = ("user", "safety_identifier")  # cannot change the image: accepted and dropped
@@ -131,7 +132,7 @@ def openai_response(request: InferenceRequest, body: dict) -> dict:
         "seeds": [image["seed"] for image in body["images"]],
         **{key: body[key] for key in ("steps", "scheduler", "guidance_scale", "true_cfg_scale", "true_cfg_active")},
         **{key: body[key] for key in ("size_source", "context_size", "timings_ms", "optimizations", "warnings")},
-        **{key: body[key] for key in ("first_block_cache", "cuda_graphs", "model")},
+        **{key: body[key] for key in ("first_block_cache", "cuda_graphs", "loras", "model")},
     }
 
 
@@ -179,7 +180,7 @@ def model_card(service: Service, created: int) -> dict:
 
 def body_doc(edit: bool) -> dict:
     """The request body for the OpenAPI document: OpenAI's fields we honour, then our extras as /inference has them."""
-    ours = InferenceRequest.model_json_schema()["properties"]
+    ours = request_schema()["properties"]
     text = {"type": "string"}
     properties = {
         "prompt": {**ours["prompt"], "description": "Instruction (edit) or description."},

@@ -11,6 +11,9 @@ An optimization is one class with ONE name (its module, its report, its settings
 - ``active(job, run)``: a context manager around one generation when it is applied and the request wants it
   (per-request knobs, counters); ``switched_off()``: the context that turns it off for one request, or None when
   it cannot be (quantized weights).
+- ``check(job)``: refuses, before the job is queued, a request it cannot serve (``JobRejected``: a 422);
+  ``warmup_fields()``: Job fields of extra warm-up generations (a LoRA adapter on), so that what they compile exists
+  before the service is ready.
 - ``report()``: a frozen snapshot. Only the optimization itself changes its state, through ``_record``.
 
 Ordering: ``after`` names the optimizations that must come earlier in the Stack (checked when it is built), and
@@ -20,7 +23,7 @@ Ordering: ``after`` names the optimizations that must come earlier in the Stack 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Mapping
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
@@ -126,6 +129,9 @@ class Model:
     # Applied earlier in this Stack, by name: an optimization may use an earlier one's public results (the kernel
     # choice of attention, say). Only names listed in its ``after`` are guaranteed to be here.
     earlier: dict[str, Optimization] = field(default_factory=dict)
+    # State besides a block's arguments that changes what its forward computes (LoRA's side path on or off): each
+    # returns a hashable value; CUDA graphs key their captures on all of them, as compile's guards do.
+    graph_variants: list[Callable[[], Hashable]] = field(default_factory=list)
 
 
 class Optimization:
@@ -168,6 +174,14 @@ class Optimization:
     def switched_off(self) -> contextlib.AbstractContextManager | None:
         """The context that turns it off for one request; None: it cannot be switched per request."""
         return None
+
+    def check(self, job: Job) -> None:
+        """Raise JobRejected (a 422 with the reason) for a job this optimization cannot serve; called before the job
+        is queued, whatever the optimization's status."""
+
+    def warmup_fields(self) -> list[dict]:
+        """Job fields of extra warm-up generations, e.g. {"loras": ...}; none by default."""
+        return []
 
     def wanted(self, job: Job) -> bool:
         return job.flags.get(self.flag, True) if self.flag else True

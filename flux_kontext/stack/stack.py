@@ -1,8 +1,9 @@
 """The Stack: the one owner of every optimization, their order, their undo, their per-request knobs and reports.
 
-The engine calls only this: ``apply(pipe, hardware)`` at start, ``warmup_flag_variants()`` and
-``undo_after_failed_warmup(exc)`` around warm-up, ``request(job)`` around each generation, ``reports()`` for
-/health. It never names an optimization. Benches and tests build any subset with ``stack_for(settings, only=...)``.
+The engine calls only this: ``apply(pipe, hardware)`` at start, ``warmup_job_variants()`` and
+``undo_after_failed_warmup(exc)`` around warm-up, ``check(job)`` before a job is queued, ``request(job)`` around
+each generation, ``reports()`` for /health. It never names an optimization. Benches and tests build any subset
+with ``stack_for(settings, only=...)``.
 """
 
 from __future__ import annotations
@@ -97,6 +98,17 @@ class Stack:
         each combination needs (compiled variants) exists before the service reports ready."""
         switchable = [opt.flag for opt in self._optimizations if opt.applied and opt.flag and opt.switched_off()]
         return [{}] + [{flag: False} for flag in switchable]
+
+    def warmup_job_variants(self) -> list[dict]:
+        """Job fields of each warm-up generation: every flag variant, then what applied optimizations add (a LoRA
+        adapter on), so that compiled code and graphs for each exist before the service reports ready."""
+        variants = [{"flags": flags} for flags in self.warmup_flag_variants()]
+        return variants + [fields for opt in self._optimizations if opt.applied for fields in opt.warmup_fields()]
+
+    def check(self, job) -> None:
+        """Every optimization's ``check``: raises JobRejected for a job that cannot be served (before it is queued)."""
+        for opt in self._optimizations:
+            opt.check(job)
 
     def undo_after_failed_warmup(self, exc: BaseException) -> list[str]:
         """Undo, newest first, every applied optimization that can be undone; returns their names (none: re-raise)."""

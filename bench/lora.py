@@ -1,0 +1,344 @@
+"""LoRA adapters on the serving stack's fast path (flux_kontext/optimizations/lora.py): what the side path costs per
+step, what a switch costs, and how far FP8 + adapter is from bf16 + adapter. Results: BENCHMARKS.md, "LoRA adapters".
+
+The full-size random transformer; random adapters of rank 16 (two of them) and 64 in diffusers keys on every
+attention and MLP Linear layer of every block (q, k, v, out, the text stream's too, both MLP layers; single blocks:
+q, k, v, proj_mlp, proj_out), written to files and loaded as the service loads them (FLUX_LORAS).
+
+1. bf16 reference: fuse_qkv + attention (cuDNN) + lora, eager: the 1024² text-to-image step without adapter, with
+   r16 and with r64. Then the side paths are undone.
+2. The serving path on the same weights: low_precision_gemm (FP8 rowwise), gelu_sigmoid_form, fused_gelu_fp8,
+   fused_norm_rope, then lora + compile + cuda_graphs (one stack, as served).
+   A. Slots sized for one rank-16 adapter per request (FLUX_LORAS=r16,r16b): ms per step (transformer forward,
+      graphs replaying) for the 1024² text-to-image and edit, without adapter and with r16; the first request after
+      switching r16 -> r16b against its repeat, with the compiles and graph captures that switch caused; FP8 + r16
+      against bf16 + r16 (whole output, and the adapter's delta alone).
+   B. Slots for two adapters up to rank 64 (FLUX_LORAS=r16,r64, FLUX_LORA_MAX_PER_REQUEST=2): r64, and r16 + r64
+      together, per step, against A's no-adapter step (the same compiled code); FP8 + r64 against bf16 + r64.
+3. Merging instead (one layer, 3072 -> 12288): dequantize, add the rank-16 delta, requantize rowwise FP8: its time
+   (times the adapted layers: the cost of one switch) and how much of the delta survives FP8's rounding.
+4. ``--check`` (alone): the side path on FP8, eager, the fused blocks' path (FP8 activations times their row scales)
+   against torchao's layers (the forward hook on bf16 activations), each against bf16: the adapter's effect on the
+   output, the whole output's error with and without the adapter, and the error of the effect itself.
+
+    python bench/lora.py --out bench/results/lora-h200-2026-12-01.json
+    python bench/lora.py --check --out bench/results/lora-check-h200-2026-12-01.json
+    python bench/lora.py --tiny --out /tmp/lora-tiny.json   # the same flow on the CPU's tiny model (no timings)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+
+from flux_kontext.jobs import Job  # noqa: E402
+from flux_kontext.settings import Settings  # noqa: E402
+from flux_kontext.stack import SLOTS, Hardware, stack_for  # noqa: E402
+
+log = logging.getLogger("bench.lora")
+TINY = "--tiny" in sys.argv
+CHECK = "--check" in sys.argv  # only part 4
+for _flag in ("--tiny", "--check"):
+    if _flag in sys.argv:
+        sys.argv.remove(_flag)
+BASE = dict(attention="auto" if TINY else "cudnn", compile_multi_kernel=False, first_block_cache=False)
+SERVING_BODY = ["low_precision_gemm", "gelu_sigmoid_form", "fused_gelu_fp8", "fused_norm_rope"]
+ON_TOP = ["lora", "compile", "cuda_graphs"]
+# Stop before part B when this much of the run has gone (the device lease is short; A is the target's part).
+SECONDS_BEFORE_B = 120.0
+
+
+def block_targets(config) -> dict[str, tuple[int, int]]:
+    """{module key: (in, out)} of every attention and MLP Linear layer of every block (diffusers' unfused names)."""
+    inner = config.num_attention_heads * config.attention_head_dim
+    mlp = 4 * inner
+    targets = {}
+    for i in range(config.num_layers):
+        block = f"transformer_blocks.{i}"
+        for name in ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"):
+            targets[f"{block}.attn.{name}"] = (inner, inner)
+        for ff in ("ff", "ff_context"):
+            targets[f"{block}.{ff}.net.0.proj"] = (inner, mlp)
+            targets[f"{block}.{ff}.net.2"] = (mlp, inner)
+    for i in range(config.num_single_layers):
+        block = f"single_transformer_blocks.{i}"
+        for name in ("to_q", "to_k", "to_v"):
+            targets[f"{block}.attn.{name}"] = (inner, inner)
+        targets[f"{block}.proj_mlp"] = (inner, mlp)
+        targets[f"{block}.proj_out"] = (inner + mlp, inner)
+    return targets
+
+
+def write_adapter(config, folder: Path, name: str, rank: int, seed: int) -> str:
+    """A random adapter (A ~ N(0, 1/in), B ~ N(0, (0.06/sqrt(rank))^2): a delta of roughly a tenth of each layer's
+    output on random weights) in diffusers keys; returns 'name=path'."""
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for module, (fan_in, fan_out) in block_targets(config).items():
+        down = torch.randn(rank, fan_in, generator=generator) / fan_in**0.5
+        up = torch.randn(fan_out, rank, generator=generator) * 0.06 / rank**0.5
+        tensors[f"transformer.{module}.lora_A.weight"] = down.to(torch.bfloat16)
+        tensors[f"transformer.{module}.lora_B.weight"] = up.to(torch.bfloat16)
+    path = folder / f"{name}.safetensors"
+    save_file(tensors, str(path))
+    return f"{name}={path}"
+
+
+def rel(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((out.float() - ref.float()).norm() / ref.float().norm())
+
+
+class Bench:
+    def __init__(self, model, hardware: Hardware, out: Path, result: dict):
+        self.model, self.hardware, self.out, self.result = model, hardware, out, result
+        self.slots = None
+
+    def apply(self, names, slots=None, **settings):
+        stack = stack_for(Settings(**BASE, **settings), only=names, slots=slots)
+        stack.apply(SimplePipe(self.model), self.hardware)
+        failed = [f"{r.name}: {r.detail}" for r in stack.reports() if r.status == "failed"]
+        if failed:
+            raise RuntimeError(f"optimization failed: {'; '.join(failed)}")
+        self.result.setdefault("reports", []).extend(r.public() for r in stack.reports())
+        return stack
+
+    def step(self, stack, kwargs, loras=()) -> tuple[torch.Tensor, dict]:
+        """One transformer call as one request: the stack's per-request context around it (the side path's copy)."""
+        with stack.request(Job(prompt="bench", seed=0, loras=loras)) as run, torch.inference_mode():
+            output = self.model(**kwargs)[0]
+        return output, run.counters
+
+    def ms(self, fn, repeats: int, warmup: int) -> float:
+        if TINY:
+            for _ in range(warmup):
+                fn()
+            start = time.perf_counter()
+            for _ in range(repeats):
+                fn()
+            return (time.perf_counter() - start) * 1000 / repeats
+        from bench.common import time_ms
+
+        return time_ms(fn, repeats=repeats, warmup=warmup)
+
+    def save(self) -> None:
+        from bench.common import write_json
+
+        write_json(self.out, self.result)
+
+
+class SimplePipe:
+    def __init__(self, transformer):
+        self.transformer, self.vae = transformer, None
+
+
+def compiles() -> int:
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+def reference(bench: Bench, cases: dict, loras: list[str]) -> dict[str, torch.Tensor]:
+    """Part 1: bf16 + adapter, eager (then the side paths are taken off again)."""
+    stack = bench.apply(["fuse_qkv", "attention", "lora"], loras=loras, lora_max_per_request=1)
+    t2i = cases["text_to_image"]
+    outputs = {label: bench.step(stack, t2i, choice)[0].float() for label, choice in CHOICES.items()}
+    stack["lora"].undo()
+    bench.slots = stack.slots
+    return outputs
+
+
+CHOICES = {"none": (), "r16": (("r16", 1.0),), "r64": (("r64", 1.0),)}
+
+
+def part_a(bench: Bench, cases: dict, loras: list[str], ref: dict) -> dict:
+    stack = bench.apply(ON_TOP, slots=bench.slots, loras=loras, lora_max_per_request=1)
+    part = {"settings": "FLUX_LORAS=r16,r16b FLUX_LORA_MAX_PER_REQUEST=1", "lora": stack["lora"].report().public()}
+    for case, kwargs in cases.items():
+        row = part[case] = {}
+        for label in ("none", "r16"):
+            choice = CHOICES[label]
+            before = compiles()
+            row[f"{label}_ms"] = round(bench.ms(lambda c=choice, k=kwargs: bench.step(stack, k, c), 10, 3), 3)
+            row[f"{label}_compiled_graphs"] = compiles() - before
+            if case == "text_to_image":
+                output = bench.step(stack, kwargs, choice)[0]
+                row[f"{label}_fp8_vs_bf16_rel_error"] = rel(output, ref[label])
+                row[f"_{label}"] = output.float()
+        row["r16_overhead_pct"] = round(100 * (row["r16_ms"] / row["none_ms"] - 1), 2)
+        # The switch: the first request with another adapter, against its repeat (each includes the slot copy check).
+        before = compiles()
+        switch = (("r16b", 1.0),)
+        first, counters = timed_once(bench, stack, kwargs, switch)
+        repeat, _ = timed_once(bench, stack, kwargs, switch)
+        row["switch_first_ms"], row["switch_repeat_ms"] = round(first, 3), round(repeat, 3)
+        row["switch_compiled_graphs"] = compiles() - before
+        row["switch_cuda_graphs"] = counters.get("cuda_graphs")
+        row["switch_lora"] = counters.get("lora")
+        log.info("A %s: %s", case, {k: v for k, v in row.items() if not k.startswith("_")})
+        bench.save()
+    t2i = part["text_to_image"]
+    t2i["r16_delta_fp8_vs_bf16_rel_error"] = rel(t2i.pop("_r16") - t2i["_none"], ref["r16"] - ref["none"])
+    t2i.pop("_none")
+    undo(stack)
+    return part
+
+
+def part_b(bench: Bench, cases: dict, loras: list[str], ref: dict, none_ms: dict) -> dict:
+    stack = bench.apply(ON_TOP, slots=bench.slots, loras=loras, lora_max_per_request=2)
+    part = {"settings": "FLUX_LORAS=r16,r64 FLUX_LORA_MAX_PER_REQUEST=2", "lora": stack["lora"].report().public()}
+    for case, kwargs in cases.items():
+        row = part[case] = {}
+        for label, choice in (("r64", CHOICES["r64"]), ("r16+r64", (("r16", 1.0), ("r64", 1.0)))):
+            row[f"{label}_ms"] = round(bench.ms(lambda c=choice, k=kwargs: bench.step(stack, k, c), 10, 3), 3)
+            row[f"{label}_overhead_pct_vs_A_none"] = round(100 * (row[f"{label}_ms"] / none_ms[case] - 1), 2)
+        if case == "text_to_image":
+            output = bench.step(stack, kwargs, CHOICES["r64"])[0]
+            row["r64_fp8_vs_bf16_rel_error"] = rel(output, ref["r64"])
+        log.info("B %s: %s", case, row)
+        bench.save()
+    undo(stack)
+    return part
+
+
+def timed_once(bench: Bench, stack, kwargs, loras) -> tuple[float, dict]:
+    if not TINY:
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    _, counters = bench.step(stack, kwargs, loras)
+    if not TINY:
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) * 1000, counters
+
+
+def undo(stack) -> None:
+    for opt in reversed(list(stack)):
+        if opt.applied and opt.undoable:
+            opt.undo()
+    for slot in reversed(SLOTS[1:]):
+        stack.slots.clear_everywhere(slot)
+
+
+def merge_cost(model, adapted_layers: int) -> dict:
+    """Part 3: merging a rank-16 delta into one FP8 layer (3072 -> 12288) instead of a side path."""
+    from flux_kontext.optimizations.kernels.e4m3 import quantize_rowwise_fp8
+
+    layer = model.single_transformer_blocks[0].proj_mlp
+    weight = getattr(layer, "fp8_weight_t", None)
+    if weight is None:
+        return {"skipped": "no exposed FP8 weight (CPU or FP8 not applied)"}
+    generator = torch.Generator(device=weight.device).manual_seed(3)
+    fan_out, fan_in = layer.out_features, layer.in_features
+    down = torch.randn(16, fan_in, device=weight.device, generator=generator).bfloat16() / fan_in**0.5
+    up = (torch.randn(fan_out, 16, device=weight.device, generator=generator) * 0.015).bfloat16()
+    base = weight.t().float() * layer.fp8_weight_scale.t()
+
+    def merge():
+        merged = base + (up.float() @ down.float())
+        return quantize_rowwise_fp8(merged)
+
+    from bench.common import time_ms
+
+    ms = time_ms(merge, repeats=5, warmup=1)
+    values, scale = merge()
+    merged_delta = values.float() * scale - base
+    return {
+        "one_layer_ms": round(ms, 3),
+        "adapted_layers": adapted_layers,
+        "estimated_switch_ms": round(ms * adapted_layers, 1),
+        "delta_rel_error_after_fp8_rounding": rel(merged_delta, up.float() @ down.float()),
+    }
+
+
+def main() -> int:
+    from bench.common import header, output_path_from_args
+
+    out = output_path_from_args(__doc__)
+    start = time.perf_counter()
+    if TINY:
+        from flux_kontext.models import build_random_pipeline, step_inputs
+
+        model = build_random_pipeline(tiny=True, device=torch.device("cpu"), dtype=torch.float32).transformer
+        hardware = Hardware("cpu")
+        config = model.config
+        cases = {
+            "text_to_image": step_inputs(config, "cpu", torch.float32, 64, 0, 16),
+            "edit": step_inputs(config, "cpu", torch.float32, 64, 64, 16),
+        }
+        result = {"device": "cpu (tiny model: the flow only)", "date": time.strftime("%Y-%m-%dT%H:%M:%SZ")}
+    else:
+        from bench.common import cuda_hardware, full_random_transformer, step_cases
+
+        model, hardware, cases = full_random_transformer(), cuda_hardware(), step_cases()
+        config = model.config
+        result = header()
+    bench = Bench(model, hardware, out, result)
+    folder = Path(tempfile.mkdtemp(prefix="lora-bench-"))
+    files = {name: write_adapter(config, folder, name, rank, seed) for name, rank, seed in ADAPTERS}
+    result["adapter_layers"] = len(block_targets(config))
+    result["seconds_setup"] = round(time.perf_counter() - start, 1)
+    if CHECK:
+        result["check"] = side_path_check(bench, cases, files["r16"])
+        bench.save()
+        return 0
+    ref = reference(bench, cases, [files["r16"], files["r64"]])
+    bench.apply(SERVING_BODY, slots=bench.slots)
+    result["seconds_reference_and_fp8"] = round(time.perf_counter() - start, 1)
+    bench.save()
+    result["A"] = part_a(bench, cases, [files["r16"], files["r16b"]], ref)
+    result["seconds_after_A"] = round(time.perf_counter() - start, 1)
+    bench.save()
+    if time.perf_counter() - start < SECONDS_BEFORE_B:
+        none_ms = {case: result["A"][case]["none_ms"] for case in cases}
+        result["B"] = part_b(bench, cases, [files["r16"], files["r64"]], ref, none_ms)
+    else:
+        result["B"] = {"skipped": f"more than {SECONDS_BEFORE_B:g} s gone after part A"}
+    with contextlib.suppress(Exception):  # a measurement on the side; never loses the rest
+        result["merge_instead"] = merge_cost(model, result["adapter_layers"]) if not TINY else {"skipped": "CPU"}
+    result["seconds_total"] = round(time.perf_counter() - start, 1)
+    bench.save()
+    log.info("done in %.0f s", result["seconds_total"])
+    return 0
+
+
+def side_path_check(bench: Bench, cases: dict, lora: str) -> dict:
+    """Part 4: eager outputs without and with r16: bf16, FP8 with the fused blocks, FP8 on torchao's layers."""
+    t2i = cases["text_to_image"]
+    choice = CHOICES["r16"]
+
+    def pair(stack) -> tuple[torch.Tensor, torch.Tensor]:
+        return bench.step(stack, t2i)[0].float(), bench.step(stack, t2i, choice)[0].float()
+
+    stack = bench.apply(["fuse_qkv", "attention", "lora"], loras=[lora])
+    bf16 = pair(stack)
+    stack["lora"].undo()
+    bench.apply(SERVING_BODY, slots=stack.slots)
+    check = {"r16_effect_bf16": rel(bf16[1], bf16[0])}
+    for label in ("fused_blocks", "torchao_layers"):
+        if label == "torchao_layers":
+            stack.slots.clear_everywhere("body")
+        side = bench.apply(["lora"], slots=stack.slots, loras=[lora])
+        fp8 = pair(side)
+        check[label] = {
+            "r16_effect": rel(fp8[1], fp8[0]),
+            "none_vs_bf16": rel(fp8[0], bf16[0]),
+            "r16_vs_bf16_r16": rel(fp8[1], bf16[1]),
+            "effect_vs_bf16_effect": rel(fp8[1] - fp8[0], bf16[1] - bf16[0]),
+        }
+        side["lora"].undo()
+        log.info("check %s: %s", label, check[label])
+    return check
+
+
+ADAPTERS = (("r16", 16, 1), ("r16b", 16, 2), ("r64", 64, 3))
+
+if __name__ == "__main__":
+    raise SystemExit(main())

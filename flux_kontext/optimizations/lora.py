@@ -1,0 +1,153 @@
+"""lora: LoRA adapters per request, on whatever the base weights are (FP8 stays FP8), under compile and CUDA graphs.
+
+At start: every adapter of FLUX_LORAS / FLUX_LORA_DIR is read and checked (lora_adapters.py); a bad one is reported
+in /health ("rejected", with the reason) and skipped. The layers any good adapter targets get a bf16 side path with
+fixed, zero-padded slots (lora_side.py): FLUX_LORA_MAX_PER_REQUEST adapters x the largest rank loaded (rounded up
+to 16). Per request (``loras: [{"name", "scale"}]``): names and scales are checked before the job is queued (422 with
+the names loaded), the chosen adapters are copied into the slots (skipped when they hold them already), the side
+path is switched on for that generation only. At most FLUX_LORA_GPU_ADAPTERS adapters stay on the GPU (LRU); the
+others are copied from host memory when asked for.
+
+Side path, not merged weights: merging B·A into an FP8 weight means re-quantizing every adapted layer on each switch
+and keeping an unmerged copy of the base, and FP8's rounding then falls on the adapter's small delta;
+bench/lora.py measures what the side path costs per step (BENCHMARKS.md, "LoRA adapters").
+
+After the fused FP8 blocks (the side path is added in their GEMM helper too) and before compile and CUDA graphs
+(which trace and capture it, keyed on it being on or off); warm-up runs once with an adapter on, so the first
+request with adapters compiles and captures nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+
+import torch
+
+from flux_kontext.jobs import Job, JobRejected
+from flux_kontext.optimizations.lora_adapters import Adapter, AdapterError, load_adapter, sources
+from flux_kontext.optimizations.lora_side import ResidentAdapters, SidePaths
+from flux_kontext.stack import APPLY, Decision, Hardware, Model, Optimization, Outcome, RequestRun, skip
+
+log = logging.getLogger(__name__)
+
+RANK_MULTIPLE = 16  # slot rank rounded up to this (tensor-core friendly shapes)
+
+
+class Lora(Optimization):
+    name = "lora"
+    after = ("fuse_qkv", "low_precision_gemm", "gelu_sigmoid_form", "fused_gelu_fp8", "fused_norm_rope")
+    undoable = True
+    counters = True
+
+    def __init__(self, settings):
+        super().__init__(settings)
+        self.adapters: dict[str, Adapter] = {}
+        self.rejected: dict[str, str] = {}
+        self.paths: SidePaths | None = None
+        self.resident: ResidentAdapters | None = None
+
+    def decide(self, hardware: Hardware) -> Decision:
+        if not sources(self.settings):
+            return skip("no adapters configured (FLUX_LORAS, FLUX_LORA_DIR)")
+        return APPLY
+
+    def apply(self, model: Model) -> Outcome:
+        transformer = model.pipe.transformer
+        modules = dict(transformer.named_modules())
+        dtype = _activation_dtype(transformer)
+        for name, source in sources(self.settings).items():
+            try:
+                self.adapters[name] = load_adapter(name, source, modules, self.settings.lora_max_rank, dtype)
+            except AdapterError as exc:
+                log.error("LoRA adapter %r skipped: %s", name, exc)
+                self.rejected[name] = str(exc)
+        if not self.adapters:
+            return Outcome("skipped", "no adapter could be loaded (see rejected)", {"rejected": dict(self.rejected)})
+        slot_rank = -(-max(a.rank for a in self.adapters.values()) // RANK_MULTIPLE) * RANK_MULTIPLE
+        layers = {}
+        for adapter in self.adapters.values():
+            for layer, parts in adapter.parts.items():
+                layers[layer] = (modules[layer], parts)
+        self.paths = SidePaths(layers, self.settings.lora_max_per_request, slot_rank)
+        model.graph_variants.append(self.paths.state.variant)
+        device = next(transformer.parameters()).device
+        host = {name: adapter.weights for name, adapter in self.adapters.items()}
+        self.resident = ResidentAdapters(host, device, self.settings.lora_gpu_adapters)
+        detail = (
+            f"{len(self.adapters)} adapter(s) on a bf16 side path next to {len(layers)} layers (base weights as "
+            f"they are); slots for {self.settings.lora_max_per_request} per request at rank {slot_rank}, switched by "
+            f"copy (no recompile, no recapture); up to {self.settings.lora_gpu_adapters} kept on the GPU"
+        )
+        if self.rejected:
+            detail += f"; {len(self.rejected)} rejected"
+        return Outcome.applied(detail, **self._data_now(slot_rank, len(layers)))
+
+    def _data_now(self, slot_rank: int, layers: int) -> dict:
+        return {
+            "adapters": {name: adapter.public() for name, adapter in self.adapters.items()},
+            "rejected": dict(self.rejected),
+            "slot_rank": slot_rank,
+            "max_per_request": self.settings.lora_max_per_request,
+            "max_scale": self.settings.lora_max_scale,
+            "layers": layers,
+            "slot_mib": round(self.paths.nbytes / 2**20, 1),
+            "gpu_adapters": self.settings.lora_gpu_adapters,
+            "resident": [],
+            "loads_from_host": 0,
+            "evictions": 0,
+        }
+
+    def undo(self) -> None:
+        if self.paths is not None:
+            self.paths.remove()
+        self.paths = self.resident = None
+
+    # ----- per request ---------------------------------------------------------------------------------------
+    def check(self, job: Job) -> None:
+        if not job.loras:
+            return
+        names = ", ".join(sorted(self.adapters)) if self.applied else ""
+        loaded = f"loaded adapters: {names}" if names else f"no LoRA adapters are loaded on this server ({self.detail})"
+        limit, bound = self.settings.lora_max_per_request, self.settings.lora_max_scale
+        if len(job.loras) > limit:
+            raise JobRejected(f"{len(job.loras)} LoRA adapters asked for; at most {limit} per request; {loaded}")
+        seen = set()
+        for name, scale in job.loras:
+            if not self.applied or name not in self.adapters:
+                raise JobRejected(f"unknown LoRA adapter {name!r}; {loaded}")
+            if name in seen:
+                raise JobRejected(f"LoRA adapter {name!r} is named twice; {loaded}")
+            seen.add(name)
+            if not -bound <= scale <= bound:
+                raise JobRejected(f"LoRA scale {scale:g} of {name!r} is outside [-{bound:g}, {bound:g}]; {loaded}")
+
+    def warmup_fields(self) -> list[dict]:
+        """One warm-up with an adapter on: the side path's compiled code and graphs exist before ready."""
+        return [{"loras": ((next(iter(self.adapters)), 1.0),)}] if self.adapters else []
+
+    @contextlib.contextmanager
+    def request(self, job: Job, run: RequestRun):
+        if not job.loras or not self.applied:
+            yield
+            return
+        self.check(job)  # also for jobs that did not come through the service (benches, tests)
+        run.record_ran(self.name)
+        loads = self.resident.loads
+        copied = self.paths.fill(job.loras, self.resident)
+        run.counters[self.name] = {
+            "adapters": [{"name": name, "scale": scale, "rank": self.adapters[name].rank} for name, scale in job.loras],
+            "copied_into_slots": copied,
+            "loaded_from_host": self.resident.loads - loads,
+        }
+        self._note(resident=self.resident.names, loads_from_host=self.resident.loads, evictions=self.resident.evictions)
+        self.paths.state.enabled = True
+        try:
+            yield
+        finally:
+            self.paths.state.enabled = False
+
+
+def _activation_dtype(transformer) -> torch.dtype:
+    """What the blocks compute in: the dtype of the (never quantized) embedders' weights."""
+    return transformer.x_embedder.weight.dtype
