@@ -236,8 +236,8 @@ def create_app(settings: Settings | None = None, engine_factory: Callable[[Setti
     async def lifespan(app: FastAPI):
         refuse_several_workers()
         service.queue.start()
-        loader = threading.Thread(target=engine.load, name="model-loader", daemon=True)
-        loader.start()
+        if engine.state == "starting":  # not loaded yet (a Ray Serve replica loads in its constructor, before this)
+            threading.Thread(target=engine.load, name="model-loader", daemon=True).start()
         try:
             yield
             # `serve` drained already (a no-op then); under plain uvicorn this is the best effort left: the listener
