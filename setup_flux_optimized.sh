@@ -2,6 +2,8 @@
 # Idempotent install into a virtual environment (default .venv; VENV=... to change).
 #   ./setup_flux_optimized.sh          runtime dependencies
 #   ./setup_flux_optimized.sh --dev    plus test and lint tools
+#   ./setup_flux_optimized.sh --ray    plus Ray Serve (requirements-ray.txt; also FLUX_INSTALL_RAY=1)
+# Flags can be combined (--dev --ray: what CI runs); an unknown one is refused.
 # torch: a CUDA build where nvidia-smi sees a GPU, otherwise a CPU build. Override with
 # TORCH_SPEC (e.g. "torch==2.11.0") and TORCH_INDEX_URL (e.g. https://download.pytorch.org/whl/cpu).
 # Nothing is ever copied into site-packages by hand.
@@ -11,7 +13,15 @@ cd "$(dirname "$0")"
 VENV="${VENV:-.venv}"
 PYTHON="${PYTHON:-python3}"
 REQUIREMENTS=requirements.txt
-[[ "${1:-}" == "--dev" ]] && REQUIREMENTS=requirements-dev.txt
+RAY="${FLUX_INSTALL_RAY:-0}"
+for flag in "$@"; do
+  case "$flag" in
+    --dev) REQUIREMENTS=requirements-dev.txt ;;
+    --ray) RAY=1 ;;
+    -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d'; exit 0 ;;
+    *) echo "unknown option: $flag (see $0 --help)" >&2; exit 2 ;;
+  esac
+done
 
 if [[ ! -x "$VENV/bin/python" ]]; then
   echo "creating virtual environment $VENV"
@@ -41,6 +51,10 @@ echo "installing $REQUIREMENTS"
 # constraints.txt pins the versions the tests last passed with (CONSTRAINTS= to install without them).
 CONSTRAINTS="${CONSTRAINTS-constraints.txt}"
 "${PIP[@]}" install -q -r "$REQUIREMENTS" ${CONSTRAINTS:+-c "$CONSTRAINTS"}
+if [[ "$RAY" == 1 ]]; then
+  echo "installing requirements-ray.txt (Ray Serve)"
+  "${PIP[@]}" install -q -r requirements-ray.txt ${CONSTRAINTS:+-c "$CONSTRAINTS"}
+fi
 if [[ "$HAS_GPU" == 1 ]]; then
   echo "installing requirements-gpu.txt (torchao, fa3-fwd)"
   "${PIP[@]}" install -q -r requirements-gpu.txt || echo "GPU extras not installed: /health will report them unavailable"
