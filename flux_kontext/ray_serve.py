@@ -108,3 +108,10 @@ def build_app(args: dict[str, Any]) -> Application:
     options = deployment_options(parsed, cluster_gpus)
     log.info("Ray Serve app: %s per replica", options["ray_actor_options"])
     return FluxKontextReplica.options(**options).bind(parsed.settings)
+
+
+def fixed_replicas(args: RayAppArgs, replicas: int, **options) -> Application:
+    """``replicas`` replicas, no autoscaling, on CPUs: what the tests and bench/ray_throughput.py deploy."""
+    scaling = {"min_replicas": replicas, "max_replicas": replicas, "initial_replicas": replicas}
+    merged = {**deployment_options(args, cluster_gpus=0.0), "autoscaling_config": scaling, **options}
+    return FluxKontextReplica.options(**merged).bind(args.settings)

@@ -21,7 +21,7 @@ from tests.live_server import ROOT, free_port
 ray = pytest.importorskip("ray", reason="Ray is optional: ./setup_flux_optimized.sh --dev --ray installs it")
 serve = pytest.importorskip("ray.serve", reason="ray[serve] is not installed (requirements-ray.txt)")
 
-from flux_kontext.ray_serve import DEPLOYMENT, FluxKontextReplica, RayAppArgs, deployment_options  # noqa: E402
+from flux_kontext.ray_serve import DEPLOYMENT, RayAppArgs, fixed_replicas  # noqa: E402
 
 APP = "flux"
 REPLICAS = 2
@@ -54,14 +54,8 @@ def ray_app():
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         args = RayAppArgs(settings={"model": "tiny", "retry_after_s": RETRY_AFTER_S})
-        deployment = FluxKontextReplica.options(
-            **deployment_options(args, cluster_gpus=0),
-            autoscaling_config={"min_replicas": REPLICAS, "max_replicas": REPLICAS, "initial_replicas": REPLICAS},
-            max_ongoing_requests=MAX_ONGOING,
-            max_queued_requests=MAX_QUEUED,
-            graceful_shutdown_timeout_s=5,
-        )
-        serve.run(deployment.bind(args.settings), name=APP, route_prefix="/")
+        limits = {"max_ongoing_requests": MAX_ONGOING, "max_queued_requests": MAX_QUEUED}
+        serve.run(fixed_replicas(args, REPLICAS, **limits, graceful_shutdown_timeout_s=5), name=APP, route_prefix="/")
         yield f"http://127.0.0.1:{port}"
     finally:
         serve.shutdown()
