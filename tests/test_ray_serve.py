@@ -26,7 +26,7 @@ from flux_kontext.ray_serve import DEPLOYMENT, RayAppArgs, fixed_replicas  # noq
 APP = "flux"
 REPLICAS = 2
 MAX_ONGOING = 2  # per replica
-MAX_QUEUED = 16  # at the proxy: 2 x 2 + 16 = 20 requests admitted at once
+MAX_QUEUED = 24  # at the proxy: 2 x 2 + 24 = 28 admitted at once (20 with room to spare)
 RETRY_AFTER_S = 3
 CONFIG = ROOT / "deploy" / "ray" / "serve_config.yaml"
 
@@ -53,13 +53,18 @@ def ray_app():
     port = free_port()
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        args = RayAppArgs(settings={"model": "tiny", "retry_after_s": RETRY_AFTER_S})
-        limits = {"max_ongoing_requests": MAX_ONGOING, "max_queued_requests": MAX_QUEUED}
-        serve.run(fixed_replicas(args, REPLICAS, **limits, graceful_shutdown_timeout_s=5), name=APP, route_prefix="/")
+        deploy(REPLICAS)
         yield f"http://127.0.0.1:{port}"
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+def deploy(replicas: int) -> None:
+    """The app with ``replicas`` replicas (a new count updates it in place: no replica restarts)."""
+    args = RayAppArgs(settings={"model": "tiny", "retry_after_s": RETRY_AFTER_S})
+    limits = {"max_ongoing_requests": MAX_ONGOING, "max_queued_requests": MAX_QUEUED}
+    serve.run(fixed_replicas(args, replicas, **limits, graceful_shutdown_timeout_s=60), name=APP, route_prefix="/")
 
 
 def running_replicas() -> int:
@@ -161,7 +166,7 @@ def test_past_the_queue_limits_requests_get_429_with_retry_after_and_the_admitte
 def test_a_replica_killed_mid_burst_loses_only_its_in_flight_requests_and_the_app_recovers(ray_app):
     victims = replica_actor_names()
     assert len(victims) == REPLICAS
-    bodies = [request(100 + i, steps=12) for i in range(REPLICAS * MAX_ONGOING + MAX_QUEUED)]
+    bodies = [request(100 + i, steps=12) for i in range(16)]
     killed: list[str] = []
 
     def kill_one_replica_once_work_is_done_and_queued(futures):
@@ -190,3 +195,28 @@ def test_a_replica_killed_mid_burst_loses_only_its_in_flight_requests_and_the_ap
         assert time.monotonic() < deadline, (serve.status(), replica_actor_names())
         time.sleep(0.5)
     assert_answers(httpx.post(f"{ray_app}/inference", json=request(7), timeout=60), request(7))
+
+
+def test_a_redeploy_mid_burst_drains_the_replicas_it_stops_and_every_request_is_answered(ray_app):
+    """The graceful stop of scale-down and of updates: routing stops, the replica finishes what it holds
+    (graceful_shutdown_timeout_s), then the app's own drain. Here both old replicas stop while they hold requests (a
+    deploy from Python is a new code version: a replacement, down to one replica)."""
+    before = set(replica_actor_names())
+    assert len(before) == REPLICAS
+    bodies = [request(200 + i, steps=12) for i in range(REPLICAS * MAX_ONGOING + 4)]
+
+    def redeploy_with_one_replica_once_work_is_done_and_queued(futures):
+        deadline = time.monotonic() + 60
+        while not any(f.done() for f in futures):
+            assert time.monotonic() < deadline, "no request finished"
+            time.sleep(0.01)
+        deploy(1)
+
+    responses = burst(ray_app, bodies, during=redeploy_with_one_replica_once_work_is_done_and_queued)
+    for response, body in zip(responses, bodies, strict=True):
+        assert_answers(response, body)  # none lost: neither those the stopped replicas held nor those waiting
+    deadline = time.monotonic() + 60
+    while len(replica_actor_names()) != 1:
+        assert time.monotonic() < deadline, (serve.status(), replica_actor_names())
+        time.sleep(0.5)
+    assert not set(replica_actor_names()) & before
