@@ -50,14 +50,10 @@ class RayAppArgs(BaseModel):
     )
 
 
-def replica_settings(overrides: dict[str, Any]) -> Settings:
-    return Settings(**overrides)
-
-
 @serve.deployment(
     name=DEPLOYMENT,
     max_ongoing_requests=2,  # one generating, one ready to start: the GPU never waits for the next request
-    max_queued_requests=16,
+    max_queued_requests=32,
     backpressure_config={"status_code": 429, "retry_after_s": 5},
     autoscaling_config={"min_replicas": 1, "max_replicas": 1, "target_ongoing_requests": 1.5},
     graceful_shutdown_wait_loop_s=2.0,
@@ -71,7 +67,7 @@ class FluxKontextReplica:
 
     async def __init__(self, settings: dict[str, Any] | None = None):
         configure_logging()
-        self._app = create_app(replica_settings(settings or {}))
+        self._app = create_app(Settings(**(settings or {})))
         self._service = self._app.state.service
         engine = self._service.engine
         await asyncio.to_thread(engine.load)  # never raises: a failure is in engine.state / engine.reason
@@ -91,7 +87,7 @@ class FluxKontextReplica:
 def deployment_options(args: RayAppArgs, cluster_gpus: float) -> dict[str, Any]:
     """Per-replica resources and the Retry-After of Ray's backpressure from our settings. The decorator's other
     options stay, and a ``deployments:`` entry in the Serve config overrides any of them."""
-    settings = replica_settings(args.settings)
+    settings = Settings(**args.settings)
     gpus = args.gpus_per_replica if args.gpus_per_replica != "auto" else (1.0 if cluster_gpus > 0 else 0.0)
     return {
         "ray_actor_options": {"num_gpus": gpus, "num_cpus": args.cpus_per_replica},
@@ -100,7 +96,9 @@ def deployment_options(args: RayAppArgs, cluster_gpus: float) -> dict[str, Any]:
 
 
 def build_app(args: dict[str, Any]) -> Application:
-    """The Serve application builder (``import_path: flux_kontext.ray_serve:build_app``)."""
+    """The Serve application builder (``import_path: flux_kontext.ray_serve:build_app``). Serve runs it on the
+    cluster, so 'auto' GPUs read the cluster's resources; Ray gives each GPU replica its own CUDA_VISIBLE_DEVICES,
+    so FLUX_DEVICE=auto is that replica's GPU."""
     import ray
 
     parsed = RayAppArgs(**(args or {}))

@@ -220,3 +220,12 @@ def test_a_redeploy_mid_burst_drains_the_replicas_it_stops_and_every_request_is_
         assert time.monotonic() < deadline, (serve.status(), replica_actor_names())
         time.sleep(0.5)
     assert not set(replica_actor_names()) & before
+
+
+def test_a_replica_whose_engine_cannot_start_gets_no_traffic_and_the_deploy_says_why(ray_app):
+    args = RayAppArgs(settings={"model": "tiny", "device": "cuda"})  # no CUDA here: the engine fails at load
+    broken = fixed_replicas(args, 1, max_constructor_retry_count=1)
+    with pytest.raises(RuntimeError, match="no CUDA device is available"):
+        serve.run(broken, name="broken", route_prefix="/broken")
+    serve.delete("broken")
+    assert_answers(httpx.post(f"{ray_app}/inference", json=request(8), timeout=60), request(8))  # the other app serves
