@@ -13,7 +13,7 @@ serve:  ## the service, draining on SIGTERM
 	$(VENV)/bin/python flux_kontext_optimized.py serve --port $(PORT)
 
 test:  ## what CI runs: install with the test tools, lint, the CPU test suite
-	./setup_flux_optimized.sh --dev && $(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check . && $(VENV)/bin/python -m pytest -q
+	./setup_flux_optimized.sh --dev --ray && $(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check . && $(VENV)/bin/python -m pytest -q
 
 lint:
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
