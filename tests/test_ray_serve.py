@@ -150,7 +150,8 @@ def test_the_openai_routes_and_raw_images_go_through_the_proxy(ray_app):
 
 def test_past_the_queue_limits_requests_get_429_with_retry_after_and_the_admitted_ones_their_image(ray_app):
     admitted = REPLICAS * MAX_ONGOING + MAX_QUEUED
-    bodies = [request(i, steps=12) for i in range(admitted + 12)]
+    # 512² with 8 steps: the admitted ones take seconds, so the rest arrive while the queue is still full.
+    bodies = [{**request(i, steps=8), "width": 512, "height": 512} for i in range(admitted + 20)]
     responses = burst(ray_app, bodies)
     rejected = [r for r in responses if r.status_code == 429]
     assert rejected, [r.status_code for r in responses]
@@ -225,7 +226,11 @@ def test_a_redeploy_mid_burst_drains_the_replicas_it_stops_and_every_request_is_
 def test_a_replica_whose_engine_cannot_start_gets_no_traffic_and_the_deploy_says_why(ray_app):
     args = RayAppArgs(settings={"model": "tiny", "device": "cuda"})  # no CUDA here: the engine fails at load
     broken = fixed_replicas(args, 1, max_constructor_retry_count=1)
-    with pytest.raises(RuntimeError, match="no CUDA device is available"):
+    with pytest.raises(RuntimeError, match="Deploying application broken failed"):
         serve.run(broken, name="broken", route_prefix="/broken")
+    status = serve.status().applications["broken"]
+    assert status.status == "DEPLOY_FAILED"
+    assert "no CUDA device is available" in status.deployments[DEPLOYMENT].message  # `serve status` says why
+    assert not status.deployments[DEPLOYMENT].replica_states.get("RUNNING")
     serve.delete("broken")
     assert_answers(httpx.post(f"{ray_app}/inference", json=request(8), timeout=60), request(8))  # the other app serves
