@@ -1,6 +1,6 @@
 """The closed-form fidelity suite: rectified flows with known velocity, and solves through each scheduler.
 
-Flow: x_sigma = (1 - sigma) x0 + sigma n; the exact velocity of a Gaussian mixture is in tests/test_scheduler_accuracy.py
+Flow: x_sigma = (1 - sigma) x0 + sigma n; the exact velocity of a Gaussian mixture: tests/test_scheduler_accuracy.py
 (derivation there). The reference transport from sigma = 1 to 0 is RK4 in float64 on a grid dense near 0
 (sigma = (1 - i/N)^3), converged to ~1e-10 (test_scheduler_fidelity.py checks it). Shared by
 tests/test_scheduler_fidelity.py and bench/scheduler_accuracy.py so the table and the tests cannot drift apart.
