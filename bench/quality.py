@@ -64,7 +64,7 @@ class Variant:
 
 
 def per_request_variants() -> list[Variant]:
-    rows = [Variant("reference: bf16 eager, euler 28"), Variant("reference: bf16 eager, euler 50", steps=50)]
+    rows = [Variant("reference: eager, euler 28"), Variant("reference: eager, euler 50", steps=50)]
     rows.append(Variant(f"solver: {DEFAULT_SOLVER} {SOLVER_STEPS}", scheduler=DEFAULT_SOLVER, steps=SOLVER_STEPS))
     rows.append(Variant(f"solver: dpmpp_2m {SOLVER_STEPS}", scheduler="dpmpp_2m", steps=SOLVER_STEPS))
     rows += [Variant(f"cache {t} (euler 28)", cache_threshold=t) for t in CACHE_THRESHOLDS]
