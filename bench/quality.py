@@ -231,10 +231,12 @@ def main() -> None:
     phases += zip((("low_precision_gemm",), ("attention", "flash_attention_3")), cumulative_variants(), strict=True)
     for names, variants in phases:
         bench.load(names, hardware.for_stack())
+        # the reports (the FP8 attention screen among them) first, so that a run cut short keeps them
+        result["optimizations"] = [opt.report().public() for opt in bench.loaded.values()]
         for variant in variants:
             result["rows"].append(bench.row(variant))
             write_json(args.out, result)
-    result["optimizations"] = [opt.report().public() for opt in bench.loaded.values()]
+    result["optimizations"] = [opt.report().public() for opt in bench.loaded.values()]  # with the last counters
     write_json(args.out, result)
     print(markdown(result))
 

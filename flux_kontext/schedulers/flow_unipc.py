@@ -57,7 +57,11 @@ class FlowUniPCScheduler(UniPCMultistepScheduler):
             use_dynamic_shifting=True,
             time_shift_type="exponential",
         )
-        scheduler = super().from_config({**config, **flow}, **kwargs)
+        # FlowMatchEuler's own keys are not UniPC's: dropped here (diffusers would warn on every request), and the
+        # ones the pipeline reads to compute mu registered again below.
+        euler_only = ("shift", *PIPELINE_SHIFT_KEYS)
+        unipc_config = {key: value for key, value in config.items() if key not in euler_only}
+        scheduler = super().from_config({**unipc_config, **flow}, **kwargs)
         scheduler.register_to_config(**{key: config[key] for key in PIPELINE_SHIFT_KEYS if key in config})
         return scheduler
 

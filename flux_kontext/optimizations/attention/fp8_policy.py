@@ -114,6 +114,6 @@ def describe_screen(screen: dict, policy: Fp8Policy, verdict: dict) -> str:
     if kept:
         text += f"; bf16 for {' and '.join(kept)}, FP8 elsewhere {verdict['served_error_max']:.1e} max"
     if verdict["limit"] is None:
-        return text + "; FLUX_FP8_ATTENTION=on: no limit"
+        return text + "; no limit"
     relation = "within" if verdict["use"] else "above"
     return text + f"; {relation} FLUX_FP8_MAX_LAYER_ERROR={verdict['limit']}"
