@@ -8,19 +8,16 @@ ratios, which BENCHMARKS.md quotes). CPU only, float64, about a minute.
 
 from __future__ import annotations
 
-import datetime
 import json
-import platform
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the tests package and flux_kontext, when run as a script
 
-import diffusers  # noqa: E402
 import numpy as np  # noqa: E402
-import torch  # noqa: E402
 
+from bench.scheduler_accuracy import run_stamp  # noqa: E402
 from flux_kontext.schedulers import DEFAULT_SOLVER  # noqa: E402
 from flux_kontext.schedulers.flow_unipc import LOW_NOISE_MU, tapered_shift_sigmas  # noqa: E402
 from tests import flow_problems as fp  # noqa: E402
@@ -90,10 +87,8 @@ def markdown(rows: list[dict]) -> str:
 def main() -> None:
     rows = measure()
     table = markdown(rows)
-    now = datetime.datetime.now(datetime.timezone.utc).strftime("%a %b %d %H:%M:%S UTC %Y")
-    versions = dict(python=platform.python_version(), torch=torch.__version__, diffusers=diffusers.__version__)
+    now, versions = run_stamp()
     results = ROOT / "bench" / "results"
-    results.mkdir(parents=True, exist_ok=True)
     meta = dict(date=now, command=COMMAND, versions=versions, problems=[p.name for p in fp.suite()], mus=fp.MUS)
     (results / "scheduler_fidelity.json").write_text(json.dumps(dict(**meta, rows=rows), indent=1) + "\n")
     (results / "scheduler_fidelity.md").write_text(
