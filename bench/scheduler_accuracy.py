@@ -65,11 +65,16 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def run_stamp() -> tuple[str, dict]:
+    """The date (UTC) and the versions a CPU scheduler result records."""
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%a %b %d %H:%M:%S UTC %Y")
+    return now, dict(python=platform.python_version(), torch=torch.__version__, diffusers=diffusers.__version__)
+
+
 def main() -> None:
     rows = measure()
     table = markdown(rows)
-    now = datetime.datetime.now(datetime.timezone.utc).strftime("%a %b %d %H:%M:%S UTC %Y")
-    versions = dict(python=platform.python_version(), torch=torch.__version__, diffusers=diffusers.__version__)
+    now, versions = run_stamp()
     out = ROOT / "bench" / "results" / "scheduler_accuracy.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(dict(date=now, command=COMMAND, versions=versions, rows=rows), indent=1) + "\n")

@@ -87,7 +87,7 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     bench.add_argument("--height", type=int, default=1024, help="output height")
     bench.add_argument("--steps", type=int, help="denoising steps (default: the scheduler's, 14 DPM / 28 euler)")
     bench.add_argument("--mode", choices=("edit", "text_to_image"), default="edit", help="with or without an input")
-    bench.add_argument("--scheduler", choices=SCHEDULERS, help="default: the server's default (DPM when available)")
+    bench.add_argument("--scheduler", choices=SCHEDULERS, help="default: the server's default (unipc when available)")
     bench.add_argument("--json", action="store_true", help="print the whole report as JSON instead of the table")
     bench.add_argument("--out", help="also write the JSON report to this file")
 
@@ -123,7 +123,7 @@ def add_generate_arguments(generate: argparse.ArgumentParser) -> None:
         type=float,
         help="first-block cache threshold; 0 never skips (default: FLUX_CACHE_THRESHOLD, 0.12)",
     )
-    generate.add_argument("--scheduler", choices=SCHEDULERS, help="default: dpmpp_2m")
+    generate.add_argument("--scheduler", choices=SCHEDULERS, help="default: unipc")
     generate.add_argument(
         "--warmup", action="store_true", help="run the service's warm-up generations first (and compile, on a GPU)"
     )

@@ -41,7 +41,7 @@ class Job:
     true_cfg_scale: float = 1.0
     negative_prompt: str | None = None
     num_images: int = 1
-    scheduler: str | None = None  # None: DEFAULT_DPM when use_dpm_solver allows it, else euler
+    scheduler: str | None = None  # None: DEFAULT_SOLVER when use_dpm_solver allows it, else euler
     cache_threshold: float | None = None  # None: the server's FLUX_CACHE_THRESHOLD
     flags: dict[str, bool] = field(default_factory=dict)
     loras: tuple[tuple[str, float], ...] = ()  # (adapter name, scale); checked by the engine against what it loaded

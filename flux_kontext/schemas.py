@@ -8,7 +8,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from flux_kontext.resolution import parse_aspect_ratio, resolution_for_aspect
-from flux_kontext.schedulers import DEFAULT_DPM, SCHEDULER_DEFAULT_STEPS, SCHEDULERS
+from flux_kontext.schedulers import DEFAULT_SOLVER, SCHEDULER_DEFAULT_STEPS, SCHEDULERS
 from utils import MAX_SEED
 
 MIN_SIDE, MAX_SIDE, SIZE_MULTIPLE = 256, 1568, 16
@@ -56,11 +56,11 @@ class InferenceRequest(BaseModel):
         examples=["16:9"],
     )
     steps: int | None = Field(
-        None, ge=1, le=50, description="Denoising steps; default follows the scheduler: 14 for DPM, 28 for euler."
+        None, ge=1, le=50, description="Denoising steps; default by scheduler: 14 (few-step solvers), 28 (euler)."
     )
     scheduler: str | None = Field(
         None,
-        description=f"One of {', '.join(SCHEDULERS)}. Default: {DEFAULT_DPM} when use_dpm_solver is true "
+        description=f"One of {', '.join(SCHEDULERS)}. Default: {DEFAULT_SOLVER} when use_dpm_solver is true "
         "(and the server has it), else euler.",
     )
     guidance_scale: float = Field(3.5, ge=0, le=20, description="Distilled guidance (prompt adherence).")
@@ -80,7 +80,7 @@ class InferenceRequest(BaseModel):
     )
     use_flash_attention: bool = Field(True, description="Allow FlashAttention 3 if the server loaded it.")
     use_mxfp4: bool = Field(True, description="Allow the best low-precision GEMMs the GPU has (MXFP4 or FP8).")
-    use_dpm_solver: bool = Field(True, description="Allow DPM-Solver++ 2M if the server has it.")
+    use_dpm_solver: bool = Field(True, description="Allow the few-step solver (default unipc) if the server has it.")
     use_cuda_graphs: bool = Field(True, description="Allow CUDA graphs if the server captured them.")
     loras: list[LoraChoice] = Field(
         default_factory=list,

@@ -274,6 +274,24 @@ class FlashAttention3Settings(BaseModel):
         "loaded transformer keeps every attention layer within FLUX_FP8_MAX_LAYER_ERROR of bf16 attention; on: used "
         "without that limit (still measured and reported); off: never.",
     )
+    fp8_attention_bf16_blocks: Annotated[list[int], NoDecode] = Field(
+        default_factory=list,
+        description="Attention layers kept in bf16 when FA3 runs in FP8, by index in forward order (the double blocks, "
+        "then the single blocks; negative counts from the end): e.g. '0,1,-1' keeps the first two and the last. A "
+        "JSON list or comma-separated. The start-up screen then judges only the layers served in FP8.",
+    )
+    fp8_attention_bf16_below_sigma: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="Steps whose sigma is below this run bf16 attention when FA3 runs in FP8 (the late, low-noise "
+        "steps); 0: none. Needs FLUX_CUDA_GRAPHS=false (a captured graph replays the kernel it captured).",
+    )
+
+    @field_validator("fp8_attention_bf16_blocks", mode="before")
+    @classmethod
+    def _bf16_block_list(cls, value):
+        return setting_list(value, "FLUX_FP8_ATTENTION_BF16_BLOCKS")
 
     @field_validator("fp8_attention", mode="before")
     @classmethod
@@ -293,6 +311,11 @@ class FlashAttention3Settings(BaseModel):
             )
         if self.fp8_attention == "on" and self.device == "cpu":
             raise ValueError("FLUX_FP8_ATTENTION=on needs a Hopper GPU (FlashAttention 3); not with FLUX_DEVICE=cpu")
+        if self.fp8_attention_bf16_below_sigma > 0 and self.cuda_graphs:
+            raise ValueError(
+                "FLUX_FP8_ATTENTION_BF16_BELOW_SIGMA switches the attention kernel per step, which a captured CUDA "
+                "graph cannot follow: set FLUX_CUDA_GRAPHS=false with it (or leave it at 0)"
+            )
         return self
 
 

@@ -66,7 +66,7 @@ FIELD_CASES = [
     ({"output_format": "bmp"}, "output_format"),
     ({"use_mxfp4": "perhaps"}, "use_mxfp4"),
     ({"colour": "red"}, "unknown field 'colour'"),
-    ({"scheduler": "ddim"}, "valid: euler, dpmpp_2m, dpmpp_2m_karras"),
+    ({"scheduler": "ddim"}, "valid: euler, dpmpp_2m, dpmpp_2m_karras, unipc"),
     ({"scheduler": "dpmpp_2m", "use_dpm_solver": False}, "use_dpm_solver is false"),
 ]
 

@@ -146,7 +146,7 @@ def test_benchmark_prints_a_table_and_writes_the_json_report(tmp_path):
     completed = run_cli("benchmark", *flags, "--out", str(report_path), FLUX_WARMUP="false")
     assert completed.returncode == 0, completed.stderr[-3000:]
     lines = completed.stdout.splitlines()
-    assert lines[0] == "text_to_image 256x256, 2 steps dpmpp_2m, 2 timed run(s) after 1 warm-up"
+    assert lines[0] == "text_to_image 256x256, 2 steps unipc, 2 timed run(s) after 1 warm-up"
     header = next(line for line in lines if line.startswith("phase (ms)"))
     assert header.split() == ["phase", "(ms)", "median", "p95", "min", "max"]
     for phase in ("text_encoding", "denoising", "decoding", "engine_total", "queue_wait"):

@@ -52,7 +52,7 @@ def test_random_model_is_full_size_and_serves_a_1024_edit_with_the_stack():
         body = response.json()
         assert (body["images"][0]["width"], body["images"][0]["height"]) == (1024, 1024)
         assert decode_b64_image(body["images"][0]["image"]).size == (1024, 1024)
-        assert body["steps"] == 14 and body["scheduler"] == "dpmpp_2m"
+        assert body["steps"] == 14 and body["scheduler"] == "unipc"
         assert {"compile", "fuse_qkv", "dpm_solver", "cuda_graphs"} <= set(body["optimizations"]["ran"])
         # Warm-up captured the 1024² edit: all 57 blocks replay at every computed step.
         assert body["cuda_graphs"]["replayed"] == 57 * body["first_block_cache"]["computed"], body["cuda_graphs"]

@@ -7,6 +7,7 @@ import base64
 import pytest
 
 from flux_kontext.resolution import PREFERRED_KONTEXT_RESOLUTIONS, kontext_resolution
+from flux_kontext.schedulers import SCHEDULERS
 from tests.conftest import decode_b64_image, image_b64
 
 SEED_CURL_BODY = {
@@ -66,7 +67,7 @@ def test_seed_curl_example_works_verbatim_and_reports_what_did_not_run(client):
     assert body["steps"] == 14
     assert decode_b64_image(body["images"][0]["image"]).size == (1024, 1024)
     assert isinstance(body["images"][0]["seed"], int)
-    assert body["scheduler"] == "dpmpp_2m"
+    assert body["scheduler"] == "unipc"
     not_applied = {entry["flag"]: entry["reason"] for entry in body["optimizations"]["not_applied"]}
     # None of the GPU stack is loaded on a CPU: each requested flag must say why it did not run.
     assert set(not_applied) == {"use_flash_attention", "use_mxfp4", "use_cuda_graphs"}
@@ -151,7 +152,8 @@ def test_kontext_resolution_matches_every_preferred_size():
 @pytest.mark.parametrize(
     ("fields", "scheduler", "steps", "dpm_ran"),
     [
-        ({}, "dpmpp_2m", 14, True),
+        ({}, "unipc", 14, True),
+        ({"scheduler": "dpmpp_2m"}, "dpmpp_2m", 14, True),
         ({"use_dpm_solver": False}, "euler", 28, False),
         ({"scheduler": "euler"}, "euler", 28, False),
         ({"scheduler": "dpmpp_2m_karras"}, "dpmpp_2m_karras", 14, True),
@@ -171,12 +173,12 @@ def test_scheduler_choice_and_default_steps_are_reported(client, fields, schedul
 
 def test_each_scheduler_is_deterministic_and_they_differ(client):
     images = {}
-    for name in ("euler", "dpmpp_2m", "dpmpp_2m_karras"):
+    for name in SCHEDULERS:
         body = {"prompt": "a hill", "width": 256, "height": 256, "seed": 4, "steps": 4, "scheduler": name}
         first = client.post("/inference", json=body).json()["images"][0]["image"]
         assert client.post("/inference", json=body).json()["images"][0]["image"] == first
         images[name] = first
-    assert len(set(images.values())) == 3
+    assert len(set(images.values())) == len(SCHEDULERS)
 
 
 def test_a_prompt_longer_than_t5_reads_is_reported_and_not_logged(client):

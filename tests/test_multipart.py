@@ -33,7 +33,7 @@ def test_an_image_file_part_edits_like_the_same_request_in_json(client):
     as_json["image"] = base64.b64encode(image_bytes(96, 64)).decode()
     same = client.post("/inference", json=as_json).json()
     assert body["images"][0]["image"] == same["images"][0]["image"]  # same validation, defaults and engine path
-    assert body["scheduler"] == same["scheduler"] == "dpmpp_2m"
+    assert body["scheduler"] == same["scheduler"] == "unipc"
 
 
 def test_text_to_image_from_form_fields_only(client):

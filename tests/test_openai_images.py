@@ -46,7 +46,7 @@ def test_generate_returns_the_promised_size_with_our_report(sdk):
     assert len(result.data) == 1 and result.created > 0
     assert picture(result.data[0]).size == (512, 512)
     assert result.size == "512x512" and result.output_format == "png"
-    assert result.seeds == [21] and result.steps == 1 and result.scheduler == "dpmpp_2m"
+    assert result.seeds == [21] and result.steps == 1 and result.scheduler == "unipc"
     assert result.timings_ms["total"] > 0 and "ran" in result.optimizations
 
 

@@ -240,8 +240,9 @@ def test_unknown_name_lists_valid_names():
 
 
 def test_names_and_defaults():
-    assert set(SCHEDULERS) == {"euler", "dpmpp_2m", "dpmpp_2m_karras"} == set(DEFAULT_STEPS)
-    assert DEFAULT_DPM == "dpmpp_2m" and DEFAULT_STEPS == {"euler": 28, "dpmpp_2m": 14, "dpmpp_2m_karras": 14}
+    assert set(SCHEDULERS) == {"euler", "dpmpp_2m", "dpmpp_2m_karras", "unipc"} == set(DEFAULT_STEPS)
+    assert DEFAULT_DPM == "unipc"  # the default few-step solver: tests/test_scheduler_fidelity.py says why
+    assert DEFAULT_STEPS == {"euler": 28, "dpmpp_2m": 14, "dpmpp_2m_karras": 14, "unipc": 14}
 
 
 @pytest.mark.parametrize("name", SCHEDULERS)
@@ -274,13 +275,13 @@ def test_mu_shifts_the_sigmas(name):
 
     high, low = sigmas(MU["1024px"]), sigmas(MU["512px"])
     assert np.all(high[1:-1] > low[1:-1])  # more shift keeps more noise at every step
-    if name != "dpmpp_2m_karras":  # the model's own exponential time shift of the pipeline's linspace
+    if name in ("euler", "dpmpp_2m"):  # the model's own exponential time shift of the pipeline's linspace
         u = np.linspace(1.0, 1 / 14, 14)
         expected = np.exp(MU["1024px"]) / (np.exp(MU["1024px"]) + 1 / u - 1)
         np.testing.assert_allclose(high[:-1], expected, rtol=1e-6)
 
 
-@pytest.mark.parametrize("name", ["dpmpp_2m", "dpmpp_2m_karras"])
+@pytest.mark.parametrize("name", ["dpmpp_2m", "dpmpp_2m_karras", "unipc"])
 def test_dpm_needs_mu_and_keeps_latent_dtype(name):
     scheduler = make_scheduler(name, FLUX_SCHEDULER_CONFIG)
     with pytest.raises(ValueError):

@@ -202,7 +202,7 @@ def test_two_engines_with_different_settings_do_not_change_each_other():
     assert [r.public() | {"seconds": 0} for r in first.reports] != [r.public() | {"seconds": 0} for r in second.reports]
     assert again.images[0].tobytes() == alone.images[0].tobytes()
     assert again.optimizations == alone.optimizations and "fuse_qkv" in again.optimizations["ran"]
-    assert again.first_block_cache == alone.first_block_cache and again.scheduler == "dpmpp_2m"
+    assert again.first_block_cache == alone.first_block_cache and again.scheduler == "unipc"
     assert other.first_block_cache is None and other.scheduler == "euler"
     assert "fuse_qkv" not in other.optimizations["ran"]
 

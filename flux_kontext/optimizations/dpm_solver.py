@@ -1,8 +1,9 @@
-"""dpm_solver: DPM-Solver++ 2M as the default scheduler, chosen per request; no weights touched.
+"""dpm_solver: the few-step solver (default unipc: UniPC-2 on a tapered-shift schedule) chosen per request; no
+weights touched. The name is the seed's (its flag is use_dpm_solver); the solver it selects is DEFAULT_SOLVER.
 
 The schedulers themselves (names, default steps, classes, maths) live in flux_kontext.schedulers. This optimization
 checks at load that the model's scheduler config seeds every one of them, and per request picks the scheduler: the
-request's ``scheduler``, else DPM-Solver++ 2M when ``use_dpm_solver`` allows it, else the model's Euler.
+request's ``scheduler``, else DEFAULT_SOLVER when ``use_dpm_solver`` allows it, else the model's Euler.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import contextlib
 
 from flux_kontext.jobs import Job, JobRejected
-from flux_kontext.schedulers import DEFAULT_DPM, EULER, SCHEDULER_DEFAULT_STEPS, SCHEDULERS, make_scheduler
+from flux_kontext.schedulers import DEFAULT_SOLVER, EULER, SCHEDULER_DEFAULT_STEPS, SCHEDULERS, make_scheduler
 from flux_kontext.stack import Model, Optimization, Outcome, RequestRun
 
 
@@ -31,7 +32,7 @@ class DpmSolver(Optimization):
             trial = make_scheduler(name, config)
             trial.set_timesteps(2, sigmas=[1.0, 0.5], mu=1.0)  # the pipeline's call: custom sigmas plus the shift mu
         listed = ", ".join(f"{name} ({SCHEDULER_DEFAULT_STEPS[name]} steps)" for name in SCHEDULERS)
-        return Outcome.applied(f"default {DEFAULT_DPM}; available: {listed}; new instance per request")
+        return Outcome.applied(f"default {DEFAULT_SOLVER}; available: {listed}; new instance per request")
 
     def switched_off(self):
         return contextlib.nullcontext()  # off means euler, which request() picks; nothing to undo
@@ -47,7 +48,7 @@ class DpmSolver(Optimization):
             run.scheduler = EULER
             yield
             return
-        run.scheduler = job.scheduler or (DEFAULT_DPM if wanted else EULER)
+        run.scheduler = job.scheduler or (DEFAULT_SOLVER if wanted else EULER)
         if run.scheduler != EULER:
             run.record_ran(self.name)
         elif wanted:

@@ -108,9 +108,9 @@ def _attention(attn, first, second, rotary, dtype):
     (per head) in e4m3."""
     choice, added = kernel_choice(attn), second is not None
     norms = (_norms(attn, added), _norms(attn, False) if added else None)
-    if not choice.fp8:
+    if not choice.fp8_for(attn):  # bf16 attention (also the layers and steps the FP8 policy keeps in bf16)
         q, k, v = kernels.qk_norm_rope(first, second, *norms, rotary, attn.heads, attn.norm_q.eps)
-        return choice(q, k, v).flatten(2, 3).to(dtype)
+        return choice(q, k, v, attn).flatten(2, 3).to(dtype)
     scales = attn.fp8_qk_scale
     q8, k8, v8, v_descale = kernels.qk_norm_rope_fp8(first, second, *norms, rotary, attn.heads, attn.norm_q.eps, scales)
     q_descale, k_descale = (scale.expand_as(v_descale).contiguous() for scale in scales)

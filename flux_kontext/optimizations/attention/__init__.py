@@ -16,6 +16,13 @@ from dataclasses import dataclass, field
 
 import torch
 
+from flux_kontext.optimizations.attention.fp8_policy import (
+    Fp8Policy,
+    describe_screen,
+    fp8_verdict,
+    install_sigma_switch,
+    number_attention_layers,
+)
 from flux_kontext.optimizations.attention.fp8_screen import screen_fp8_attention
 from flux_kontext.optimizations.attention.kernels import FA3_FP8, KernelChoice, sdpa
 from flux_kontext.optimizations.attention.processor import install, register_fp8_qk_scales
@@ -75,20 +82,23 @@ class Attention(Optimization):
         return Outcome.applied(detail, measured=measured, rejected=rejected)
 
     def _screen_fp8(self, transformer, measured: dict, detail: str) -> str:
-        """Run the FP8 screen; make FA3 in FP8 the active kernel where it passes (or FLUX_FP8_ATTENTION=on)."""
+        """Run the FP8 screen (several sigmas); make FA3 in FP8 the active kernel where the layers and steps the
+        policy serves in FP8 pass it (or FLUX_FP8_ATTENTION=on). Its bf16 layers and steps use the best bf16 kernel."""
         mode, limit = self.settings.fp8_attention, self.settings.fp8_max_layer_error
         register_fp8_qk_scales(transformer)
+        self.choice.policy = Fp8Policy.from_settings(self.settings, number_attention_layers(transformer))
+        self.choice.bf16 = self.choice.active
         screen = screen_fp8_attention(transformer, self.choice)
+        verdict = fp8_verdict(screen, self.choice.policy, mode, limit)
         measured[FA3_FP8]["screen"] = screen
-        step = (
-            f"on a 1024² step its {screen['layers']} attention outputs moved by {screen['layer_error_median']:.1e} "
-            f"median, {screen['layer_error_max']:.1e} max, the transformer output by {screen['output_error']:.1e}"
-        )
-        if mode == "on" or screen["layer_error_max"] <= limit:
-            self.choice.active = FA3_FP8
-            within = "no limit" if mode == "on" else f"within FLUX_FP8_MAX_LAYER_ERROR={limit}"
-            return f"fa3_fp8 (FLUX_FP8_ATTENTION={mode}: {step}; {within}; measured {summary(measured)})"
-        return f"{detail}; FA3 in FP8 not used: {step}, above FLUX_FP8_MAX_LAYER_ERROR={limit}"
+        measured[FA3_FP8]["policy"] = {**self.choice.policy.describe(), **verdict}
+        text = describe_screen(screen, self.choice.policy, verdict)
+        if not verdict["use"]:
+            return f"{detail}; FA3 in FP8 not used: {text}"
+        self.choice.active = FA3_FP8
+        if self.choice.policy.per_step:
+            install_sigma_switch(transformer, self.choice)
+        return f"fa3_fp8 (FLUX_FP8_ATTENTION={mode}: {text}; measured {summary(measured)})"
 
 
 __all__ = ["FA3_FP8", "Attention", "KernelChoice", "Selection"]

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import torch.nn.functional as F
 
+from flux_kontext.optimizations.attention.fp8_policy import Fp8Policy
 from flux_kontext.optimizations.kernels.e4m3 import quantize_per_head, quantize_static
 
 log = logging.getLogger(__name__)
@@ -85,20 +86,35 @@ def fa3_fp8(flash_attn_func: Callable) -> Callable:
 
 @dataclass
 class KernelChoice:
-    """The kernel every processor of one transformer calls; ``active`` may be switched for one request."""
+    """The kernel every processor of one transformer calls; ``active`` may be switched for one request.
+
+    With FA3 in FP8 active, ``policy`` keeps chosen layers (and, while ``low_noise`` is set, every layer) on the
+    ``bf16`` kernel: the fastest bf16 kernel, FA3 included (fp8_policy.py)."""
 
     kernels: dict[str, Callable] = field(default_factory=dict)
     active: str = "sdpa"
     fallback: str = "sdpa"  # best kernel that is not FA3
+    bf16: str | None = None  # the kernel of the layers and steps the FP8 policy keeps in bf16 (None: fallback)
+    policy: Fp8Policy = field(default_factory=Fp8Policy)
+    low_noise: bool = False  # this transformer call's sigma is below policy.bf16_below_sigma
 
     def __call__(self, q, k, v, attn=None):
-        kernel = self.kernels[self.active]
+        name = self.active
+        if name == FA3_FP8 and not self.fp8_for(attn):
+            name = self.bf16 or self.fallback
+        kernel = self.kernels[name]
         return kernel(q, k, v, attn) if getattr(kernel, "takes_module", False) else kernel(q, k, v)
 
     @property
     def fp8(self) -> bool:
-        """FA3 in FP8 is active (for this request): callers may hand e4m3 q/k/v to ``fp8_call``."""
+        """FA3 in FP8 is the tier of this request (some layers or steps may still run bf16: ``fp8_for``)."""
         return self.active == FA3_FP8
+
+    def fp8_for(self, attn) -> bool:
+        """FA3 in FP8 serves this attention module now: callers may hand it e4m3 q/k/v through ``fp8_call``."""
+        if not self.fp8 or self.low_noise:
+            return False
+        return self.policy.fp8_at(getattr(attn, "fp8_layer_index", None))
 
     def fp8_call(self, *args):
         return self.kernels[FA3_FP8].fp8_call(*args)
