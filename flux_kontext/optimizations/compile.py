@@ -45,8 +45,9 @@ BLOCK_DYNAMIC_DIMS = {"hidden_states": (0, 1), "encoder_hidden_states": (0,), "t
 
 
 def graphs_compiled() -> int:
-    """Frames dynamo has compiled in this process so far (one serving engine per process: they are its own)."""
-    return torch._dynamo.utils.counters["frames"]["ok"]
+    """Graphs dynamo has compiled in this process so far, recompiles included (one serving engine per process: they
+    are its own)."""
+    return torch._dynamo.utils.counters["stats"]["unique_graphs"]
 
 
 def mark_dynamic_dims(kwargs: dict) -> None:
@@ -85,6 +86,19 @@ class CompiledForward:
             self.run = self.eager
             self.on_fallback(str(exc).splitlines()[0])
             return self.eager(*args, **kwargs)
+
+
+class WithoutDuckSizing:
+    """A compiled VAE part traced without dynamo's duck sizing: a square first call (1024²) would otherwise tie
+    height to width (a guard), and the first non-square request would compile again. Only at trace time does the
+    setting matter; it is set around the call, not for the process."""
+
+    def __init__(self, compiled: Callable):
+        self.compiled = compiled
+
+    def __call__(self, *args, **kwargs):
+        with torch.fx.experimental._config.patch(use_duck_shape=False):
+            return self.compiled(*args, **kwargs)
 
 
 class Compile(Optimization):
@@ -143,6 +157,8 @@ class Compile(Optimization):
         for part in self._vae_parts:
             # The VAE's only varying dimensions are its input's batch, height and width (channels follow the weights).
             part.compile(dynamic=dynamic, options=options or None)
+            if dynamic:  # what Module.compile set (undo clears it)
+                part._compiled_call_impl = WithoutDuckSizing(part._compiled_call_impl)
         parts = " and ".join(type(p).__name__ for p in self._vae_parts) or "(none found)"
         if dynamic:
             shapes = (
