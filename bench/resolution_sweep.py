@@ -21,6 +21,7 @@ import importlib.metadata
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -170,6 +171,7 @@ def main() -> int:
     parser.add_argument("--timeout-s", type=float, default=600)
     parser.add_argument("--log", type=Path, default=Path(tempfile.gettempdir()) / "resolution-sweep-service.log")
     args = parser.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a timeout still stops the service (finally, below)
     resolutions = list(PREFERRED_KONTEXT_RESOLUTIONS)[: args.limit]
     result: dict = {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "command": " ".join(sys.argv)}
     result["settings"] = {k: v for k, v in os.environ.items() if k.startswith("FLUX_")}
