@@ -34,6 +34,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.restart import stop  # noqa: E402
 from flux_kontext.resolution import PREFERRED_KONTEXT_RESOLUTIONS  # noqa: E402
 
 HOT = (1024, 1024)
@@ -69,11 +70,7 @@ def service(port: int, timeout_s: float, log_path: Path):
                 raise RuntimeError(f"the service failed to start: {response.json().get('reason')}")
             time.sleep(0.5)
     finally:
-        process.terminate()
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            process.kill()
+        stop(process)
         if caches is not None:
             caches.cleanup()
 

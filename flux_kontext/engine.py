@@ -186,7 +186,7 @@ class Engine:
         one. Without compiled code (the CPU path) one small edit checks the whole path."""
         start = time.perf_counter()
         seed = self.settings.seed_for_warmup
-        self.shapes.strategy = compile_strategy(self.reports)
+        self.shapes.start_warmup(compile_strategy(self.reports))
         plan = warmup_plan(self.settings.warmup_shapes, self.shapes.strategy)
         variants = self.stack.warmup_job_variants()  # job fields: flags switched off, adapters on, ...
         runs = 0

@@ -153,6 +153,11 @@ class ShapeReadiness:
         self.requests_that_compiled = 0
         self._lock = threading.Lock()  # written by the GPU worker, read by /health
 
+    def start_warmup(self, strategy: str) -> None:
+        """A warm-up begins (again, after an undo): what the last one recorded no longer holds."""
+        self.strategy = strategy
+        self.warmed.clear()
+
     def record_warmup(self, shape: Shape, result: JobResult, seconds: float) -> None:
         compiled = graphs_compiled_by(result)
         entry = self.warmed.setdefault(shape.key, {"graphs_compiled": 0, "seconds": 0.0})
