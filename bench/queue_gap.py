@@ -1,7 +1,8 @@
 """Host gap between jobs: with a queue of jobs waiting, the time from one job's engine end to the next job's engine
 start. The service runs in this process (uvicorn in a thread, the engine's ``generate`` timed at entry and exit);
-``--clients`` requests are sent at once, so the queue is full while the event loop also answers the finished ones
-(JSON, base64, PNG encoding in threads). CPU and the tiny model are enough: the gap is host work.
+``--clients`` requests are sent at once and held until every one is queued, so each gap is host work between two
+queued jobs while the event loop also answers the finished ones (JSON, base64, PNG encoding in threads). CPU and
+the tiny model are enough: the gap is host work.
 
     python bench/queue_gap.py --out bench/results/queue-gap-cpu.json
 """
@@ -33,8 +34,10 @@ class TimedEngine(Engine):
     """The serving engine, with each job's (start, end) on the GPU worker recorded."""
 
     spans: list[tuple[float, float]] = []
+    gate = threading.Event()  # jobs wait here until the whole burst is queued
 
     def generate(self, job):
+        self.gate.wait()
         start = time.perf_counter()
         try:
             return super().generate(job)
@@ -43,8 +46,18 @@ class TimedEngine(Engine):
 
 
 async def burst(base: str, clients: int, body: dict) -> list[int]:
+    """``clients`` requests at once; the first job starts once all are queued (one running, the rest waiting)."""
+    TimedEngine.gate.clear()
+
+    async def open_the_gate():
+        async with httpx.AsyncClient(base_url=base, timeout=60) as probe:
+            while (await probe.get("/health")).json()["queue"]["depth"] < clients:
+                await asyncio.sleep(0.01)
+        TimedEngine.gate.set()
+
     async with httpx.AsyncClient(base_url=base, timeout=600) as client:
-        responses = await asyncio.gather(*(client.post("/inference", json=body) for _ in range(clients)))
+        posts = [client.post("/inference", json=body) for _ in range(clients)]
+        responses, _ = await asyncio.gather(asyncio.gather(*posts), open_the_gate())
     return [r.status_code for r in responses]
 
 
