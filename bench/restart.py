@@ -47,12 +47,17 @@ def one_start(cache_dir: Path, timeout_s: float, port: int) -> dict:
                 break
             time.sleep(0.5)
     finally:
-        process.terminate()
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            process.kill()
+        stop(process)
     return row
+
+
+def stop(process: subprocess.Popen) -> None:
+    """SIGTERM (the service drains), then SIGKILL if it has not exited within 30 s."""
+    process.terminate()
+    try:
+        process.wait(30)
+    except subprocess.TimeoutExpired:
+        process.kill()
 
 
 def main() -> int:

@@ -16,7 +16,6 @@ import threading
 import time
 
 import torch
-from PIL import Image
 
 from flux_kontext.device import Device, is_sticky_gpu_error, resolve_device, resolve_dtype, seconds_since_process_start
 from flux_kontext.generation import Generation, output_size
@@ -26,6 +25,7 @@ from flux_kontext.memory_plan import GIB, ModelSizes, Request, plan_for_settings
 from flux_kontext.models import LoadedModel, load_model
 from flux_kontext.settings import Settings
 from flux_kontext.stack import Report, Stack, stack_for
+from flux_kontext.warmup_shapes import ShapeReadiness, captured_graph_shapes, compile_strategy, warmup_plan
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +66,7 @@ class Engine:
         self.startup_seconds: dict[str, float | None] = {}
         self.load_memory: dict[str, float | None] = {}
         self._stack_hardware = self.hardware.for_stack()
+        self.shapes = ShapeReadiness()  # per request shape: ready before /health is 200, or not (why)
         self._lock = threading.Lock()
 
     @property
@@ -178,24 +179,34 @@ class Engine:
         self._warm_up()
 
     def _warm_up(self) -> None:
-        """Run the shapes the benchmarks use, with each per-request switch on and off, so compiled code exists.
+        """Run every shape a request can bring (flux_kontext/warmup_shapes.py), so that compiled code exists for each
+        before /health is 200; the 1024² shapes also with each per-request switch off (their compiled variants).
 
-        On the GPU that is a 1024² edit and a 1024² text-to-image (code is compiled here, before /health is 200);
-        on the CPU one small edit checks the whole path.
-        """
+        On the GPU the 1024² edit and text-to-image run two steps (their CUDA graphs are captured here); the rest
+        one. Without compiled code (the CPU path) one small edit checks the whole path."""
         start = time.perf_counter()
         seed = self.settings.seed_for_warmup
-        if self.hardware.is_cuda:
-            image = Image.new("RGB", (1024, 1024), (128, 64, 32))
-            jobs = [Job(prompt="warm-up", seed=seed, image=image, steps=2), Job(prompt="warm-up", seed=seed, steps=2)]
-        else:
-            jobs = [Job(prompt="warm-up", seed=seed, image=Image.new("RGB", (64, 48), (128, 64, 32)), steps=2)]
-        variants = self.stack.warmup_job_variants()
+        self.shapes.start_warmup(compile_strategy(self.reports))
+        plan = warmup_plan(self.settings.warmup_shapes, self.shapes.strategy)
+        variants = self.stack.warmup_job_variants()  # job fields: flags switched off, adapters on, ...
+        runs = 0
         for fields in variants:
-            for job in jobs:
-                self._generate(dataclasses.replace(job, **fields))
+            default = fields == {"flags": {}}
+            for planned in plan:
+                if not default and not planned.all_variants:
+                    continue
+                job_start = time.perf_counter()
+                result = self._generate(dataclasses.replace(planned.shape.job(seed, planned.steps), **fields))
+                if default:
+                    self.shapes.record_warmup(planned.shape, result, time.perf_counter() - job_start)
+                runs += 1
         self.warmup_seconds = time.perf_counter() - start
-        log.info("warm-up: %d generations in %.1f s", len(variants) * len(jobs), self.warmup_seconds)
+        log.info("warm-up: %d generations in %.1f s (%s shapes)", runs, self.warmup_seconds, self.shapes.strategy)
+
+    def shapes_report(self) -> dict:
+        """/health's ``shapes``: per shape class, how each is served (warmup_shapes.Readiness), and which
+        hold CUDA graphs."""
+        return self.shapes.report(captured_graph_shapes(self.reports))
 
     # ----- generation ------------------------------------------------------------------------------
     def check(self, job: Job) -> None:
@@ -208,7 +219,7 @@ class Engine:
         if not self.ready:
             raise EngineNotReady(f"engine is {self.state}: {self.reason}")
         try:
-            return self._generate(job)
+            result = self._generate(job)
         except torch.OutOfMemoryError as exc:
             self.hardware.release_memory()
             raise EngineOutOfMemory(
@@ -222,6 +233,8 @@ class Engine:
                 self._set_state("failed", f"GPU error, the process needs a restart: {exc}")
                 raise EngineNotReady(self.reason) from exc
             raise
+        self.shapes.record_request(job, result)
+        return result
 
     def _generate(self, job: Job) -> JobResult:
         with self._lock:

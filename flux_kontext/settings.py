@@ -56,6 +56,13 @@ class ServiceSettings(BaseModel):
     )
     request_timeout_s: float = Field(600.0, gt=0, description="Longest a request waits for its result.")
     warmup: bool = Field(True, description="Run the warm-up generations (and compile, on a GPU) before ready.")
+    warmup_shapes: Literal["all", "minimal"] = Field(
+        "all",
+        description="With compiled code for dynamic shapes (FLUX_COMPILE_DYNAMIC): 'all' runs every shape a request "
+        "can bring once before ready (the 17 preferred resolutions for edit and text-to-image, num_images 1-4, true "
+        "CFG, an explicit size), so none compiles at request time; 'minimal' only the 1024² edit and "
+        "text-to-image. /health's 'shapes' says which are ready.",
+    )
     max_sequence_length: int | None = Field(
         None, ge=16, le=512, description="T5 tokens; default 512 (real/random) or 64 (tiny)."
     )
@@ -390,6 +397,12 @@ class CompileSettings(BaseModel):
         "torch/GPU/settings fingerprint): a restart on the same fingerprint reuses the compiled code; unset: the "
         "process defaults, not kept by the service.",
     )
+    compile_dynamic: bool = Field(
+        True,
+        description="Compile the blocks for dynamic batch and token dimensions and the VAE for dynamic batch, height "
+        "and width: one graph per part serves every size (as fast as static ones: BENCHMARKS.md, Shapes); false: "
+        "one static graph per shape, each new shape compiling on its first request.",
+    )
 
     @model_validator(mode="after")
     def _compile_rules(self):
@@ -403,7 +416,17 @@ class CudaGraphsSettings(BaseModel):
         True, description="CUDA graph per transformer block and input shape (GPU only; per request: use_cuda_graphs)."
     )
     cuda_graph_max_shapes: int = Field(
-        4, ge=1, le=64, description="Input shapes whose graphs are kept (memory per shape: BENCHMARKS.md); LRU beyond."
+        64,
+        ge=1,
+        le=256,
+        description="At most this many input shapes keep their graphs (memory per shape: BENCHMARKS.md); fewer when "
+        "free GPU memory runs short (FLUX_CUDA_GRAPH_MIN_FREE_GIB); least recently used evicted.",
+    )
+    cuda_graph_min_free_gib: float = Field(
+        20.0,
+        ge=0,
+        description="GPU memory left free for requests' activations after a capture: least recently used shapes' "
+        "graphs are evicted until this much is free again (the newest always stays).",
     )
 
 

@@ -189,6 +189,36 @@ def test_least_recently_used_shape_is_evicted_and_recaptured_when_it_returns():
     assert manager.counts["captured"] == 3 * 5  # 64, then 32, then 64 again after its eviction
 
 
+class MemoryGauge(RerunBackend):
+    """A backend that says how much device memory is free: what the test sets, minus 10 per graph captured."""
+
+    def __init__(self, free: int):
+        super().__init__()
+        self.free = free
+
+    def free_bytes(self) -> int:
+        return self.free - 10 * self.captures
+
+
+@torch.inference_mode()
+def test_shapes_are_evicted_while_free_memory_is_below_the_floor_and_the_newest_always_stays():
+    reference_model, transformer = small_transformer(), small_transformer()
+    backend, published = MemoryGauge(free=1000), []
+    manager = graphed(transformer, backend, max_shapes=8, on_shapes=published.append, min_free_bytes=900)
+    for tokens in (64, 64, 32, 32):  # two shapes captured (10 graphs: 900 left): both fit
+        torch.testing.assert_close(calls(transformer, [5], tokens)[0], calls(reference_model, [5], tokens)[0])
+    channels = TINY_TRANSFORMER["in_channels"]
+    assert len(published[-1]) == 2 and manager.evictions == 0
+    backend.free = 950  # memory got short: the next capture drops the least recently used shape
+    for tokens in (16, 16):
+        torch.testing.assert_close(calls(transformer, [5], tokens)[0], calls(reference_model, [5], tokens)[0])
+    assert published[-1] == [[[1, 16, channels], [1, 8, 32]]] and manager.evictions == 2
+    assert manager.free_bytes == 950 - 10 * backend.captures
+    backend.free = 0  # nothing left at all: the shape being captured still keeps its graphs
+    calls(transformer, [5, 5], 48)
+    assert published[-1] == [[[1, 48, channels], [1, 8, 32]]]
+
+
 @torch.inference_mode()
 def test_clear_drops_every_graph_and_the_shapes_are_captured_again():
     reference_model, transformer = small_transformer(), small_transformer()
@@ -211,7 +241,7 @@ def test_a_capture_that_fails_turns_graphs_off_says_why_and_the_call_still_succe
     stack, opt = graphs_stack(transformer, RerunBackend(fail=True))
     with stack.request(job()) as run:
         calls(transformer, [1])  # first sight of the shape: nothing is captured yet
-    assert opt.report().status == "applied" and "captured_shapes" not in opt.report().data
+    assert opt.report().status == "applied" and opt.report().data["captured_shapes"] == []
     assert run.counters["cuda_graphs"] == {"replayed": 0, "captured": 0, "eager": 5}
     got = []
     for seed in (1, 2, 3):

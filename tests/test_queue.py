@@ -64,23 +64,40 @@ def test_a_caller_that_leaves_frees_its_place_and_its_job_is_skipped_or_stopped(
     assert ran == ["running"]  # the waiting job never ran
 
 
-def test_a_dead_worker_refuses_new_jobs():
+class WorkerCrash(BaseException):
+    """Not an Exception: what a job's failure never is (those go to its caller), a crash of the worker itself."""
+
+
+def test_a_dead_worker_answers_its_jobs_and_refuses_new_ones():
     async def scenario():
-        queue = JobQueue(lambda job: job, max_waiting=1)
+        def run(job):
+            raise WorkerCrash("boom")
+
+        queue = JobQueue(run, max_waiting=1)
         queue.start()
-        queue._worker.cancel()  # stand-in for a crash: mark it as the callback would
-        await asyncio.sleep(0)
-        queue._on_worker_exit(FailedTask())
+        with pytest.raises(WorkerStopped, match="GPU worker stopped.*boom"):
+            await queue.submit(FakeJob("x"), 5)
         with pytest.raises(WorkerStopped, match="GPU worker stopped"):
-            await queue.submit(FakeJob("x"), 1)
+            await queue.submit(FakeJob("y"), 1)
         await queue.stop()
 
     run_async(scenario())
 
 
-class FailedTask:
-    def cancelled(self):
-        return False
+def test_jobs_run_in_order_and_a_failing_job_fails_only_its_caller():
+    async def scenario():
+        def run(job):
+            if job.name == "bad":
+                raise ValueError("bad job")
+            return job.name
 
-    def exception(self):
-        return RuntimeError("boom")
+        queue = JobQueue(run, max_waiting=4)
+        queue.start()
+        names = ["a", "bad", "b"]
+        results = await asyncio.gather(*(queue.submit(FakeJob(n), 5) for n in names), return_exceptions=True)
+        await queue.stop()
+        return results
+
+    first, failed, last = run_async(scenario())
+    assert first[0] == "a" and last[0] == "b"
+    assert isinstance(failed, ValueError) and "bad job" in str(failed)

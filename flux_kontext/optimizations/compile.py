@@ -6,7 +6,14 @@ Default mode, not max-autotune: on an FP8 FLUX block autotuning measured no fast
 the same steady-state speed, a fraction of the start-up. It fills the blocks' ``compiled`` slot: whatever sits in
 ``body`` (diffusers' forward or our fused one) is compiled, and the CUDA graphs and the first-block cache's hooks
 sit above the compiled code, so the cache's per-step decision is no graph break. VAE figures: bench/vae.py,
-BENCHMARKS.md. Warm-up compiles the 1024² shapes; another resolution compiles on its first request.
+BENCHMARKS.md.
+
+Shapes (FLUX_COMPILE_DYNAMIC, on by default): a request's size changes the blocks' token count (resolution, plus
+the context image's tokens for an edit) and batch (num_images); the VAE's height, width and batch. Compiled for
+those dimensions as symbols, one graph serves every resolution, explicit sizes included, so warm-up can cover
+every shape a request can bring (flux_kontext/warmup_shapes.py) and nothing compiles at request time; static
+compilation would compile again per shape (tens of seconds each). Which one keeps the step fastest was measured
+(bench/compile_shapes.py, BENCHMARKS.md "Shapes"). Every compile is counted (``graphs_compiled``, per request too).
 
 With FLUX_COMPILE_CACHE_DIR, Inductor's and Triton's on-disk caches live in a directory per torch/GPU/settings
 fingerprint under it (compile_cache.py), so a restart on a kept directory reuses the compiled code; the report
@@ -15,20 +22,44 @@ says which directory, its fingerprint, and whether it held compiled artifacts at
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable
 
 import torch
 from torch._dynamo.exc import FailOnRecompileLimitHit
 
+from flux_kontext.jobs import Job
 from flux_kontext.optimizations import compile_cache
-from flux_kontext.stack import APPLY, Decision, Hardware, Model, Optimization, Outcome, skip
+from flux_kontext.stack import APPLY, Decision, Hardware, Model, Optimization, Outcome, RequestRun, skip
 
 log = logging.getLogger(__name__)
 
 # Variants per block type: static shapes, then dynamic ones after a second resolution. dynamo's limit is process
 # configuration; it is only ever raised here, so another engine in the process is not slowed by it.
 RECOMPILE_LIMIT = 64
+
+# The dimensions of a block's inputs that change between requests: batch (num_images) and tokens (the resolution,
+# plus the context image's tokens in an edit). Text tokens (max_sequence_length) and widths stay static.
+BLOCK_DYNAMIC_DIMS = {"hidden_states": (0, 1), "encoder_hidden_states": (0,), "temb": (0,), "image_rotary_emb": (0,)}
+
+
+def graphs_compiled() -> int:
+    """Graphs dynamo has compiled in this process so far, recompiles included (one serving engine per process: they
+    are its own)."""
+    return torch._dynamo.utils.counters["stats"]["unique_graphs"]
+
+
+def mark_dynamic_dims(kwargs: dict) -> None:
+    """Mark the varying dimensions of a block's keyword inputs as dynamic, so the first compile already serves
+    every size. ``maybe_mark_dynamic``: a dimension of size 1 (one image) may still be specialized, never an error;
+    the next batch size then compiles once for all batch sizes above one."""
+    for name, dims in BLOCK_DYNAMIC_DIMS.items():
+        value = kwargs.get(name)
+        for tensor in value if isinstance(value, tuple | list) else (value,):
+            if isinstance(tensor, torch.Tensor):
+                for dim in dims:
+                    torch._dynamo.maybe_mark_dynamic(tensor, dim)
 
 
 class CompiledForward:
@@ -38,19 +69,36 @@ class CompiledForward:
     (too many distinct shapes): that block then runs eager from here on, and ``on_fallback`` says so in the report.
     """
 
-    def __init__(self, eager: Callable, options: dict, on_fallback: Callable[[str], None]):
+    def __init__(self, eager: Callable, options: dict, on_fallback: Callable[[str], None], dynamic: bool):
         self.eager = eager
         self.__wrapped__ = eager  # inspect.signature sees the block's own parameters
         self.on_fallback = on_fallback
-        self.run = torch.compile(eager, fullgraph=True, options=options or None)
+        self.dynamic = dynamic
+        # dynamic=False: a graph per shape; None: dynamo's default, with the varying dimensions marked (below).
+        self.run = torch.compile(eager, fullgraph=True, dynamic=None if dynamic else False, options=options or None)
 
     def __call__(self, *args, **kwargs):
+        if self.dynamic and self.run is not self.eager:
+            mark_dynamic_dims(kwargs)  # diffusers calls the blocks with keywords
         try:
             return self.run(*args, **kwargs)
         except FailOnRecompileLimitHit as exc:  # raised before the frame runs: nothing was computed
             self.run = self.eager
             self.on_fallback(str(exc).splitlines()[0])
             return self.eager(*args, **kwargs)
+
+
+class WithoutDuckSizing:
+    """A compiled VAE part traced without dynamo's duck sizing: a square first call (1024²) would otherwise tie
+    height to width (a guard), and the first non-square request would compile again. Only at trace time does the
+    setting matter; it is set around the call, not for the process."""
+
+    def __init__(self, compiled: Callable):
+        self.compiled = compiled
+
+    def __call__(self, *args, **kwargs):
+        with torch.fx.experimental._config.patch(use_duck_shape=False):
+            return self.compiled(*args, **kwargs)
 
 
 class Compile(Optimization):
@@ -66,11 +114,13 @@ class Compile(Optimization):
         "lora",
     )
     undoable = True
+    counters = True  # graphs compiled during each request (none, once warm-up covered its shape)
 
     def __init__(self, settings):
         super().__init__(settings)
         self._model: Model | None = None
         self._vae_parts: list[torch.nn.Module] = []
+        self._compiled_at_apply = 0
 
     def decide(self, hardware: Hardware) -> Decision:
         if not hardware.is_cuda:
@@ -98,20 +148,49 @@ class Compile(Optimization):
             getattr(model.pipe.transformer, "dtype", None),
         )
         self._model = model
+        self._compiled_at_apply = graphs_compiled()
         transformer, vae = model.pipe.transformer, model.pipe.vae
-        options = self.inductor_options()
+        options, dynamic = self.inductor_options(), self.settings.compile_dynamic
         for block in [*transformer.transformer_blocks, *transformer.single_transformer_blocks]:
-            model.slots.set(block, "compiled", lambda inner: CompiledForward(inner, options, self._fell_back))
+            model.slots.set(block, "compiled", lambda inner: CompiledForward(inner, options, self._fell_back, dynamic))
         self._vae_parts = [part for part in (getattr(vae, "encoder", None), getattr(vae, "decoder", None)) if part]
         for part in self._vae_parts:
-            part.compile(options=options or None)
+            # The VAE's only varying dimensions are its input's batch, height and width (channels follow the weights).
+            part.compile(dynamic=dynamic, options=options or None)
+            if dynamic:  # what Module.compile set (undo clears it)
+                part._compiled_call_impl = WithoutDuckSizing(part._compiled_call_impl)
         parts = " and ".join(type(p).__name__ for p in self._vae_parts) or "(none found)"
+        if dynamic:
+            shapes = (
+                "compiled for dynamic shapes (blocks: batch and tokens; VAE: batch, height and width): one graph "
+                "serves every resolution"
+            )
+        else:
+            shapes = "static shapes (FLUX_COMPILE_DYNAMIC=false): each new shape compiles on its first call"
         return Outcome.applied(
             "regional torch.compile of the FluxTransformerBlock and FluxSingleTransformerBlock forward (default mode, "
-            f"fullgraph{', Inductor multi-kernel' if options else ''}) and of the VAE {parts}; warm-up compiles the "
-            "1024² shapes, another resolution compiles on its first request; " + caches.detail,
+            f"fullgraph{', Inductor multi-kernel' if options else ''}) and of the VAE {parts}, {shapes}; "
+            + caches.detail,
             **caches.data(),
+            dynamic_shapes=dynamic,
+            dynamic_dims={
+                "transformer_blocks": {name: list(dims) for name, dims in BLOCK_DYNAMIC_DIMS.items()},
+                "vae": ["batch", "height", "width"],
+            }
+            if dynamic
+            else {},
+            graphs_compiled=0,
         )
+
+    @contextlib.contextmanager
+    def active(self, job: Job, run: RequestRun):
+        """Counts the graphs compiled while this request ran (0 when its shapes were already compiled)."""
+        before = graphs_compiled()
+        yield
+        compiled = graphs_compiled() - before
+        run.counters[self.name] = {"graphs_compiled": compiled}
+        if compiled:
+            self._note(graphs_compiled=graphs_compiled() - self._compiled_at_apply)
 
     def undo(self) -> None:
         self._model.slots.clear_everywhere("compiled")

@@ -42,6 +42,7 @@ MAX_SUFFIX = 100
 CODE_SETTINGS = (
     "compile",
     "compile_multi_kernel",
+    "compile_dynamic",
     "fuse_qkv",
     "channels_last",
     "attention",

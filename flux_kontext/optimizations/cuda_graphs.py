@@ -17,8 +17,10 @@ How a block's graph is built and replayed (``GraphedBlock``):
   the cache's residual arithmetic, norm_out) reads them before that, within the same transformer call.
 
 Memory: each captured shape keeps every block's outputs and one block's intermediates (sizes in BENCHMARKS.md, "CUDA
-graphs"); at most FLUX_CUDA_GRAPH_MAX_SHAPES shapes are kept, least recently used evicted. A capture that fails
-turns graphs off for good (the report says why); requests go on without.
+graphs"); at most FLUX_CUDA_GRAPH_MAX_SHAPES shapes are kept, and fewer when free GPU memory falls below
+FLUX_CUDA_GRAPH_MIN_FREE_GIB after a capture: least recently used evicted, so the number of shapes kept follows the
+memory the card has left (/health lists the captured shapes and the evictions). A capture that fails turns graphs
+off for good (the report says why); requests go on without.
 
 It fills the blocks' ``graphed`` slot, above ``compiled`` (whose kernels it captures); the first-block cache's hooks
 sit above it. Memory figures: BENCHMARKS.md.
@@ -86,15 +88,26 @@ class CudaGraphs(Optimization):
         return APPLY
 
     def apply(self, model: Model) -> Outcome:
-        max_shapes = self.settings.cuda_graph_max_shapes
-        self.manager = GraphManager(self.backend_factory(), max_shapes, self._shapes_changed, self._failed)
+        max_shapes, min_free_gib = self.settings.cuda_graph_max_shapes, self.settings.cuda_graph_min_free_gib
+        self.manager = GraphManager(
+            self.backend_factory(),
+            max_shapes,
+            self._shapes_changed,
+            self._failed,
+            min_free_bytes=int(min_free_gib * 2**30),
+        )
         self.manager.variant = lambda: tuple(variant() for variant in model.graph_variants)
         install(model.pipe.transformer, model.slots, self.manager)
         self._model = model
         return Outcome.applied(
             "one CUDA graph per transformer block and input shape, captured on a shape's second call, chained block "
             "to block without copies; works under the first-block cache (its decision stays between replays); up to "
-            f"{max_shapes} shapes kept (FLUX_CUDA_GRAPH_MAX_SHAPES); per request: use_cuda_graphs"
+            f"{max_shapes} shapes kept (FLUX_CUDA_GRAPH_MAX_SHAPES) while {min_free_gib:g} GiB stay free "
+            "(FLUX_CUDA_GRAPH_MIN_FREE_GIB), least recently used evicted; per request: use_cuda_graphs",
+            captured_shapes=[],
+            evictions=0,
+            max_shapes=max_shapes,
+            min_free_gib=min_free_gib,
         )
 
     def undo(self) -> None:
@@ -130,7 +143,12 @@ class CudaGraphs(Optimization):
             )
 
     def _shapes_changed(self, shapes: list) -> None:
-        self._note(captured_shapes=shapes, evictions=self.manager.evictions)
+        free = self.manager.free_bytes
+        self._note(
+            captured_shapes=shapes,
+            evictions=self.manager.evictions,
+            free_gib_after_capture=None if free is None else round(free / 2**30, 2),
+        )
 
     def _failed(self, reason: str) -> None:
         self._record("failed", f"capture failed, graphs are off: {reason}")

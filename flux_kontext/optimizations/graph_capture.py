@@ -20,6 +20,12 @@ class CudaGraphBackend:
     def __init__(self):
         self.pool = torch.cuda.graph_pool_handle()
 
+    @staticmethod
+    def free_bytes() -> int:
+        """Device memory a request could still use: free on the device plus what the caching allocator holds unused."""
+        free, _ = torch.cuda.mem_get_info()
+        return free + torch.cuda.memory_reserved() - torch.cuda.memory_allocated()
+
     def new_pool(self) -> None:
         """A fresh pool: once its last graph is gone, a pool cannot be captured into again (allocator assert)."""
         self.pool = torch.cuda.graph_pool_handle()
@@ -66,9 +72,13 @@ class GraphManager:
         max_shapes: int = 4,
         on_shapes: Callable[[list], None] | None = None,
         on_failure: Callable[[str], None] | None = None,
+        min_free_bytes: int = 0,
     ):
         self.backend = backend
         self.max_shapes = max_shapes
+        # Graphs hold memory (every block's outputs per shape): older shapes go when less than this is left free.
+        self.min_free_bytes = min_free_bytes
+        self.free_bytes: int | None = None  # measured after the last capture (None: the backend cannot say)
         self.enabled = True  # per request (use_cuda_graphs)
         self.failure: str | None = None
         self.evictions = 0  # shapes dropped by the LRU since start (/health, /metrics)
@@ -150,12 +160,25 @@ class GraphManager:
                     self._outputs.pop(self._key(t), None)
         self._shared = {k: v for k, v in self._shared.items() if k[0] != shape}
 
+    def _measure_free(self) -> int | None:
+        measure = getattr(self.backend, "free_bytes", None)
+        self.free_bytes = measure() if measure is not None else None
+        return self.free_bytes
+
+    def _short_of_memory(self) -> bool:
+        if not self.min_free_bytes or len(self._shapes) < 2:  # the shape being captured always stays
+            return False
+        free = self._measure_free()
+        return free is not None and free < self.min_free_bytes
+
     def _evict_over_limit(self) -> None:
-        while len(self._shapes) > self.max_shapes:
+        while len(self._shapes) > self.max_shapes or self._short_of_memory():
             shape = next(iter(self._shapes))  # least recently used
-            log.info("CUDA graphs: evicting shape %s (%d graphs)", shape, len(self._shapes[shape]))
+            why = "memory" if len(self._shapes) <= self.max_shapes else "count"
+            log.info("CUDA graphs: evicting shape %s (%d graphs; %s)", shape, len(self._shapes[shape]), why)
             self.evictions += 1
             self._forget(shape)
+        self._measure_free()
 
     def clear(self) -> None:
         """Drop every graph; each shape is run, then captured again on its next calls."""

@@ -1,0 +1,143 @@
+"""Warm-up shapes: which shapes warm-up plans for the settings, what /health says is ready, and that compile for
+dynamic shapes serves a size warm-up never ran without compiling again (dynamo for real, with its eager backend on
+the CPU: the graphs it traces and the recompiles it counts are the ones Inductor would get on the GPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+from flux_kontext.engine import Engine
+from flux_kontext.optimizations.compile import Compile
+from flux_kontext.resolution import PREFERRED_KONTEXT_RESOLUTIONS
+from flux_kontext.service import create_app
+from flux_kontext.settings import Settings
+from flux_kontext.stack import APPLY, Stack
+from flux_kontext.warmup_shapes import Shape, ShapeReadiness, warmup_plan
+from tests.conftest import wait_ready
+
+REAL_COMPILE = torch.compile
+
+
+def planned(warmup_shapes: str, strategy: str) -> list[str]:
+    return [p.shape.key for p in warmup_plan(warmup_shapes, strategy)]
+
+
+def test_dynamic_compile_warms_every_preferred_resolution_both_modes_batches_true_cfg_and_an_explicit_size():
+    keys = planned("all", "dynamic")
+    for width, height in PREFERRED_KONTEXT_RESOLUTIONS:
+        assert f"edit {width}x{height}" in keys and f"text_to_image {width}x{height}" in keys
+    for n in (2, 3, 4):
+        assert f"edit 1024x1024 x{n}" in keys and f"text_to_image 1024x1024 x{n}" in keys
+    assert {"edit 1024x1024 true_cfg", "text_to_image 1024x1024 true_cfg"} <= set(keys)
+    assert {"text_to_image 1280x720", "edit 1280x720 context 1024x1024"} <= set(keys)
+    assert len(keys) == len(set(keys)) == 17 * 2 + 3 * 2 + 2 + 2
+    # The 1024² shapes first and with two steps (their CUDA graphs are captured at warm-up); the rest one step.
+    plan = warmup_plan("all", "dynamic")
+    assert [(p.shape.key, p.steps, p.all_variants) for p in plan[:2]] == [
+        ("edit 1024x1024", 2, True),
+        ("text_to_image 1024x1024", 2, True),
+    ]
+    assert {p.steps for p in plan[2:]} == {1} and not any(p.all_variants for p in plan[2:])
+
+
+def test_static_compile_or_minimal_warms_only_the_1024_shapes_and_without_compile_one_small_edit():
+    assert planned("all", "static") == planned("minimal", "dynamic") == ["edit 1024x1024", "text_to_image 1024x1024"]
+    assert planned("all", "eager") == ["edit 1184x880"]  # the 64x48 check image, snapped
+
+
+def test_the_warm_up_jobs_have_the_shape_they_stand_for():
+    job = Shape("edit", 1280, 720, num_images=3, true_cfg=True, context=(1024, 1024)).job(seed=5, steps=1)
+    assert job.image.size == (1024, 1024) and (job.width, job.height) == (1280, 720)
+    assert job.num_images == 3 and job.true_cfg_scale > 1 and job.negative_prompt and job.steps == 1
+    assert Shape("edit", 1280, 720, context=(1024, 1024)).tokens == 80 * 45 + 64 * 64
+    assert Shape("text_to_image", 672, 1568).job(seed=0, steps=1).image is None
+
+
+@pytest.mark.parametrize(
+    ("strategy", "unwarmed"), [("dynamic", "dynamic"), ("static", "will compile"), ("eager", "eager")]
+)
+def test_readiness_of_shapes_warm_up_ran_and_did_not_run(strategy, unwarmed):
+    readiness = ShapeReadiness()
+    readiness.strategy = strategy
+    readiness.warmed["edit 1024x1024"] = {"graphs_compiled": 2, "seconds": 1.0}
+    report = readiness.report(captured_shapes=[[[1, 8192, 64], [1, 512, 4096]]])
+    warmed = "eager" if strategy == "eager" else "compiled"
+    assert report["preferred"]["edit"]["1024x1024"] == {"code": warmed, "cuda_graphs": "captured"}
+    assert report["preferred"]["text_to_image"]["1024x1024"] == {"code": unwarmed, "cuda_graphs": "not captured"}
+    assert report["num_images_1024"]["edit"]["4"]["code"] == unwarmed
+    assert report["explicit_sizes"] == unwarmed
+    assert "cuda_graphs" not in readiness.report(None)["preferred"]["edit"]["1024x1024"]  # graphs not applied
+
+
+def test_health_on_the_cpu_says_every_shape_runs_eager_and_a_non_warmed_explicit_size_works(client):
+    shapes = client.get("/health").json()["shapes"]
+    assert shapes["strategy"] == "eager" and shapes["explicit_sizes"] == "eager"
+    assert list(shapes["warmed"]) == ["edit 1184x880"]
+    assert len(shapes["preferred"]["edit"]) == len(shapes["preferred"]["text_to_image"]) == 17
+    response = client.post("/inference", json={"prompt": "a boat", "width": 272, "height": 400, "steps": 1})
+    assert response.status_code == 200, response.text
+    image = response.json()["images"][0]
+    assert (image["width"], image["height"]) == (272, 400)
+    assert client.get("/health").json()["shapes"]["compiled_after_ready"] == {"requests": 0, "graphs_by_shape": {}}
+
+
+# ----- compile for dynamic shapes, traced by dynamo for real (its eager backend: no C++ compiler needed) -----------
+class CompileOnCpu(Compile):
+    """compile applied on the CPU (it is for the GPU path otherwise); the backend is dynamo's eager one."""
+
+    def decide(self, hardware):
+        return APPLY
+
+
+@pytest.fixture
+def dynamo_eager(monkeypatch):
+    def eager_backend(fn, **kwargs):
+        kwargs.pop("options", None)
+        return REAL_COMPILE(fn, backend="eager", **kwargs)
+
+    monkeypatch.setattr(torch, "compile", eager_backend)
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def compiled_app(**settings) -> TestClient:
+    settings = Settings(model="tiny", warmup_shapes="minimal", first_block_cache=False, **settings)
+    return TestClient(create_app(settings, lambda s: Engine(s, Stack([CompileOnCpu(s)]))))
+
+
+def new_size_request(client) -> dict:
+    """A size warm-up never ran (not square: a square warm-up must not tie height to width; on the CPU its latents
+    stay above the 20480 elements where the CPU's convolution backend choice changes, a CPU-only guard)."""
+    response = client.post("/inference", json={"prompt": "a boat", "width": 528, "height": 400, "steps": 1})
+    assert response.status_code == 200, response.text
+    return client.get("/health").json()
+
+
+def test_dynamic_compile_serves_a_size_warm_up_never_ran_without_compiling(dynamo_eager):
+    with compiled_app() as client:
+        health = wait_ready(client, timeout_s=300)
+        compile_report = next(r for r in health["optimizations"] if r["name"] == "compile")
+        assert compile_report["status"] == "applied" and compile_report["data"]["dynamic_shapes"] is True
+        assert "hidden_states" in compile_report["data"]["dynamic_dims"]["transformer_blocks"]
+        shapes = health["shapes"]
+        assert shapes["strategy"] == "dynamic" and shapes["explicit_sizes"] == "dynamic"
+        assert shapes["preferred"]["edit"]["1024x1024"]["code"] == "compiled"
+        assert shapes["preferred"]["edit"]["672x1568"]["code"] == "dynamic"
+        assert shapes["warmed"]["edit 1024x1024"]["graphs_compiled"] > 0  # the first call compiled
+        after = new_size_request(client)["shapes"]["compiled_after_ready"]
+        assert after == {"requests": 0, "graphs_by_shape": {}}
+
+
+def test_static_compile_says_a_new_size_will_compile_and_counts_the_request_that_did(dynamo_eager):
+    with compiled_app(compile_dynamic=False) as client:
+        shapes = wait_ready(client, timeout_s=300)["shapes"]
+        assert shapes["strategy"] == "static" and shapes["explicit_sizes"] == "will compile"
+        assert shapes["preferred"]["text_to_image"]["672x1568"]["code"] == "will compile"
+        health = new_size_request(client)
+        after = health["shapes"]["compiled_after_ready"]
+        assert after["requests"] == 1 and after["graphs_by_shape"]["text_to_image 528x400"] > 0
+        compile_report = next(r for r in health["optimizations"] if r["name"] == "compile")
+        assert compile_report["data"]["dynamic_shapes"] is False and compile_report["data"]["graphs_compiled"] > 0
