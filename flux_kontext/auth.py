@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 PROBE_PATHS = frozenset({"/health/live", "/health/ready"})
 INFO_PATHS = frozenset({"/health", "/metrics", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
 PAGE_PATHS, PAGE_PREFIX = frozenset({"/"}), "/playground/"
-INFO_PREFIX = "/docs/"  # Swagger UI's and ReDoc's files (service.DOCS_ASSETS_URL), the OAuth2 redirect page
+INFO_PREFIX = "/docs/"  # Swagger UI's and ReDoc's files (docs_pages.DOCS_ASSETS_URL), the OAuth2 redirect page
 BENCHMARK_PATH = "/benchmark"
 # Requests that run generations; the per-key concurrency limit counts these (method, path).
 GENERATION_ROUTES = frozenset(

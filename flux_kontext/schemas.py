@@ -61,9 +61,7 @@ class InferenceRequest(BaseModel):
         "to the nearest preferred Kontext resolution; text-to-image is 1024.",
         examples=[None],
     )
-    height: int | None = Field(
-        None, ge=MIN_SIDE, le=MAX_SIDE, description="Output height; see width.", examples=[None]
-    )
+    height: int | None = Field(None, ge=MIN_SIDE, le=MAX_SIDE, description="Output height; see width.", examples=[None])
     aspect_ratio: str | None = Field(
         None,
         description=f"Instead of width/height: '{MATCH_INPUT_IMAGE}' (what an edit does by default) or 'W:H' from "

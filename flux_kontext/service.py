@@ -13,11 +13,11 @@ from typing import Literal
 
 from fastapi import FastAPI, Query, Request
 from fastapi.responses import JSONResponse, Response
-from fastapi_offline import FastAPIOffline
 
 from flux_kontext.auth import ApiKeyMiddleware
 from flux_kontext.benchmark import BenchmarkParams, run_benchmark
 from flux_kontext.cors import add_cors
+from flux_kontext.docs_pages import DocsImagePolicy, app_with_local_docs
 from flux_kontext.errors import ServiceError, install_error_handlers
 from flux_kontext.inference import image_response, image_wanted, raw_image_request, run_inference
 from flux_kontext.jobs import EngineNotReady, EngineOutOfMemory, Job, JobRejected, JobResult
@@ -38,7 +38,6 @@ from utils import MEDIA_TYPES
 
 log = logging.getLogger(__name__)
 ERRORS = {status: {"model": ErrorEnvelope} for status in (400, 409, 413, 415, 422, 429, 503, 504)}
-DOCS_ASSETS_URL = "/docs/assets"
 STOP_WAIT_S = 5.0  # after the drain timeout: how long the running job gets to reach its next step and stop
 STATES = "starting | loading | warming_up | ready | failed | draining"
 
@@ -263,15 +262,7 @@ def create_app(settings: Settings | None = None, engine_factory: Callable[[Setti
         finally:
             await service.queue.stop()
 
-    # /docs and /redoc with Swagger UI's and ReDoc's files from the fastapi-offline package (no CDN: they work
-    # offline), served under /docs/assets.
-    app = FastAPIOffline(
-        title="FLUX.1-Kontext optimized",
-        version="0.1.0",
-        lifespan=lifespan,
-        static_url=DOCS_ASSETS_URL,
-        swagger_ui_parameters={"validatorUrl": None},  # its badge would call validator.swagger.io
-    )
+    app = app_with_local_docs(title="FLUX.1-Kontext optimized", version="0.1.0", lifespan=lifespan)
     app.state.service = service
     install_error_handlers(app)
     from flux_kontext.protocols import async_jobs, openai_images  # routers over this Service (no cycle at import)
@@ -280,6 +271,7 @@ def create_app(settings: Settings | None = None, engine_factory: Callable[[Setti
     # Prefer: respond-async becomes POST /v1/jobs (metrics count it under that route); then the body (limit,
     # disconnect watch); outermost, count every response (413s included).
     app.add_middleware(async_jobs.RespondAsyncMiddleware)
+    app.add_middleware(DocsImagePolicy)
     app.add_middleware(RequestBodyMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(ApiKeyMiddleware, settings=settings)  # before the body is read: no key, no bytes buffered
     add_cors(app, settings.cors_origins)  # outside the key check: preflights carry no key, a 401 is readable

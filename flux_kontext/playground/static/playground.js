@@ -408,7 +408,8 @@ async function checkServer() {
 async function loadSchedulers() {
   try {
     const doc = await (await api("openapi.json")).json();
-    const field = doc.components.schemas.InferenceRequest.properties.scheduler;
+    const body = doc.paths["/inference"].post.requestBody.content["application/json"];
+    const field = body.schema.properties.scheduler;
     const names = (field.enum || (field.anyOf || []).flatMap((choice) => choice.enum || [])).filter(Boolean);
     const select = $("scheduler");
     for (const name of names) select.append(element("option", name, { value: name }));
