@@ -11,7 +11,7 @@ import pytest
 from flux_kontext.schedulers import SCHEDULERS
 from flux_kontext.schemas import InferenceRequest
 from tests.browser import offline_page
-from tests.conftest import image_bytes
+from tests.conftest import image_bytes, make_client
 from tests.live_server import live_server
 
 ASSET = re.compile(r"""(?:src|href|spec-url)\s*=\s*["']([^"']+)["']|\burl:\s*'([^']+)'""")
@@ -137,3 +137,11 @@ def test_redoc_renders_offline(browser, server):
         page.goto(f"{server}/redoc")
         page.wait_for_selector("text=/inference", timeout=30_000)
         assert refused == [] and errors == []
+
+
+def test_docs_assets_follow_the_docs_pages_key_policy():
+    asset = "/docs/assets/swagger-ui-bundle.js"
+    with make_client(api_keys=["docs-test-key-0123456789"]) as client:
+        assert client.get("/docs").status_code == 200 and client.get(asset).status_code == 200
+    with make_client(api_keys=["docs-test-key-0123456789"], auth_protect_info=True) as client:
+        assert client.get("/docs").status_code == 401 and client.get(asset).status_code == 401
