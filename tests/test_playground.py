@@ -3,6 +3,8 @@ the tiny model with API keys on, and no way out of the machine (any request else
 
 from __future__ import annotations
 
+import base64
+
 import httpx
 import pytest
 
@@ -135,3 +137,21 @@ def test_a_file_that_is_not_an_image_is_refused_in_the_page(page):
     message = shown_error(page)
     assert "notes.txt" in message and "PNG, JPEG or WebP" in message
     assert page.locator("#preview").is_hidden()
+
+
+def test_dropping_an_image_selects_it(page):
+    png = base64.b64encode(image_bytes(96, 64)).decode()
+    page.evaluate(
+        """(png) => {
+            const bytes = Uint8Array.from(atob(png), (c) => c.charCodeAt(0));
+            const transfer = new DataTransfer();
+            transfer.items.add(new File([bytes], "dropped.png", { type: "image/png" }));
+            const drop = document.getElementById("drop");
+            drop.dispatchEvent(new DragEvent("drop", { dataTransfer: transfer, bubbles: true, cancelable: true }));
+        }""",
+        png,
+    )
+    page.wait_for_function("() => document.getElementById('preview').naturalWidth > 0")
+    assert page.inner_text("#image-info").startswith("dropped.png · 96×64")
+    page.click("#clear-image")
+    assert page.locator("#preview").is_hidden() and page.inner_text("#image-info") == ""

@@ -302,7 +302,12 @@ function element(tag, text, attributes = {}) {
 
 // A seed the person typed may exceed what a JS number holds exactly: shown from what was typed.
 function seedOf(image, index) {
-  return state.seedGiven ? (BigInt(state.seedGiven) + BigInt(index)).toString() : String(image.seed);
+  try {
+    if (state.seedGiven) return (BigInt(state.seedGiven) + BigInt(index)).toString();
+  } catch (_) {
+    // not an integer as typed: the server's number
+  }
+  return String(image.seed);
 }
 
 function showResult(result, jobId) {
@@ -457,7 +462,7 @@ function init() {
   drop.addEventListener("drop", (event) => {
     event.preventDefault();
     drop.classList.remove("over");
-    setFile(event.dataTransfer.files[0] || null);
+    if (event.dataTransfer.files.length) setFile(event.dataTransfer.files[0]);
   });
 
   $("size").addEventListener("change", updateHints);
