@@ -22,10 +22,15 @@ def preflight(client, origin: str, path: str = "/v1/jobs"):
     return client.options(path, headers=headers)
 
 
+def app_client(**settings):
+    """The app without its lifespan: no model loads (a loader thread left running would draw from torch's global
+    random generator under later tests); CORS and the key check answer before any route."""
+    return make_client(**settings)
+
+
 @pytest.fixture(scope="module")
 def cors_client():
-    with make_client(cors_origins=[ALLOWED], api_keys=[KEY]) as client:
-        yield client
+    return app_client(cors_origins=[ALLOWED], api_keys=[KEY])
 
 
 def test_allowed_origin_preflight_is_answered(cors_client):
@@ -55,19 +60,18 @@ def test_errors_to_an_allowed_origin_are_readable(cors_client):
 
 
 def test_off_by_default():
-    with make_client() as client:
-        response = preflight(client, ALLOWED)
-        assert "access-control-allow-origin" not in response.headers
-        assert response.status_code == 405  # no CORS: OPTIONS is just a method no route has
-        response = client.get("/health/live", headers={"Origin": ALLOWED})
-        assert "access-control-allow-origin" not in response.headers
+    client = app_client()
+    response = preflight(client, ALLOWED)
+    assert "access-control-allow-origin" not in response.headers
+    assert response.status_code == 405  # no CORS: OPTIONS is just a method no route has
+    response = client.get("/health/live", headers={"Origin": ALLOWED})
+    assert "access-control-allow-origin" not in response.headers
 
 
 def test_any_origin():
-    with make_client(cors_origins=["*"]) as client:
-        response = preflight(client, "https://anywhere.example")
-        assert response.status_code == 200
-        assert response.headers["access-control-allow-origin"] == "*"
+    response = preflight(app_client(cors_origins=["*"]), "https://anywhere.example")
+    assert response.status_code == 200
+    assert response.headers["access-control-allow-origin"] == "*"
 
 
 @pytest.mark.parametrize("origin", ["https://app.example.com/", "app.example.com", "https://app.example.com/x"])
