@@ -112,6 +112,7 @@ class InferenceRequest(BaseModel):
         max_length=MAX_LORAS_FIELD,
         description="LoRA adapters to apply, by the names the server loaded (FLUX_LORAS; /health lists them), e.g. "
         '[{"name": "relight", "scale": 0.8}]; in a form, the same as a JSON text field.',
+        examples=[[]],  # none in the example request (Swagger UI's form then sends none)
     )
 
     @field_validator("loras", mode="before")
