@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Idempotent install into a virtual environment (default .venv; VENV=... to change).
 #   ./setup_flux_optimized.sh          runtime dependencies
-#   ./setup_flux_optimized.sh --dev    plus test and lint tools
+#   ./setup_flux_optimized.sh --dev    plus test and lint tools, and the browser test's Playwright and chromium
+#                                      (Debian's package, through apt-get when it is missing)
 #   ./setup_flux_optimized.sh --ray    plus Ray Serve (requirements-ray.txt; also FLUX_INSTALL_RAY=1)
 # Flags can be combined (--dev --ray: what CI runs); an unknown one is refused.
 # torch: a CUDA build where nvidia-smi sees a GPU, otherwise a CPU build. Override with
@@ -13,15 +14,42 @@ cd "$(dirname "$0")"
 VENV="${VENV:-.venv}"
 PYTHON="${PYTHON:-python3}"
 REQUIREMENTS=requirements.txt
+DEV=0
 RAY="${FLUX_INSTALL_RAY:-0}"
 for flag in "$@"; do
   case "$flag" in
-    --dev) REQUIREMENTS=requirements-dev.txt ;;
+    --dev) DEV=1; REQUIREMENTS=requirements-dev.txt ;;
     --ray) RAY=1 ;;
     -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d'; exit 0 ;;
     *) echo "unknown option: $flag (see $0 --help)" >&2; exit 2 ;;
   esac
 done
+
+# The browser tests drive Debian's chromium (Playwright cannot download its own browser here). Missing and not
+# installable (no apt-get, not root): said here, and those tests skip with the reason (outside CI).
+install_chromium() {
+  if command -v chromium >/dev/null 2>&1; then
+    return
+  fi
+  local sudo=()
+  if [[ "$(id -u)" != 0 ]]; then
+    if command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then
+      sudo=(sudo -n)
+    else
+      echo "chromium not installed (not root, no sudo): the browser tests will skip; install the chromium package"
+      return
+    fi
+  fi
+  if ! command -v apt-get >/dev/null 2>&1; then
+    echo "chromium not installed and apt-get is unavailable: the browser tests will skip; install chromium"
+    return
+  fi
+  echo "installing chromium (apt-get) for the browser tests"
+  if ! { "${sudo[@]}" apt-get update -qq && DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -qq \
+      --no-install-recommends chromium; } >/dev/null; then
+    echo "chromium could not be installed through apt-get: the browser tests will skip (CI fails them)"
+  fi
+}
 
 if [[ ! -x "$VENV/bin/python" ]]; then
   echo "creating virtual environment $VENV"
@@ -54,6 +82,11 @@ CONSTRAINTS="${CONSTRAINTS-constraints.txt}"
 if [[ "$RAY" == 1 ]]; then
   echo "installing requirements-ray.txt (Ray Serve)"
   "${PIP[@]}" install -q -r requirements-ray.txt ${CONSTRAINTS:+-c "$CONSTRAINTS"}
+fi
+if [[ "$DEV" == 1 ]]; then
+  echo "installing requirements-browser.txt (Playwright, for the browser tests)"
+  "${PIP[@]}" install -q -r requirements-browser.txt ${CONSTRAINTS:+-c "$CONSTRAINTS"}
+  install_chromium
 fi
 if [[ "$HAS_GPU" == 1 ]]; then
   echo "installing requirements-gpu.txt (torchao, fa3-fwd)"

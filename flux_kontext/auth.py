@@ -4,8 +4,10 @@ Keys come from ``FLUX_API_KEYS`` (the keys) and ``FLUX_API_KEYS_FILE`` (their SH
 ``sha256:<hex>`` a line); none configured: no authentication, as before (with a warning at start). The path policy:
 
 - ``/health/live`` and ``/health/ready`` are always open (orchestrator probes carry no key);
-- ``/health``, ``/metrics``, ``/docs``, ``/redoc`` and ``/openapi.json`` are open unless
-  ``FLUX_AUTH_PROTECT_INFO=true``;
+- the playground page (``/`` and its files under ``/playground/``) is always open: static files, no data; the key is
+  typed into the page, which sends it with each call;
+- ``/health``, ``/metrics``, ``/docs`` (with its files under ``/docs/``), ``/redoc`` and ``/openapi.json`` are open
+  unless ``FLUX_AUTH_PROTECT_INFO=true``;
 - everything else is keyed: ``/inference``, the OpenAI routes (``/v1/images/*``, ``/v1/models``), ``/v1/jobs`` and
   ``/benchmark``, and unknown paths too (no key, no 404 to probe routes with);
 - ``/benchmark`` answers 403 when ``FLUX_BENCHMARK_ENABLED=false`` (checked here: the path is known);
@@ -30,6 +32,8 @@ log = logging.getLogger(__name__)
 
 PROBE_PATHS = frozenset({"/health/live", "/health/ready"})
 INFO_PATHS = frozenset({"/health", "/metrics", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
+PAGE_PATHS, PAGE_PREFIX = frozenset({"/"}), "/playground/"
+INFO_PREFIX = "/docs/"  # Swagger UI's and ReDoc's files (docs_pages.DOCS_ASSETS_URL), the OAuth2 redirect page
 BENCHMARK_PATH = "/benchmark"
 # Requests that run generations; the per-key concurrency limit counts these (method, path).
 GENERATION_ROUTES = frozenset(
@@ -101,7 +105,9 @@ class ApiKeyMiddleware:
         return bool(self.digests)
 
     def is_open(self, path: str) -> bool:
-        return path in PROBE_PATHS or (path in INFO_PATHS and not self.protect_info)
+        if path in PROBE_PATHS or path in PAGE_PATHS or path.startswith(PAGE_PREFIX):
+            return True
+        return (path in INFO_PATHS or path.startswith(INFO_PREFIX)) and not self.protect_info
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["method"] == "OPTIONS":

@@ -18,18 +18,33 @@ from flux_kontext.schemas import InferenceRequest, request_schema
 from flux_kontext.settings import Settings
 
 
+def form_schema(schema: dict) -> dict:
+    """A JSON body's schema as form fields, for the OpenAPI document. Swagger UI fills a form's fields from their
+    examples: a field whose example is null (not part of the example request) gets the empty field (or list)
+    instead, which is not sent or which the server reads as absent (``read_form``), so that the filled-in form is a
+    valid request."""
+    properties = {
+        name: {**field, "examples": [[] if field.get("type") == "array" else ""]}
+        if field.get("examples") == [None]
+        else field
+        for name, field in schema["properties"].items()
+    }
+    return {**schema, "properties": properties}
+
+
 def _inference_body_doc() -> dict:
     """The /inference request body for the OpenAPI document: the JSON model, and the same fields as a form."""
     schema = request_schema()
-    form = {**schema, "properties": {**schema["properties"]}}
-    form["properties"]["image"] = {"type": "string", "format": "binary", "description": "Input image file (edit)."}
+    form = form_schema(schema)
+    form["properties"]["image"] = {
+        "type": "string",
+        "format": "binary",
+        "description": "Input image file (edit): PNG, JPEG or WebP. Omit for text-to-image.",
+    }
     example = {"prompt": "make it a winter scene", "aspect_ratio": "16:9", "steps": 14, "seed": 42}
     content = {
         "application/json": {"schema": schema, "example": example},
-        "multipart/form-data": {
-            "schema": form,
-            "encoding": {"image": {"contentType": "image/png, image/jpeg, image/webp"}},
-        },
+        "multipart/form-data": {"schema": form},
     }
     return {"requestBody": {"required": True, "content": content}}
 
@@ -65,11 +80,15 @@ async def read_form(http_request: Request, max_bytes: int) -> FormBody:
     try:
         for name, value in form.multi_items():
             if isinstance(value, str):
+                if value == "":  # an empty field is one not given: HTML forms (and Swagger UI) send every input
+                    continue
                 if name in fields:
                     raise ServiceError(400, "invalid_multipart", f"field '{name}' is given more than once", param=name)
                 fields[name] = value
             else:
-                files.setdefault(name, []).append(await value.read())
+                data = await value.read()
+                if data or value.filename:  # no name, no bytes: a file input left empty (as browsers send it)
+                    files.setdefault(name, []).append(data)
     finally:
         await form.close()
     return FormBody(fields, files)

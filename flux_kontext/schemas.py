@@ -32,12 +32,25 @@ class InferenceRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    prompt: str = Field(..., min_length=1, max_length=4000, description="Instruction (edit) or description.")
+    # Every field's example is one valid request together (Swagger UI fills its forms from them); a field with no
+    # sensible value in that request has the example null, which leaves it empty.
+    prompt: str = Field(
+        ...,
+        min_length=1,
+        max_length=4000,
+        description="Instruction (edit) or description.",
+        examples=["make it a winter scene"],
+    )
     image: str | None = Field(
-        None, description="Input image for editing: base64 or a data: URI (PNG, JPEG, WebP). Omit for text-to-image."
+        None,
+        description="Input image for editing: base64 or a data: URI (PNG, JPEG, WebP). Omit for text-to-image.",
+        examples=[None],
     )
     negative_prompt: str | None = Field(
-        None, max_length=4000, description="Used only with true_cfg_scale > 1 (true classifier-free guidance)."
+        None,
+        max_length=4000,
+        description="Used only with true_cfg_scale > 1 (true classifier-free guidance).",
+        examples=[None],
     )
     width: int | None = Field(
         None,
@@ -46,8 +59,9 @@ class InferenceRequest(BaseModel):
         description="Output width, a multiple of 16 (256-1568; the seed capped at 1024, raised so every "
         "preferred Kontext resolution is reachable). Default: edit follows the input's aspect ratio snapped "
         "to the nearest preferred Kontext resolution; text-to-image is 1024.",
+        examples=[None],
     )
-    height: int | None = Field(None, ge=MIN_SIDE, le=MAX_SIDE, description="Output height; see width.")
+    height: int | None = Field(None, ge=MIN_SIDE, le=MAX_SIDE, description="Output height; see width.", examples=[None])
     aspect_ratio: str | None = Field(
         None,
         description=f"Instead of width/height: '{MATCH_INPUT_IMAGE}' (what an edit does by default) or 'W:H' from "
@@ -56,12 +70,16 @@ class InferenceRequest(BaseModel):
         examples=["16:9"],
     )
     steps: int | None = Field(
-        None, ge=1, le=50, description="Denoising steps; default by scheduler: 14 (few-step solvers), 28 (euler)."
-    )
-    scheduler: str | None = Field(
         None,
-        description=f"One of {', '.join(SCHEDULERS)}. Default: {DEFAULT_SOLVER} when use_dpm_solver is true "
-        "(and the server has it), else euler.",
+        ge=1,
+        le=50,
+        description="Denoising steps; default by scheduler: 14 (few-step solvers), 28 (euler).",
+        examples=[14],
+    )
+    scheduler: Literal[SCHEDULERS] | None = Field(
+        None,
+        description=f"Default: {DEFAULT_SOLVER} when use_dpm_solver is true (and the server has it), else euler.",
+        examples=[DEFAULT_SOLVER],
     )
     guidance_scale: float = Field(3.5, ge=0, le=20, description="Distilled guidance (prompt adherence).")
     true_cfg_scale: float = Field(1.0, ge=0, le=20, description="True CFG; > 1 with a negative_prompt runs it.")
@@ -71,12 +89,19 @@ class InferenceRequest(BaseModel):
         le=1,
         description="First-block cache residual threshold for this request (server default 0.12; 0 never skips). "
         "Higher skips more transformer steps: faster, less faithful.",
+        examples=[0.12],
     )
     num_images: int = Field(1, ge=1, le=4, description="Images for this prompt; image i uses seed + i.")
-    seed: int | None = Field(None, ge=0, le=MAX_SEED - 4, description="Random when absent; returned per image.")
+    seed: int | None = Field(
+        None, ge=0, le=MAX_SEED - 4, description="Random when absent; returned per image.", examples=[42]
+    )
     output_format: Literal["png", "jpeg", "webp"] = "png"
     output_quality: int | None = Field(
-        None, ge=1, le=100, description=f"JPEG/WebP encoder quality (default {DEFAULT_OUTPUT_QUALITY}); not with png."
+        None,
+        ge=1,
+        le=100,
+        description=f"JPEG/WebP encoder quality (default {DEFAULT_OUTPUT_QUALITY}); not with png.",
+        examples=[None],
     )
     use_flash_attention: bool = Field(True, description="Allow FlashAttention 3 if the server loaded it.")
     use_mxfp4: bool = Field(True, description="Allow the best low-precision GEMMs the GPU has (MXFP4 or FP8).")
@@ -87,6 +112,7 @@ class InferenceRequest(BaseModel):
         max_length=MAX_LORAS_FIELD,
         description="LoRA adapters to apply, by the names the server loaded (FLUX_LORAS; /health lists them), e.g. "
         '[{"name": "relight", "scale": 0.8}]; in a form, the same as a JSON text field.',
+        examples=[[]],  # none in the example request (Swagger UI's form then sends none)
     )
 
     @field_validator("loras", mode="before")
@@ -115,10 +141,10 @@ class InferenceRequest(BaseModel):
             raise ValueError(f"must be a multiple of {SIZE_MULTIPLE}, got {value}")
         return value
 
-    @field_validator("scheduler")
+    @field_validator("scheduler", mode="before")
     @classmethod
-    def _known_scheduler(cls, value: str | None) -> str | None:
-        if value is not None and value not in SCHEDULER_DEFAULT_STEPS:
+    def _known_scheduler(cls, value):
+        if isinstance(value, str) and value not in SCHEDULER_DEFAULT_STEPS:
             raise ValueError(f"unknown scheduler {value!r}; valid: {', '.join(SCHEDULERS)}")
         return value
 

@@ -16,10 +16,13 @@ from fastapi.responses import JSONResponse, Response
 
 from flux_kontext.auth import ApiKeyMiddleware
 from flux_kontext.benchmark import BenchmarkParams, run_benchmark
+from flux_kontext.cors import add_cors
+from flux_kontext.docs_pages import DocsImagePolicy, app_with_local_docs
 from flux_kontext.errors import ServiceError, install_error_handlers
 from flux_kontext.inference import image_response, image_wanted, raw_image_request, run_inference
 from flux_kontext.jobs import EngineNotReady, EngineOutOfMemory, Job, JobRejected, JobResult
 from flux_kontext.metrics import GENERATION_MODE, Metrics
+from flux_kontext.playground import add_playground
 from flux_kontext.queue import JobQueue, QueueFull, ShuttingDown, WorkerStopped
 from flux_kontext.request_body import RequestBodyMiddleware
 from flux_kontext.request_forms import INFERENCE_BODY, read_inference_request
@@ -36,6 +39,19 @@ from utils import MEDIA_TYPES
 log = logging.getLogger(__name__)
 ERRORS = {status: {"model": ErrorEnvelope} for status in (400, 409, 413, 415, 422, 429, 503, 504)}
 STOP_WAIT_S = 5.0  # after the drain timeout: how long the running job gets to reach its next step and stop
+STATES = "starting | loading | warming_up | ready | failed | draining"
+
+
+def not_ready_doc(example: dict) -> dict:
+    """The 503 of a health route, for the OpenAPI document."""
+    description = f"Not ready: the state ({STATES}) and why; Retry-After on the routes that do work."
+    return {503: {"description": description, "content": {"application/json": {"example": example}}}}
+
+
+HEALTH_503 = not_ready_doc(
+    {"status": "loading", "state": "loading", "reason": "loading model 'black-forest-labs/FLUX.1-Kontext-dev'"}
+)
+READY_503 = not_ready_doc({"ready": False, "state": "draining", "reason": "the server is shutting down"})
 
 
 def default_engine_factory(settings: Settings):
@@ -247,7 +263,7 @@ def create_app(settings: Settings | None = None, engine_factory: Callable[[Setti
         finally:
             await service.queue.stop()
 
-    app = FastAPI(title="FLUX.1-Kontext optimized", version="0.1.0", lifespan=lifespan)
+    app = app_with_local_docs(title="FLUX.1-Kontext optimized", version="0.1.0", lifespan=lifespan)
     app.state.service = service
     install_error_handlers(app)
     from flux_kontext.protocols import async_jobs, openai_images  # routers over this Service (no cycle at import)
@@ -256,12 +272,16 @@ def create_app(settings: Settings | None = None, engine_factory: Callable[[Setti
     # Prefer: respond-async becomes POST /v1/jobs (metrics count it under that route); then the body (limit,
     # disconnect watch); outermost, count every response (413s included).
     app.add_middleware(async_jobs.RespondAsyncMiddleware)
+    app.add_middleware(DocsImagePolicy)
     app.add_middleware(RequestBodyMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(ApiKeyMiddleware, settings=settings)  # before the body is read: no key, no bytes buffered
+    add_cors(app, settings.cors_origins)  # outside the key check: preflights carry no key, a 401 is readable
     app.add_middleware(RequestMetrics, metrics=service.metrics)
 
     app.include_router(openai_images.build_router(service))
     app.include_router(async_jobs.build_router(service))
+    if settings.playground:
+        add_playground(app)
 
     raw_image = {
         "description": "Accept: image/png|jpeg|webp: the image itself",
@@ -302,7 +322,7 @@ def create_app(settings: Settings | None = None, engine_factory: Callable[[Setti
             params = BenchmarkParams(runs=runs, width=width, height=height, steps=steps, mode=mode, scheduler=scheduler)
             return await run_benchmark(engine, params, service.submit)
 
-    @app.get("/health")
+    @app.get("/health", responses=HEALTH_503)
     async def health():
         """200 when ready to serve; 503 while loading, warming up or failed (with the reason)."""
         return JSONResponse(service.health(), status_code=200 if service.ready else 503)
@@ -312,7 +332,7 @@ def create_app(settings: Settings | None = None, engine_factory: Callable[[Setti
         """Liveness: the process and its event loop answer."""
         return {"status": "alive"}
 
-    @app.get("/health/ready")
+    @app.get("/health/ready", responses=READY_503)
     async def ready():
         """Readiness: 200 only when the model is loaded and warmed up, and the server is not shutting down (503
         with state "draining" from the signal on)."""

@@ -122,7 +122,41 @@ class ServiceSettings(BaseModel):
         description="Generation requests one key may have in flight (429 beyond, with Retry-After); 0: no limit. "
         "Async job submissions count while submitting, not while the job runs.",
     )
+    # Browsers: the playground page (flux_kontext/playground/) and pages of other origins (flux_kontext/cors.py).
+    playground: bool = Field(
+        True, description="Serve the playground page at / (package files only: it works without internet)."
+    )
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Origins whose web pages may call this API from a browser (CORS), e.g. "
+        "'[\"https://app.example.com\"]' (a JSON list; commas also work), or '*' for any; empty (the default): no "
+        "CORS headers, browsers keep other origins out. API keys still apply.",
+    )
     seed_for_warmup: int = 0
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _origin_list(cls, value):
+        """FLUX_CORS_ORIGINS='["https://a.example", "http://localhost:3000"]', or the same comma-separated."""
+        return setting_list(value, "FLUX_CORS_ORIGINS")
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _origins_are_origins(cls, origins: list[str]) -> list[str]:
+        for origin in origins:
+            if origin == "*":
+                continue
+            parts = urlsplit(origin)
+            if (
+                parts.scheme not in ("http", "https")
+                or not parts.hostname
+                or origin != f"{parts.scheme}://{parts.netloc}"
+            ):
+                raise ValueError(
+                    f"FLUX_CORS_ORIGINS entry {origin!r} must be an origin as browsers send it: scheme and host (and "
+                    "port), no path or trailing '/' (https://app.example.com, http://localhost:3000), or '*'"
+                )
+        return origins
 
     @model_validator(mode="after")
     def _check_device(self):

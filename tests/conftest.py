@@ -69,3 +69,13 @@ def client():
 def make_client(**settings) -> TestClient:
     """A separate app with its own settings; use as a context manager."""
     return TestClient(create_app(Settings(**{"model": "tiny", "warmup": False, **settings})))
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Headless chromium (tests/browser.py), per module (Playwright's event loop is gone between modules); skipped
+    with the reason where it is missing, except in CI."""
+    from tests.browser import headless_chromium
+
+    with headless_chromium() as chromium:
+        yield chromium

@@ -35,7 +35,7 @@ from flux_kontext.jobs import JobCancelled
 from flux_kontext.protocols.job_schemas import JobState
 from flux_kontext.protocols.job_store import FINISHED, WEBHOOK_EVENTS, JobRecord, JobStore, Webhook
 from flux_kontext.protocols.webhooks import Webhooks, read_job_request
-from flux_kontext.request_forms import INFERENCE_BODY
+from flux_kontext.request_forms import INFERENCE_BODY, form_schema
 from flux_kontext.schemas import ErrorEnvelope, InferenceRequest
 from flux_kontext.service import ERRORS
 from utils import MEDIA_TYPES
@@ -172,19 +172,22 @@ def _job_body_doc() -> dict:
         "webhook_url": {
             "type": "string",
             "description": "POSTed the job's state (signed, Standard Webhooks) on its events; must start with a "
-            "prefix the operator allows (FLUX_WEBHOOK_ALLOWED_PREFIXES; off by default: 422).",
-            "examples": ["https://hooks.example.com/flux"],
+            "prefix the operator allows (FLUX_WEBHOOK_ALLOWED_PREFIXES; off by default: 422), e.g. "
+            "https://hooks.example.com/flux.",
+            "examples": [None],  # not in the example request: webhooks are off by default
         },
         "webhook_events": {
             "type": "array",
             "items": {"enum": list(WEBHOOK_EVENTS)},
             "default": ["completed"],
             "description": "start: the first denoising step; completed: succeeded, failed or cancelled. As a "
-            "form field: comma-separated.",
+            "form field: comma-separated. Only with webhook_url.",
+            "examples": [None],
         },
     }
-    for content in doc["requestBody"]["content"].values():
-        content["schema"]["properties"] = {**content["schema"]["properties"], **fields}
+    for kind, content in doc["requestBody"]["content"].items():
+        schema = {**content["schema"], "properties": {**content["schema"]["properties"], **fields}}
+        content["schema"] = form_schema(schema) if kind == "multipart/form-data" else schema
     return doc
 
 

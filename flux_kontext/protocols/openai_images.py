@@ -24,7 +24,7 @@ from pydantic import ValidationError
 
 from flux_kontext.errors import ServiceError
 from flux_kontext.inference import run_inference
-from flux_kontext.request_forms import read_form
+from flux_kontext.request_forms import form_schema, read_form
 from flux_kontext.schemas import MAX_SIDE, MIN_SIDE, SIZE_MULTIPLE, InferenceRequest, request_schema
 from flux_kontext.service import Service
 
@@ -184,11 +184,17 @@ def body_doc(edit: bool) -> dict:
     text = {"type": "string"}
     properties = {
         "prompt": {**ours["prompt"], "description": "Instruction (edit) or description."},
-        "model": {**text, "description": "Optional; the id GET /v1/models lists."},
+        "model": {**text, "description": "Optional; the id GET /v1/models lists.", "examples": [None]},
         "n": {"type": "integer", "minimum": 1, "maximum": 4, "default": 1, "description": "Image i has seed + i."},
         "size": {**text, "default": "auto", "description": "'WxH' (256-1568, multiples of 16) or 'auto'."},
         "output_format": {"enum": ["png", "jpeg", "webp"], "default": "png"},
-        "output_compression": {"type": "integer", "minimum": 1, "maximum": 100, "description": "JPEG/WebP quality."},
+        "output_compression": {
+            "type": "integer",
+            "minimum": 1,
+            "maximum": 100,
+            "description": "JPEG/WebP quality.",
+            "examples": [None],
+        },
         "response_format": {"enum": ["b64_json"], "default": "b64_json"},
         **{name: ours[name] for name in EXTRAS},
     }
@@ -196,7 +202,7 @@ def body_doc(edit: bool) -> dict:
     if edit:
         image = {"type": "string", "format": "binary", "description": "The one image to edit (PNG, JPEG, WebP)."}
         properties = {"image": image, **properties}
-        schema = {"type": "object", "required": ["image", "prompt"], "properties": properties}
+        schema = form_schema({"type": "object", "required": ["image", "prompt"], "properties": properties})
         return {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": schema}}}}
     schema = {"type": "object", "required": ["prompt"], "properties": properties}
     content = {"application/json": {"schema": schema, "example": example}}
