@@ -12,6 +12,7 @@ import contextlib
 import logging
 import threading
 import time
+import traceback
 
 import torch
 from PIL import Image
@@ -150,18 +151,25 @@ class Engine:
         try:
             return self._generate(job)
         except torch.OutOfMemoryError as exc:
-            self.hardware.release_memory()
+            self._release_after(exc)
             raise EngineOutOfMemory(
                 f"out of GPU memory for this request ({job.num_images} image(s)); "
                 "retry with fewer images or a smaller size"
             ) from exc
-        except RuntimeError as exc:
-            if self.hardware.is_cuda and is_sticky_gpu_error(exc):
+        except BaseException as exc:
+            self._release_after(exc)
+            if isinstance(exc, RuntimeError) and self.hardware.is_cuda and is_sticky_gpu_error(exc):
                 # After an illegal access or device assert every later CUDA call fails: say so, so that
                 # /health and the readiness probe turn 503 and the orchestrator restarts the process.
                 self._set_state("failed", f"GPU error, the process needs a restart: {exc}")
                 raise EngineNotReady(self.reason) from exc
             raise
+
+    def _release_after(self, exc: BaseException) -> None:
+        """A failed job's memory back to the GPU. Its traceback's frames hold the job's tensors (latents, embeddings)
+        for as long as the exception lives (it travels to the caller through the queue): drop their locals first."""
+        traceback.clear_frames(exc.__traceback__)
+        self.hardware.release_memory()
 
     def _generate(self, job: Job) -> JobResult:
         with self._lock:

@@ -1,8 +1,9 @@
 """Error bodies for every failure, mapped in one place.
 
-The service's own envelope, ``{"error": {"type", "message", "details"?}}``, everywhere but the OpenAI-compatible
-routes (``OPENAI_PATHS``), which answer OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``, because
-the OpenAI SDKs parse that (and validation errors there are 400s, as OpenAI's are, not 422s).
+The service's own envelope, ``{"error": {"type", "message", "details"?, "request_id"}}``, everywhere but the
+OpenAI-compatible routes (``OPENAI_PATHS``), which answer OpenAI's shape, ``{"error": {"message", "type", "param",
+"code", "request_id"}}``, because the OpenAI SDKs parse that (and validation errors there are 400s, as OpenAI's are,
+not 422s). ``request_id`` is the request's ``X-Request-ID`` (flux_kontext/request_id.py), the key to its log lines.
 """
 
 from __future__ import annotations
@@ -13,9 +14,20 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
+
+from flux_kontext.request_id import current_request_id
 
 log = logging.getLogger(__name__)
 OPENAI_PATHS = ("/v1/images/", "/v1/models")  # not all of /v1: /v1/jobs is ours and keeps our envelope
+
+
+CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that left before its response: never sent, only counted
+
+
+class ClientDisconnected(Exception):
+    """The client closed the connection before its response; its job was stopped. Answered 499 (to nobody: what
+    the metrics count) with one log line, never a traceback."""
 
 
 class ServiceError(Exception):
@@ -35,6 +47,7 @@ def error_response(
     body = {"type": type_, "message": message}
     if details:
         body["details"] = details
+    body["request_id"] = current_request_id()
     return JSONResponse({"error": body}, status_code=status, headers=headers)
 
 
@@ -52,6 +65,7 @@ def openai_error_response(
 ) -> JSONResponse:
     status = 400 if status == 422 else status
     body = {"message": message, "type": openai_error_type(status), "param": param, "code": code}
+    body["request_id"] = current_request_id()
     return JSONResponse({"error": body}, status_code=status, headers=headers)
 
 
@@ -116,6 +130,11 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _http_error(request: Request, exc: StarletteHTTPException):
         kinds = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}
         return _respond(request, exc.status_code, kinds.get(exc.status_code, "http_error"), str(exc.detail))
+
+    @app.exception_handler(ClientDisconnected)
+    async def _client_disconnected(request: Request, exc: ClientDisconnected):
+        log.info("client disconnected from %s %s: %s (499)", request.method, request.url.path, exc)
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):
