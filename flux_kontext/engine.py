@@ -149,7 +149,7 @@ class Engine:
         if not self.ready:
             raise EngineNotReady(f"engine is {self.state}: {self.reason}")
         try:
-            return self._generate(job)
+            result = self._generate(job)
         except torch.OutOfMemoryError as exc:
             self._release_after(exc)
             raise EngineOutOfMemory(
@@ -164,6 +164,16 @@ class Engine:
                 self._set_state("failed", f"GPU error, the process needs a restart: {exc}")
                 raise EngineNotReady(self.reason) from exc
             raise
+        log.info(  # in the worker thread, under the request's id (queue.py runs the job in its caller's context)
+            "generated %d image(s) %dx%d, %d steps (%s) in %.0f ms",
+            len(result.images),
+            result.width,
+            result.height,
+            result.steps,
+            result.scheduler,
+            result.timings_ms["engine_total"],
+        )
+        return result
 
     def _release_after(self, exc: BaseException) -> None:
         """A failed job's memory back to the GPU. Its traceback's frames hold the job's tensors (latents, embeddings)

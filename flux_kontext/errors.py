@@ -1,9 +1,10 @@
 """Error bodies for every failure, mapped in one place.
 
 The service's own envelope, ``{"error": {"type", "message", "details"?, "request_id"}}``, everywhere but the
-OpenAI-compatible routes (``OPENAI_PATHS``), which answer OpenAI's shape, ``{"error": {"message", "type", "param",
-"code", "request_id"}}``, because the OpenAI SDKs parse that (and validation errors there are 400s, as OpenAI's are,
-not 422s). ``request_id`` is the request's ``X-Request-ID`` (flux_kontext/request_id.py), the key to its log lines.
+OpenAI-compatible routes (``OPENAI_PATHS``), which answer OpenAI's shape exactly, ``{"error": {"message", "type",
+"param", "code"}}``, because the OpenAI SDKs parse that (and validation errors there are 400s, as OpenAI's are, not
+422s). ``request_id`` is the request's ``X-Request-ID`` (flux_kontext/request_id.py), the key to its log lines; every
+response carries that header too, which is where OpenAI's SDKs read an error's ``request_id`` from.
 """
 
 from __future__ import annotations
@@ -65,7 +66,6 @@ def openai_error_response(
 ) -> JSONResponse:
     status = 400 if status == 422 else status
     body = {"message": message, "type": openai_error_type(status), "param": param, "code": code}
-    body["request_id"] = current_request_id()
     return JSONResponse({"error": body}, status_code=status, headers=headers)
 
 
@@ -140,4 +140,7 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _unexpected(request: Request, exc: Exception):
         log.exception("unexpected error on %s %s", request.method, request.url.path)
         message = f"internal error: {type(exc).__name__}; see the server log"
-        return _respond(request, 500, "internal_error", message)
+        # Starlette answers this one from outside every middleware: the request id header is added here.
+        request_id = current_request_id()
+        headers = {"X-Request-ID": request_id} if request_id else None
+        return _respond(request, 500, "internal_error", message, headers=headers)
