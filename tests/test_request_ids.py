@@ -92,11 +92,12 @@ def test_logs_never_hold_prompts_images_or_api_keys():
     keyed = {"Authorization": f"Bearer {KEY}"}
     with make_client(**settings) as client, captured_logs() as logs:
         wait_ready(client)
-        edit = {"prompt": secret_prompt, "image": image, "steps": 1}
+        edit = {"prompt": secret_prompt, "image": image, "steps": 1, "width": 256, "height": 256}
         assert client.post("/inference", json=edit, headers={**keyed, "X-Request-ID": "hygiene-1"}).status_code == 200
         assert client.post("/inference", json={**edit, "width": 1000}, headers=keyed).status_code == 422
         failing = {**keyed, "X-Fault-Inject": "error@denoising:1"}
-        assert client.post("/inference", json=edit, headers=failing).status_code == 500
+        text_to_image = {"prompt": secret_prompt, "width": 256, "height": 256, "steps": 1}
+        assert client.post("/inference", json=text_to_image, headers=failing).status_code == 500
         assert client.post("/inference", json=edit, headers={"X-API-Key": KEY + "x"}).status_code == 403
         openai = {"prompt": secret_prompt, "size": "256x256", "response_format": "b64_json"}
         assert client.post("/v1/images/generations", json=openai, headers=keyed).status_code == 200
