@@ -256,10 +256,11 @@ class ReliabilitySettings(BaseModel):
     """Watchdog, memory bound on request bodies, and the test-only fault injection (docs: RELIABILITY.md)."""
 
     max_body_mb_in_flight: float = Field(
-        256.0,
+        128.0,
         gt=0,
         description="Request bodies being read or held at once, in MiB; a request whose body would go beyond it "
-        "gets 429 with Retry-After before its body is read (a body alone is always let in, up to FLUX_MAX_BODY_MB).",
+        "gets 429 with Retry-After before its body is read (a body alone is always let in, up to FLUX_MAX_BODY_MB). "
+        "A maximal edit body costs about 6x its size while decoded (RELIABILITY.md): 4 at the default.",
     )
     job_stop_grace_s: float = Field(
         10.0,
