@@ -10,6 +10,7 @@ response carries that header too, which is where OpenAI's SDKs read an error's `
 from __future__ import annotations
 
 import logging
+import re
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -116,6 +117,17 @@ def _describe(error: dict) -> dict:
     return {"field": field or None, "type": kind, "message": message}
 
 
+def allowed_methods(request: Request) -> list[str]:
+    """Every method the OpenAPI document lists for this request's path (the routes of included routers too)."""
+    methods: set[str] = set()
+    for template, operations in request.app.openapi().get("paths", {}).items():
+        pattern = re.sub(r"\\\{[^}:]+:path\\\}", ".+", re.escape(template))
+        pattern = re.sub(r"\\\{[^}]+\\\}", "[^/]+", pattern)
+        if re.fullmatch(pattern, request.url.path):
+            methods |= {method.upper() for method in operations}
+    return sorted(methods)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ServiceError)
     async def _service_error(request: Request, exc: ServiceError):
@@ -129,7 +141,12 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException):
         kinds = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}
-        return _respond(request, exc.status_code, kinds.get(exc.status_code, "http_error"), str(exc.detail))
+        kind = kinds.get(exc.status_code, "http_error")
+        headers = exc.headers
+        if exc.status_code == 405:  # RFC 9110: Allow lists every method of the path (Starlette names one route's)
+            allow = ", ".join(allowed_methods(request)) or (headers or {}).get("Allow", "")
+            headers = {**(headers or {}), "Allow": allow}
+        return _respond(request, exc.status_code, kind, str(exc.detail), headers=headers)
 
     @app.exception_handler(ClientDisconnected)
     async def _client_disconnected(request: Request, exc: ClientDisconnected):

@@ -6,7 +6,8 @@ Every body counts against ``max_bytes_in_flight`` (FLUX_MAX_BODY_MB_IN_FLIGHT) f
 until its response is sent, since it is held (and decoded: the image, the job) all that time. A body that would take
 the total past the limit is refused with 429 and Retry-After before it is read, so a flood of maximal bodies costs
 nothing beyond the limit; a body alone is always let in (FLUX_MAX_BODY_MB bounds it), and bodiless requests (probes,
-GETs) never wait.
+GETs) never wait. A refused body is read and dropped chunk by chunk (no memory) before the 429 is sent, so that the
+client, still sending, gets its 429 rather than a reset connection.
 
 Once it is read, a background task keeps listening on the connection; when the client disconnects it sets
 the event at ``scope[DISCONNECTED]``, which the routes use to cancel the client's job. (Polling Starlette's
@@ -61,7 +62,7 @@ class RequestBodyMiddleware:
         try:
             if declared:
                 if not self.budget.take(declared):
-                    return await self._busy(scope, send, declared)
+                    return await self._busy(scope, receive, send, declared)
                 held = declared
             chunks, size = [], 0
             while True:
@@ -74,7 +75,7 @@ class RequestBodyMiddleware:
                     return await self._too_large(scope, send, size, exact=False)
                 if size > held:  # chunked, or more than declared (the server refuses that; count it anyway)
                     if not self.budget.take(size - held):
-                        return await self._busy(scope, send, size)
+                        return await self._busy(scope, receive, send, size, more=message.get("more_body", False))
                     held = size
                 chunks.append(chunk)
                 if not message.get("more_body", False):
@@ -121,7 +122,7 @@ class RequestBodyMiddleware:
         )
         await self._reply(scope, send, 413, "body_too_large", message)
 
-    async def _busy(self, scope, send, size: int) -> None:
+    async def _busy(self, scope, receive, send, size: int, more: bool = True) -> None:
         in_flight, limit = self.budget.in_flight, self.budget.limit
         log.info("429 %s: a %d-byte body with %d bytes of bodies in flight", scope["path"], size, in_flight)
         message = (
@@ -129,7 +130,19 @@ class RequestBodyMiddleware:
             f"would pass the limit of {limit / MIB:g} MiB (FLUX_MAX_BODY_MB_IN_FLIGHT); retry later"
         )
         headers = {"Retry-After": str(self.retry_after_s)}
+        if more:  # first: once the response is sent, the server reports the rest of the body as a disconnect
+            await self._discard(receive)
         await self._reply(scope, send, 429, "overloaded", message, headers)
+
+    async def _discard(self, receive) -> None:
+        """Read the rest of a refused body chunk by chunk, keeping none of it: a client that sends its whole body
+        before reading the answer (most do) would otherwise see the connection reset, not the 429."""
+        size = 0
+        while size <= self.max_bytes:
+            message = await receive()
+            size += len(message.get("body", b""))
+            if message["type"] == "http.disconnect" or not message.get("more_body", False):
+                return
 
     @staticmethod
     async def _reply(scope, send, status: int, type_: str, message: str, headers: dict | None = None) -> None:

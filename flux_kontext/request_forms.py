@@ -21,7 +21,7 @@ from flux_kontext.settings import Settings
 def _inference_body_doc() -> dict:
     """The /inference request body for the OpenAPI document: the JSON model, and the same fields as a form."""
     schema = InferenceRequest.model_json_schema()
-    form = {**schema, "properties": {**schema["properties"]}}
+    form = {**schema, "properties": {name: form_property(prop) for name, prop in schema["properties"].items()}}
     form["properties"]["image"] = {"type": "string", "format": "binary", "description": "Input image file (edit)."}
     example = {"prompt": "make it a winter scene", "aspect_ratio": "16:9", "steps": 14, "seed": 42}
     content = {
@@ -32,6 +32,15 @@ def _inference_body_doc() -> dict:
         },
     }
     return {"requestBody": {"required": True, "content": content}}
+
+
+def form_property(prop: dict) -> dict:
+    """A field as a form has it: a form field is text or absent, never null (JSON's ``null`` has no form)."""
+    options = [option for option in prop.get("anyOf", ()) if option.get("type") != "null"]
+    if len(options) != 1:
+        return prop
+    rest = {key: value for key, value in prop.items() if key != "anyOf" and not (key == "default" and value is None)}
+    return {**rest, **options[0]}
 
 
 INFERENCE_BODY = _inference_body_doc()

@@ -12,7 +12,7 @@ from contextlib import asynccontextmanager
 from typing import Literal
 
 from fastapi import FastAPI, Query, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from flux_kontext.auth import ApiKeyMiddleware
 from flux_kontext.benchmark import BenchmarkParams, run_benchmark
@@ -346,7 +346,7 @@ def create_app(settings: Settings | None = None, engine_factory: Callable[[Setti
         body = {"ready": service.ready, "state": service.state, "reason": service.reason}
         return JSONResponse(body, status_code=200 if service.ready else 503)
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics():
         """Prometheus text format."""
         return Response(service.metrics.render(), media_type="text/plain; version=0.0.4")
