@@ -260,7 +260,7 @@ class ReliabilitySettings(BaseModel):
         gt=0,
         description="Request bodies being read or held at once, in MiB; a request whose body would go beyond it "
         "gets 429 with Retry-After before its body is read (a body alone is always let in, up to FLUX_MAX_BODY_MB). "
-        "A maximal edit body costs about 6x its size while decoded (RELIABILITY.md): 4 at the default.",
+        "A maximal edit body costs about 7x its size while decoded (RELIABILITY.md): 4 at the default.",
     )
     job_stop_grace_s: float = Field(
         10.0,
