@@ -3,6 +3,7 @@ is read; the budget comes back when the response is sent; bodiless and small req
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
@@ -31,46 +32,49 @@ class HeldEngine(Engine):
         return super()._run(job)
 
 
-def test_a_body_that_would_pass_the_bytes_in_flight_gets_429_before_it_is_read_and_the_budget_comes_back():
+@contextlib.contextmanager
+def one_big_body_held():
+    """An app with a 1.5 MiB budget whose queue holds one BIG request (its body with it) until the gate opens;
+    yields (client, pool, the held request's future)."""
     settings = Settings(model="tiny", warmup=False, max_body_mb=1, max_body_mb_in_flight=1.5)
     HeldEngine.gate.clear()
-    with TestClient(create_app(settings, HeldEngine)) as client:
+    with TestClient(create_app(settings, HeldEngine)) as client, ThreadPoolExecutor(2) as pool:
         wait_ready(client)
-        with ThreadPoolExecutor(2) as pool:
-            first = pool.submit(client.post, "/inference", content=BIG, headers=JSON)
-            deadline = time.monotonic() + 30
-            while not client.get("/health").json()["queue"]["depth"]:  # held in the queue, its body with it
-                assert time.monotonic() < deadline
-                time.sleep(0.02)
-            refused = client.post("/inference", content=BIG, headers=JSON)
-            assert refused.status_code == 429, refused.text
-            error = refused.json()["error"]
-            assert error["type"] == "overloaded" and "FLUX_MAX_BODY_MB_IN_FLIGHT" in error["message"]
-            assert int(refused.headers["Retry-After"]) > 0 and error["request_id"]
-            assert client.get("/health/ready").status_code == 200  # bodiless: never held up
-            small = pool.submit(client.post, "/inference", json=SMALL)  # fits beside the big one
+        first = pool.submit(client.post, "/inference", content=BIG, headers=JSON)
+        deadline = time.monotonic() + 30
+        while not client.get("/health").json()["queue"]["depth"]:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        try:
+            yield client, pool, first
+        finally:
             HeldEngine.gate.set()
-            assert first.result().status_code == 200
-            assert small.result().status_code == 200
+
+
+def test_a_body_that_would_pass_the_bytes_in_flight_gets_429_before_it_is_read_and_the_budget_comes_back():
+    with one_big_body_held() as (client, pool, first):
+        refused = client.post("/inference", content=BIG, headers=JSON)
+        assert refused.status_code == 429, refused.text
+        error = refused.json()["error"]
+        assert error["type"] == "overloaded" and "FLUX_MAX_BODY_MB_IN_FLIGHT" in error["message"]
+        assert int(refused.headers["Retry-After"]) > 0 and error["request_id"]
+        assert client.get("/health/ready").status_code == 200  # bodiless: never held up
+        small = pool.submit(client.post, "/inference", json=SMALL)  # fits beside the big one
+        HeldEngine.gate.set()
+        assert first.result().status_code == 200
+        assert small.result().status_code == 200
         assert client.post("/inference", content=BIG, headers=JSON).status_code == 200  # its bytes were given back
         assert 'status="429"' in client.get("/metrics").text
 
 
 def test_a_chunked_body_is_counted_as_it_arrives():
-    settings = Settings(model="tiny", warmup=False, max_body_mb=1, max_body_mb_in_flight=1.5)
-    HeldEngine.gate.clear()
-    with TestClient(create_app(settings, HeldEngine)) as client:
-        wait_ready(client)
-        with ThreadPoolExecutor(1) as pool:
-            first = pool.submit(client.post, "/inference", content=BIG, headers=JSON)
-            while not client.get("/health").json()["queue"]["depth"]:
-                time.sleep(0.02)
+    with one_big_body_held() as (client, _, first):
 
-            def chunks():  # no Content-Length: the size is only known as the chunks come
-                for start in range(0, len(BIG), 64 * 1024):
-                    yield BIG[start : start + 64 * 1024]
+        def chunks():  # no Content-Length: the size is only known as the chunks come
+            for start in range(0, len(BIG), 64 * 1024):
+                yield BIG[start : start + 64 * 1024]
 
-            refused = client.post("/inference", content=chunks(), headers=JSON)
-            assert refused.status_code == 429, refused.text
-            HeldEngine.gate.set()
-            assert first.result().status_code == 200
+        refused = client.post("/inference", content=chunks(), headers=JSON)
+        assert refused.status_code == 429, refused.text
+        HeldEngine.gate.set()
+        assert first.result().status_code == 200
