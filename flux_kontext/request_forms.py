@@ -40,6 +40,8 @@ def form_property(prop: dict) -> dict:
     if len(options) != 1:
         return prop
     rest = {key: value for key, value in prop.items() if key != "anyOf" and not (key == "default" and value is None)}
+    if "enum" in rest:
+        rest["enum"] = [value for value in rest["enum"] if value is not None]
     return {**rest, **options[0]}
 
 

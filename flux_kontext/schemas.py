@@ -50,6 +50,7 @@ class InferenceRequest(BaseModel):
         None,
         description=f"One of {', '.join(SCHEDULERS)}. Default: {DEFAULT_DPM} when use_dpm_solver is true "
         "(and the server has it), else euler.",
+        json_schema_extra={"enum": [*SCHEDULERS, None]},  # the validator's list, in the document
     )
     guidance_scale: float = Field(3.5, ge=0, le=20, description="Distilled guidance (prompt adherence).")
     true_cfg_scale: float = Field(1.0, ge=0, le=20, description="True CFG; > 1 with a negative_prompt runs it.")

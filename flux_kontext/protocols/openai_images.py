@@ -226,7 +226,7 @@ OPENAI_ERROR = {
     },
 }
 # Validation errors are 400s here, as OpenAI's are.
-GENERATION_ERRORS = {status: OPENAI_ERROR for status in (400, 401, 403, 406, 413, 415, 429, 503, 504)}
+GENERATION_ERRORS = {status: OPENAI_ERROR for status in (400, 401, 403, 404, 406, 413, 415, 429, 503, 504)}
 
 
 def build_router(service: Service) -> APIRouter:
