@@ -14,6 +14,7 @@ import json
 import logging
 import threading
 import time
+import traceback
 
 import torch
 
@@ -221,20 +222,36 @@ class Engine:
         try:
             result = self._generate(job)
         except torch.OutOfMemoryError as exc:
-            self.hardware.release_memory()
+            self._release_after(exc)
             raise EngineOutOfMemory(
                 f"out of GPU memory for this request ({job.num_images} image(s)); "
                 "retry with fewer images or a smaller size"
             ) from exc
-        except RuntimeError as exc:
-            if self.hardware.is_cuda and is_sticky_gpu_error(exc):
+        except BaseException as exc:
+            self._release_after(exc)
+            if isinstance(exc, RuntimeError) and self.hardware.is_cuda and is_sticky_gpu_error(exc):
                 # After an illegal access or device assert every later CUDA call fails: say so, so that
                 # /health and the readiness probe turn 503 and the orchestrator restarts the process.
                 self._set_state("failed", f"GPU error, the process needs a restart: {exc}")
                 raise EngineNotReady(self.reason) from exc
             raise
         self.shapes.record_request(job, result)
+        log.info(  # in the worker thread, under the request's id (queue.py runs the job in its caller's context)
+            "generated %d image(s) %dx%d, %d steps (%s) in %.0f ms",
+            len(result.images),
+            result.width,
+            result.height,
+            result.steps,
+            result.scheduler,
+            result.timings_ms["engine_total"],
+        )
         return result
+
+    def _release_after(self, exc: BaseException) -> None:
+        """A failed job's memory back to the GPU. Its traceback's frames hold the job's tensors (latents, embeddings)
+        for as long as the exception lives (it travels to the caller through the queue): drop their locals first."""
+        traceback.clear_frames(exc.__traceback__)
+        self.hardware.release_memory()
 
     def _generate(self, job: Job) -> JobResult:
         with self._lock:

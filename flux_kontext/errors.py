@@ -1,21 +1,35 @@
 """Error bodies for every failure, mapped in one place.
 
-The service's own envelope, ``{"error": {"type", "message", "details"?}}``, everywhere but the OpenAI-compatible
-routes (``OPENAI_PATHS``), which answer OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``, because
-the OpenAI SDKs parse that (and validation errors there are 400s, as OpenAI's are, not 422s).
+The service's own envelope, ``{"error": {"type", "message", "details"?, "request_id"}}``, everywhere but the
+OpenAI-compatible routes (``OPENAI_PATHS``), which answer OpenAI's shape exactly, ``{"error": {"message", "type",
+"param", "code"}}``, because the OpenAI SDKs parse that (and validation errors there are 400s, as OpenAI's are, not
+422s). ``request_id`` is the request's ``X-Request-ID`` (flux_kontext/request_id.py), the key to its log lines; every
+response carries that header too, which is where OpenAI's SDKs read an error's ``request_id`` from.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
+
+from flux_kontext.request_id import current_request_id
 
 log = logging.getLogger(__name__)
 OPENAI_PATHS = ("/v1/images/", "/v1/models")  # not all of /v1: /v1/jobs is ours and keeps our envelope
+
+
+CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that left before its response: never sent, only counted
+
+
+class ClientDisconnected(Exception):
+    """The client closed the connection before its response; its job was stopped. Answered 499 (to nobody: what
+    the metrics count) with one log line, never a traceback."""
 
 
 class ServiceError(Exception):
@@ -35,6 +49,7 @@ def error_response(
     body = {"type": type_, "message": message}
     if details:
         body["details"] = details
+    body["request_id"] = current_request_id()
     return JSONResponse({"error": body}, status_code=status, headers=headers)
 
 
@@ -102,6 +117,17 @@ def _describe(error: dict) -> dict:
     return {"field": field or None, "type": kind, "message": message}
 
 
+def allowed_methods(request: Request) -> list[str]:
+    """Every method the OpenAPI document lists for this request's path (the routes of included routers too)."""
+    methods: set[str] = set()
+    for template, operations in request.app.openapi().get("paths", {}).items():
+        pattern = re.sub(r"\\\{[^}:]+:path\\\}", ".+", re.escape(template))
+        pattern = re.sub(r"\\\{[^}]+\\\}", "[^/]+", pattern)
+        if re.fullmatch(pattern, request.url.path):
+            methods |= {method.upper() for method in operations}
+    return sorted(methods)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ServiceError)
     async def _service_error(request: Request, exc: ServiceError):
@@ -115,10 +141,23 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException):
         kinds = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}
-        return _respond(request, exc.status_code, kinds.get(exc.status_code, "http_error"), str(exc.detail))
+        kind = kinds.get(exc.status_code, "http_error")
+        headers = exc.headers
+        if exc.status_code == 405:  # RFC 9110: Allow lists every method of the path (Starlette names one route's)
+            allow = ", ".join(allowed_methods(request)) or (headers or {}).get("Allow", "")
+            headers = {**(headers or {}), "Allow": allow}
+        return _respond(request, exc.status_code, kind, str(exc.detail), headers=headers)
+
+    @app.exception_handler(ClientDisconnected)
+    async def _client_disconnected(request: Request, exc: ClientDisconnected):
+        log.info("client disconnected from %s %s: %s (499)", request.method, request.url.path, exc)
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):
         log.exception("unexpected error on %s %s", request.method, request.url.path)
         message = f"internal error: {type(exc).__name__}; see the server log"
-        return _respond(request, 500, "internal_error", message)
+        # Starlette answers this one from outside every middleware: the request id header is added here.
+        request_id = current_request_id()
+        headers = {"X-Request-ID": request_id} if request_id else None
+        return _respond(request, 500, "internal_error", message, headers=headers)

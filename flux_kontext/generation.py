@@ -69,6 +69,9 @@ class Generation:
                 with timer.measure("text_encoding"):
                     embeds = self._encode_text(job.prompt, job.num_images)
                     negative = self._encode_text(job.negative_prompt, job.num_images) if true_cfg else (None, None)
+                    job.fault_point("text_encoding", device=self.hardware.torch_device)
+                if job.cancelled.is_set():
+                    raise JobCancelled("the caller went away; stopped after text encoding")
                 run.negative_prompt_embeds = negative[0]
                 denoise_start = time.perf_counter()
                 latents = self._denoise(job, embeds, negative, width, height, context, steps, seeds)
@@ -78,6 +81,7 @@ class Generation:
                 denoise_ms = (time.perf_counter() - denoise_start) * 1000.0
                 timer.add("denoising", denoise_ms - timer.phases.get("image_encoding", 0.0))
                 with timer.measure("decoding"):
+                    job.fault_point("decoding", device=self.hardware.torch_device)
                     images = self._decode(latents, width, height)
         finally:
             self._timer = None
@@ -159,6 +163,7 @@ def _step_callback(job: Job, steps: int):
 
     def callback(pipe, step, timestep, tensors):
         job.step_done(step + 1, steps)
+        job.fault_point("denoising", step + 1, pipe.transformer.device)
         if job.cancelled.is_set():
             pipe._interrupt = True  # the pipeline's own flag: each later step is skipped
         return {}

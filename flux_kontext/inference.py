@@ -13,7 +13,8 @@ import uuid
 from fastapi import Request
 from fastapi.responses import Response
 
-from flux_kontext.errors import ServiceError
+from flux_kontext.errors import ClientDisconnected, ServiceError
+from flux_kontext.faults import fault_from_headers
 from flux_kontext.jobs import Job, JobResult
 from flux_kontext.metrics import GENERATION_MODE
 from flux_kontext.request_body import DISCONNECTED
@@ -99,7 +100,9 @@ async def run_inference(service, request: InferenceRequest, http_request: Reques
     service.require_ready()
     service.require_room()
     start = time.perf_counter()
+    fault = fault_from_headers(http_request.headers, service.settings.fault_injection)  # tests only
     job = await asyncio.to_thread(to_job, request, service.settings)
+    job.fault = fault
     result, wait_ms = await until_disconnect(http_request, service.submit(job))
     model = service.engine.describe_model()
     body = await asyncio.to_thread(to_response, request, job, result, wait_ms, model)
@@ -146,17 +149,20 @@ def image_response(body: dict) -> Response:
 
 
 async def until_disconnect(request: Request, work):
-    """Await ``work``; if the client disconnects first, cancel it (the queue then stops the job)."""
+    """Await ``work``; if the client disconnects first, cancel it (the queue then stops the job) and raise
+    ClientDisconnected (answered 499, logged in one line)."""
     disconnected: asyncio.Event | None = request.scope.get(DISCONNECTED)
     task = asyncio.ensure_future(work)
     if disconnected is None:
         return await task
     gone = asyncio.ensure_future(disconnected.wait())
+    start = time.perf_counter()
     try:
         await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
-        if not task.done():
-            log.info("client disconnected; cancelling its job")
-            task.cancel()
-        return await task
+        if task.done():
+            return task.result()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        raise ClientDisconnected(f"after {time.perf_counter() - start:.1f} s; its job was stopped")
     finally:
         gone.cancel()

@@ -50,10 +50,17 @@ class Job:
     # step. ``on_step`` (optional) is called with the same two numbers from the worker thread: keep it quick.
     progress: tuple[int, int] | None = None
     on_step: Callable[[int, int], None] | None = field(default=None, repr=False)
+    # TEST ONLY (FLUX_FAULT_INJECTION): a flux_kontext.faults.Fault, fired by the generation at its phase.
+    fault: object | None = field(default=None, repr=False)
 
     def cancel(self) -> None:
         """Ask the engine to stop this job at its next denoising step (called from the event loop)."""
         self.cancelled.set()
+
+    def fault_point(self, phase: str, step: int | None = None, device=None) -> None:
+        """Where the generation can fail: an injected fault for this phase (tests only) fires here."""
+        if self.fault is not None:
+            self.fault.at(phase, step, device)
 
     def step_done(self, done: int, total: int) -> None:
         self.progress = (done, total)

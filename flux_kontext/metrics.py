@@ -1,8 +1,9 @@
 """Prometheus metrics: one registry per app, so tests and several apps in a process do not collide.
 
 HTTP metrics come from the small ASGI middleware in service.py (``RequestMetrics``) rather than an instrumentation
-library such as prometheus-fastapi-instrumentator: it sits outermost, so it also counts the answers other middlewares
-give before routing (413, 401/403) and the 500 of an exception that escapes the app; it labels by route template
+library such as prometheus-fastapi-instrumentator: it sits outside the other middlewares (only the request id's
+is further out), so it also counts the answers other middlewares give before routing (413, 429, 401/403) and the
+500 of an exception that escapes the app; it labels by route template
 (``/v1/jobs/{job_id}``, never the raw path, so the label set stays bounded) from the route Starlette matched; and the
 status it records is ours to define, so that a client that went away can carry a status of its own (499) instead of
 500. A library would add a second request counter beside ``flux_requests_total`` without these.

@@ -18,16 +18,28 @@ from flux_kontext.schemas import InferenceRequest, request_schema
 from flux_kontext.settings import Settings
 
 
+def form_property(prop: dict) -> dict:
+    """A field as a form has it: a form field is text or absent, never null (JSON's ``null`` has no form)."""
+    options = [option for option in prop.get("anyOf", ()) if option.get("type") != "null"]
+    if len(options) != 1:
+        return prop
+    rest = {key: value for key, value in prop.items() if key != "anyOf" and not (key == "default" and value is None)}
+    if "enum" in rest:
+        rest["enum"] = [value for value in rest["enum"] if value is not None]
+    return {**rest, **options[0]}
+
+
 def form_schema(schema: dict) -> dict:
     """A JSON body's schema as form fields, for the OpenAPI document. Swagger UI fills a form's fields from their
     examples: a field whose example is null (not part of the example request) gets the empty field (or list)
     instead, which is not sent or which the server reads as absent (``read_form``), so that the filled-in form is a
     valid request."""
+    fields = {name: form_property(field) for name, field in schema["properties"].items()}
     properties = {
         name: {**field, "examples": [[] if field.get("type") == "array" else ""]}
         if field.get("examples") == [None]
         else field
-        for name, field in schema["properties"].items()
+        for name, field in fields.items()
     }
     return {**schema, "properties": properties}
 

@@ -253,6 +253,7 @@ class ErrorBody(BaseModel):
     type: str
     message: str
     details: list[dict] | None = None
+    request_id: str | None = Field(None, description="The request's X-Request-ID: quote it to find its log lines.")
 
 
 class ErrorEnvelope(BaseModel):

@@ -12,13 +12,13 @@ from contextlib import asynccontextmanager
 from typing import Literal
 
 from fastapi import FastAPI, Query, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from flux_kontext.auth import ApiKeyMiddleware
 from flux_kontext.benchmark import BenchmarkParams, run_benchmark
 from flux_kontext.cors import add_cors
 from flux_kontext.docs_pages import DocsImagePolicy, app_with_local_docs
-from flux_kontext.errors import ServiceError, install_error_handlers
+from flux_kontext.errors import CLIENT_CLOSED_REQUEST, ServiceError, install_error_handlers
 from flux_kontext.inference import image_response, image_wanted, raw_image_request, run_inference
 from flux_kontext.jobs import EngineNotReady, EngineOutOfMemory, Job, JobRejected, JobResult
 from flux_kontext.metrics import GENERATION_MODE, Metrics
@@ -26,6 +26,7 @@ from flux_kontext.playground import add_playground
 from flux_kontext.queue import JobQueue, QueueFull, ShuttingDown, WorkerStopped
 from flux_kontext.request_body import RequestBodyMiddleware
 from flux_kontext.request_forms import INFERENCE_BODY, read_inference_request
+from flux_kontext.request_id import request_id_middleware
 from flux_kontext.schedulers import SCHEDULERS
 from flux_kontext.schemas import (
     MAX_SIDE,
@@ -66,7 +67,7 @@ class Service:
     def __init__(self, settings: Settings, engine):
         self.settings = settings
         self.engine = engine
-        self.queue = JobQueue(engine.generate, settings.max_queue)
+        self.queue = JobQueue(engine.generate, settings.max_queue, settings.job_stop_grace_s)
         memory = getattr(engine, "memory_bytes", lambda: None)
         self.metrics = Metrics(lambda: self.queue.depth, self._graph_evictions, memory)
         self.benchmark_lock = asyncio.Lock()
@@ -84,15 +85,35 @@ class Service:
 
     @property
     def ready(self) -> bool:
-        return self.engine.ready and not self.draining
+        return self.engine.ready and not self.draining and self.worker_problem is None
+
+    @property
+    def worker_problem(self) -> tuple[str, str] | None:
+        """(state, reason) when the GPU worker is dead or stuck (queue.py's watchdog); None when it is fine."""
+        if self.queue.failure:
+            return "worker_stopped", self.queue.failure
+        stuck = self.queue.stuck
+        return ("worker_stuck", stuck) if stuck else None
+
+    @property
+    def alive(self) -> bool:
+        """False once the process needs a restart: the worker died, or has been stuck FLUX_STUCK_RESTART_S."""
+        limit = self.settings.stuck_restart_s
+        return not self.queue.failure and not (limit and self.queue.stuck_seconds() > limit)
 
     @property
     def state(self) -> str:
-        return "draining" if self.draining else self.engine.state
+        if self.draining:
+            return "draining"
+        problem = self.worker_problem
+        return problem[0] if problem and self.engine.ready else self.engine.state
 
     @property
     def reason(self) -> str | None:
-        return "the server is shutting down" if self.draining else self.engine.reason
+        if self.draining:
+            return "the server is shutting down"
+        problem = self.worker_problem
+        return problem[1] if problem and self.engine.ready else self.engine.reason
 
     def require_ready(self) -> None:
         if self.draining:
@@ -102,8 +123,9 @@ class Service:
                 f"the server is shutting down; retry in {self.settings.retry_after_s} s (another instance serves it)",
                 headers=self.retry_after,
             )
-        if self.queue.failure:
-            raise ServiceError(503, "not_ready", self.queue.failure, headers=self.retry_after)
+        problem = self.worker_problem
+        if problem is not None:
+            raise ServiceError(503, "not_ready", problem[1], headers=self.retry_after)
         if not self.engine.ready:
             raise ServiceError(
                 503, "not_ready", f"model is {self.engine.state}: {self.engine.reason}", headers=self.retry_after
@@ -206,8 +228,9 @@ class Service:
 
 
 class RequestMetrics:
-    """ASGI middleware counting every response by route template and status (the 500s of escaped exceptions too),
-    with its latency, and generation requests by mode (see metrics.py for why not a library)."""
+    """ASGI middleware counting every response by route template and status (the 500s of escaped exceptions too,
+    and 499 for a client that left before its response: during its body, or while its job ran), with its latency,
+    and generation requests by mode (see metrics.py for why not a library)."""
 
     def __init__(self, app, metrics: Metrics):
         self.app, self.metrics = app, metrics
@@ -215,7 +238,7 @@ class RequestMetrics:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        status = 500  # an exception escaping the app becomes a 500 further out
+        status = CLIENT_CLOSED_REQUEST  # no response at all: the client went away (or the request was cancelled)
         start = time.perf_counter()
 
         async def record_status(message):
@@ -226,6 +249,9 @@ class RequestMetrics:
 
         try:
             await self.app(scope, receive, record_status)
+        except Exception:
+            status = 500  # an exception escaping the app becomes a 500 further out
+            raise
         finally:
             route = scope.get("route")
             endpoint = route.path if route is not None else "unmatched"
@@ -269,14 +295,22 @@ def create_app(settings: Settings | None = None, engine_factory: Callable[[Setti
     from flux_kontext.protocols import async_jobs, openai_images  # routers over this Service (no cycle at import)
 
     # Innermost first (Starlette wraps each added middleware around the ones before): POST /inference with
-    # Prefer: respond-async becomes POST /v1/jobs (metrics count it under that route); then the body (limit,
-    # disconnect watch); outermost, count every response (413s included).
+    # Prefer: respond-async becomes POST /v1/jobs (metrics count it under that route); then the body (limit, bytes
+    # in flight, disconnect watch); count every response (413s included); outermost, the request id (every
+    # response, error body and log line of the request carries it).
     app.add_middleware(async_jobs.RespondAsyncMiddleware)
     app.add_middleware(DocsImagePolicy)
-    app.add_middleware(RequestBodyMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(
+        RequestBodyMiddleware,
+        max_bytes=settings.max_body_bytes,
+        max_bytes_in_flight=settings.max_body_bytes_in_flight,
+        retry_after_s=settings.retry_after_s,
+    )
     app.add_middleware(ApiKeyMiddleware, settings=settings)  # before the body is read: no key, no bytes buffered
     add_cors(app, settings.cors_origins)  # outside the key check: preflights carry no key, a 401 is readable
     app.add_middleware(RequestMetrics, metrics=service.metrics)
+    request_ids, request_id_options = request_id_middleware()
+    app.add_middleware(request_ids, **request_id_options)
 
     app.include_router(openai_images.build_router(service))
     app.include_router(async_jobs.build_router(service))
@@ -329,7 +363,10 @@ def create_app(settings: Settings | None = None, engine_factory: Callable[[Setti
 
     @app.get("/health/live")
     async def live():
-        """Liveness: the process and its event loop answer."""
+        """Liveness: the process and its event loop answer; 503 once it needs a restart (its GPU worker died, or
+        has been stuck for FLUX_STUCK_RESTART_S), with the reason."""
+        if not service.alive:
+            return JSONResponse({"status": "restart_needed", "reason": service.reason}, status_code=503)
         return {"status": "alive"}
 
     @app.get("/health/ready", responses=READY_503)
@@ -339,7 +376,7 @@ def create_app(settings: Settings | None = None, engine_factory: Callable[[Setti
         body = {"ready": service.ready, "state": service.state, "reason": service.reason}
         return JSONResponse(body, status_code=200 if service.ready else 503)
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics():
         """Prometheus text format."""
         return Response(service.metrics.render(), media_type="text/plain; version=0.0.4")

@@ -284,6 +284,60 @@ class MemoryPlanSettings(BaseModel):
     prompt_cache_size: int = Field(64, ge=1, le=4096, description="Prompts whose embeddings are kept (LRU).")
 
 
+class LoggingSettings(BaseModel):
+    """Logs (flux_kontext/logging_setup.py); read once at start, before the rest of the settings."""
+
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = Field(
+        "INFO", description="Level of the service's log (any case)."
+    )
+    log_format: Literal["text", "json"] = Field(
+        "text", description="'text': one readable line a record; 'json': one JSON object a line (for log pipelines)."
+    )
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper(cls, value):
+        return value.upper() if isinstance(value, str) else value
+
+    @classmethod
+    def from_environment(cls) -> LoggingSettings:
+        """Only FLUX_LOG_*, so that logging works (and can report it) when another setting is invalid."""
+
+        class FromEnvironment(cls, BaseSettings):
+            model_config = SettingsConfigDict(env_prefix="FLUX_", extra="ignore")
+
+        return cls.model_validate(FromEnvironment().model_dump())
+
+
+class ReliabilitySettings(BaseModel):
+    """Watchdog, memory bound on request bodies, and the test-only fault injection (docs: RELIABILITY.md)."""
+
+    max_body_mb_in_flight: float = Field(
+        128.0,
+        gt=0,
+        description="Request bodies being read or held at once, in MiB; a request whose body would go beyond it "
+        "gets 429 with Retry-After before its body is read (a body alone is always let in, up to FLUX_MAX_BODY_MB). "
+        "A maximal edit body costs about 7x its size while decoded (RELIABILITY.md): 4 at the default.",
+    )
+    job_stop_grace_s: float = Field(
+        10.0,
+        gt=0,
+        description="After a job is told to stop (timeout, disconnect, drain): how long it may take to reach its "
+        "next step; past that the worker counts as stuck and readiness turns 503 with the reason.",
+    )
+    stuck_restart_s: float = Field(
+        300.0,
+        ge=0,
+        description="A worker stuck this long (or dead) also fails liveness (/health/live 503), so that the "
+        "orchestrator restarts the process (a thread cannot be killed); 0: liveness never fails for it.",
+    )
+    fault_injection: bool = Field(
+        False,
+        description="TEST ONLY: honour the X-Fault-Inject request header (an error, a CUDA out-of-memory or a hang "
+        "in a chosen phase, see flux_kontext/faults.py). Never enable it in production.",
+    )
+
+
 # ----- one section per optimization (flux_kontext/optimizations/<name>.py); each rule sits with its feature -----
 class FuseQkvSettings(BaseModel):
     fuse_qkv: bool = Field(True, description="Fuse the Q/K/V projections of the transformer and the VAE.")
@@ -545,6 +599,8 @@ class Settings(
     ChannelsLastSettings,
     FuseQkvSettings,
     MemoryPlanSettings,
+    LoggingSettings,
+    ReliabilitySettings,
     ServiceSettings,
     BaseSettings,
 ):
@@ -571,6 +627,10 @@ class Settings(
     @property
     def max_body_bytes(self) -> int:
         return int(self.max_body_mb * 1024 * 1024)
+
+    @property
+    def max_body_bytes_in_flight(self) -> int:
+        return int(self.max_body_mb_in_flight * 1024 * 1024)
 
 
 def hub_token() -> str | None:

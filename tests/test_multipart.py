@@ -137,7 +137,7 @@ WORDS = {
 @pytest.mark.parametrize(("case", "send", "status"), MALFORMED, ids=[case for case, *_ in MALFORMED])
 def test_malformed_multipart_gets_a_clear_4xx_in_the_envelope(client, case, send, status):
     error = error_of(send(client), status)
-    assert set(error) <= {"type", "message", "details"}
+    assert set(error) <= {"type", "message", "details", "request_id"}
     assert WORDS[case] in error["message"]
 
 

@@ -36,6 +36,7 @@ from flux_kontext.protocols.job_schemas import JobState
 from flux_kontext.protocols.job_store import FINISHED, WEBHOOK_EVENTS, JobRecord, JobStore, Webhook
 from flux_kontext.protocols.webhooks import Webhooks, read_job_request
 from flux_kontext.request_forms import INFERENCE_BODY, form_schema
+from flux_kontext.request_id import current_request_id  # the submission's: this task runs in its context
 from flux_kontext.schemas import ErrorEnvelope, InferenceRequest
 from flux_kontext.service import ERRORS
 from utils import MEDIA_TYPES
@@ -123,12 +124,12 @@ class AsyncJobs:
         except (asyncio.CancelledError, JobCancelled):
             record.finish("cancelled")
         except ServiceError as exc:
-            record.error = (exc.status, {"type": exc.type, "message": exc.message})
+            record.error = (exc.status, {"type": exc.type, "message": exc.message, "request_id": current_request_id()})
             record.finish("failed")
         except Exception as exc:
             log.exception("async job %s failed", record.id)
             message = f"internal error: {type(exc).__name__}; see the server log"
-            record.error = (500, {"type": "internal_error", "message": message})
+            record.error = (500, {"type": "internal_error", "message": message, "request_id": current_request_id()})
             record.finish("failed")
         else:
             body["timings_ms"]["total"] = round((time.perf_counter() - start) * 1000.0, 2)

@@ -209,6 +209,33 @@ def body_doc(edit: bool) -> dict:
     return {"requestBody": {"required": True, "content": content}}
 
 
+OPENAI_ERROR = {
+    "description": "An error in OpenAI's shape (the request id is in the X-Request-ID header)",
+    "content": {
+        "application/json": {
+            "schema": {
+                "type": "object",
+                "required": ["error"],
+                "properties": {
+                    "error": {
+                        "type": "object",
+                        "required": ["message", "type", "code"],
+                        "properties": {
+                            "message": {"type": "string"},
+                            "type": {"type": "string"},
+                            "param": {"type": ["string", "null"]},
+                            "code": {"type": ["string", "null"]},
+                        },
+                    }
+                },
+            }
+        }
+    },
+}
+# Validation errors are 400s here, as OpenAI's are.
+GENERATION_ERRORS = {status: OPENAI_ERROR for status in (400, 401, 403, 404, 406, 413, 415, 429, 503, 504)}
+
+
 def build_router(service: Service) -> APIRouter:
     router = APIRouter(prefix="/v1", tags=["OpenAI images"])
     created = int(time.time())
@@ -216,7 +243,7 @@ def build_router(service: Service) -> APIRouter:
     def served_id() -> str:
         return service.engine.describe_model()["source"]
 
-    @router.post("/images/generations", openapi_extra=body_doc(edit=False))
+    @router.post("/images/generations", openapi_extra=body_doc(edit=False), responses=GENERATION_ERRORS)
     async def generations(http_request: Request):
         """OpenAI ``images.generate``: text-to-image. JSON body; extras (seed, steps, ...) as extra fields."""
         fields = await json_object(http_request)
@@ -224,7 +251,7 @@ def build_router(service: Service) -> APIRouter:
         body = await run_inference(service, request, http_request)
         return JSONResponse(openai_response(request, body))
 
-    @router.post("/images/edits", openapi_extra=body_doc(edit=True))
+    @router.post("/images/edits", openapi_extra=body_doc(edit=True), responses=GENERATION_ERRORS)
     async def edits(http_request: Request):
         """OpenAI ``images.edit``: multipart with one ``image`` (or ``image[]``) file part; extras as form fields."""
         fields, image = await edit_fields(http_request, service.settings.max_body_bytes)
@@ -237,7 +264,7 @@ def build_router(service: Service) -> APIRouter:
         """The one model this server serves, as an OpenAI model object."""
         return {"object": "list", "data": [model_card(service, created)]}
 
-    @router.get("/models/{model_id:path}")
+    @router.get("/models/{model_id:path}", responses={404: OPENAI_ERROR})
     async def model(model_id: str):
         card = model_card(service, created)
         if model_id != card["id"]:
