@@ -156,7 +156,7 @@ async def read_inference_request(http_request: Request, settings: Settings) -> I
             f"Content-Type {kind} is not accepted: send application/json (curl -H 'Content-Type: application/json' "
             "-d '{...}') or multipart/form-data (curl -F image=@in.png -F prompt=...)",
         )
-    try:
-        return InferenceRequest.model_validate_json(await http_request.body())
+    try:  # strict: a JSON body's types are the document's (no "0.1" for a number, no 0 for false)
+        return InferenceRequest.model_validate_json(await http_request.body(), strict=True)
     except ValidationError as exc:
         raise validation_error(exc) from None

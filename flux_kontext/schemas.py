@@ -115,6 +115,23 @@ class InferenceRequest(BaseModel):
         examples=[[]],  # none in the example request (Swagger UI's form then sends none)
     )
 
+    @field_validator("use_flash_attention", "use_mxfp4", "use_dpm_solver", "use_cuda_graphs", mode="before")
+    @classmethod
+    def _switch_is_a_boolean(cls, value):
+        """A switch is true or false (a form's text "true"/"false" too), never a number: 0 or 1 is refused as the
+        document says, rather than read as a boolean."""
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            raise ValueError("must be true or false, not a number")
+        return value
+
+    @field_validator("seed", "num_images", "steps", "width", "height", mode="before")
+    @classmethod
+    def _number_is_not_a_boolean(cls, value):
+        """JSON's true is not the number 1."""
+        if isinstance(value, bool):
+            raise ValueError("must be an integer, not true or false")
+        return value
+
     @field_validator("loras", mode="before")
     @classmethod
     def _loras_from_text(cls, value):

@@ -65,6 +65,8 @@ FIELD_CASES = [
     ({"seed": -1}, "seed"),
     ({"output_format": "bmp"}, "output_format"),
     ({"use_mxfp4": "perhaps"}, "use_mxfp4"),
+    ({"use_cuda_graphs": 0}, "must be true or false, not a number"),
+    ({"seed": True}, "must be an integer, not true or false"),
     ({"colour": "red"}, "unknown field 'colour'"),
     ({"scheduler": "ddim"}, "valid: euler, dpmpp_2m, dpmpp_2m_karras, unipc"),
     ({"scheduler": "dpmpp_2m", "use_dpm_solver": False}, "use_dpm_solver is false"),
