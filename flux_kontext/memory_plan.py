@@ -24,6 +24,8 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
+from flux_kontext.resolution import image_tokens
+
 GIB = 2**30
 MAX_NUM_IMAGES = 4  # the request schema's limit
 LARGEST_REQUEST = (1568, 672)  # the widest preferred Kontext resolution, edited: the most tokens accepted
@@ -73,11 +75,8 @@ class Request:
     context: tuple[int, int] | None = None  # an edit's context image size (default: the output size)
 
     def tokens(self, text_tokens: int) -> int:
-        def packed(width: int, height: int) -> int:
-            return (width // 16) * (height // 16)  # 8x VAE downsampling, 2x2 packing
-
-        context = packed(*(self.context or (self.width, self.height))) if self.edit else 0
-        return text_tokens + packed(self.width, self.height) + context
+        context = (self.context or (self.width, self.height)) if self.edit else None
+        return text_tokens + image_tokens(self.width, self.height, context)
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,15 @@ from __future__ import annotations
 
 import re
 
+PIXELS_PER_TOKEN_SIDE = 16  # 8x VAE downsampling, then 2x2 latent packing
+
+
+def image_tokens(width: int, height: int, context: tuple[int, int] | None = None) -> int:
+    """Image tokens the transformer sees for an output of ``width`` x ``height``, plus an edit's context image."""
+    tokens = (width // PIXELS_PER_TOKEN_SIDE) * (height // PIXELS_PER_TOKEN_SIDE)
+    return tokens + (image_tokens(*context) if context else 0)
+
+
 # The 17 resolutions FLUX.1-Kontext was trained on (BFL reference; also in diffusers' Kontext pipeline).
 PREFERRED_KONTEXT_RESOLUTIONS: tuple[tuple[int, int], ...] = (
     (672, 1568),

@@ -24,7 +24,7 @@ from typing import Literal
 from PIL import Image
 
 from flux_kontext.jobs import Job, JobResult
-from flux_kontext.resolution import PREFERRED_KONTEXT_RESOLUTIONS, kontext_resolution
+from flux_kontext.resolution import PREFERRED_KONTEXT_RESOLUTIONS, image_tokens, kontext_resolution
 
 log = logging.getLogger(__name__)
 
@@ -58,9 +58,7 @@ class Shape:
     @property
     def tokens(self) -> int:
         """Image tokens the transformer sees (2x2-packed latents of the 8x VAE: 16x16 pixels per token)."""
-        context = self.context_size
-        extra = (context[0] // 16) * (context[1] // 16) if context else 0
-        return (self.width // 16) * (self.height // 16) + extra
+        return image_tokens(self.width, self.height, self.context_size)
 
     @property
     def key(self) -> str:
