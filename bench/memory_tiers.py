@@ -1,166 +1,364 @@
-"""Memory tiers: the serving engine started under simulated GPU capacities, each in a fresh process.
+"""Memory tiers: the service started under simulated GPU capacities, one after another in one process, over HTTP.
 
-For each capacity (GiB; 0 = uncapped) the child caps its CUDA allocator with
-``torch.cuda.set_per_process_memory_fraction`` and tells the memory plan the same budget (FLUX_GPU_MEMORY_GIB),
-then starts the engine as the service does (FLUX_MODEL=random, the default stack, warm-up included) and records:
-ready or not (and why), the plan (tier, placements, bytes), peak GPU memory, peak host RSS during load, time to
-ready, a 1024² edit and a 1024² text-to-image end to end and per step (the second of two runs), and the largest
-request the plan admits (a 1568x672 edit at its num_images limit, 2 steps). Capacity is simulated; the speed is
-the lent GPU's. Run on the GPU:
+For each capacity (GiB; 0 = uncapped) the CUDA allocator is capped with ``torch.cuda.set_per_process_memory_fraction``
+and the memory plan is told the same budget (FLUX_GPU_MEMORY_GIB); then the app (flux_kontext.service.create_app,
+FLUX_MODEL=random by default, the settings of the environment: FLUX_COMPILE, FLUX_WARMUP_SHAPES, ...) is served by
+uvicorn on a local port and measured through HTTP only: ready or not (and why), the plan /health reports (tier,
+placements, bytes), time to ready, peak host RSS until ready (sampled every 20 ms) and peak GPU memory, then a 1024²
+edit and a 1024² text-to-image (a short run first, then the timed one: end to end and per step). At the capacities of
+``--walk-caps`` it then walks what the independent check sends: the largest edit (1568x672) at num_images 1-4 and
+every preferred resolution's edit at num_images 1, plus the OpenAI endpoint's ``n`` and an async job above the plan's
+limit, recording each status code (a 200, or a 4xx naming the limit; never a 500 or an out-of-memory 503).
 
-    python bench/memory_tiers.py --caps 0,24,16,48,32 --cache-dir /tmp/flux-cache --out bench/results/memory-tiers.json
+One process for every capacity: the imports, Triton's and Inductor's in-memory caches are paid once (the first
+capacity pays the cold kernel builds; /health's startup_seconds splits the phases). Between capacities the server
+stops, its engine is released and the allocators' caches emptied; the memory left behind is recorded. Capacity is
+simulated; the speed is the lent GPU's. On the GPU:
+
+    FLUX_COMPILE=false python bench/memory_tiers.py --caps 16,24,48,0,32 --walk-caps 16,24 --out memory-tiers.json
+On the CPU (tiny model; the budget is simulated for the plan only):
+    python bench/memory_tiers.py --model tiny --caps 2.54,0 --walk-caps 2.54 --steps 1 --out /tmp/tiers.json
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
+import gc
+import io
 import json
 import os
-import subprocess
+import socket
 import sys
+import threading
 import time
+import urllib.error
+import urllib.request
+import weakref
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
 GIB = 2**30
+PROMPT = "a red fox in the snow"
 
 
-def child(cap_gib: float, deadline: float) -> dict:
-    """One capacity, in this process (called with --child)."""
-    import torch
+# ----- HTTP ------------------------------------------------------------------------------------------------------
+def call(base: str, path: str, body: dict | None = None, timeout: float = 600, form: bool = False) -> tuple[int, dict]:
+    """(status, JSON body) of one request (``form``: the fields as multipart/form-data); a transport failure is 0."""
+    kind, data = "application/json", None if body is None else json.dumps(body).encode()
+    if form:
+        boundary = "bench-memory-tiers"
+        kind = f"multipart/form-data; boundary={boundary}"
+        parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n' for k, v in body.items()]
+        data = ("".join(parts) + f"--{boundary}--\r\n").encode()
+    request = urllib.request.Request(base + path, data=data, headers={"Content-Type": kind})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, json.loads(response.read() or b"{}")
+    except urllib.error.HTTPError as exc:
+        try:
+            return exc.code, json.loads(exc.read() or b"{}")
+        except ValueError:
+            return exc.code, {}
+    except (urllib.error.URLError, OSError) as exc:
+        return 0, {"error": {"type": "transport", "message": str(exc)}}
 
-    sys.path.insert(0, str(ROOT))
+
+def image_b64(width: int, height: int) -> str:
     from PIL import Image
 
-    from flux_kontext.engine import Engine
-    from flux_kontext.jobs import Job
-    from flux_kontext.logging_setup import configure_logging
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height), (128, 64, 32)).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class RssSampler:
+    """The process's peak resident set, sampled (the kernel's high-water mark cannot be reset on every kernel)."""
+
+    def __init__(self, period_s: float = 0.02):
+        from flux_kontext.loading import host_rss_bytes
+
+        self._read, self.period_s = host_rss_bytes, period_s
+        self.peak = self._read() or 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.period_s):
+            self.peak = max(self.peak, self._read() or 0)
+
+    def stop(self) -> int:
+        """The peak so far; sampling stops (again: a no-op)."""
+        self._stop.set()
+        self._thread.join()
+        return self.peak
+
+
+# ----- one capacity -------------------------------------------------------------------------------------------------
+class Served:
+    """The app under uvicorn in a thread of this process, for one capacity."""
+
+    def __init__(self, settings):
+        import uvicorn
+
+        from flux_kontext.service import create_app
+
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.app = create_app(settings)
+        config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, name="uvicorn", daemon=True)
+        self.thread.start()
+
+    def wait(self, deadline: float) -> dict:
+        """/health once the engine is ready or failed (or the deadline passed)."""
+        while time.time() < deadline:
+            status, health = call(self.base, "/health", timeout=10)
+            if status and health.get("state") in ("ready", "failed"):
+                return health
+            time.sleep(0.1)
+        return call(self.base, "/health", timeout=10)[1] | {"bench": "deadline passed before ready"}
+
+    def stop(self) -> weakref.ref | None:
+        """Stop serving and let go of the model; a weak reference to its pipeline tells whether it was freed.
+
+        FastAPI keeps each endpoint it has classified in a module-level LRU cache (and with it the app's closures,
+        the service and the engine): the engine's model is dropped by hand, and those caches cleared."""
+        self.server.should_exit = True
+        self.thread.join(timeout=120)
+        engine = self.app.state.service.engine
+        pipe = weakref.ref(engine.model.pipe) if engine.model is not None else None
+        engine.model = engine.generation = None
+        engine.stack = None
+        from fastapi.dependencies import models
+
+        for cached in vars(models).values():
+            getattr(cached, "cache_clear", lambda: None)()
+        self.app = self.server = None
+        return pipe
+
+
+def generation(base: str, edit: bool, steps: int | None, size=(1024, 1024), num_images: int = 1) -> dict:
+    body = {"prompt": PROMPT, "seed": 1, "num_images": num_images, "output_format": "jpeg"}
+    if steps is not None:
+        body["steps"] = steps
+    if edit:
+        body["image"] = image_b64(*size)
+    else:
+        body["width"], body["height"] = size
+    started = time.perf_counter()
+    status, answer = call(base, "/inference", body)
+    row = {"status": status, "http_ms": round((time.perf_counter() - started) * 1000, 1)}
+    if status == 200:
+        row.update(steps=answer["steps"], timings_ms=answer["timings_ms"], images=len(answer["images"]))
+        row["ms_per_step"] = round(answer["timings_ms"]["denoising"] / answer["steps"], 1)
+        row["cuda_graphs"] = answer.get("cuda_graphs")
+    else:
+        row["error"] = answer.get("error")
+    return row
+
+
+def timed_1024(base: str, steps: int | None, warm_steps: int) -> dict:
+    """A short run of each mode (first sight of the shape: kernels, graph capture), then the timed one."""
+    out = {}
+    for mode, edit in (("edit", True), ("text_to_image", False)):
+        first = generation(base, edit, warm_steps)
+        out[mode] = generation(base, edit, steps) | {"first_run": first}
+    return out
+
+
+def walk(base: str, steps: int, max_largest: int | None) -> dict:
+    """What the independent check sends at low capacities: each answer's status, error type and message."""
+    from flux_kontext.memory_plan import LARGEST_REQUEST, MAX_NUM_IMAGES
+    from flux_kontext.resolution import PREFERRED_KONTEXT_RESOLUTIONS
+
+    rows = []
+    for n in range(1, MAX_NUM_IMAGES + 1):
+        rows.append({"size": "x".join(map(str, LARGEST_REQUEST)), "num_images": n})
+        rows[-1] |= generation(base, True, steps, LARGEST_REQUEST, n)
+    for size in PREFERRED_KONTEXT_RESOLUTIONS:
+        if tuple(size) != tuple(LARGEST_REQUEST):
+            rows.append({"size": "x".join(map(str, size)), "num_images": 1} | generation(base, True, steps, size))
+    for row in rows:
+        row.pop("timings_ms", None)
+    out = {"inference": rows}
+    if max_largest is not None and max_largest < MAX_NUM_IMAGES:  # the other endpoints' refusal of the same request
+        above = max_largest + 1
+        edit = {"prompt": PROMPT, "image": image_b64(*LARGEST_REQUEST), "steps": steps, "num_images": above}
+        status, answer = call(base, "/v1/jobs", edit)
+        out["async_job_above_limit"] = {"num_images": above, "status": status, "error": answer.get("error")}
+        openai = {"prompt": PROMPT, "image": edit["image"], "n": above, "size": "1568x672"}
+        status, answer = call(base, "/v1/images/edits", openai, form=True)
+        out["openai_edit_above_limit"] = {"n": above, "status": status, "error": answer.get("error")}
+    codes: dict[str, int] = {}
+    for row in rows:
+        codes[str(row["status"])] = codes.get(str(row["status"]), 0) + 1
+    out["status_counts"] = codes
+    return out
+
+
+def gpu_now() -> dict:
+    import torch
+
+    if not torch.cuda.is_available():
+        return {}
+    return {
+        "reserved_gib": round(torch.cuda.memory_reserved() / GIB, 2),
+        "allocated_gib": round(torch.cuda.memory_allocated() / GIB, 2),
+        "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / GIB, 2),
+        "peak_allocated_gib": round(torch.cuda.max_memory_allocated() / GIB, 2),
+    }
+
+
+def set_cap(cap_gib: float) -> float | None:
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    total = torch.cuda.get_device_properties(0).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, cap_gib * GIB / total) if cap_gib else 1.0)
+    torch.cuda.reset_peak_memory_stats()
+    return round(total / GIB, 1)
+
+
+def release() -> None:
+    """What the last capacity left: Python's cycles, the CUDA allocator's and the pinned host allocator's caches."""
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        host_empty = getattr(torch._C, "_host_emptyCache", None)
+        if host_empty is not None:
+            host_empty()
+
+
+def run_cap(args, cap: float, deadline: float) -> dict:
+    from flux_kontext.loading import host_rss_bytes
     from flux_kontext.settings import Settings
 
-    configure_logging()
-    total = torch.cuda.get_device_properties(0).total_memory
-    if cap_gib:
-        torch.cuda.set_per_process_memory_fraction(min(1.0, cap_gib * GIB / total))
-    row: dict = {"cap_gib": cap_gib or None, "gpu_total_gib": round(total / GIB, 1)}
-    settings = Settings(model="random", gpu_memory_gib=cap_gib or None)
-    engine = Engine(settings)
-    start = time.perf_counter()
-    engine.load()
-    row.update(
-        ready=engine.ready,
-        reason=engine.reason,
-        seconds_to_ready=round(time.perf_counter() - start, 1),
-        startup_seconds=engine.startup_seconds,
-        memory_plan=engine.describe_memory(),
-        optimizations={r.name: r.status for r in engine.reports},
-        peak_gpu_gib_load_and_warmup=round(torch.cuda.max_memory_reserved() / GIB, 2),
-    )
-    if not engine.ready:
+    row: dict = {"cap_gib": cap or None, "left_by_earlier_caps": gpu_now()}
+    row["gpu_total_gib"] = set_cap(cap)
+    rss_before = host_rss_bytes() or 0
+    sampler = RssSampler()
+    started = time.perf_counter()
+    served = Served(Settings(model=args.model, gpu_memory_gib=cap or None))
+    try:
+        health = served.wait(deadline)
+        row["seconds_to_ready"] = round(time.perf_counter() - started, 1)
+        peak_rss = sampler.stop()
+        plan = health.get("memory_plan") or {}
+        row.update(
+            state=health.get("state"),
+            reason=health.get("reason"),
+            startup_seconds=health.get("startup_seconds"),
+            host_rss_gib={"before": round(rss_before / GIB, 2), "peak_until_ready": round(peak_rss / GIB, 2)},
+            gpu_until_ready=gpu_now(),
+            memory_plan=plan,
+            optimizations={o["name"]: o["status"] for o in health.get("optimizations", [])},
+            cuda_graphs_report=next((o for o in health.get("optimizations", []) if o["name"] == "cuda_graphs"), None),
+        )
+        if health.get("state") != "ready":
+            return row
+        if time.time() < deadline:
+            row["timed_1024"] = timed_1024(served.base, args.timed_steps, args.warm_steps)
+            row["gpu_after_1024"] = gpu_now()
+        if cap in args.walk_caps and time.time() < deadline:
+            row["walk"] = walk(served.base, args.steps, plan.get("max_num_images_largest_edit"))
+            row["gpu_after_walk"] = gpu_now()
+            row["health_after_walk"] = {
+                k: v for k, v in call(served.base, "/health")[1].items() if k in ("state", "reason")
+            }
         return row
-    image = Image.new("RGB", (1024, 1024), (128, 64, 32))
-    for mode, job_image in (("edit", image), ("text_to_image", None)):
-        runs = []
-        for _ in range(2):
-            result = engine.generate(Job(prompt="a red fox in the snow", seed=1, image=job_image))
-            runs.append(result.timings_ms)
-        timed = runs[-1]
-        row[mode] = {
-            "steps": result.steps,
-            "timings_ms_first": runs[0],
-            "timings_ms": timed,
-            "ms_per_step": round(timed["denoising"] / result.steps, 1),
-        }
-    row["peak_gpu_gib_1024"] = round(torch.cuda.max_memory_reserved() / GIB, 2)
-    row["peak_gpu_allocated_gib_1024"] = round(torch.cuda.max_memory_allocated() / GIB, 2)
-    plan = engine.model.plan
-    from flux_kontext.memory_plan import LARGEST_REQUEST, Request
+    finally:
+        sampler.stop()
+        pipe = served.stop()
+        del served
+        release()
+        row["model_released"] = pipe is None or pipe() is None
+        row["left_after_release"] = gpu_now()
 
-    most = plan.max_num_images(Request(*LARGEST_REQUEST, edit=True))
-    if time.time() < deadline and most:
-        wide = Image.new("RGB", LARGEST_REQUEST, (20, 90, 200))
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_reserved()
-        try:
-            result = engine.generate(Job(prompt="a red fox", seed=2, image=wide, steps=2, num_images=most))
-            row["largest"] = {"num_images": most, "ok": True, "engine_total_ms": result.timings_ms["engine_total"]}
-        except Exception as exc:  # the plan's margin was wrong: that is the finding
-            row["largest"] = {"num_images": most, "ok": False, "error": f"{type(exc).__name__}: {exc}"[:300]}
-        row["largest"]["reserved_before_gib"] = round(before / GIB, 2)
-        row["largest"]["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved() / GIB, 2)
-        row["largest"]["peak_allocated_gib"] = round(torch.cuda.max_memory_allocated() / GIB, 2)
-    return row
+
+def summary(row: dict) -> dict:
+    plan = row.get("memory_plan") or {}
+    timed = row.get("timed_1024") or {}
+    walked = row.get("walk") or {}
+    return {
+        "cap": row.get("cap_gib"),
+        "state": row.get("state"),
+        "reason": (row.get("reason") or "")[:160],
+        "tier": plan.get("tier"),
+        "t5": (plan.get("placements") or {}).get("text_encoder_2"),
+        "max_images_largest": plan.get("max_num_images_largest_edit"),
+        "s_to_ready": row.get("seconds_to_ready"),
+        "rss_peak": (row.get("host_rss_gib") or {}).get("peak_until_ready"),
+        "gpu_peak": (row.get("gpu_after_walk") or row.get("gpu_after_1024") or {}).get("peak_reserved_gib"),
+        "edit": {k: (timed.get("edit") or {}).get(k) for k in ("status", "ms_per_step")},
+        "t2i": {k: (timed.get("text_to_image") or {}).get(k) for k in ("status", "ms_per_step")},
+        "walk": walked.get("status_counts"),
+    }
+
+
+def versions() -> dict:
+    import diffusers
+    import torch
+
+    out = {"torch": torch.__version__, "diffusers": diffusers.__version__}
+    if torch.cuda.is_available():
+        out["device"] = torch.cuda.get_device_name()
+    return out
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--caps", default="0,24,16,48,32", help="GiB, comma-separated; 0 = uncapped")
-    parser.add_argument("--cache-dir", type=Path, default=None, help="FLUX_COMPILE_CACHE_DIR shared by the children")
-    parser.add_argument("--budget-s", type=float, default=540, help="stop starting children after this long")
+    parser.add_argument("--caps", default="16,24,48,0,32", help="GiB, comma-separated, in order; 0 = uncapped")
+    parser.add_argument("--walk-caps", default="16,24", help="capacities at which to walk the check's requests")
+    parser.add_argument("--model", default="random")
+    parser.add_argument("--timed-steps", type=int, default=None, help="steps of the timed 1024² runs (default: 14)")
+    parser.add_argument("--warm-steps", type=int, default=2, help="steps of the short run before each timed one")
+    parser.add_argument("--steps", type=int, default=2, help="steps of each walk request")
+    parser.add_argument("--budget-s", type=float, default=1e9, help="start no capacity after this long")
+    parser.add_argument("--cap-s", type=float, default=240, help="longest one capacity may take to get ready")
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--child", type=float, default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--deadline", type=float, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.child is not None:
-        args.out.write_text(json.dumps(child(args.child, args.deadline), indent=1, default=str))
-        return 0
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
-    if args.cache_dir:
-        env["FLUX_COMPILE_CACHE_DIR"] = str(args.cache_dir)
+    args.walk_caps = {float(c) for c in args.walk_caps.split(",") if c}
+
+    from flux_kontext.logging_setup import configure_logging
+
+    configure_logging()
     started = time.time()
     result = {"command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "runs": []}
+    result |= versions()
+    result["environment"] = {k: v for k, v in sorted(os.environ.items()) if k.startswith(("FLUX_", "PYTORCH_CUDA"))}
     for cap in (float(c) for c in args.caps.split(",")):
         left = args.budget_s - (time.time() - started)
-        if left < 60:
+        if left < 20:
             result["runs"].append({"cap_gib": cap or None, "skipped": f"out of time ({left:.0f} s left)"})
             continue
-        part = args.out.with_suffix(f".cap{int(cap)}.json")
-        command = [sys.executable, __file__, "--child", str(cap), "--out", str(part)]
-        command += ["--deadline", str(time.time() + left - 30)]
-        log_path = part.with_suffix(".log")  # the child's log, kept when it is stopped at the deadline
         try:
-            with log_path.open("w") as log:
-                done = subprocess.run(command, env=env, timeout=left, stdout=log, stderr=subprocess.STDOUT)
-            row = json.loads(part.read_text()) if part.exists() else {"cap_gib": cap, "exit": done.returncode}
-            if done.returncode:
-                row["log_tail"] = log_path.read_text()[-1500:]
-        except subprocess.TimeoutExpired:
-            row = {"cap_gib": cap or None, "timeout_s": round(left), "log_tail": log_path.read_text()[-1500:]}
+            row = run_cap(args, cap, time.time() + min(left, args.cap_s))
+        except Exception as exc:  # one capacity's failure is a finding; the others still run
+            row = {"cap_gib": cap or None, "bench_error": f"{type(exc).__name__}: {exc}"[:500]}
+        row["bench_seconds"] = round(time.time() - started, 1)
         result["runs"].append(row)
-        args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=1, default=str))
-        print(json.dumps(_summary(row)), flush=True)
-    try:
-        import torch
-
-        result["device"] = torch.cuda.get_device_name()
-        result["torch"] = torch.__version__
-        import diffusers
-
-        result["diffusers"] = diffusers.__version__
-    except Exception as exc:  # the summary still stands without the versions
-        result["versions_error"] = str(exc)
+        print("SUMMARY", json.dumps(summary(row)), flush=True)
+        if "bench_error" not in row and row.get("state") not in ("ready", "failed"):  # its loader may still run
+            break
+    result["left_at_end"] = gpu_now()
     args.out.write_text(json.dumps(result, indent=1, default=str))
     return 0
-
-
-def _summary(row: dict) -> dict:
-    plan = row.get("memory_plan") or {}
-    return {
-        "cap": row.get("cap_gib"),
-        "ready": row.get("ready"),
-        "reason": (row.get("reason") or "")[:200],
-        "tier": plan.get("tier"),
-        "t5": (plan.get("placements") or {}).get("text_encoder_2"),
-        "max_images": plan.get("max_num_images_largest_edit"),
-        "s_to_ready": row.get("seconds_to_ready"),
-        "edit_ms": (row.get("edit") or {}).get("timings_ms", {}).get("engine_total"),
-        "edit_step": (row.get("edit") or {}).get("ms_per_step"),
-        "t2i_ms": (row.get("text_to_image") or {}).get("timings_ms", {}).get("engine_total"),
-        "peak": row.get("peak_gpu_gib_1024"),
-        "rss": ((plan.get("load") or {}).get("host_rss_peak_gib")),
-        "largest": row.get("largest"),
-        "exit": row.get("exit"),
-    }
 
 
 if __name__ == "__main__":

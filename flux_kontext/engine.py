@@ -126,7 +126,7 @@ class Engine:
         free = self.hardware.free_memory_bytes() if self.hardware.is_cuda else None
         at_load = [name for name, _ in self.stack.load_transforms(base)]
         plan, ruled_out = plan_for_settings(self.settings, sizes, base.capability, free, at_load)
-        self._stack_hardware = dataclasses.replace(base, ruled_out=ruled_out)
+        self._stack_hardware = dataclasses.replace(base, ruled_out=ruled_out, **plan.stack_limits(free is not None))
         return plan, [transform for _, transform in self.stack.load_transforms(self._stack_hardware)]
 
     def memory_refusal(self, job: Job) -> str | None:

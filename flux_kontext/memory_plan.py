@@ -123,6 +123,20 @@ class MemoryPlan:
             return 0
         return max(0, min(MAX_NUM_IMAGES, room // max(1, self.per_image(request))))
 
+    def request_headroom(self) -> int:
+        """Bytes to keep free beside the weights and the graphs kept: what the largest request the plan admits needs
+        (its transformer phase, the graphs of its own shape included, or its VAE phase). CUDA graphs of other shapes
+        are evicted to keep this free (FLUX_CUDA_GRAPH_MIN_FREE_GIB's default)."""
+        largest = Request(*LARGEST_REQUEST, edit=True)
+        most = max(1, self.max_num_images(largest))
+        return max(most * self.per_image(largest), self.vae_bytes(largest))
+
+    def stack_limits(self, on_gpu: bool) -> dict:
+        """What the optimizations may know of the plan (Hardware's memory fields); nothing off a GPU."""
+        if not on_gpu or self.budget is None:
+            return {}
+        return {"memory_budget": self.budget, "request_headroom": self.request_headroom()}
+
     def refusal(self, request: Request) -> str | None:
         """Why this request cannot run in the plan (None: it fits)."""
         most = self.max_num_images(request)

@@ -510,11 +510,13 @@ class CudaGraphsSettings(BaseModel):
         description="At most this many input shapes keep their graphs (memory per shape: BENCHMARKS.md); fewer when "
         "free GPU memory runs short (FLUX_CUDA_GRAPH_MIN_FREE_GIB); least recently used evicted.",
     )
-    cuda_graph_min_free_gib: float = Field(
-        20.0,
+    cuda_graph_min_free_gib: float | None = Field(
+        None,
         ge=0,
         description="GPU memory left free for requests' activations after a capture: least recently used shapes' "
-        "graphs are evicted until this much is free again (the newest always stays).",
+        "graphs are evicted until this much is free again (the newest always stays). Default: from the memory plan "
+        "(what the largest request it admits needs, the graphs of its own shape included), counted within the "
+        "plan's budget (FLUX_GPU_MEMORY_GIB); 20 where there is no plan.",
     )
 
 

@@ -18,8 +18,9 @@ How a block's graph is built and replayed (``GraphedBlock``):
 
 Memory: each captured shape keeps every block's outputs and one block's intermediates (sizes in BENCHMARKS.md, "CUDA
 graphs"); at most FLUX_CUDA_GRAPH_MAX_SHAPES shapes are kept, and fewer when free GPU memory falls below
-FLUX_CUDA_GRAPH_MIN_FREE_GIB after a capture: least recently used evicted, so the number of shapes kept follows the
-memory the card has left (/health lists the captured shapes and the evictions). A capture that fails turns graphs
+FLUX_CUDA_GRAPH_MIN_FREE_GIB after a capture (default: what the memory plan's largest admitted request needs, free
+counted within the plan's budget): least recently used evicted, so the number of shapes kept follows the memory the
+card has left (/health lists the captured shapes and the evictions). A capture that fails turns graphs
 off for good (the report says why); requests go on without.
 
 It fills the blocks' ``graphed`` slot, above ``compiled`` (whose kernels it captures); the first-block cache's hooks
@@ -37,7 +38,10 @@ from flux_kontext.jobs import Job
 from flux_kontext.optimizations.graph_capture import CudaGraphBackend, GraphedBlock, GraphManager
 from flux_kontext.stack import APPLY, Decision, Hardware, Model, Optimization, Outcome, RequestRun, skip
 
-__all__ = ["CudaGraphBackend", "CudaGraphs", "GraphManager", "GraphedBlock", "install"]
+__all__ = ["CudaGraphBackend", "CudaGraphs", "GraphManager", "GraphedBlock", "install", "min_free_bytes"]
+
+GIB = 2**30
+DEFAULT_MIN_FREE_GIB = 20.0  # where no memory plan says what requests need (the stack built outside the engine)
 
 
 def install(transformer: torch.nn.Module, slots, manager: GraphManager) -> None:
@@ -56,6 +60,16 @@ def install(transformer: torch.nn.Module, slots, manager: GraphManager) -> None:
         return original_forward(*args, **kwargs)
 
     transformer.forward = forward_with_graphs
+
+
+def min_free_bytes(setting_gib: float | None, hardware: Hardware) -> tuple[int, str]:
+    """(bytes to keep free after a capture, where the number comes from): the setting, else the memory plan's
+    headroom for the largest request it admits, else DEFAULT_MIN_FREE_GIB."""
+    if setting_gib is not None:
+        return int(setting_gib * GIB), "FLUX_CUDA_GRAPH_MIN_FREE_GIB"
+    if hardware.request_headroom is not None:
+        return hardware.request_headroom, "the memory plan: what its largest admitted request needs"
+    return int(DEFAULT_MIN_FREE_GIB * GIB), f"{DEFAULT_MIN_FREE_GIB:g} GiB: no memory plan"
 
 
 @contextlib.contextmanager
@@ -88,26 +102,32 @@ class CudaGraphs(Optimization):
         return APPLY
 
     def apply(self, model: Model) -> Outcome:
-        max_shapes, min_free_gib = self.settings.cuda_graph_max_shapes, self.settings.cuda_graph_min_free_gib
+        max_shapes = self.settings.cuda_graph_max_shapes
+        min_free, source = min_free_bytes(self.settings.cuda_graph_min_free_gib, model.hardware)
+        budget = model.hardware.memory_budget
         self.manager = GraphManager(
             self.backend_factory(),
             max_shapes,
             self._shapes_changed,
             self._failed,
-            min_free_bytes=int(min_free_gib * 2**30),
+            min_free_bytes=min_free,
+            budget_bytes=budget,
         )
         self.manager.variant = lambda: tuple(variant() for variant in model.graph_variants)
         install(model.pipe.transformer, model.slots, self.manager)
         self._model = model
+        within = "" if budget is None else f" of the memory plan's {budget / GIB:.1f} GiB"
         return Outcome.applied(
             "one CUDA graph per transformer block and input shape, captured on a shape's second call, chained block "
             "to block without copies; works under the first-block cache (its decision stays between replays); up to "
-            f"{max_shapes} shapes kept (FLUX_CUDA_GRAPH_MAX_SHAPES) while {min_free_gib:g} GiB stay free "
-            "(FLUX_CUDA_GRAPH_MIN_FREE_GIB), least recently used evicted; per request: use_cuda_graphs",
+            f"{max_shapes} shapes kept (FLUX_CUDA_GRAPH_MAX_SHAPES) while {min_free / GIB:.1f} GiB{within} stay free "
+            f"({source}), least recently used evicted; per request: use_cuda_graphs",
             captured_shapes=[],
             evictions=0,
             max_shapes=max_shapes,
-            min_free_gib=min_free_gib,
+            min_free_gib=round(min_free / GIB, 2),
+            min_free_source=source,
+            budget_gib=None if budget is None else round(budget / GIB, 2),
         )
 
     def undo(self) -> None:

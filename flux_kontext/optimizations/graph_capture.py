@@ -26,6 +26,11 @@ class CudaGraphBackend:
         free, _ = torch.cuda.mem_get_info()
         return free + torch.cuda.memory_reserved() - torch.cuda.memory_allocated()
 
+    @staticmethod
+    def allocated_bytes() -> int:
+        """What this process's tensors (graph pools' included) hold: counted against a memory plan's budget."""
+        return torch.cuda.memory_allocated()
+
     def new_pool(self) -> None:
         """A fresh pool: once its last graph is gone, a pool cannot be captured into again (allocator assert)."""
         self.pool = torch.cuda.graph_pool_handle()
@@ -73,11 +78,15 @@ class GraphManager:
         on_shapes: Callable[[list], None] | None = None,
         on_failure: Callable[[str], None] | None = None,
         min_free_bytes: int = 0,
+        budget_bytes: int | None = None,
     ):
         self.backend = backend
         self.max_shapes = max_shapes
         # Graphs hold memory (every block's outputs per shape): older shapes go when less than this is left free.
         self.min_free_bytes = min_free_bytes
+        # The memory plan's budget: free is also counted within it (a process capped below the card's memory, or a
+        # GPU shared with others, sees more free on the device than it may use).
+        self.budget_bytes = budget_bytes
         self.free_bytes: int | None = None  # measured after the last capture (None: the backend cannot say)
         self.enabled = True  # per request (use_cuda_graphs)
         self.failure: str | None = None
@@ -162,8 +171,12 @@ class GraphManager:
 
     def _measure_free(self) -> int | None:
         measure = getattr(self.backend, "free_bytes", None)
-        self.free_bytes = measure() if measure is not None else None
-        return self.free_bytes
+        free = measure() if measure is not None else None
+        allocated = getattr(self.backend, "allocated_bytes", None)
+        if free is not None and self.budget_bytes is not None and allocated is not None:
+            free = min(free, self.budget_bytes - allocated())
+        self.free_bytes = free
+        return free
 
     def _short_of_memory(self) -> bool:
         if not self.min_free_bytes or len(self._shapes) < 2:  # the shape being captured always stays

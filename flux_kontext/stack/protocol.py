@@ -45,6 +45,10 @@ class Hardware:
     name: str | None = None  # the GPU's name (torch.cuda.get_device_name), None on CPU or when not known
     # (optimization, why) pairs the memory plan (flux_kontext/memory_plan.py) leaves no room for: skipped, saying so.
     ruled_out: tuple[tuple[str, str], ...] = ()
+    # The memory plan's GPU budget (bytes the process may use) and what must stay free for the largest request it
+    # admits; None: no plan (built outside the engine) or no GPU.
+    memory_budget: int | None = None
+    request_headroom: int | None = None
 
     @property
     def is_cuda(self) -> bool:
