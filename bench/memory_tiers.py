@@ -212,11 +212,14 @@ def gpu_now() -> dict:
 
     if not torch.cuda.is_available():
         return {}
+    stats = torch.cuda.memory_stats()
     return {
         "reserved_gib": round(torch.cuda.memory_reserved() / GIB, 2),
         "allocated_gib": round(torch.cuda.memory_allocated() / GIB, 2),
         "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / GIB, 2),
         "peak_allocated_gib": round(torch.cuda.max_memory_allocated() / GIB, 2),
+        # The allocator at its cap frees its cache and retries: each retry is a device sync and cudaMalloc again.
+        **{k: stats.get(k) for k in ("num_alloc_retries", "num_device_alloc", "num_device_free", "num_ooms")},
     }
 
 

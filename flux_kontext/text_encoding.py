@@ -124,6 +124,10 @@ class PromptEncoder:
                     num_images_per_prompt=1,
                     max_sequence_length=self.max_sequence_length,
                 )
+            if self._on_demand is not None and self.device.type == "cuda":
+                # T5's visit leaves its GPU copy in the caching allocator's free blocks (8.9 GiB in T5's sizes):
+                # left there, a capped budget fills up and denoising's allocations retry (free, malloc) every step.
+                torch.cuda.empty_cache()
             if self.cache is not None:
                 self.cache.put(key, (embeds.to("cpu"), pooled.to("cpu")))
         else:
