@@ -163,6 +163,7 @@ def generation(base: str, edit: bool, steps: int | None, size=(1024, 1024), num_
         row.update(steps=answer["steps"], timings_ms=answer["timings_ms"], images=len(answer["images"]))
         row["ms_per_step"] = round(answer["timings_ms"]["denoising"] / answer["steps"], 1)
         row["cuda_graphs"] = answer.get("cuda_graphs")
+        row["first_block_cache"] = answer.get("first_block_cache")  # skipped steps change the time per step
     else:
         row["error"] = answer.get("error")
     return row
@@ -280,8 +281,11 @@ def run_cap(args, cap: float, deadline: float) -> dict:
         if cap in args.walk_caps and time.time() < deadline:
             row["walk"] = walk(served.base, args.steps, plan.get("max_num_images_largest_edit"))
             row["gpu_after_walk"] = gpu_now()
-            row["health_after_walk"] = {
-                k: v for k, v in call(served.base, "/health")[1].items() if k in ("state", "reason")
+            health = call(served.base, "/health")[1]
+            graphs = next((o for o in health.get("optimizations", []) if o["name"] == "cuda_graphs"), {})
+            row["health_after_walk"] = {"state": health.get("state"), "reason": health.get("reason")}
+            row["health_after_walk"]["cuda_graphs"] = {
+                k: v for k, v in graphs.get("data", {}).items() if k != "captured_shapes"
             }
         return row
     finally:

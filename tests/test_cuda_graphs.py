@@ -219,6 +219,54 @@ def test_shapes_are_evicted_while_free_memory_is_below_the_floor_and_the_newest_
     assert published[-1] == [[[1, 48, channels], [1, 8, 32]]]
 
 
+class CappedProcess(RerunBackend):
+    """A process capped below its card: the device has plenty free; what its tensors hold grows 10 per graph."""
+
+    def free_bytes(self) -> int:
+        return 10**6
+
+    def allocated_bytes(self) -> int:
+        return 500 + 10 * self.captures
+
+
+@pytest.mark.parametrize("budget, kept", [(None, 3), (1000, 1)])
+@torch.inference_mode()
+def test_free_memory_is_counted_within_the_memory_plans_budget(budget, kept):
+    transformer, published = small_transformer(), []
+    backend = CappedProcess()
+    manager = graphed(
+        transformer, backend, max_shapes=8, on_shapes=published.append, min_free_bytes=400, budget_bytes=budget
+    )
+    for tokens in (64, 64, 32, 32, 16, 16):  # 5 graphs a shape: within the budget 450, 400, then 350 left
+        calls(transformer, [5], tokens)
+    assert len(published[-1]) == kept  # the card's free memory alone keeps every shape; the budget does not
+    if budget is not None:
+        assert manager.free_bytes == budget - 500 - 10 * backend.captures
+        assert published[-1] == [[[1, 16, TINY_TRANSFORMER["in_channels"]], [1, 8, 32]]] and manager.evictions == 2
+
+
+@pytest.mark.parametrize(
+    "setting, headroom, want, source",
+    [
+        (7.0, 3 * 2**30, 7 * 2**30, "FLUX_CUDA_GRAPH_MIN_FREE_GIB"),  # the operator's number wins
+        (None, 3 * 2**30, 3 * 2**30, "memory plan"),  # else what the plan's largest request needs
+        (None, None, 20 * 2**30, "no memory plan"),  # a stack built outside the engine
+    ],
+)
+def test_the_floor_kept_free_comes_from_the_setting_the_memory_plan_or_a_default(setting, headroom, want, source):
+    hardware = Hardware(
+        "cuda", (9, 0), memory_budget=None if headroom is None else 24 * 2**30, request_headroom=headroom
+    )
+    opt = CudaGraphs(Settings(model="tiny", cuda_graph_min_free_gib=setting), backend_factory=RerunBackend)
+    stack = Stack([opt])
+    stack.apply(build_random_pipeline(tiny=True, device=torch.device("cpu"), dtype=torch.float32), hardware)
+    report = opt.report()
+    assert report.status == "applied"
+    assert report.data["min_free_gib"] == round(want / 2**30, 2) and source in report.data["min_free_source"]
+    assert report.data["budget_gib"] == (None if headroom is None else 24.0)
+    assert f"{want / 2**30:.1f} GiB" in report.detail
+
+
 @torch.inference_mode()
 def test_clear_drops_every_graph_and_the_shapes_are_captured_again():
     reference_model, transformer = small_transformer(), small_transformer()

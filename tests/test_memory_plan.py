@@ -3,6 +3,8 @@ HTTP API, /health's report of it, the prompt-embedding cache, and block-by-block
 
 from __future__ import annotations
 
+import base64
+
 import pytest
 import torch
 from fastapi.testclient import TestClient
@@ -90,6 +92,19 @@ def test_more_memory_never_means_a_slower_tier_or_fewer_images(full_sizes):
     assert held == sorted(held)
 
 
+@pytest.mark.parametrize("gib", [24, 48, 139])
+def test_the_headroom_cuda_graphs_keep_free_holds_the_largest_admitted_request(full_sizes, gib):
+    plan = choose_plan(gib * GIB, (9, 0), full_sizes)
+    largest = Request(*LARGEST_REQUEST, edit=True)
+    most = plan.max_num_images(largest)
+    headroom = plan.request_headroom()
+    assert headroom >= most * plan.per_image(largest) and headroom >= plan.vae_bytes(largest)
+    assert sum(plan.gpu_bytes.values()) + plan.reserve + headroom <= plan.budget  # it fits beside the weights
+    limits = plan.stack_limits(on_gpu=True)
+    assert limits == {"memory_budget": gib * GIB, "request_headroom": headroom}
+    assert plan.stack_limits(on_gpu=False) == {}  # FLUX_GPU_MEMORY_GIB on a CPU: the plan only, no graphs
+
+
 def test_too_little_memory_refuses_with_what_it_needs(full_sizes):
     with pytest.raises(PlanDoesNotFit, match=r"4\.0 GiB is too small.*needs about \d+\.\d GiB"):
         choose_plan(4 * GIB, (9, 0), full_sizes)
@@ -118,6 +133,9 @@ def test_a_request_above_the_plans_limit_gets_a_422_naming_it():
         wide = {"prompt": "wider", "image": image_b64(*LARGEST_REQUEST), "steps": 1}
         refused = client.post("/inference", json={**wide, "num_images": most + 1})
         job = client.post("/v1/jobs", json={**wide, "num_images": most + 1})
+        fields = {"prompt": "wider", "n": str(most + 1), "steps": "1"}
+        png = base64.b64decode(wide["image"])
+        openai = client.post("/v1/images/edits", data=fields, files={"image": ("wide.png", png, "image/png")})
         small = client.post(
             "/inference", json={"prompt": "small", "width": 256, "height": 256, "steps": 1, "num_images": 4}
         )
@@ -126,7 +144,33 @@ def test_a_request_above_the_plans_limit_gets_a_422_naming_it():
     assert error["type"] == "exceeds_memory_plan"
     assert f"num_images={most + 1}" in error["message"] and f"at most {most} image" in error["message"]
     assert job.status_code == 422 and job.json()["error"]["type"] == "exceeds_memory_plan"  # before a job exists
+    # The OpenAI edit names its own parameter: n, not num_images.
+    assert openai.status_code == 400, openai.text
+    error = openai.json()["error"]
+    assert (error["code"], error["param"]) == ("exceeds_memory_plan", "n") and f"n={most + 1} at" in error["message"]
     assert small.status_code == 200 and len(small.json()["images"]) == 4  # the limit depends on the size
+
+
+def test_the_largest_edit_at_num_images_1_to_4_is_served_or_refused_naming_the_limit():
+    """What the independent check sends at a low cap, on the tiny model: the widest preferred resolution's edit
+    (the most tokens accepted) with num_images 1-4: each a 200 with that many images, or a 422 naming the limit;
+    refusals only above the limit, never a 500. (Every preferred resolution on the GPU: bench/memory_tiers.py.)"""
+    width, height = LARGEST_REQUEST
+    body = {"prompt": "walk", "image": image_b64(width, height), "steps": 1, "output_format": "jpeg"}
+    statuses = []
+    with TestClient(create_app(Settings(model="tiny", warmup=False, gpu_memory_gib=TINY_TIGHT_GIB))) as client:
+        most = wait_ready(client)["memory_plan"]["max_num_images_largest_edit"]
+        for n in range(1, MAX_NUM_IMAGES + 1):
+            answer = client.post("/inference", json={**body, "num_images": n})
+            statuses.append(answer.status_code)
+            if answer.status_code == 200:
+                images = answer.json()["images"]
+                assert len(images) == n and (images[0]["width"], images[0]["height"]) == (width, height)
+            else:
+                error = answer.json()["error"]
+                assert answer.status_code == 422 and error["type"] == "exceeds_memory_plan", answer.text
+                assert f"num_images={n} at {width}x{height}" in error["message"]
+    assert statuses == [200] * most + [422] * (MAX_NUM_IMAGES - most) and most < MAX_NUM_IMAGES
 
 
 def test_a_budget_too_small_for_the_model_fails_the_start_with_what_it_needs():

@@ -118,6 +118,18 @@ def to_inference_request(fields: dict, image: str | None, model_id: str) -> Infe
         raise RequestValidationError(errors) from None
 
 
+async def inference_in_openai_terms(service: Service, request: InferenceRequest, http_request: Request) -> dict:
+    """``run_inference``; an error naming one of our fields (the memory plan's limit on num_images, say) names the
+    OpenAI parameter the client sent instead."""
+    try:
+        return await run_inference(service, request, http_request)
+    except ServiceError as exc:
+        if exc.param in RENAMED:
+            ours, theirs = exc.param, RENAMED[exc.param]
+            exc.param, exc.message = theirs, exc.message.replace(f"{ours}=", f"{theirs}=")
+        raise
+
+
 def openai_response(request: InferenceRequest, body: dict) -> dict:
     """OpenAI's ImagesResponse, with our report (seeds, steps, scheduler, timings, what ran) as extra fields."""
     first = body["images"][0]
@@ -248,7 +260,7 @@ def build_router(service: Service) -> APIRouter:
         """OpenAI ``images.generate``: text-to-image. JSON body; extras (seed, steps, ...) as extra fields."""
         fields = await json_object(http_request)
         request = to_inference_request(fields, None, served_id())
-        body = await run_inference(service, request, http_request)
+        body = await inference_in_openai_terms(service, request, http_request)
         return JSONResponse(openai_response(request, body))
 
     @router.post("/images/edits", openapi_extra=body_doc(edit=True), responses=GENERATION_ERRORS)
@@ -256,7 +268,7 @@ def build_router(service: Service) -> APIRouter:
         """OpenAI ``images.edit``: multipart with one ``image`` (or ``image[]``) file part; extras as form fields."""
         fields, image = await edit_fields(http_request, service.settings.max_body_bytes)
         request = to_inference_request(fields, image, served_id())
-        body = await run_inference(service, request, http_request)
+        body = await inference_in_openai_terms(service, request, http_request)
         return JSONResponse(openai_response(request, body))
 
     @router.get("/models")
