@@ -125,8 +125,9 @@ class PromptEncoder:
                     max_sequence_length=self.max_sequence_length,
                 )
             if self._on_demand is not None and self.device.type == "cuda":
-                # T5's visit leaves its GPU copy in the caching allocator's free blocks (8.9 GiB in T5's sizes):
-                # left there, a capped budget fills up and denoising's allocations retry (free, malloc) every step.
+                # T5's visit leaves its GPU copy in the caching allocator's free blocks (8.9 GiB in T5's sizes),
+                # holding the budget's room: capped at 24 GiB, reserved memory peaked at 23.3 GiB without this and
+                # 21.4 GiB with it (BENCHMARKS.md "Memory tiers ... 16 to 48 GiB").
                 torch.cuda.empty_cache()
             if self.cache is not None:
                 self.cache.put(key, (embeds.to("cpu"), pooled.to("cpu")))

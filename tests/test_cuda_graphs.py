@@ -283,6 +283,48 @@ def test_clear_drops_every_graph_and_the_shapes_are_captured_again():
     assert backend.captures == 10
 
 
+class OutOfMemoryAt(RerunBackend):
+    """A capture runs out of memory at the capture numbered ``at`` (counting from 1), as the GPU would."""
+
+    def __init__(self, at: int):
+        super().__init__()
+        self.at, self.released = at, 0
+
+    def capture(self, fn):
+        if self.captures + 1 == self.at:
+            self.captures += 1
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 154.00 MiB.")
+        return super().capture(fn)
+
+    def release_memory(self):
+        self.released += 1
+
+
+@torch.inference_mode()
+def test_a_shape_whose_capture_runs_out_of_memory_runs_without_graphs_and_the_others_keep_them():
+    reference_model, transformer = small_transformer(), small_transformer()
+    backend = OutOfMemoryAt(5 + 3)  # the third block of the second shape
+    stack, opt = graphs_stack(transformer, backend)
+    channels = TINY_TRANSFORMER["in_channels"]
+    for tokens in (64, 64, 32):
+        calls(transformer, [5], tokens)
+    with stack.request(job()) as run:
+        got = calls(transformer, [6], 32)  # captures, runs out of memory at block 2: finishes without graphs
+    torch.testing.assert_close(got[0], calls(reference_model, [6], 32)[0], rtol=0, atol=0)
+    report = opt.report()
+    assert report.status == "applied" and backend.released == 1
+    assert report.data["too_large_shapes"] == [[[1, 32, channels], [1, 8, 32]]]
+    assert report.data["captured_shapes"] == []  # every graph dropped: their memory goes back to the requests
+    assert "do not fit" in run.not_applied[0]["reason"]
+    with stack.request(job()) as run:
+        assert_same(calls(transformer, [7], 32), calls(reference_model, [7], 32))
+    assert run.counters["cuda_graphs"] == {"replayed": 0, "captured": 0, "eager": 5}  # not tried again
+    with stack.request(job()) as run:
+        assert_same(calls(transformer, [8, 9], 64), calls(reference_model, [8, 9], 64))
+    assert run.counters["cuda_graphs"]["captured"] == 5  # the other shape is captured again: graphs stay on
+    assert opt.report().data["captured_shapes"] == [[[1, 64, channels], [1, 8, 32]]]
+
+
 @torch.inference_mode()
 def test_a_capture_that_fails_turns_graphs_off_says_why_and_the_call_still_succeeds():
     reference_model, transformer = small_transformer(), small_transformer()

@@ -20,8 +20,9 @@ Memory: each captured shape keeps every block's outputs and one block's intermed
 graphs"); at most FLUX_CUDA_GRAPH_MAX_SHAPES shapes are kept, and fewer when free GPU memory falls below
 FLUX_CUDA_GRAPH_MIN_FREE_GIB after a capture (default: what the memory plan's largest admitted request needs, free
 counted within the plan's budget): least recently used evicted, so the number of shapes kept follows the memory the
-card has left (/health lists the captured shapes and the evictions). A capture that fails turns graphs
-off for good (the report says why); requests go on without.
+card has left (/health lists the captured shapes and the evictions). A capture that runs out of memory drops every
+graph and leaves that shape without graphs from then on (/health's ``too_large_shapes``); any other capture failure
+turns graphs off for good (the report says why); requests go on without.
 
 It fills the blocks' ``graphed`` slot, above ``compiled`` (whose kernels it captures); the first-block cache's hooks
 sit above it. Memory figures: BENCHMARKS.md.
@@ -155,6 +156,8 @@ class CudaGraphs(Optimization):
         counts = self.manager.counts
         if self.manager.failure is not None:  # a capture failed during this request: graphs are off from now on
             run.withdraw(self.name, self.flag, f"capture failed, graphs are off: {self.manager.failure}")
+        elif not self.manager.capturing_allowed:
+            run.withdraw(self.name, self.flag, "this input shape's graphs do not fit in the GPU memory left")
         elif counts["replayed"] + counts["captured"] == 0:  # a shape's first call runs without graphs
             run.withdraw(
                 self.name,
@@ -168,6 +171,7 @@ class CudaGraphs(Optimization):
             captured_shapes=shapes,
             evictions=self.manager.evictions,
             free_gib_after_capture=None if free is None else round(free / 2**30, 2),
+            too_large_shapes=[[list(part) for part in shape] for shape in self.manager.too_large],
         )
 
     def _failed(self, reason: str) -> None:

@@ -31,6 +31,11 @@ class CudaGraphBackend:
         """What this process's tensors (graph pools' included) hold: counted against a memory plan's budget."""
         return torch.cuda.memory_allocated()
 
+    @staticmethod
+    def release_memory() -> None:
+        """The dropped graphs' pool back to the device (the caching allocator keeps freed segments otherwise)."""
+        torch.cuda.empty_cache()
+
     def new_pool(self) -> None:
         """A fresh pool: once its last graph is gone, a pool cannot be captured into again (allocator assert)."""
         self.pool = torch.cuda.graph_pool_handle()
@@ -101,6 +106,8 @@ class GraphManager:
         self._outputs: dict[tuple, torch.Tensor] = {}  # (data_ptr, shape, stride, dtype) of static outputs
         self._shared: dict[tuple, torch.Tensor] = {}  # per shape and source: the static copy blocks share
         self._fresh: dict[int, int] = {}  # this call: id(static copy) -> id(source tensor) it holds
+        # Shapes whose capture ran out of memory: they run without graphs from then on (/health lists them).
+        self.too_large: list[tuple] = []
 
     @property
     def active(self) -> bool:
@@ -113,6 +120,27 @@ class GraphManager:
         self._shape = shape
         if shape in self._shapes:
             self._shapes.move_to_end(shape)
+
+    @property
+    def capturing_allowed(self) -> bool:
+        """False for a shape whose capture ran out of memory before: it runs without graphs."""
+        return self._shape not in self.too_large
+
+    def out_of_memory(self, block_index: int, why: str) -> None:
+        """A capture ran out of memory: this shape runs without graphs from now on, and every graph is dropped
+        (their memory back to the requests' activations; the other shapes are captured again on their next
+        calls). Graphs stay on: unlike other capture failures, this one says nothing is broken."""
+        log.warning(
+            "CUDA graphs: shape %s does not fit (block %d: %s); it runs without graphs, the others are dropped",
+            self._shape,
+            block_index,
+            why,
+        )
+        self.too_large.append(self._shape)
+        self.clear()
+        release = getattr(self.backend, "release_memory", None)
+        if release is not None:
+            release()
 
     def reset_counts(self) -> dict:
         counts, self.counts = self.counts, {"replayed": 0, "captured": 0, "eager": 0}
@@ -229,7 +257,7 @@ class GraphedBlock:
         signature = (manager.variant(), _signature(flat))
         captured = self.graphs.get(signature)
         if captured is None:
-            if signature not in self.seen:
+            if signature not in self.seen or not manager.capturing_allowed:
                 self.seen.add(signature)
                 manager.counts["eager"] += 1
                 return self.forward(*args, **kwargs)
@@ -257,10 +285,16 @@ class GraphedBlock:
             else:
                 inputs.append(source)
         args, kwargs = tree_unflatten(inputs, spec)
+        out_of_memory = None
         try:
             replay, outputs = manager.backend.capture(lambda: self.forward(*args, **kwargs))
+        except torch.OutOfMemoryError as exc:  # this shape's graphs do not fit in the memory left
+            out_of_memory = str(exc).split(".")[0]
         except Exception as exc:  # graphs are an optimization: the request goes on without them
             manager.fail(f"block {self.index}: {type(exc).__name__}: {exc}")
+            return None
+        if out_of_memory is not None:  # outside the handler: the failed capture's tensors are gone with its frames
+            manager.out_of_memory(self.index, out_of_memory)
             return None
         captured = _Captured(replay, inputs, outputs, shared)
         self.graphs[signature] = captured
