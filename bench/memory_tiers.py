@@ -4,7 +4,7 @@ For each capacity (GiB; 0 = uncapped) the CUDA allocator is capped with ``torch.
 and the memory plan is told the same budget (FLUX_GPU_MEMORY_GIB); then the app (flux_kontext.service.create_app,
 FLUX_MODEL=random by default, the settings of the environment: FLUX_COMPILE, FLUX_WARMUP_SHAPES, ...) is served by
 uvicorn on a local port and measured through HTTP only: ready or not (and why), the plan /health reports (tier,
-placements, bytes), time to ready, peak host RSS until ready (sampled every 20 ms) and peak GPU memory, then a 1024²
+placements, bytes), time to ready, peak host RSS until ready (sampled every 50 ms) and peak GPU memory, then a 1024²
 edit and a 1024² text-to-image (a short run first, then the timed one: end to end and per step). At the capacities of
 ``--walk-caps`` it then walks what the independent check sends: the largest edit (1568x672) at num_images 1-4 and
 every preferred resolution's edit at num_images 1, plus the OpenAI endpoint's ``n`` and an async job above the plan's
@@ -25,82 +25,43 @@ from __future__ import annotations
 import argparse
 import base64
 import gc
-import io
 import json
 import os
-import socket
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 import weakref
 from pathlib import Path
 
+import httpx
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from bench.load import RssSampler, png_b64  # noqa: E402  (the server's RSS, here this process's; test images)
+from tests.live_server import free_port  # noqa: E402
 
 GIB = 2**30
 PROMPT = "a red fox in the snow"
 
 
 # ----- HTTP ------------------------------------------------------------------------------------------------------
-def call(base: str, path: str, body: dict | None = None, timeout: float = 600, form: bool = False) -> tuple[int, dict]:
-    """(status, JSON body) of one request (``form``: the fields as multipart/form-data); a transport failure is 0."""
-    kind, data = "application/json", None if body is None else json.dumps(body).encode()
-    if form:
-        boundary = "bench-memory-tiers"
-        kind = f"multipart/form-data; boundary={boundary}"
-        parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n' for k, v in body.items()]
-        data = ("".join(parts) + f"--{boundary}--\r\n").encode()
-    request = urllib.request.Request(base + path, data=data, headers={"Content-Type": kind})
+def call(base: str, path: str, body: dict | None = None, files: dict | None = None) -> tuple[int, dict]:
+    """(status, JSON body) of one request: GET without a body, a JSON POST, or multipart with ``files``; a
+    transport failure is status 0."""
+    url = base + path
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            return response.status, json.loads(response.read() or b"{}")
-    except urllib.error.HTTPError as exc:
-        try:
-            return exc.code, json.loads(exc.read() or b"{}")
-        except ValueError:
-            return exc.code, {}
-    except (urllib.error.URLError, OSError) as exc:
+        if files is not None:
+            response = httpx.post(url, data=body, files=files, timeout=600)
+        elif body is not None:
+            response = httpx.post(url, json=body, timeout=600)
+        else:
+            response = httpx.get(url, timeout=10)
+    except httpx.TransportError as exc:
         return 0, {"error": {"type": "transport", "message": str(exc)}}
-
-
-def image_b64(width: int, height: int) -> str:
-    from PIL import Image
-
-    buffer = io.BytesIO()
-    Image.new("RGB", (width, height), (128, 64, 32)).save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class RssSampler:
-    """The process's peak resident set, sampled (the kernel's high-water mark cannot be reset on every kernel)."""
-
-    def __init__(self, period_s: float = 0.02):
-        from flux_kontext.loading import host_rss_bytes
-
-        self._read, self.period_s = host_rss_bytes, period_s
-        self.peak = self._read() or 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.period_s):
-            self.peak = max(self.peak, self._read() or 0)
-
-    def stop(self) -> int:
-        """The peak so far; sampling stops (again: a no-op)."""
-        self._stop.set()
-        self._thread.join()
-        return self.peak
+    try:
+        return response.status_code, response.json()
+    except ValueError:
+        return response.status_code, {}
 
 
 # ----- one capacity -------------------------------------------------------------------------------------------------
@@ -123,11 +84,11 @@ class Served:
     def wait(self, deadline: float) -> dict:
         """/health once the engine is ready or failed (or the deadline passed)."""
         while time.time() < deadline:
-            status, health = call(self.base, "/health", timeout=10)
+            status, health = call(self.base, "/health")
             if status and health.get("state") in ("ready", "failed"):
                 return health
             time.sleep(0.1)
-        return call(self.base, "/health", timeout=10)[1] | {"bench": "deadline passed before ready"}
+        return call(self.base, "/health")[1] | {"bench": "deadline passed before ready"}
 
     def stop(self) -> weakref.ref | None:
         """Stop serving and let go of the model; a weak reference to its pipeline tells whether it was freed.
@@ -153,7 +114,7 @@ def generation(base: str, edit: bool, steps: int | None, size=(1024, 1024), num_
     if steps is not None:
         body["steps"] = steps
     if edit:
-        body["image"] = image_b64(*size)
+        body["image"] = png_b64(*size)
     else:
         body["width"], body["height"] = size
     started = time.perf_counter()
@@ -195,11 +156,12 @@ def walk(base: str, steps: int, max_largest: int | None) -> dict:
     out = {"inference": rows}
     if max_largest is not None and max_largest < MAX_NUM_IMAGES:  # the other endpoints' refusal of the same request
         above = max_largest + 1
-        edit = {"prompt": PROMPT, "image": image_b64(*LARGEST_REQUEST), "steps": steps, "num_images": above}
+        edit = {"prompt": PROMPT, "image": png_b64(*LARGEST_REQUEST), "steps": steps, "num_images": above}
         status, answer = call(base, "/v1/jobs", edit)
         out["async_job_above_limit"] = {"num_images": above, "status": status, "error": answer.get("error")}
-        openai = {"prompt": PROMPT, "image": edit["image"], "n": above, "size": "1568x672"}
-        status, answer = call(base, "/v1/images/edits", openai, form=True)
+        openai = {"prompt": PROMPT, "n": str(above), "size": "1568x672", "steps": str(steps)}
+        png = {"image": ("wide.png", base64.b64decode(edit["image"]), "image/png")}
+        status, answer = call(base, "/v1/images/edits", openai, files=png)
         out["openai_edit_above_limit"] = {"n": above, "status": status, "error": answer.get("error")}
     codes: dict[str, int] = {}
     for row in rows:
@@ -255,13 +217,15 @@ def run_cap(args, cap: float, deadline: float) -> dict:
     row: dict = {"cap_gib": cap or None, "left_by_earlier_caps": gpu_now()}
     row["gpu_total_gib"] = set_cap(cap)
     rss_before = host_rss_bytes() or 0
-    sampler = RssSampler()
+    sampler = RssSampler(os.getpid(), every_s=3600)
+    sampler.__enter__()
     started = time.perf_counter()
     served = Served(Settings(model=args.model, gpu_memory_gib=cap or None))
     try:
         health = served.wait(deadline)
         row["seconds_to_ready"] = round(time.perf_counter() - started, 1)
-        peak_rss = sampler.stop()
+        sampler.__exit__()
+        peak_rss = sampler.peak
         plan = health.get("memory_plan") or {}
         row.update(
             state=health.get("state"),
@@ -289,7 +253,7 @@ def run_cap(args, cap: float, deadline: float) -> dict:
             }
         return row
     finally:
-        sampler.stop()
+        sampler.__exit__()  # again: a no-op
         pipe = served.stop()
         del served
         release()
