@@ -20,7 +20,7 @@ import torch
 
 from flux_kontext.device import Device, is_sticky_gpu_error, resolve_device, resolve_dtype, seconds_since_process_start
 from flux_kontext.generation import Generation, output_size
-from flux_kontext.jobs import EngineNotReady, EngineOutOfMemory, Job, JobCancelled, JobResult
+from flux_kontext.jobs import EngineNotReady, EngineOutOfMemory, Job, JobCancelled, JobRejected, JobResult
 from flux_kontext.loading import host_rss_bytes, host_rss_peak_bytes
 from flux_kontext.memory_plan import GIB, ModelSizes, Request, plan_for_settings
 from flux_kontext.models import LoadedModel, load_model
@@ -219,6 +219,9 @@ class Engine:
         """Run one job. Raises EngineNotReady, EngineOutOfMemory, JobRejected or JobCancelled."""
         if not self.ready:
             raise EngineNotReady(f"engine is {self.state}: {self.reason}")
+        refusal = self.memory_refusal(job)  # the service refused it before queueing; the CLI's way in is here
+        if refusal is not None:
+            raise JobRejected(refusal)
         try:
             result = self._generate(job)
         except torch.OutOfMemoryError as exc:

@@ -103,6 +103,19 @@ def test_generate_edit_follows_the_input_aspect_ratio(tmp_path):
     assert Image.open(out).size == (720, 1456)
 
 
+def test_generate_above_the_memory_plans_limit_exits_2_naming_it(tmp_path):
+    source = tmp_path / "wide.png"
+    Image.new("RGB", (1568, 672), (10, 200, 30)).save(source)
+    completed = run_cli(
+        *("generate", "--prompt", "wider", "--image", str(source), "--out", str(tmp_path / "out.png")),
+        *("--steps", "1", "--num-images", "4"),
+        FLUX_GPU_MEMORY_GIB="2.54",  # the tiny model on the CPU: a plan that holds 3 such images (test_memory_plan)
+    )
+    assert completed.returncode == 2, completed.stderr[-3000:]
+    assert "num_images=4 at 1568x672 (edit)" in completed.stderr and "at most 3 image" in completed.stderr
+    assert not list(tmp_path.glob("out*"))
+
+
 def test_bad_paths_and_fields_exit_2_with_one_line_before_the_model_loads(tmp_path):
     not_an_image = tmp_path / "notes.png"
     not_an_image.write_text("not an image")
