@@ -12,6 +12,7 @@ from flux_kontext.optimizations.attention.fp8_policy import (
     Fp8Policy,
     fp8_verdict,
     install_sigma_switch,
+    mark_bf16_layers,
     number_attention_layers,
 )
 from flux_kontext.optimizations.attention.fp8_screen import SCREEN_SIGMAS, screen_fp8_attention
@@ -46,6 +47,7 @@ def routed(choice_kwargs: dict, **forward) -> tuple[list, int]:
     choice = KernelChoice(kernels=kernels, active=FA3_FP8, fallback="sdpa", bf16="fa3", **choice_kwargs)
     install(pipe.transformer, choice)
     layers = number_attention_layers(pipe.transformer)
+    mark_bf16_layers(pipe.transformer, choice.policy)
     handle = install_sigma_switch(pipe.transformer, choice) if choice.policy.per_step else None
     with torch.inference_mode():
         pipe.transformer(**{**kwargs, **forward})

@@ -62,6 +62,15 @@ def mark_dynamic_dims(kwargs: dict) -> None:
                     torch._dynamo.maybe_mark_dynamic(tensor, dim)
 
 
+def canonical_strides(kwargs: dict) -> None:
+    """Contiguous tensor inputs as views with the standard strides (no copy). A dimension of size 1 (one image) can
+    carry any stride, and dynamo guards on it: the double blocks' text stream arrives from the context embedder with
+    one and as a slice of the previous block's joint output with another, which compiled the block twice."""
+    for name, value in kwargs.items():
+        if isinstance(value, torch.Tensor) and value.is_contiguous():
+            kwargs[name] = value.view(value.shape)
+
+
 class CompiledForward:
     """A forward, compiled (the ``compiled`` slot's content).
 
@@ -78,8 +87,10 @@ class CompiledForward:
         self.run = torch.compile(eager, fullgraph=True, dynamic=None if dynamic else False, options=options or None)
 
     def __call__(self, *args, **kwargs):
-        if self.dynamic and self.run is not self.eager:
-            mark_dynamic_dims(kwargs)  # diffusers calls the blocks with keywords
+        if self.run is not self.eager:  # diffusers calls the blocks with keywords
+            canonical_strides(kwargs)
+            if self.dynamic:
+                mark_dynamic_dims(kwargs)
         try:
             return self.run(*args, **kwargs)
         except FailOnRecompileLimitHit as exc:  # raised before the frame runs: nothing was computed

@@ -21,6 +21,7 @@ from flux_kontext.optimizations.attention.fp8_policy import (
     describe_screen,
     fp8_verdict,
     install_sigma_switch,
+    mark_bf16_layers,
     number_attention_layers,
 )
 from flux_kontext.optimizations.attention.fp8_screen import screen_fp8_attention
@@ -87,6 +88,7 @@ class Attention(Optimization):
         mode, limit = self.settings.fp8_attention, self.settings.fp8_max_layer_error
         register_fp8_qk_scales(transformer)
         self.choice.policy = Fp8Policy.from_settings(self.settings, number_attention_layers(transformer))
+        mark_bf16_layers(transformer, self.choice.policy)
         self.choice.bf16 = self.choice.active
         screen = screen_fp8_attention(transformer, self.choice)
         verdict = fp8_verdict(screen, self.choice.policy, mode, limit)

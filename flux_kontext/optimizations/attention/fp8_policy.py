@@ -77,6 +77,14 @@ def number_attention_layers(transformer) -> int:
     return len(blocks)
 
 
+def mark_bf16_layers(transformer, policy: Fp8Policy) -> None:
+    """Give each numbered attention module ``fp8_attention_bf16``: whether the policy keeps it in bf16 (what
+    ``KernelChoice.fp8_for`` reads; run after ``number_attention_layers``)."""
+    blocks = [*getattr(transformer, "transformer_blocks", ()), *getattr(transformer, "single_transformer_blocks", ())]
+    for block in blocks:
+        block.attn.fp8_attention_bf16 = not policy.fp8_at(getattr(block.attn, "fp8_layer_index", None))
+
+
 def install_sigma_switch(transformer, choice):
     """Before each transformer call, mark the choice low-noise when the step's sigma is below the policy's bound."""
     bound = choice.policy.bf16_below_sigma

@@ -114,7 +114,9 @@ class KernelChoice:
         """FA3 in FP8 serves this attention module now: callers may hand it e4m3 q/k/v through ``fp8_call``."""
         if not self.fp8 or self.low_noise:
             return False
-        return self.policy.fp8_at(getattr(attn, "fp8_layer_index", None))
+        # A per-layer bool (mark_bf16_layers), not the layer's index: compiled code guards on what it reads, and an
+        # index would give each of the 57 blocks its own graph; a bool gives at most two (FP8 and bf16 layers).
+        return not getattr(attn, "fp8_attention_bf16", False)
 
     def fp8_call(self, *args):
         return self.kernels[FA3_FP8].fp8_call(*args)
