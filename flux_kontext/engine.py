@@ -26,7 +26,13 @@ from flux_kontext.memory_plan import GIB, ModelSizes, Request, plan_for_settings
 from flux_kontext.models import LoadedModel, load_model
 from flux_kontext.settings import Settings
 from flux_kontext.stack import Report, Stack, stack_for
-from flux_kontext.warmup_shapes import ShapeReadiness, captured_graph_shapes, compile_strategy, warmup_plan
+from flux_kontext.warmup_shapes import (
+    ShapeReadiness,
+    captured_graph_shapes,
+    compile_strategy,
+    vae_readiness,
+    warmup_plan,
+)
 
 log = logging.getLogger(__name__)
 
@@ -205,9 +211,10 @@ class Engine:
         log.info("warm-up: %d generations in %.1f s (%s shapes)", runs, self.warmup_seconds, self.shapes.strategy)
 
     def shapes_report(self) -> dict:
-        """/health's ``shapes``: per shape class, how each is served (warmup_shapes.Readiness), and which
-        hold CUDA graphs."""
-        return self.shapes.report(captured_graph_shapes(self.reports))
+        """/health's ``shapes``: per shape class, how each is served (warmup_shapes.Readiness), which hold CUDA
+        graphs, and where the VAE runs compiled code."""
+        reports = self.reports
+        return self.shapes.report(captured_graph_shapes(reports), vae_readiness(reports))
 
     # ----- generation ------------------------------------------------------------------------------
     def check(self, job: Job) -> None:

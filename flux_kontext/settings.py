@@ -491,6 +491,13 @@ class CompileSettings(BaseModel):
         "and width: one graph per part serves every size (as fast as static ones: BENCHMARKS.md, Shapes); false: "
         "one static graph per shape, each new shape compiling on its first request.",
     )
+    compile_vae: Literal["hot", "all", "off"] = Field(
+        "hot",
+        description="Which VAE encoder/decoder shapes run compiled code: 'hot' the 1024² ones (one image; static "
+        "graphs, compiled at warm-up), eager at every other size; 'all' every shape (dynamic graphs with "
+        "FLUX_COMPILE_DYNAMIC, else one graph per shape); 'off' none. 'hot' because a dynamic VAE graph compiled "
+        "for minutes at start and ran slower than a static one (BENCHMARKS.md, Start-up).",
+    )
 
     @model_validator(mode="after")
     def _compile_rules(self):

@@ -12,6 +12,9 @@ whether any request compiled after ready (it should not; it is logged and counte
 With static compile, warming every shape would compile each one (tens of seconds apiece): warm-up then runs the
 1024² shapes only, and the others say "will compile". Without compile (the CPU path) one small edit checks the
 whole path and every shape runs eager.
+
+The VAE (FLUX_COMPILE_VAE=hot, the default) runs compiled code for one 1024² image and eager code at other sizes and
+batches: ``vae`` in the report says which.
 """
 
 from __future__ import annotations
@@ -119,6 +122,18 @@ def captured_graph_shapes(reports) -> list | None:
     return None if graphs is None else list(graphs.data.get("captured_shapes", []))
 
 
+def vae_readiness(reports) -> dict:
+    """How the VAE's encoder and decoder serve each shape (compile's FLUX_COMPILE_VAE): compiled at every shape, at
+    the listed input shapes only (eager elsewhere), or eager everywhere."""
+    compiled = _applied(reports, "compile")
+    shapes = None if compiled is None else compiled.data.get("vae_compiled_shapes")
+    if shapes == "all":
+        return {"every_shape": "compiled"}
+    if shapes:
+        return {"compiled_for_inputs": shapes, "other_shapes": "eager"}
+    return {"every_shape": "eager"}
+
+
 def preferred_shapes() -> list[Shape]:
     """The preferred resolutions, edit (input at that aspect) and text-to-image, one image each."""
     return [Shape(mode, w, h) for w, h in PREFERRED_KONTEXT_RESOLUTIONS for mode in ("edit", "text_to_image")]
@@ -186,8 +201,9 @@ class ShapeReadiness:
         """How a shape that neither warm-up nor a request has run yet is served."""
         return {"eager": "eager", "dynamic": "dynamic"}.get(self.strategy, "will compile")
 
-    def report(self, captured_shapes: list | None = None) -> dict:
-        """``captured_shapes``: the CUDA graphs' captured input shapes ([[batch, tokens, channels], text]), if any."""
+    def report(self, captured_shapes: list | None = None, vae: dict | None = None) -> dict:
+        """``captured_shapes``: the CUDA graphs' captured input shapes ([[batch, tokens, channels], text]), if any;
+        ``vae``: ``vae_readiness``."""
         captured = {(shape[0][0], shape[0][1]) for shape in captured_shapes or []}
 
         def entry(shape: Shape) -> dict:
@@ -210,6 +226,7 @@ class ShapeReadiness:
             },
             "true_cfg_1024": {mode: entry(Shape(mode, *HOT_SIZE, true_cfg=True)) for mode in ("edit", "text_to_image")},
             "explicit_sizes": self.unwarmed(),
+            "vae": vae or {"every_shape": "eager"},
             "warmed": {key: dict(value) for key, value in self.warmed.items()},
             "compiled_after_ready": {"requests": self.requests_that_compiled, "graphs_by_shape": after_ready},
         }

@@ -17,10 +17,14 @@ from torch.utils._pytree import tree_flatten
 
 from flux_kontext.jobs import Job
 from flux_kontext.models import TINY_TRANSFORMER, build_random_pipeline
+from flux_kontext.optimizations.attention import Selection
+from flux_kontext.optimizations.attention.kernels import FA3_FP8, KernelChoice, sdpa
+from flux_kontext.optimizations.attention.processor import install as install_processor
 from flux_kontext.optimizations.cuda_graphs import CudaGraphs, GraphManager, install
 from flux_kontext.optimizations.first_block_cache import FirstBlockCache, FirstBlockCacheControl
+from flux_kontext.optimizations.flash_attention_3 import FlashAttention3
 from flux_kontext.settings import Settings
-from flux_kontext.stack import ForwardSlots, Hardware, RequestRun, Stack
+from flux_kontext.stack import APPLY, ForwardSlots, Hardware, Optimization, Outcome, RequestRun, Stack
 from tests.test_optimizations import transformer_inputs
 
 GPU = Hardware("cuda", (9, 0))
@@ -375,6 +379,47 @@ def test_graphs_switched_off_per_request_run_the_blocks_directly():
         (["cuda_graphs"], [], {"replayed": 0, "captured": 5, "eager": 0}),
         (["cuda_graphs"], [], {"replayed": 5, "captured": 0, "eager": 0}),
     ]
+
+
+class Fa3Fp8StandIn(Optimization):
+    """attention with FA3 in FP8 chosen (both kernels SDPA here: what matters is which one the request asks for)."""
+
+    name = "attention"
+
+    def apply(self, model) -> Outcome:
+        self.choice = KernelChoice(kernels={"sdpa": sdpa, FA3_FP8: sdpa}, active=FA3_FP8, fallback="sdpa")
+        self.selection = Selection(best="sdpa", mode="on")
+        install_processor(model.pipe.transformer, self.choice)
+        return Outcome.applied("FA3 in FP8 (stand-in)")
+
+
+class FlashAttention3OnCpu(FlashAttention3):
+    def decide(self, hardware):
+        return APPLY
+
+
+@torch.inference_mode()
+def test_a_request_that_switches_fa3_off_never_replays_graphs_captured_with_it_on():
+    transformer, settings, backend = small_transformer(), Settings(model="tiny"), RerunBackend()
+    graphs = CudaGraphs(settings, backend_factory=lambda: backend)
+    stack = Stack([Fa3Fp8StandIn(settings), FlashAttention3OnCpu(settings), graphs])
+    stack.apply(SimpleNamespace(transformer=transformer), GPU)
+    assert stack["flash_attention_3"].applied, stack["flash_attention_3"].detail
+
+    def counts(request: Job) -> dict:
+        with stack.request(request) as run:
+            calls(transformer, [1])
+        return run.counters["cuda_graphs"]
+
+    on, off = job(), job(flags={"use_flash_attention": False})
+    assert [counts(on) for _ in range(3)][-1] == {"replayed": 5, "captured": 0, "eager": 0}
+    # Switched off, the blocks run with the other kernel: their own first sight and capture, never the FP8 graphs.
+    assert [counts(off) for _ in range(3)] == [
+        {"replayed": 0, "captured": 0, "eager": 5},
+        {"replayed": 0, "captured": 5, "eager": 0},
+        {"replayed": 5, "captured": 0, "eager": 0},
+    ]
+    assert counts(on) == {"replayed": 5, "captured": 0, "eager": 0}  # the FP8 captures are still there
 
 
 def test_apply_on_cpu_is_skipped_with_the_reason_and_the_request_flag():

@@ -4,18 +4,27 @@ the CPU: the graphs it traces and the recompiles it counts are the ones Inductor
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
+from diffusers import FluxTransformer2DModel
 from fastapi.testclient import TestClient
 
 from flux_kontext.engine import Engine
+from flux_kontext.jobs import Job
+from flux_kontext.models import TINY_TRANSFORMER
+from flux_kontext.optimizations.attention.fp8_policy import Fp8Policy, mark_bf16_layers, number_attention_layers
+from flux_kontext.optimizations.attention.kernels import FA3_FP8, KernelChoice, sdpa
+from flux_kontext.optimizations.attention.processor import install
 from flux_kontext.optimizations.compile import Compile
 from flux_kontext.resolution import PREFERRED_KONTEXT_RESOLUTIONS
 from flux_kontext.service import create_app
 from flux_kontext.settings import Settings
-from flux_kontext.stack import APPLY, Stack
+from flux_kontext.stack import APPLY, Hardware, Stack
 from flux_kontext.warmup_shapes import Shape, ShapeReadiness, warmup_plan
 from tests.conftest import wait_ready
+from tests.test_optimizations import transformer_inputs
 
 REAL_COMPILE = torch.compile
 
@@ -122,6 +131,11 @@ def test_dynamic_compile_serves_a_size_warm_up_never_ran_without_compiling(dynam
         compile_report = next(r for r in health["optimizations"] if r["name"] == "compile")
         assert compile_report["status"] == "applied" and compile_report["data"]["dynamic_shapes"] is True
         assert "hidden_states" in compile_report["data"]["dynamic_dims"]["transformer_blocks"]
+        # The VAE: compiled for one 1024² image (its encoder's and decoder's input shapes), eager at other sizes.
+        assert compile_report["data"]["vae"] == "hot"
+        vae = health["shapes"]["vae"]
+        assert vae["other_shapes"] == "eager" and vae["compiled_for_inputs"]["Encoder"] == [1, 3, 1024, 1024]
+        assert vae["compiled_for_inputs"]["Decoder"][0] == 1 and vae["compiled_for_inputs"]["Decoder"][2:] == [128, 128]
         shapes = health["shapes"]
         assert shapes["strategy"] == "dynamic" and shapes["explicit_sizes"] == "dynamic"
         assert shapes["preferred"]["edit"]["1024x1024"]["code"] == "compiled"
@@ -141,3 +155,19 @@ def test_static_compile_says_a_new_size_will_compile_and_counts_the_request_that
         assert after["requests"] == 1 and after["graphs_by_shape"]["text_to_image 528x400"] > 0
         compile_report = next(r for r in health["optimizations"] if r["name"] == "compile")
         assert compile_report["data"]["dynamic_shapes"] is False and compile_report["data"]["graphs_compiled"] > 0
+
+
+@torch.inference_mode()
+def test_the_blocks_compile_once_per_block_kind_with_fa3_in_fp8_choosing_per_layer(dynamo_eager):
+    """Each block's attention layer has its own index (FP8 attention's policy is per layer); compiled code guards on
+    what it reads, so reading the index would compile each of the blocks apart."""
+    transformer = FluxTransformer2DModel(**{**TINY_TRANSFORMER, "num_layers": 2, "num_single_layers": 3}).eval()
+    settings = Settings(model="tiny")
+    choice = KernelChoice(kernels={"sdpa": sdpa, FA3_FP8: sdpa}, active=FA3_FP8, fallback="sdpa")
+    install(transformer, choice)
+    mark_bf16_layers(transformer, Fp8Policy.from_settings(settings, number_attention_layers(transformer)))
+    stack = Stack([CompileOnCpu(settings)])
+    stack.apply(SimpleNamespace(transformer=transformer, vae=None), Hardware("cuda", (9, 0)))
+    with stack.request(Job(prompt="a cat", seed=0)) as run:
+        transformer(**transformer_inputs(transformer, torch.Generator().manual_seed(0)))
+    assert run.counters["compile"] == {"graphs_compiled": 2}  # one FluxTransformerBlock, one single block graph

@@ -32,6 +32,7 @@ from torch._dynamo.exc import FailOnRecompileLimitHit
 from flux_kontext.jobs import Job
 from flux_kontext.optimizations import compile_cache
 from flux_kontext.stack import APPLY, Decision, Hardware, Model, Optimization, Outcome, RequestRun, skip
+from flux_kontext.warmup_shapes import HOT_SIZE
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +113,32 @@ class WithoutDuckSizing:
             return self.compiled(*args, **kwargs)
 
 
+class CompiledAtShapes:
+    """A VAE part's call: static compiled code at the listed input shapes, the part's own eager call at any other
+    (FLUX_COMPILE_VAE=hot). No request compiles, and no start waits minutes for a dynamic VAE graph."""
+
+    def __init__(self, part: torch.nn.Module, shapes: set[tuple[int, ...]], options: dict):
+        self.eager = part._call_impl
+        self.compiled = torch.compile(self.eager, dynamic=False, options=options or None)
+        self.shapes = shapes
+
+    def __call__(self, *args, **kwargs):
+        sample = args[0] if args else next(iter(kwargs.values()))
+        run = self.compiled if tuple(sample.shape) in self.shapes else self.eager
+        return run(*args, **kwargs)
+
+
+def vae_hot_shapes(vae) -> dict[str, tuple[int, ...]]:
+    """The encoder's and the decoder's input shapes for one 1024² image (warmup_shapes.HOT_SIZE)."""
+    config = vae.config
+    factor = 2 ** (len(config.block_out_channels) - 1)
+    width, height = HOT_SIZE
+    return {
+        "Encoder": (1, config.in_channels, height, width),
+        "Decoder": (1, config.latent_channels, height // factor, width // factor),
+    }
+
+
 class Compile(Optimization):
     name = "compile"
     # Everything that changes what a block computes comes first: the compiled graph holds it.
@@ -164,34 +191,54 @@ class Compile(Optimization):
         options, dynamic = self.inductor_options(), self.settings.compile_dynamic
         for block in [*transformer.transformer_blocks, *transformer.single_transformer_blocks]:
             model.slots.set(block, "compiled", lambda inner: CompiledForward(inner, options, self._fell_back, dynamic))
-        self._vae_parts = [part for part in (getattr(vae, "encoder", None), getattr(vae, "decoder", None)) if part]
+        vae_detail, vae_shapes = self._compile_vae(vae, options, dynamic)
+        if dynamic:
+            shapes = "compiled for dynamic batch and tokens: one graph per block kind serves every resolution"
+        else:
+            shapes = "static shapes (FLUX_COMPILE_DYNAMIC=false): each new shape compiles on its first call"
+        return Outcome.applied(
+            "regional torch.compile of the FluxTransformerBlock and FluxSingleTransformerBlock forward (default mode, "
+            f"fullgraph{', Inductor multi-kernel' if options else ''}), {shapes}; {vae_detail}; " + caches.detail,
+            **caches.data(),
+            dynamic_shapes=dynamic,
+            dynamic_dims={
+                "transformer_blocks": {name: list(dims) for name, dims in BLOCK_DYNAMIC_DIMS.items()},
+                **({"vae": ["batch", "height", "width"]} if self.settings.compile_vae == "all" else {}),
+            }
+            if dynamic
+            else {},
+            vae=self.settings.compile_vae,
+            vae_compiled_shapes=vae_shapes,
+            graphs_compiled=0,
+        )
+
+    def _compile_vae(self, vae, options: dict, dynamic: bool) -> tuple[str, dict | str]:
+        """The VAE's encoder and decoder as FLUX_COMPILE_VAE says; (what the report says, the compiled shapes)."""
+        mode = self.settings.compile_vae
+        found = [part for part in (getattr(vae, "encoder", None), getattr(vae, "decoder", None)) if part is not None]
+        self._vae_parts = [] if mode == "off" else found
+        names = " and ".join(type(part).__name__ for part in found)
+        if not found:
+            return "no VAE encoder or decoder to compile", {}
+        if mode == "off":
+            return f"VAE {names} eager (FLUX_COMPILE_VAE=off)", {}
+        if mode == "hot":
+            hot = vae_hot_shapes(vae)
+            for part in self._vae_parts:
+                shape = hot[type(part).__name__]
+                part._compiled_call_impl = CompiledAtShapes(part, {shape}, options)  # what Module.compile sets
+            return (
+                f"VAE {names} compiled (static) for one 1024² image, eager at other sizes and batches "
+                "(FLUX_COMPILE_VAE=hot)",
+                {type(part).__name__: list(hot[type(part).__name__]) for part in self._vae_parts},
+            )
         for part in self._vae_parts:
             # The VAE's only varying dimensions are its input's batch, height and width (channels follow the weights).
             part.compile(dynamic=dynamic, options=options or None)
             if dynamic:  # what Module.compile set (undo clears it)
                 part._compiled_call_impl = WithoutDuckSizing(part._compiled_call_impl)
-        parts = " and ".join(type(p).__name__ for p in self._vae_parts) or "(none found)"
-        if dynamic:
-            shapes = (
-                "compiled for dynamic shapes (blocks: batch and tokens; VAE: batch, height and width): one graph "
-                "serves every resolution"
-            )
-        else:
-            shapes = "static shapes (FLUX_COMPILE_DYNAMIC=false): each new shape compiles on its first call"
-        return Outcome.applied(
-            "regional torch.compile of the FluxTransformerBlock and FluxSingleTransformerBlock forward (default mode, "
-            f"fullgraph{', Inductor multi-kernel' if options else ''}) and of the VAE {parts}, {shapes}; "
-            + caches.detail,
-            **caches.data(),
-            dynamic_shapes=dynamic,
-            dynamic_dims={
-                "transformer_blocks": {name: list(dims) for name, dims in BLOCK_DYNAMIC_DIMS.items()},
-                "vae": ["batch", "height", "width"],
-            }
-            if dynamic
-            else {},
-            graphs_compiled=0,
-        )
+        how = "for dynamic batch, height and width" if dynamic else "per shape"
+        return f"VAE {names} compiled {how} (FLUX_COMPILE_VAE=all)", "all"
 
     @contextlib.contextmanager
     def active(self, job: Job, run: RequestRun):

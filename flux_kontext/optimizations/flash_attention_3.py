@@ -33,6 +33,8 @@ class FlashAttention3(Optimization):
         attention = model.earlier["attention"]
         choice, selection, setting = attention.choice, attention.selection, self.settings.attention
         screened = fp8_screen_report(selection)
+        if choice.active in (FA3_FP8, "fa3"):  # switchable per request: CUDA graphs key their captures on it
+            model.graph_variants.append(choice.graph_variant)
         if choice.active == FA3_FP8:
             self._choice = choice
             return Outcome.applied(

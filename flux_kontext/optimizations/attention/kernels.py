@@ -118,6 +118,11 @@ class KernelChoice:
         # index would give each of the 57 blocks its own graph; a bool gives at most two (FP8 and bf16 layers).
         return not getattr(attn, "fp8_attention_bf16", False)
 
+    def graph_variant(self) -> tuple[str, bool]:
+        """What a captured CUDA graph holds of this choice: the active kernel and the low-noise switch. A graph
+        captured with FA3 in FP8 must not replay for a request that switched it off (``Model.graph_variants``)."""
+        return self.active, self.low_noise
+
     def fp8_call(self, *args):
         return self.kernels[FA3_FP8].fp8_call(*args)
 
