@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
+from diffusers import UniPCMultistepScheduler
 from diffusers.pipelines.flux.pipeline_flux_kontext import retrieve_timesteps
 
 from flux_kontext.schedulers import DEFAULT_SOLVER, SCHEDULER_DEFAULT_STEPS, make_scheduler
-from flux_kontext.schedulers.flow_unipc import tapered_shift_sigmas
+from flux_kontext.schedulers.flow_unipc import FlowUniPCScheduler, tapered_shift_sigmas
 from tests import flow_problems as fp
 from tests.test_scheduler_accuracy import FLUX_SCHEDULER_CONFIG
 
@@ -102,3 +104,29 @@ def test_unipc_timesteps_are_float_sigma_times_1000_and_the_model_config_is_kept
     # the pipeline computes mu from these keys of scheduler.config
     for key in ("base_image_seq_len", "max_image_seq_len", "base_shift", "max_shift"):
         assert scheduler.config[key] == FLUX_SCHEDULER_CONFIG[key]
+
+
+class DiffusersUniPCUpdates(FlowUniPCScheduler):
+    """The same scheduler with diffusers' own predictor and corrector (device-tensor coefficients)."""
+
+    multistep_uni_p_bh_update = UniPCMultistepScheduler.multistep_uni_p_bh_update
+    multistep_uni_c_bh_update = UniPCMultistepScheduler.multistep_uni_c_bh_update
+
+
+@pytest.mark.parametrize("steps", [1, 2, 3, 14, 28])
+def test_unipc_updates_from_host_coefficients_match_diffusers_own(steps):
+    """The host-side coefficients give diffusers' UniPC update: same latents after every step, to float32 rounding."""
+    config = dict(FLUX_SCHEDULER_CONFIG)
+    ours, theirs = FlowUniPCScheduler.from_config(config), DiffusersUniPCUpdates.from_config(config)
+    for scheduler in (ours, theirs):
+        scheduler.set_timesteps(sigmas=np.linspace(1.0, 1.0 / steps, steps), mu=1.15)
+    generator = torch.Generator().manual_seed(steps)
+    sample = torch.randn(1, 64, 16, generator=generator)
+    target = torch.randn(1, 64, 16, generator=generator)
+    a = b = sample
+    for timestep in ours.timesteps:
+        velocity = lambda x: x - target + 0.3 * torch.sin(3 * x)  # noqa: E731 (a smooth, nonlinear field)
+        a = ours.step(velocity(a), timestep, a, return_dict=False)[0]
+        b = theirs.step(velocity(b), timestep, b, return_dict=False)[0]
+        torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-5)
+    assert not torch.allclose(a, sample)
