@@ -5,7 +5,7 @@ engine in-process (no HTTP, no warm-up), fresh Inductor/Triton caches.
    optimization's own apply seconds (the FP8 screen and kernel timing sit in ``optimize``).
 2. Compile for dynamic shapes (the default): the first 1024² edit and text-to-image (2 steps; what each phase took,
    the graphs compiled, dynamo's and Inductor's compile-time metrics for the call), their repeat (CUDA graph capture),
-   each per-request switch off once (its compiled variant), then the steady state at ``--steps`` per solver.
+   the steady state at ``--steps`` per solver, then each per-request switch off (its compiled variant).
 3. The blocks recompiled with static shapes (``FLUX_COMPILE_DYNAMIC=false``'s code; the VAE keeps its compiled code):
    their first calls and the steady state, in the same process on the same weights.
 
@@ -96,7 +96,7 @@ def job_for(mode: str, steps: int, **fields):
 
 def first_calls(engine, profile: Profile, phase: str) -> None:
     for mode in ("edit", "text_to_image"):
-        for label in ("first", "repeat (captures graphs)", "replay"):
+        for label in ("first", "repeat (captures graphs)"):
             run_call(engine, profile, f"{mode} {label}", job_for(mode, 2), phase)
 
 
@@ -166,18 +166,15 @@ def main() -> int:
     solvers = args.solvers.split(",")
 
     first_calls(engine, profile, "dynamic")
-    steady(engine, profile, "dynamic", solvers[:1], args.steps, args.runs)
+    steady(engine, profile, "dynamic", solvers, args.steps, args.runs)
     for flags in profile.data["flag_variants"]:
         for label in ("first", "repeat"):
             job = job_for("text_to_image", 2, flags=flags)
             run_call(engine, profile, f"text_to_image {flags} {label}", job, "dynamic")
-    static = not args.no_static and engine.stack["compile"].applied
-    if static:
+    if not args.no_static and engine.stack["compile"].applied:
         profile.data["static_blocks"] = recompile_blocks_static(engine)
         first_calls(engine, profile, "static")
         steady(engine, profile, "static", solvers, args.steps, args.runs)
-    else:
-        steady(engine, profile, "dynamic", solvers[1:], args.steps, args.runs)
     if args.save_artifacts is not None:  # torch's portable compile cache: how big, how long to write
         clock = time.perf_counter()
         saved = torch.compiler.save_cache_artifacts()
