@@ -36,6 +36,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.restart import stop  # noqa: E402
 from flux_kontext.resolution import PREFERRED_KONTEXT_RESOLUTIONS  # noqa: E402
+from flux_kontext.wait_ready import NotReady, wait_ready  # noqa: E402
 
 HOT = (1024, 1024)
 
@@ -55,20 +56,11 @@ def service(port: int, timeout_s: float, log_path: Path):
         process = subprocess.Popen([*command, "--port", str(port)], cwd=ROOT, env=env, stdout=log, stderr=log)
     base = f"http://127.0.0.1:{port}"
     try:
-        while True:
-            if process.poll() is not None or time.monotonic() - started > timeout_s:
-                raise RuntimeError(f"the service did not get ready (see {log_path})")
-            try:
-                response = httpx.get(f"{base}/health", timeout=5)
-            except httpx.TransportError:
-                time.sleep(0.5)
-                continue
-            if response.status_code == 200:
-                yield base, time.monotonic() - started, response.json()
-                return
-            if response.json().get("state") == "failed":
-                raise RuntimeError(f"the service failed to start: {response.json().get('reason')}")
-            time.sleep(0.5)
+        try:
+            health = wait_ready(base, process, timeout_s, poll_s=0.5)
+        except NotReady as exc:
+            raise RuntimeError(f"{exc} (see {log_path})") from None
+        yield base, time.monotonic() - started, health
     finally:
         stop(process)
         if caches is not None:

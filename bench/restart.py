@@ -15,9 +15,10 @@ import sys
 import time
 from pathlib import Path
 
-import httpx
-
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from flux_kontext.wait_ready import NotReady, wait_ready  # noqa: E402
 
 
 def one_start(cache_dir: Path, timeout_s: float, port: int) -> dict:
@@ -26,29 +27,23 @@ def one_start(cache_dir: Path, timeout_s: float, port: int) -> dict:
     command += ["--port", str(port)]
     started = time.monotonic()
     process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    row: dict = {"ready": False}
     try:
-        while time.monotonic() - started < timeout_s and process.poll() is None:
-            try:
-                response = httpx.get(f"http://127.0.0.1:{port}/health", timeout=5)
-            except httpx.TransportError:
-                time.sleep(0.5)
-                continue
-            if response.status_code == 200:
-                health = response.json()
-                compile_report = next(r for r in health["optimizations"] if r["name"] == "compile")
-                row = {
-                    "ready": True,
-                    "seconds_to_ready": round(time.monotonic() - started, 1),
-                    "startup_seconds": health.get("startup_seconds"),
-                    "compile_cache": compile_report["data"].get("cache"),
-                    "compile_status": compile_report["status"],
-                }
-                break
-            time.sleep(0.5)
+        health = wait_ready(f"http://127.0.0.1:{port}", process, timeout_s, poll_s=0.5)
+        ready_s = time.monotonic() - started
+    except NotReady as exc:
+        return {"ready": False, "why": str(exc)}
     finally:
         stop(process)
-    return row
+    compile_report = next(r for r in health["optimizations"] if r["name"] == "compile")
+    return {
+        "ready": True,
+        "seconds_to_ready": round(ready_s, 1),
+        "startup_seconds": health.get("startup_seconds"),
+        "compile_cache": compile_report["data"].get("cache"),
+        "compile_status": compile_report["status"],
+        "graphs_compiled": compile_report["data"].get("graphs_compiled"),
+        "warmed": health.get("shapes", {}).get("warmed"),
+    }
 
 
 def stop(process: subprocess.Popen) -> None:

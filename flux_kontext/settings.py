@@ -56,12 +56,14 @@ class ServiceSettings(BaseModel):
     )
     request_timeout_s: float = Field(600.0, gt=0, description="Longest a request waits for its result.")
     warmup: bool = Field(True, description="Run the warm-up generations (and compile, on a GPU) before ready.")
-    warmup_shapes: Literal["all", "minimal"] = Field(
-        "all",
-        description="With compiled code for dynamic shapes (FLUX_COMPILE_DYNAMIC): 'all' runs every shape a request "
-        "can bring once before ready (the 17 preferred resolutions for edit and text-to-image, num_images 1-4, true "
-        "CFG, an explicit size), so none compiles at request time; 'minimal' only the 1024² edit and "
-        "text-to-image. /health's 'shapes' says which are ready.",
+    warmup_shapes: Literal["compiled", "all", "minimal"] = Field(
+        "compiled",
+        description="With compiled code for dynamic shapes (FLUX_COMPILE_DYNAMIC): 'compiled' runs what compiles "
+        "(the 1024² edit and text-to-image with each per-request switch off, and num_images 2): every other shape is "
+        "served by those graphs, none compiles at request time; 'all' also runs every shape a request can bring once "
+        "(the 17 preferred resolutions for edit and text-to-image, num_images 1-4, true CFG, an explicit size), so "
+        "their CUDA graphs are captured before ready; 'minimal' only the 1024² edit and text-to-image (a first "
+        "num_images above 1 then compiles). /health's 'shapes' says which are ready.",
     )
     max_sequence_length: int | None = Field(
         None, ge=16, le=512, description="T5 tokens; default 512 (real/random) or 64 (tiny)."

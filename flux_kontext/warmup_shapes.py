@@ -9,6 +9,11 @@ num_images 1-4, true CFG and one explicit size. Each run is checked: the graphs 
 so /health says which shapes warm-up compiled, which are served by code compiled for dynamic dimensions, and
 whether any request compiled after ready (it should not; it is logged and counted when it does).
 
+FLUX_WARMUP_SHAPES=compiled (the default) runs only what compiles: the 1024² edit and text-to-image (with each
+per-request switch off) and a batch of two; every other shape is then served by those graphs without compiling,
+and its CUDA graphs are captured on its second request. A start (cold, or a restart on kept caches) is the shorter
+for it; 'all' also captures every shape's graphs before ready.
+
 With static compile, warming every shape would compile each one (tens of seconds apiece): warm-up then runs the
 1024² shapes only, and the others say "will compile". Without compile (the CPU path) one small edit checks the
 whole path and every shape runs eager.
@@ -148,6 +153,11 @@ def warmup_plan(warmup_shapes: str, strategy: str) -> list[Planned]:
     hot = [Planned(Shape(mode, *HOT_SIZE), steps=2, all_variants=True) for mode in ("edit", "text_to_image")]
     if warmup_shapes == "minimal" or strategy == "static":
         return hot
+    # A batch above one is the only other graph (dynamo specializes a batch of one): with it every graph a request
+    # can need exists, and each other shape is served by them (its CUDA graphs captured on its second request).
+    batched = [Planned(Shape(mode, *HOT_SIZE, num_images=2), steps=1) for mode in ("edit", "text_to_image")]
+    if warmup_shapes == "compiled":
+        return hot + batched
     others = [s for s in preferred_shapes() if (s.width, s.height) != HOT_SIZE]
     for mode in ("edit", "text_to_image"):
         others += [Shape(mode, *HOT_SIZE, num_images=n) for n in BATCH_SIZES]

@@ -8,11 +8,10 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import httpx
+from flux_kontext.wait_ready import NotReady, wait_ready
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -53,16 +52,10 @@ def live_process(
             return log.read()[-4000:]
 
         try:
-            deadline = time.monotonic() + ready_timeout_s
-            while not seen or seen[-1] != 200:
-                assert process.poll() is None, output()
-                assert time.monotonic() < deadline, f"not ready; statuses seen: {seen}\n{output()}"
-                try:
-                    seen.append(httpx.get(f"{base}/health", timeout=5).status_code)
-                except httpx.TransportError:
-                    time.sleep(0.2)
-                    continue
-                time.sleep(0.05)
+            try:
+                wait_ready(base, process, ready_timeout_s, seen, poll_s=0.05)
+            except NotReady as exc:
+                raise AssertionError(f"{exc}\n{output()}") from None
             yield base, seen, process, output
         finally:
             if process.poll() is None:

@@ -51,6 +51,18 @@ def test_dynamic_compile_warms_every_preferred_resolution_both_modes_batches_tru
     assert {p.steps for p in plan[2:]} == {1} and not any(p.all_variants for p in plan[2:])
 
 
+def test_by_default_warm_up_runs_what_compiles_the_1024_shapes_with_every_variant_and_a_batch_of_two():
+    assert Settings(model="tiny").warmup_shapes == "compiled"
+    plan = warmup_plan("compiled", "dynamic")
+    assert [(p.shape.key, p.steps, p.all_variants) for p in plan] == [
+        ("edit 1024x1024", 2, True),
+        ("text_to_image 1024x1024", 2, True),
+        ("edit 1024x1024 x2", 1, False),
+        ("text_to_image 1024x1024 x2", 1, False),
+    ]
+    assert planned("compiled", "static") == planned("minimal", "dynamic")
+
+
 def test_static_compile_or_minimal_warms_only_the_1024_shapes_and_without_compile_one_small_edit():
     assert planned("all", "static") == planned("minimal", "dynamic") == ["edit 1024x1024", "text_to_image 1024x1024"]
     assert planned("all", "eager") == ["edit 1184x880"]  # the 64x48 check image, snapped

@@ -1,5 +1,5 @@
-"""compile: regional torch.compile. Each repeated transformer block's forward compiled once (reused by all 57 of
-them, fullgraph, Inductor's default mode); the VAE's encoder and decoder compiled whole.
+"""compile: regional torch.compile. Each repeated transformer block's forward compiled once (one graph per block
+kind serves all 57 blocks, fullgraph, Inductor's default mode); the VAE's encoder and decoder compiled whole.
 
 Default mode, not max-autotune: on an FP8 FLUX block autotuning measured no faster and compiled 30x longer
 (docs/FACTS.md). Regional rather than whole-model: one compile per block type instead of one graph of 57 blocks,
@@ -8,12 +8,21 @@ the same steady-state speed, a fraction of the start-up. It fills the blocks' ``
 sit above the compiled code, so the cache's per-step decision is no graph break. VAE figures: bench/vae.py,
 BENCHMARKS.md.
 
+One graph per block kind holds only while nothing a block reads differs from block to block: dynamo guards on every
+Python value the traced code reads, so a per-block attribute (a layer index) or a stride of a size-1 dimension
+compiles each block apart (57 graphs: minutes at start). FP8 attention's per-layer choice is therefore a bool per
+layer (attention/fp8_policy.py), and the blocks' contiguous inputs get standard strides (``canonical_strides``).
+
 Shapes (FLUX_COMPILE_DYNAMIC, on by default): a request's size changes the blocks' token count (resolution, plus
-the context image's tokens for an edit) and batch (num_images); the VAE's height, width and batch. Compiled for
-those dimensions as symbols, one graph serves every resolution, explicit sizes included, so warm-up can cover
-every shape a request can bring (flux_kontext/warmup_shapes.py) and nothing compiles at request time; static
-compilation would compile again per shape (tens of seconds each). Which one keeps the step fastest was measured
-(bench/compile_shapes.py, BENCHMARKS.md "Shapes"). Every compile is counted (``graphs_compiled``, per request too).
+the context image's tokens for an edit) and batch (num_images). Compiled for those dimensions as symbols, one graph
+per block kind serves every resolution, explicit sizes included, and nothing compiles at request time; static
+compilation would compile again per shape. Per step both measured the same (BENCHMARKS.md "Start-up"). Every
+compile is counted (``graphs_compiled``, per request too).
+
+The VAE (FLUX_COMPILE_VAE): by default compiled with static shapes for one 1024² image and eager at every other size
+(``CompiledAtShapes``). Compiled for dynamic height and width, its encoder and decoder took 54 and 60 s to compile on
+an H200 and ran slower than static graphs (38 / 57 ms against 19 / 46 ms); static ones compile in about 20 s each,
+and eager code at the other sizes costs tens of milliseconds per image, never a compile.
 
 With FLUX_COMPILE_CACHE_DIR, Inductor's and Triton's on-disk caches live in a directory per torch/GPU/settings
 fingerprint under it (compile_cache.py), so a restart on a kept directory reuses the compiled code; the report
