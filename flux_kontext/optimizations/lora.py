@@ -69,15 +69,16 @@ class Lora(Optimization):
         for adapter in self.adapters.values():
             for layer, parts in adapter.parts.items():
                 layers[layer] = (modules[layer], parts)
-        self.paths = SidePaths(layers, self.settings.lora_max_per_request, slot_rank)
+        self.paths = SidePaths(layers, self.settings.lora_max_per_request, slot_rank, shared_inputs(transformer))
         model.graph_variants.append(self.paths.state.variant)
         device = next(transformer.parameters()).device
         host = {name: adapter.weights for name, adapter in self.adapters.items()}
         self.resident = ResidentAdapters(host, device, self.settings.lora_gpu_adapters)
         detail = (
-            f"{len(self.adapters)} adapter(s) on a bf16 side path next to {len(layers)} layers (base weights as "
-            f"they are); slots for {self.settings.lora_max_per_request} per request at rank {slot_rank}, switched by "
-            f"copy (no recompile, no recapture); up to {self.settings.lora_gpu_adapters} kept on the GPU"
+            f"{len(self.adapters)} adapter(s) on a low-rank side path next to {len(layers)} layers (base weights as "
+            f"they are; {fp8_note(self.paths)}); slots for {self.settings.lora_max_per_request} per request at rank "
+            f"{slot_rank}, switched by copy (no recompile, no recapture); up to {self.settings.lora_gpu_adapters} kept "
+            "on the GPU"
         )
         if self.rejected:
             detail += f"; {len(self.rejected)} rejected"
@@ -146,6 +147,27 @@ class Lora(Optimization):
             yield
         finally:
             self.paths.state.enabled = False
+
+
+def shared_inputs(transformer) -> list[tuple[str, str]]:
+    """Layers that read one activation tensor, in the order the fused single block calls them (fp8_blocks.fp8_linears):
+    each single block's proj_mlp and attn.to_qkv."""
+    blocks = getattr(transformer, "single_transformer_blocks", ())
+    return [
+        (f"single_transformer_blocks.{i}.proj_mlp", f"single_transformer_blocks.{i}.attn.to_qkv")
+        for i in range(len(blocks))
+    ]
+
+
+def fp8_note(paths: SidePaths) -> str:
+    """What the report says about the side path's arithmetic."""
+    fp8 = sum(side.down8 is not None for side in paths.sides.values())
+    if not fp8:
+        return "bf16"
+    return (
+        f"{fp8} fed by the fused FP8 blocks: down projection from their FP8 activations with A in e4m3, "
+        f"{len(paths.groups)} shared by two layers, up projection added in place; the others bf16"
+    )
 
 
 def _activation_dtype(transformer) -> torch.dtype:
