@@ -64,10 +64,13 @@ class Layer:
     def low(self, values, scale):
         return lora_gemm.down_projection(values, scale, self.down8, self.down_scale, self.dtype)
 
-    def now(self, values, scale, low=None):
+    def now(self, values, scale, low=None, triton=False):
         low = self.low(values, scale) if low is None else low
-        args = (values, scale, self.weight_t, self.weight_scale, None, low, self.up, self.dtype)
+        args = (values, scale, self.weight_t, self.weight_scale, None, low, self.up, self.dtype, triton)
         return lora_gemm.fp8_linear_low_rank(*args)
+
+    def now_triton(self, values, scale, low=None):
+        return self.now(values, scale, low, triton=True)
 
     def out_of_place(self, values, scale, low):
         return torch.addmm(self.base(values, scale), low, self.up.t())
@@ -106,9 +109,9 @@ def single_block(tokens: int, inner: int, device, dtype, generator):
 
         return fn
 
-    def now_shared(v, s):
+    def now_shared(v, s, triton=False):
         low_mlp, low_qkv = shared_low((mlp, qkv), v, s)
-        return mlp.now(v, s, low_mlp), qkv.now(v, s, low_qkv)
+        return mlp.now(v, s, low_mlp, triton), qkv.now(v, s, low_qkv, triton)
 
     def out_of_place_shared(v, s):
         low_mlp, low_qkv = shared_low((mlp, qkv), v, s)
@@ -118,6 +121,7 @@ def single_block(tokens: int, inner: int, device, dtype, generator):
         "base": run(lambda v, s: (mlp.base(v, s), qkv.base(v, s)), out.base),
         "before": run(lambda v, s: (mlp.before(v, s), qkv.before(v, s)), out.before),
         "now": run(now_shared, out.now),
+        "now_triton": run(lambda v, s: now_shared(v, s, True), out.now_triton),
         "now_unshared": run(lambda v, s: (mlp.now(v, s), qkv.now(v, s)), out.now),
         "now_out_of_place": run(out_of_place_shared, lambda v, s: out.out_of_place(v, s, out.low(v, s))),
         "now_add_in_consumer": run(now_shared, out.add_in_consumer),
@@ -162,6 +166,7 @@ def double_block(tokens: int, inner: int, device, dtype, generator):
         "base": run(Layer.base, None),
         "before": run(Layer.before, hook_before),
         "now": run(Layer.now, hook_now),
+        "now_triton": run(Layer.now_triton, hook_now),
     }
     return variants, args
 
@@ -176,12 +181,15 @@ def time_variants(variants: dict, args: tuple, timer) -> dict:
     times, calls = {}, {}
     for name, fn in variants.items():
         compiled = torch.compile(fn, fullgraph=True)
-        with torch.inference_mode():
-            _, codes = run_and_get_code(compiled, *args)
-            found = [m.group(0).removesuffix(".run").removesuffix("(") for c in codes for m in CALL.finditer(c)]
-            calls[name] = list(dict.fromkeys(found))
-            times[name] = round(timer(lambda c=compiled: c(*args)), 4)
-    base = times["base"]
+        try:
+            with torch.inference_mode():
+                _, codes = run_and_get_code(compiled, *args)
+                found = [m.group(0).removesuffix(".run").removesuffix("(") for c in codes for m in CALL.finditer(c)]
+                calls[name] = list(dict.fromkeys(found))
+                times[name] = round(timer(lambda c=compiled: c(*args)), 4)
+        except Exception as exc:  # one variant failing keeps the others
+            calls[name] = f"{type(exc).__name__}: {exc}"[:500]
+    base = times.get("base", 0.0)
     side = {k: round(v - base, 4) for k, v in times.items() if k != "base"}
     return {"ms": times, "side_path_ms": side, "generated_calls": calls}
 
@@ -206,6 +214,31 @@ def fold_and_error(mlp, qkv, values, scale, timer) -> dict:
     }
 
 
+def up_add_alone(tokens: int, inner: int, device, dtype, generator, timer) -> dict:
+    """out += low up^T in place alone, per output width: cuBLAS addmm_ against lora_triton's kernel (GB/s of the
+    output's read and write)."""
+    from flux_kontext.optimizations.lora_triton import low_rank_add
+
+    result = {}
+    for cols, rank in ((3 * inner, 3 * RANK), (4 * inner, RANK), (inner, RANK), (4 * inner, 4 * RANK)):
+        out = torch.randn(tokens, cols, device=device, generator=generator).to(dtype)
+        low = torch.randn(tokens, rank, device=device, generator=generator).to(dtype)
+        up = (torch.randn(cols, rank, device=device, generator=generator) * 0.05).to(dtype)
+        row = result[f"{cols}x{rank}"] = {}
+        original = out.clone()  # timing adds into ``out`` again and again
+        want = low_rank_add(original.clone(), low, up, False).float()
+        for name, kernel in (("cublas", False), ("triton", True)):
+            try:
+                got = low_rank_add(original.clone(), low, up, kernel).float()
+                ms = timer(lambda k=kernel, o=out, a=low, b=up: low_rank_add(o, a, b, k))
+            except Exception as exc:
+                row[name] = f"{type(exc).__name__}: {exc}"[:300]
+                continue
+            gbs = 2 * out.numel() * out.element_size() / ms / 1e6
+            row[name] = {"ms": round(ms, 4), "GB/s": round(gbs), "rel_error": float((got - want).norm() / want.norm())}
+    return result
+
+
 def layer_levers(device, tokens: int = 8704, inner: int = 3072, timer=None) -> dict:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     generator = torch.Generator(device=device).manual_seed(0)
@@ -214,6 +247,7 @@ def layer_levers(device, tokens: int = 8704, inner: int = 3072, timer=None) -> d
     result = {"tokens": tokens, "rank": RANK, "single_block": time_variants(single, single_args, timer)}
     result["double_block_one_stream"] = time_variants(*double_block(tokens, inner, device, dtype, generator), timer)
     result["fold_A_into_base_gemm"] = fold_and_error(*fold_inputs, timer)
+    result["up_add_alone"] = up_add_alone(tokens, inner, device, dtype, generator, timer)
     result["seconds"] = round(time.perf_counter() - start, 1)
     return result
 

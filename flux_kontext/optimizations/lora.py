@@ -25,6 +25,7 @@ import logging
 import torch
 
 from flux_kontext.jobs import Job, JobRejected
+from flux_kontext.optimizations import lora_triton
 from flux_kontext.optimizations.lora_adapters import Adapter, AdapterError, load_adapter, sources
 from flux_kontext.optimizations.lora_side import ResidentAdapters, SidePaths
 from flux_kontext.stack import APPLY, Decision, Hardware, Model, Optimization, Outcome, RequestRun, skip
@@ -72,6 +73,9 @@ class Lora(Optimization):
         self.paths = SidePaths(layers, self.settings.lora_max_per_request, slot_rank, shared_inputs(transformer))
         model.graph_variants.append(self.paths.state.variant)
         device = next(transformer.parameters()).device
+        up_kernel = {}
+        if any(side.down8 is not None for side in self.paths.sides.values()):
+            self.paths.state.triton_up, up_kernel = lora_triton.choose(device)
         host = {name: adapter.weights for name, adapter in self.adapters.items()}
         self.resident = ResidentAdapters(host, device, self.settings.lora_gpu_adapters)
         detail = (
@@ -82,7 +86,7 @@ class Lora(Optimization):
         )
         if self.rejected:
             detail += f"; {len(self.rejected)} rejected"
-        return Outcome.applied(detail, **self._data_now(slot_rank, len(layers)))
+        return Outcome.applied(detail, **self._data_now(slot_rank, len(layers)), up_projection=up_kernel)
 
     def _data_now(self, slot_rank: int, layers: int) -> dict:
         return {
@@ -166,7 +170,8 @@ def fp8_note(paths: SidePaths) -> str:
         return "bf16"
     return (
         f"{fp8} fed by the fused FP8 blocks: down projection from their FP8 activations with A in e4m3, "
-        f"{len(paths.groups)} shared by two layers, up projection added in place; the others bf16"
+        f"{len(paths.groups)} shared by two layers, up projection added in place"
+        f"{' by a Triton kernel' if paths.state.triton_up else ''}; the others bf16"
     )
 
 

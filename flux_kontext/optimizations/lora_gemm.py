@@ -7,15 +7,18 @@ traffic: the side path does about 1% of its layer's FLOPs, but done plainly it m
   to the adapter's small contribution (BENCHMARKS.md, "LoRA adapters").
 - One down projection per shared input: a single block's proj_mlp and to_qkv read the same quantized activations;
   their A rows lie in one buffer (lora_side.SharedInput), one GEMM gives both layers' low-rank activations.
-- The up projection added in place to the base GEMM's output (cuBLAS with beta = 1: one read and one write of the
-  output). An out-of-place ``addmm`` (what Inductor emits for ``out + h B^T``: ``at::addmm_out``) first copies the
-  output into a new buffer, then reads and writes it again. The base GEMM and the in-place add are one custom op,
-  so Inductor sees one opaque call that produces the output, and nothing it could turn back into a copy.
+- The up projection added in place to the base GEMM's output (one read and one write of the output: a Triton
+  kernel, lora_triton.py, or cuBLAS with beta = 1, whichever measured faster at start). An out-of-place ``addmm``
+  (what Inductor emits for ``out + h B^T``: ``at::addmm_out``) first copies the output into a new buffer, then reads
+  and writes it again. The base GEMM and the in-place add are one custom op, so Inductor sees one opaque call that
+  produces the output, and nothing it could turn back into a copy.
 """
 
 from typing import Optional
 
 import torch
+
+from flux_kontext.optimizations.lora_triton import low_rank_add
 
 
 @torch.library.custom_op("flux_kontext::fp8_linear_low_rank", mutates_args=())
@@ -28,17 +31,18 @@ def fp8_linear_low_rank(
     low: torch.Tensor,
     up: torch.Tensor,
     out_dtype: torch.dtype,
+    triton_up: bool,
 ) -> torch.Tensor:
     """(values * scale) W^T + bias + low up^T: the rowwise FP8 GEMM as fp8_blocks.fp8_linear calls it, then the up
-    projection added into its output in place."""
+    projection added into its output in place (lora_triton.py's kernel when ``triton_up``, else cuBLAS)."""
     out = torch._scaled_mm(
         values, weight_t, scale_a=scale, scale_b=weight_scale, bias=bias, out_dtype=out_dtype, use_fast_accum=True
     )
-    return out.addmm_(low.to(out_dtype), up.t().to(out_dtype))
+    return low_rank_add(out, low, up, triton_up)
 
 
 @fp8_linear_low_rank.register_fake
-def _(values, scale, weight_t, weight_scale, bias, low, up, out_dtype):
+def _(values, scale, weight_t, weight_scale, bias, low, up, out_dtype, triton_up):
     return values.new_empty((values.shape[0], weight_t.shape[1]), dtype=out_dtype)
 
 

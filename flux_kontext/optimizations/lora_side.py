@@ -40,6 +40,7 @@ class SideState:
 
     def __init__(self):
         self.enabled = False
+        self.triton_up = False  # the fused blocks' up projection on lora_triton's kernel (measured at start)
 
     def variant(self) -> bool:
         return self.enabled
@@ -92,7 +93,9 @@ class LoraSide(torch.nn.Module):
 
     def _with_up(self, values, scale, linear, low, out_dtype) -> torch.Tensor:
         weight, weight_scale = linear.fp8_weight_t, linear.fp8_weight_scale
-        return lora_gemm.fp8_linear_low_rank(values, scale, weight, weight_scale, linear.bias, low, self.up, out_dtype)
+        return lora_gemm.fp8_linear_low_rank(
+            values, scale, weight, weight_scale, linear.bias, low, self.up, out_dtype, self.state.triton_up
+        )
 
     @torch.no_grad()
     def quantize_down(self) -> None:
