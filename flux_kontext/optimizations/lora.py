@@ -73,9 +73,7 @@ class Lora(Optimization):
         self.paths = SidePaths(layers, self.settings.lora_max_per_request, slot_rank, shared_inputs(transformer))
         model.graph_variants.append(self.paths.state.variant)
         device = next(transformer.parameters()).device
-        up_kernel = {}
-        if any(side.down8 is not None for side in self.paths.sides.values()):
-            self.paths.state.triton_up, up_kernel = lora_triton.choose(device)
+        up_kernel = self._choose_up_kernel(device)
         host = {name: adapter.weights for name, adapter in self.adapters.items()}
         self.resident = ResidentAdapters(host, device, self.settings.lora_gpu_adapters)
         detail = (
@@ -87,6 +85,16 @@ class Lora(Optimization):
         if self.rejected:
             detail += f"; {len(self.rejected)} rejected"
         return Outcome.applied(detail, **self._data_now(slot_rank, len(layers)), up_projection=up_kernel)
+
+    def _choose_up_kernel(self, device) -> dict:
+        """Per layer shape, the fused blocks' in-place up projection: Triton kernel or cuBLAS, by measurement."""
+        fp8 = [side for side in self.paths.sides.values() if side.down8 is not None]
+        if not fp8:
+            return {}
+        use, data = lora_triton.choose(device, {tuple(side.up.shape) for side in fp8})
+        for side in fp8:
+            side.triton_up = use[tuple(side.up.shape)]
+        return data
 
     def _data_now(self, slot_rank: int, layers: int) -> dict:
         return {
@@ -166,12 +174,13 @@ def shared_inputs(transformer) -> list[tuple[str, str]]:
 def fp8_note(paths: SidePaths) -> str:
     """What the report says about the side path's arithmetic."""
     fp8 = sum(side.down8 is not None for side in paths.sides.values())
+    triton = sum(side.triton_up for side in paths.sides.values())
     if not fp8:
         return "bf16"
     return (
         f"{fp8} fed by the fused FP8 blocks: down projection from their FP8 activations with A in e4m3, "
-        f"{len(paths.groups)} shared by two layers, up projection added in place"
-        f"{' by a Triton kernel' if paths.state.triton_up else ''}; the others bf16"
+        f"{len(paths.groups)} shared by two layers, up projection added in place ({triton} of them by a Triton "
+        "kernel); the others bf16"
     )
 
 

@@ -40,7 +40,6 @@ class SideState:
 
     def __init__(self):
         self.enabled = False
-        self.triton_up = False  # the fused blocks' up projection on lora_triton's kernel (measured at start)
 
     def variant(self) -> bool:
         return self.enabled
@@ -54,6 +53,7 @@ class LoraSide(torch.nn.Module):
         self.parts, self.part_rows = parts, linear.out_features // parts
         self.state = state
         self.group: SharedInput | None = None
+        self.triton_up = False  # the fused blocks' up projection on lora_triton's kernel (measured at start)
         self.register_buffer("down", torch.zeros(width, linear.in_features, dtype=dtype, device=device), False)
         self.register_buffer("up", torch.zeros(linear.out_features, width, dtype=dtype, device=device), False)
         fp8 = getattr(linear, "fp8_weight_t", None) is not None  # the fused FP8 blocks call this layer's GEMM
@@ -94,7 +94,7 @@ class LoraSide(torch.nn.Module):
     def _with_up(self, values, scale, linear, low, out_dtype) -> torch.Tensor:
         weight, weight_scale = linear.fp8_weight_t, linear.fp8_weight_scale
         return lora_gemm.fp8_linear_low_rank(
-            values, scale, weight, weight_scale, linear.bias, low, self.up, out_dtype, self.state.triton_up
+            values, scale, weight, weight_scale, linear.bias, low, self.up, out_dtype, self.triton_up
         )
 
     @torch.no_grad()

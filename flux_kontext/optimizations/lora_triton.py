@@ -1,8 +1,8 @@
 """The LoRA side path's up projection added in place, out += low @ up^T, as one Triton kernel: each program reads a
 tile of the output once, adds the tile's rank-R product (R = 16..384, from L2-resident low and up tiles) and writes it
 back once. It is a memory-bound pass over the output; cuBLAS's ``addmm_`` (beta = 1) does the same arithmetic (fp32
-accumulation, one rounding), and which of the two runs is measured once at start (``choose``). The reference is
-``reference_low_rank_add`` (what CPUs run); triton is imported only when the kernel is built (GPU).
+accumulation, bf16 result), and which of the two runs on each layer shape is measured once at start (``choose``).
+The reference is ``reference_low_rank_add`` (what CPUs run); triton is imported only when the kernel is built (GPU).
 """
 
 from __future__ import annotations
@@ -90,22 +90,31 @@ def low_rank_add(out: torch.Tensor, low: torch.Tensor, up: torch.Tensor, kernel:
     return reference_low_rank_add(out, low, up)
 
 
-def choose(device: torch.device, rows: int = 4608, cols: int = 12288, rank: int = 48) -> tuple[bool, dict]:
-    """(use the Triton kernel, the measurements): both on one FLUX-sized layer, the kernel only where it agrees with
-    cuBLAS and is faster."""
+# The two differ by bf16's rounding of the sum (at most one unit in the last place, 2^-8 relative), never more.
+AGREEMENT = 2.0**-8
+
+
+def choose(device: torch.device, shapes: set[tuple[int, int]], rows: int = 4608) -> tuple[dict, dict]:
+    """({(out width, rank): use the Triton kernel}, the measurements): both ways on each layer shape, at ``rows``
+    tokens; the kernel where it agrees with cuBLAS and is faster (it wins on the wide q|k|v and MLP outputs,
+    cuBLAS on 3072-wide ones: BENCHMARKS.md, "LoRA adapters")."""
+    none = dict.fromkeys(shapes, False)
     if device.type != "cuda":
-        return False, {"kernel": "cublas addmm_", "why": "not a CUDA device"}
+        return none, {"kernel": "cublas addmm_", "why": "not a CUDA device"}
     try:
         _kernel()
-    except Exception as exc:  # no triton, or it cannot build here
-        return False, {"kernel": "cublas addmm_", "why": f"Triton kernel unavailable: {type(exc).__name__}: {exc}"}
-    try:
-        return _measure(device, rows, cols, rank)
-    except Exception as exc:  # a kernel that builds but cannot run here: cuBLAS, and the reason reported
-        return False, {"kernel": "cublas addmm_", "why": f"Triton kernel failed: {type(exc).__name__}: {exc}"}
+        measured = {shape: _measure(device, rows, *shape) for shape in sorted(shapes)}
+    except Exception as exc:  # no triton, or a kernel that cannot build or run here: cuBLAS, and the reason
+        return none, {"kernel": "cublas addmm_", "why": f"Triton kernel unavailable: {type(exc).__name__}: {exc}"}
+    use = {shape: row["error"] < AGREEMENT and row["triton_ms"] < row["cublas_ms"] for shape, row in measured.items()}
+    data = {
+        f"{cols}x{rank}": {**row, "kernel": "triton" if use[(cols, rank)] else "cublas"}
+        for (cols, rank), row in measured.items()
+    }
+    return use, {"rows": rows, "by_layer_shape": data}
 
 
-def _measure(device, rows: int, cols: int, rank: int) -> tuple[bool, dict]:
+def _measure(device, rows: int, cols: int, rank: int) -> dict:
     generator = torch.Generator(device=device).manual_seed(0)
     out = torch.randn(rows, cols, device=device, generator=generator).to(torch.bfloat16)
     low = torch.randn(rows, rank, device=device, generator=generator).to(torch.bfloat16)
@@ -113,13 +122,11 @@ def _measure(device, rows: int, cols: int, rank: int) -> tuple[bool, dict]:
     want = reference_low_rank_add(out.clone(), low, up)
     got = low_rank_add(out.clone(), low, up, kernel=True)
     error = float((got.float() - want.float()).norm() / want.float().norm())
-    ms = {
+    times = {
         name: _ms(lambda k=kernel: low_rank_add(out, low, up, k))
         for name, kernel in (("triton", True), ("cublas", False))
     }
-    use = error < 1e-3 and ms["triton"] < ms["cublas"]
-    kernel = "triton" if use else "cublas addmm_"
-    return use, {"kernel": kernel, "ms": {k: round(v, 4) for k, v in ms.items()}, "rel_error_vs_cublas": error}
+    return {"triton_ms": round(times["triton"], 4), "cublas_ms": round(times["cublas"], 4), "error": error}
 
 
 def _ms(fn, repeats: int = 20) -> float:
