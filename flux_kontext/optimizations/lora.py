@@ -1,12 +1,13 @@
 """lora: LoRA adapters per request, on whatever the base weights are (FP8 stays FP8), under compile and CUDA graphs.
 
 At start: every adapter of FLUX_LORAS / FLUX_LORA_DIR is read and checked (lora_adapters.py); a bad one is reported
-in /health ("rejected", with the reason) and skipped. The layers any good adapter targets get a bf16 side path with
-fixed, zero-padded slots (lora_side.py): FLUX_LORA_MAX_PER_REQUEST adapters x the largest rank loaded (rounded up
-to 16). Per request (``loras: [{"name", "scale"}]``): names and scales are checked before the job is queued (422 with
-the names loaded), the chosen adapters are copied into the slots (skipped when they hold them already), the side
-path is switched on for that generation only. At most FLUX_LORA_GPU_ADAPTERS adapters stay on the GPU (LRU); the
-others are copied from host memory when asked for.
+in /health ("rejected", with the reason) and skipped. The layers any good adapter targets get a side path with
+fixed, zero-padded slots (lora_side.py; its arithmetic in the fused FP8 blocks: lora_gemm.py, lora_triton.py):
+FLUX_LORA_MAX_PER_REQUEST adapters x the largest rank loaded (rounded up to 16). Per request (``loras: [{"name",
+"scale"}]``): names and scales are checked before the job is queued (422 with the names loaded), the chosen adapters
+are copied into the slots (skipped when they hold them already), the side path is switched on for that generation
+only. At most FLUX_LORA_GPU_ADAPTERS adapters stay on the GPU (LRU); the others are copied from host memory when
+asked for.
 
 Side path, not merged weights: merging B·A into an FP8 weight means re-quantizing every adapted layer on each switch
 and keeping an unmerged copy of the base, and FP8's rounding then falls on the adapter's small delta;
