@@ -48,6 +48,8 @@ def test_fused_blocks_add_the_adapter_from_their_fp8_activations_as_the_layers_h
     assert report["status"] == "applied", report
     singles = 1  # the tiny transformer's single blocks: each shares one down projection for proj_mlp and to_qkv
     assert f"{singles} shared by two layers" in report["detail"] and "A in e4m3" in report["detail"]
+    # The up projection's kernel is chosen by measurement on the GPU; /health says why not here.
+    assert report["data"]["up_projection"] == {"kernel": "cublas addmm_", "why": "not a CUDA device"}
     none, zero = run(), run([("style", 0.0), ("light", 0.0)])
     assert torch.equal(zero, none)  # scale 0: the base bit for bit, through the side path's own GEMM call
     style, both = run([("style", 1.0)]), run([("style", 1.0), ("light", -0.7)])
