@@ -13,13 +13,14 @@ q, k, v, proj_mlp, proj_out), written to files and loaded as the service loads t
       graphs replaying) for the 1024² text-to-image and edit, without adapter and with r16; the first request after
       switching r16 -> r16b against its repeat, with the compiles and graph captures that switch caused; FP8 + r16
       against bf16 + r16 (whole output, and the adapter's delta alone).
-   B. Slots for two adapters up to rank 64 (FLUX_LORAS=r16,r64, FLUX_LORA_MAX_PER_REQUEST=2): r64, and r16 + r64
-      together, per step, against A's no-adapter step (the same compiled code); FP8 + r64 against bf16 + r64.
+   B. Slots for one rank-64 adapter (FLUX_LORAS=r64): r64 per step against A's no-adapter step (the same compiled
+      code); FP8 + r64 against bf16 + r64.
 3. Merging instead (one layer, 3072 -> 12288): dequantize, add the rank-16 delta, requantize rowwise FP8: its time
    (times the adapted layers: the cost of one switch) and how much of the delta survives FP8's rounding.
-4. ``--check`` (alone): the side path on FP8, eager, the fused blocks' path (FP8 activations times their row scales)
+4. ``--check`` (alone): the side path on FP8, eager, the fused blocks' path (from their FP8 activations, A in e4m3)
    against torchao's layers (the forward hook on bf16 activations), each against bf16: the adapter's effect on the
    output, the whole output's error with and without the adapter, and the error of the effect itself.
+5. The side path's levers layer by layer (bench/lora_layers.py), at the end of the main run when time is left.
 
     python bench/lora.py --out bench/results/lora-h200-2026-12-01.json
     python bench/lora.py --check --out bench/results/lora-check-h200-2026-12-01.json
@@ -53,8 +54,10 @@ for _flag in ("--tiny", "--check"):
 BASE = dict(attention="auto" if TINY else "cudnn", compile_multi_kernel=False, first_block_cache=False)
 SERVING_BODY = ["low_precision_gemm", "gelu_sigmoid_form", "fused_gelu_fp8", "fused_norm_rope"]
 ON_TOP = ["lora", "compile", "cuda_graphs"]
-# Stop before part B when this much of the run has gone (the device lease is short; A is the target's part).
-SECONDS_BEFORE_B = 120.0
+# Stop before part B / the layer levers when this much of the run has gone (the device lease is short; A is the
+# target's part).
+SECONDS_BEFORE_B = 110.0
+SECONDS_BEFORE_LAYERS = 150.0
 
 
 def block_targets(config) -> dict[str, tuple[int, int]]:
@@ -187,22 +190,23 @@ def part_a(bench: Bench, cases: dict, loras: list[str], ref: dict) -> dict:
         bench.save()
     t2i = part["text_to_image"]
     t2i["r16_delta_fp8_vs_bf16_rel_error"] = rel(t2i.pop("_r16") - t2i["_none"], ref["r16"] - ref["none"])
-    t2i.pop("_none")
+    ref["_fp8_none"] = t2i.pop("_none")
     undo(stack)
     return part
 
 
 def part_b(bench: Bench, cases: dict, loras: list[str], ref: dict, none_ms: dict) -> dict:
-    stack = bench.apply(ON_TOP, slots=bench.slots, loras=loras, lora_max_per_request=2)
-    part = {"settings": "FLUX_LORAS=r16,r64 FLUX_LORA_MAX_PER_REQUEST=2", "lora": stack["lora"].report().public()}
+    stack = bench.apply(ON_TOP, slots=bench.slots, loras=loras, lora_max_per_request=1)
+    part = {"settings": "FLUX_LORAS=r64 FLUX_LORA_MAX_PER_REQUEST=1", "lora": stack["lora"].report().public()}
     for case, kwargs in cases.items():
         row = part[case] = {}
-        for label, choice in (("r64", CHOICES["r64"]), ("r16+r64", (("r16", 1.0), ("r64", 1.0)))):
-            row[f"{label}_ms"] = round(bench.ms(lambda c=choice, k=kwargs: bench.step(stack, k, c), 10, 3), 3)
-            row[f"{label}_overhead_pct_vs_A_none"] = round(100 * (row[f"{label}_ms"] / none_ms[case] - 1), 2)
+        choice = CHOICES["r64"]
+        row["r64_ms"] = round(bench.ms(lambda c=choice, k=kwargs: bench.step(stack, k, c), 10, 3), 3)
+        row["r64_overhead_pct_vs_A_none"] = round(100 * (row["r64_ms"] / none_ms[case] - 1), 2)
         if case == "text_to_image":
-            output = bench.step(stack, kwargs, CHOICES["r64"])[0]
+            output = bench.step(stack, kwargs, choice)[0]
             row["r64_fp8_vs_bf16_rel_error"] = rel(output, ref["r64"])
+            row["r64_delta_fp8_vs_bf16_rel_error"] = rel(output.float() - ref["_fp8_none"], ref["r64"] - ref["none"])
         log.info("B %s: %s", case, row)
         bench.save()
     undo(stack)
@@ -298,15 +302,29 @@ def main() -> int:
     bench.save()
     if time.perf_counter() - start < SECONDS_BEFORE_B:
         none_ms = {case: result["A"][case]["none_ms"] for case in cases}
-        result["B"] = part_b(bench, cases, [files["r16"], files["r64"]], ref, none_ms)
+        result["B"] = part_b(bench, cases, [files["r64"]], ref, none_ms)
     else:
         result["B"] = {"skipped": f"more than {SECONDS_BEFORE_B:g} s gone after part A"}
     with contextlib.suppress(Exception):  # a measurement on the side; never loses the rest
         result["merge_instead"] = merge_cost(model, result["adapter_layers"]) if not TINY else {"skipped": "CPU"}
+    bench.save()
+    if time.perf_counter() - start < SECONDS_BEFORE_LAYERS:
+        result["layer_levers"] = layer_levers_here(bench)
+    else:
+        result["layer_levers"] = {"skipped": f"more than {SECONDS_BEFORE_LAYERS:g} s gone"}
     result["seconds_total"] = round(time.perf_counter() - start, 1)
     bench.save()
     log.info("done in %.0f s", result["seconds_total"])
     return 0
+
+
+def layer_levers_here(bench: Bench) -> dict:
+    """Part 5: bench/lora_layers.py's levers, one block's layers at a time."""
+    from bench.lora_layers import layer_levers
+
+    if TINY:
+        return layer_levers(torch.device("cpu"), tokens=32, inner=32, timer=lambda fn: bench.ms(fn, 1, 1))
+    return layer_levers(torch.device("cuda"), timer=lambda fn: bench.ms(fn, 20, 3))
 
 
 def side_path_check(bench: Bench, cases: dict, lora: str) -> dict:

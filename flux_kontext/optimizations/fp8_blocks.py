@@ -46,10 +46,13 @@ def expose_fp8_weight(linear: torch.nn.Module) -> bool:
 
 
 def fp8_linear(values: torch.Tensor, scale: torch.Tensor, linear: torch.nn.Module, out_dtype) -> torch.Tensor:
-    """``linear`` on activations already quantized rowwise: cuBLAS FP8 GEMM with both scales, bias fused; plus the
-    LoRA adapters' side path of that layer when one is on (optimizations/lora_side.py: this call bypasses the module,
-    so its forward hook does not run)."""
-    out = torch._scaled_mm(
+    """``linear`` on activations already quantized rowwise: cuBLAS FP8 GEMM with both scales, bias fused; or, when
+    the LoRA adapters' side path of that layer is on, the same GEMM with the side path added (lora_side.py: this
+    call bypasses the module, so its forward hook does not run)."""
+    side = getattr(linear, "lora_side", None)
+    if side is not None and side.enabled:
+        return side.fp8_linear(values, scale, linear, out_dtype)
+    return torch._scaled_mm(
         values,
         linear.fp8_weight_t,
         scale_a=scale,
@@ -58,8 +61,15 @@ def fp8_linear(values: torch.Tensor, scale: torch.Tensor, linear: torch.nn.Modul
         out_dtype=out_dtype,
         use_fast_accum=True,
     )
-    side = getattr(linear, "lora_side", None)
-    return out if side is None or not side.enabled else side.add_quantized(out, values, scale)
+
+
+def fp8_linears(values: torch.Tensor, scale: torch.Tensor, linears: tuple, out_dtype) -> list[torch.Tensor]:
+    """Several layers on the same quantized activations: ``fp8_linear`` each, except that LoRA side paths grouped on
+    this input (lora_side.SharedInput) share one down projection."""
+    side = getattr(linears[0], "lora_side", None)
+    if side is not None and side.enabled and side.shares_input(linears):
+        return side.fp8_linears(values, scale, linears, out_dtype)
+    return [fp8_linear(values, scale, linear, out_dtype) for linear in linears]
 
 
 def single_block_forward(block, hidden_states, encoder_hidden_states, temb, image_rotary_emb=None, **kwargs):
@@ -125,8 +135,8 @@ def fused_single_block_forward(block, hidden_states, encoder_hidden_states, temb
     batch, text_tokens = encoder_hidden_states.shape[:2]
     shift, scale, gate = _modulation(block.norm, temb)
     values, row_scale = kernels.ln_mod_fp8(encoder_hidden_states, hidden_states, shift, scale, block.norm.norm.eps)
-    mlp = fp8_linear(values, row_scale, block.proj_mlp, dtype)
-    qkv = fp8_linear(values, row_scale, attn.to_qkv, dtype).view(batch, -1, attn.to_qkv.out_features)
+    mlp, qkv = fp8_linears(values, row_scale, (block.proj_mlp, attn.to_qkv), dtype)
+    qkv = qkv.view(batch, -1, attn.to_qkv.out_features)
     values, row_scale = kernels.gelu_fp8(_attention(attn, qkv, None, image_rotary_emb, dtype), mlp)
     out = fp8_linear(values, row_scale, block.proj_out, dtype).view(batch, -1, block.proj_out.out_features)
     hidden_states = torch.cat([encoder_hidden_states, hidden_states], dim=1) + gate.unsqueeze(1) * out

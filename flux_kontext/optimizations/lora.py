@@ -1,12 +1,13 @@
 """lora: LoRA adapters per request, on whatever the base weights are (FP8 stays FP8), under compile and CUDA graphs.
 
 At start: every adapter of FLUX_LORAS / FLUX_LORA_DIR is read and checked (lora_adapters.py); a bad one is reported
-in /health ("rejected", with the reason) and skipped. The layers any good adapter targets get a bf16 side path with
-fixed, zero-padded slots (lora_side.py): FLUX_LORA_MAX_PER_REQUEST adapters x the largest rank loaded (rounded up
-to 16). Per request (``loras: [{"name", "scale"}]``): names and scales are checked before the job is queued (422 with
-the names loaded), the chosen adapters are copied into the slots (skipped when they hold them already), the side
-path is switched on for that generation only. At most FLUX_LORA_GPU_ADAPTERS adapters stay on the GPU (LRU); the
-others are copied from host memory when asked for.
+in /health ("rejected", with the reason) and skipped. The layers any good adapter targets get a side path with
+fixed, zero-padded slots (lora_side.py; its arithmetic in the fused FP8 blocks: lora_gemm.py, lora_triton.py):
+FLUX_LORA_MAX_PER_REQUEST adapters x the largest rank loaded (rounded up to 16). Per request (``loras: [{"name",
+"scale"}]``): names and scales are checked before the job is queued (422 with the names loaded), the chosen adapters
+are copied into the slots (skipped when they hold them already), the side path is switched on for that generation
+only. At most FLUX_LORA_GPU_ADAPTERS adapters stay on the GPU (LRU); the others are copied from host memory when
+asked for.
 
 Side path, not merged weights: merging B·A into an FP8 weight means re-quantizing every adapted layer on each switch
 and keeping an unmerged copy of the base, and FP8's rounding then falls on the adapter's small delta;
@@ -25,6 +26,7 @@ import logging
 import torch
 
 from flux_kontext.jobs import Job, JobRejected
+from flux_kontext.optimizations import lora_triton
 from flux_kontext.optimizations.lora_adapters import Adapter, AdapterError, load_adapter, sources
 from flux_kontext.optimizations.lora_side import ResidentAdapters, SidePaths
 from flux_kontext.stack import APPLY, Decision, Hardware, Model, Optimization, Outcome, RequestRun, skip
@@ -69,19 +71,31 @@ class Lora(Optimization):
         for adapter in self.adapters.values():
             for layer, parts in adapter.parts.items():
                 layers[layer] = (modules[layer], parts)
-        self.paths = SidePaths(layers, self.settings.lora_max_per_request, slot_rank)
+        self.paths = SidePaths(layers, self.settings.lora_max_per_request, slot_rank, shared_inputs(transformer))
         model.graph_variants.append(self.paths.state.variant)
         device = next(transformer.parameters()).device
+        up_kernel = self._choose_up_kernel(device)
         host = {name: adapter.weights for name, adapter in self.adapters.items()}
         self.resident = ResidentAdapters(host, device, self.settings.lora_gpu_adapters)
         detail = (
-            f"{len(self.adapters)} adapter(s) on a bf16 side path next to {len(layers)} layers (base weights as "
-            f"they are); slots for {self.settings.lora_max_per_request} per request at rank {slot_rank}, switched by "
-            f"copy (no recompile, no recapture); up to {self.settings.lora_gpu_adapters} kept on the GPU"
+            f"{len(self.adapters)} adapter(s) on a low-rank side path next to {len(layers)} layers (base weights as "
+            f"they are; {fp8_note(self.paths)}); slots for {self.settings.lora_max_per_request} per request at rank "
+            f"{slot_rank}, switched by copy (no recompile, no recapture); up to {self.settings.lora_gpu_adapters} kept "
+            "on the GPU"
         )
         if self.rejected:
             detail += f"; {len(self.rejected)} rejected"
-        return Outcome.applied(detail, **self._data_now(slot_rank, len(layers)))
+        return Outcome.applied(detail, **self._data_now(slot_rank, len(layers)), up_projection=up_kernel)
+
+    def _choose_up_kernel(self, device) -> dict:
+        """Per layer shape, the fused blocks' in-place up projection: Triton kernel or cuBLAS, by measurement."""
+        fp8 = [side for side in self.paths.sides.values() if side.down8 is not None]
+        if not fp8:
+            return {}
+        use, data = lora_triton.choose(device, {tuple(side.up.shape) for side in fp8})
+        for side in fp8:
+            side.triton_up = use[tuple(side.up.shape)]
+        return data
 
     def _data_now(self, slot_rank: int, layers: int) -> dict:
         return {
@@ -146,6 +160,29 @@ class Lora(Optimization):
             yield
         finally:
             self.paths.state.enabled = False
+
+
+def shared_inputs(transformer) -> list[tuple[str, str]]:
+    """Layers that read one activation tensor, in the order the fused single block calls them (fp8_blocks.fp8_linears):
+    each single block's proj_mlp and attn.to_qkv."""
+    blocks = getattr(transformer, "single_transformer_blocks", ())
+    return [
+        (f"single_transformer_blocks.{i}.proj_mlp", f"single_transformer_blocks.{i}.attn.to_qkv")
+        for i in range(len(blocks))
+    ]
+
+
+def fp8_note(paths: SidePaths) -> str:
+    """What the report says about the side path's arithmetic."""
+    fp8 = sum(side.down8 is not None for side in paths.sides.values())
+    triton = sum(side.triton_up for side in paths.sides.values())
+    if not fp8:
+        return "bf16"
+    return (
+        f"{fp8} fed by the fused FP8 blocks: down projection from their FP8 activations with A in e4m3, "
+        f"{len(paths.groups)} shared by two layers, up projection added in place ({triton} of them by a Triton "
+        "kernel); the others bf16"
+    )
 
 
 def _activation_dtype(transformer) -> torch.dtype:

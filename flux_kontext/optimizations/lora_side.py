@@ -1,30 +1,35 @@
-"""LoRA's side path: next to each adapted Linear layer, y = base(x) + (x A^T) B^T, in the activations' dtype (bf16
-on the GPU), whatever the base GEMM is (torchao FP8 rowwise, MXFP4, bf16).
+"""LoRA's side path: next to each adapted Linear layer, y = base(x) + (x A^T) B^T, whatever the base GEMM is
+(torchao FP8 rowwise, MXFP4, bf16).
 
-Fixed slots. Every adapted layer gets one ``LoraSide`` (a child module ``lora_side``) with two buffers allocated once
-at start: ``down`` (R, in_features) and ``up`` (out_features, R), R = adapters per request x parts x slot rank, zero
-padded. A request's adapters are copied into them in place, each into its own columns, with its scale folded into
-``up``; columns no adapter uses hold zeros in ``up``, so they add exactly 0. Compiled code and captured CUDA graphs
-therefore always see the same tensors: switching adapters is a copy, never a recompile or a recapture. Whether the
-side path runs at all is one Python flag (``SideState.enabled``): compile guards on it and CUDA graphs key on it
-(``Model.graph_variants``), so requests without adapters run the plain forward, at full speed.
+Fixed slots. Every adapted layer gets one ``LoraSide`` (a child module ``lora_side``) with buffers allocated once at
+start: ``down`` (R, in_features) and ``up`` (out_features, R), R = adapters per request x parts x slot rank, zero
+padded (plus ``down8`` / ``down_scale``, A in e4m3, on the fused FP8 blocks' layers). A request's adapters are
+copied into them in place, each into its own columns, with its scale folded into ``up``; columns no adapter uses
+hold zeros in ``up``, so they add exactly 0. Compiled code and captured CUDA graphs therefore always see the same
+tensors: switching adapters is a copy, never a recompile or a recapture. Whether the side path runs at all is one
+Python flag (``SideState.enabled``): compile guards on it and CUDA graphs key on it (``Model.graph_variants``), so
+requests without adapters run the plain forward, at full speed.
 
 Fused layers: after fuse_qkv, to_q/to_k/to_v live in one to_qkv (add_*_proj in to_added_qkv). An adapter of to_q is
 part 0 of to_qkv: its A goes into the part's columns of ``down`` and its B into the part's rows (and columns) of
 ``up``; the three parts make a block-diagonal ``up``.
 
 Where the path runs: a forward hook on the Linear (every call through the module: diffusers' forwards, our attention
-processor, torchao's FP8 layers), and ``fp8_blocks.fp8_linear`` for the fused FP8 blocks, which call the GEMM on
-activations they quantized themselves: there the side path reads the FP8 activations times their row scales (the
-bf16 input is never written), an error of FP8's size on the adapter's small contribution only.
+processor, torchao's FP8 layers; ``out + (x A^T) B^T``, which Inductor fuses into the pointwise code that reads the
+output), and ``fp8_blocks.fp8_linear`` / ``fp8_linears`` for the fused FP8 blocks, which call the GEMM on
+activations they quantized themselves: there the side path runs from those FP8 activations (lora_gemm.py).
 """
 
 from __future__ import annotations
 
+import operator
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 
 import torch
+
+from flux_kontext.optimizations import lora_gemm
+from flux_kontext.optimizations.kernels.e4m3 import FP8, quantize_rowwise_fp8
 
 # (part, A (rank, in_features), B (part rows, rank) with the adapter's alpha/rank scaling folded in)
 Parts = list[tuple[int, torch.Tensor, torch.Tensor]]
@@ -47,8 +52,14 @@ class LoraSide(torch.nn.Module):
         super().__init__()
         self.parts, self.part_rows = parts, linear.out_features // parts
         self.state = state
+        self.group: SharedInput | None = None
+        self.triton_up = False  # the fused blocks' up projection on lora_triton's kernel (measured at start)
         self.register_buffer("down", torch.zeros(width, linear.in_features, dtype=dtype, device=device), False)
         self.register_buffer("up", torch.zeros(linear.out_features, width, dtype=dtype, device=device), False)
+        fp8 = getattr(linear, "fp8_weight_t", None) is not None  # the fused FP8 blocks call this layer's GEMM
+        down8 = torch.zeros(width, linear.in_features, dtype=FP8, device=device) if fp8 else None
+        self.register_buffer("down8", down8, False)
+        self.register_buffer("down_scale", torch.ones(1, width, device=device) if fp8 else None, False)
 
     @property
     def enabled(self) -> bool:
@@ -57,13 +68,65 @@ class LoraSide(torch.nn.Module):
     def add(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """out + (x A^T) B^T, for x of any leading shape."""
         low = torch.mm(x.reshape(-1, x.shape[-1]).to(self.down.dtype), self.down.t())
-        flat = torch.addmm(out.reshape(-1, out.shape[-1]), low.to(out.dtype), self.up.t())
-        return flat.view(out.shape)
+        return out + torch.mm(low.to(out.dtype), self.up.t()).view(out.shape)
 
-    def add_quantized(self, out: torch.Tensor, values: torch.Tensor, row_scale: torch.Tensor) -> torch.Tensor:
-        """The same on rowwise-quantized activations (values * row_scale = x): the row scale applies after A."""
-        low = torch.mm(values.to(self.down.dtype), self.down.t()) * row_scale
-        return torch.addmm(out, low.to(out.dtype), self.up.t())
+    def fp8_linear(self, values: torch.Tensor, scale: torch.Tensor, linear, out_dtype) -> torch.Tensor:
+        """``linear``'s FP8 GEMM on rowwise-quantized activations (values * scale = x) with the side path added."""
+        low = lora_gemm.down_projection(values, scale, self.down8, self.down_scale, out_dtype)
+        return self._with_up(values, scale, linear, low, out_dtype)
+
+    def shares_input(self, linears) -> bool:
+        """True when ``linears`` are this layer's group, in its order: one down projection serves them all."""
+        group = self.group
+        return (
+            group is not None and len(linears) == len(group.linears) and all(map(operator.is_, linears, group.linears))
+        )
+
+    def fp8_linears(self, values: torch.Tensor, scale: torch.Tensor, linears, out_dtype) -> list[torch.Tensor]:
+        """The group's layers on the same quantized activations, with one down projection for all their A rows."""
+        group = self.group
+        low = lora_gemm.down_projection(values, scale, group.down8, group.down_scale, out_dtype)
+        return [
+            linear.lora_side._with_up(values, scale, linear, low[:, start:end], out_dtype)
+            for linear, (start, end) in zip(linears, group.columns, strict=True)
+        ]
+
+    def _with_up(self, values, scale, linear, low, out_dtype) -> torch.Tensor:
+        weight, weight_scale = linear.fp8_weight_t, linear.fp8_weight_scale
+        return lora_gemm.fp8_linear_low_rank(
+            values, scale, weight, weight_scale, linear.bias, low, self.up, out_dtype, self.triton_up
+        )
+
+    @torch.no_grad()
+    def quantize_down(self) -> None:
+        """A's e4m3 copy (one scale per rank row) from ``down``; zero rows stay zero."""
+        if self.down8 is not None:
+            values, scales = quantize_rowwise_fp8(self.down)
+            self.down8.copy_(values)
+            self.down_scale.copy_(scales.view(1, -1))
+
+
+class SharedInput:
+    """Layers that read the same activations (a single block's proj_mlp and to_qkv): their FP8 A rows in one buffer,
+    each layer's ``down8`` / ``down_scale`` a view of its rows, so one GEMM computes every layer's x A^T."""
+
+    def __init__(self, linears: tuple):
+        self.linears = linears
+        sides = [linear.lora_side for linear in linears]
+        widths = [side.down.shape[0] for side in sides]
+        first = sides[0].down8
+        self.down8 = torch.zeros(sum(widths), first.shape[1], dtype=FP8, device=first.device)
+        flat_scale = torch.ones(sum(widths), dtype=torch.float32, device=first.device)
+        self.down_scale = flat_scale.view(1, -1)
+        self.columns, start = [], 0
+        for side, width in zip(sides, widths, strict=True):
+            side.down8, side.down_scale = (
+                self.down8[start : start + width],
+                flat_scale[start : start + width].view(1, -1),
+            )
+            side.group = self
+            self.columns.append((start, start + width))
+            start += width
 
 
 def _side_hook(linear: torch.nn.Module, args: tuple, output: torch.Tensor):
@@ -76,8 +139,15 @@ def _side_hook(linear: torch.nn.Module, args: tuple, output: torch.Tensor):
 class SidePaths:
     """The side paths installed on one transformer, and the copy of a request's adapters into their slots."""
 
-    def __init__(self, layers: dict[str, tuple[torch.nn.Linear, int]], adapters_per_request: int, slot_rank: int):
-        """``layers``: {layer name: (Linear, parts)}, every layer some adapter targets."""
+    def __init__(
+        self,
+        layers: dict[str, tuple[torch.nn.Linear, int]],
+        adapters_per_request: int,
+        slot_rank: int,
+        shared_inputs: Iterable[tuple[str, ...]] = (),
+    ):
+        """``layers``: {layer name: (Linear, parts)}, every layer some adapter targets; ``shared_inputs``: tuples of
+        layer names that read one activation tensor (grouped where every one of them is adapted and FP8)."""
         self.state = SideState()
         self.slot_rank = slot_rank
         self.sides: dict[str, LoraSide] = {}
@@ -91,10 +161,16 @@ class SidePaths:
             self.sides[name] = side
             self._hooks.append(linear.register_forward_hook(_side_hook))
         self._layers = {name: linear for name, (linear, _) in layers.items()}
+        self.groups = [
+            SharedInput(tuple(self._layers[name] for name in names))
+            for names in shared_inputs
+            if all(name in self.sides and self.sides[name].down8 is not None for name in names)
+        ]
         self.filled: tuple | None = None  # the (name, scale) tuple the slots hold now
 
     @property
     def nbytes(self) -> int:
+        """Slot memory (a group's A rows counted once: each layer's buffer is a view of its own rows)."""
         return sum(b.numel() * b.element_size() for side in self.sides.values() for b in side.buffers())
 
     @torch.no_grad()
@@ -114,6 +190,8 @@ class SidePaths:
                     rows = slice(part * side.part_rows, (part + 1) * side.part_rows)
                     side.down[columns].copy_(down)
                     side.up[rows, columns].copy_(up).mul_(scale)
+        for side in self.sides.values():
+            side.quantize_down()
         self.filled = chosen
         return True
 
@@ -124,6 +202,7 @@ class SidePaths:
         for linear in self._layers.values():
             del linear.lora_side
         self._hooks.clear()
+        self.groups.clear()
         self.sides.clear()
         self._layers.clear()
         self.state.enabled = False
