@@ -11,6 +11,8 @@ import functools
 
 import torch
 
+from flux_kontext.gpu_timing import gpu_milliseconds
+
 BLOCK_M, BLOCK_N, BLOCK_R, NUM_WARPS = 64, 128, 16, 4
 
 
@@ -123,18 +125,7 @@ def _measure(device, rows: int, cols: int, rank: int) -> dict:
     got = low_rank_add(out.clone(), low, up, kernel=True)
     error = float((got.float() - want.float()).norm() / want.float().norm())
     times = {
-        name: _ms(lambda k=kernel: low_rank_add(out, low, up, k))
+        name: gpu_milliseconds(lambda k=kernel: low_rank_add(out, low, up, k))
         for name, kernel in (("triton", True), ("cublas", False))
     }
     return {"triton_ms": round(times["triton"], 4), "cublas_ms": round(times["cublas"], 4), "error": error}
-
-
-def _ms(fn, repeats: int = 20) -> float:
-    fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(repeats):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / repeats

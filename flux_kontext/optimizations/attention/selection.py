@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 import torch
 
+from flux_kontext.gpu_timing import gpu_milliseconds
 from flux_kontext.optimizations.attention.kernels import FA3_FP8, cudnn, fa3_bf16, fa3_fp8, load_fa3, sdpa
 from flux_kontext.optimizations.kernels.e4m3 import quantize_per_head
 
@@ -39,16 +40,7 @@ def _timed_call(kernel: Callable, q, k, v) -> Callable[[], torch.Tensor]:
 
 def _milliseconds(kernel: Callable, tokens: int, device: torch.device, repeats: int = 20) -> float:
     q, k, v = (torch.randn(1, tokens, 24, 128, device=device, dtype=torch.bfloat16) for _ in range(3))
-    call = _timed_call(kernel, q, k, v)
-    for _ in range(3):
-        call()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(repeats):
-        call()
-    end.record()
-    torch.cuda.synchronize(device)
-    return start.elapsed_time(end) / repeats
+    return gpu_milliseconds(_timed_call(kernel, q, k, v), repeats, warmup=3)
 
 
 def _candidates(setting: str, fp8: bool = False) -> tuple[dict[str, Callable], dict[str, str]]:
