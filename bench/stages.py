@@ -133,7 +133,7 @@ def measure_stage(stage, what, overrides, scheduler, runs: int, only_steps: int 
     if profile:  # where a step's time goes, and the denoising loop's synchronizations (bench/step_profile.py)
         from bench.step_profile import profile_engine
 
-        row["profile"] = profile_engine(engine)
+        row["profile"] = profile_engine(engine, scheduler)
         log.info("stage %s profile: %s", stage, json.dumps(row["profile"])[:4000])
     engine.model = None  # drop the pipeline (tens of GB) before the next stage builds its own
     gc.collect()

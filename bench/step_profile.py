@@ -138,12 +138,12 @@ def analyse_trace(trace: dict) -> dict:
     }
 
 
-def _generate(engine, mode: str, seed: int) -> None:
-    params = BenchmarkParams(runs=1, warmup_runs=0, width=1024, height=1024, mode=mode)
+def _generate(engine, mode: str, seed: int, scheduler: str | None = None) -> None:
+    params = BenchmarkParams(runs=1, warmup_runs=0, width=1024, height=1024, mode=mode, scheduler=scheduler)
     engine.generate(benchmark_job(params, seed=seed))
 
 
-def profile_generation(engine, mode: str, trace_dir: Path | None = None) -> dict:
+def profile_generation(engine, mode: str, scheduler: str | None = None, trace_dir: Path | None = None) -> dict:
     """One generation of ``mode`` at 1024² under the profiler; the per-step analysis (and the trace, gzip-free JSON,
     written into ``trace_dir`` when given)."""
     from torch.profiler import ProfilerActivity, profile
@@ -151,7 +151,7 @@ def profile_generation(engine, mode: str, trace_dir: Path | None = None) -> dict
     hooks = _StepHooks(engine.model.pipe.transformer)
     try:
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            _generate(engine, mode, seed=7)
+            _generate(engine, mode, seed=7, scheduler=scheduler)
             torch.cuda.synchronize()
     finally:
         hooks.remove()
@@ -162,7 +162,7 @@ def profile_generation(engine, mode: str, trace_dir: Path | None = None) -> dict
     return result
 
 
-def sync_points(engine, mode: str) -> dict:
+def sync_points(engine, mode: str, scheduler: str | None = None) -> dict:
     """Synchronizing calls inside the denoising loop of one generation (see the module's docstring)."""
     transformer = engine.model.pipe.transformer
     state = {"forwards": 0, "in_loop": False}
@@ -196,7 +196,7 @@ def sync_points(engine, mode: str) -> dict:
             warnings.showwarning = record
             torch.cuda.set_sync_debug_mode("warn")
             try:
-                _generate(engine, mode, seed=11)
+                _generate(engine, mode, seed=11, scheduler=scheduler)
             finally:
                 torch.cuda.set_sync_debug_mode(0)
     finally:
@@ -210,16 +210,22 @@ def sync_points(engine, mode: str) -> dict:
     }
 
 
-def profile_engine(engine, profiled=("text_to_image",), synced=("text_to_image", "edit")) -> dict:
-    """The profile of each mode in ``profiled``, the synchronizations of each in ``synced``; a failure is recorded,
-    never raised (the stage's timings stand)."""
-    result = {}
-    for label, fn, modes in (("profile", profile_generation, profiled), ("sync", sync_points, synced)):
-        for mode in modes:
-            try:
-                result[f"{label}_{mode}"] = fn(engine, mode)
-            except Exception as exc:  # a bench keeps what it measured
-                result[f"{label}_{mode}"] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
+def profile_engine(engine, scheduler: str | None = None) -> dict:
+    """The text-to-image profile with ``scheduler`` (None: the service's default), and the synchronizations of a
+    text-to-image and an edit with it and of a text-to-image with the default solver; a failure is recorded, never
+    raised (the stage's timings stand)."""
+    runs = {
+        "profile_text_to_image": lambda: profile_generation(engine, "text_to_image", scheduler),
+        "sync_text_to_image": lambda: sync_points(engine, "text_to_image", scheduler),
+        "sync_edit": lambda: sync_points(engine, "edit", scheduler),
+        "sync_text_to_image_default_solver": lambda: sync_points(engine, "text_to_image"),
+    }
+    result = {"scheduler": scheduler}
+    for label, run in runs.items():
+        try:
+            result[label] = run()
+        except Exception as exc:  # a bench keeps what it measured
+            result[label] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
     return result
 
 

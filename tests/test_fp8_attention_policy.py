@@ -195,3 +195,28 @@ def test_health_report_shows_per_layer_and_per_sigma_errors_and_the_policy():
         "served_error_max": 0.04,  # layer 0 and sigma 0.1 are kept in bf16
         "limit": 0.06,
     }
+
+
+def test_compiled_blocks_share_one_graph_when_every_layer_serves_fp8():
+    """The layer index is read only when the policy keeps layers in bf16: otherwise a compiled block guarded on it
+    and each of the 57 blocks became its own graph (past dynamo's recompile limit with two shapes: blocks ran eager)."""
+    from torch._dynamo.testing import CompileCounter
+
+    def graphs_for(policy: Fp8Policy) -> tuple[int, list[bool]]:
+        choice = KernelChoice(kernels={FA3_FP8: sdpa, "sdpa": sdpa}, active=FA3_FP8, policy=policy)
+        counter = CompileCounter()
+
+        @torch.compile(backend=counter, fullgraph=True)
+        def block(attn, x):
+            return x * 2 if choice.fp8_for(attn) else x
+
+        modules = [torch.nn.Module() for _ in range(4)]
+        for index, module in enumerate(modules):
+            module.fp8_layer_index = index
+        served = [bool(block(module, torch.ones(2)).sum() == 4) for module in modules]
+        torch._dynamo.reset()
+        return counter.frame_count, served
+
+    assert graphs_for(Fp8Policy()) == (1, [True] * 4)
+    count, served = graphs_for(Fp8Policy(bf16_layers=frozenset({2})))
+    assert served == [True, True, False, True]  # the kept layer still runs bf16

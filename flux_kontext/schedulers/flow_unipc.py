@@ -79,6 +79,78 @@ class FlowUniPCScheduler(UniPCMultistepScheduler):
         self.timesteps = (self.sigmas[:-1] * self.config.num_train_timesteps).to(device=device, dtype=torch.float32)
         log.debug("%s: %d steps, sigmas %s", type(self).__name__, len(self.timesteps), self.sigmas.tolist())
 
+    def _host_coefficients(self, t_index: int, s0_index: int, si_index: int | None, order: int, corrector: bool):
+        """diffusers' UniP / UniC scalars (bh2, x0 prediction, order <= 2) for sigma_t = sigmas[t_index],
+        sigma_s0 = sigmas[s0_index] and, at order 2, the older sigmas[si_index]; on CPU float32 0-d tensors, the ops
+        of diffusers in its order, returned as Python floats: (sigma_t / sigma_s0, alpha_t·h_phi_1, alpha_t·B_h,
+        rk, rhos) with rhos = (rho_p,) for the predictor and (rho_1, rho_t) or (rho_t,) for the corrector."""
+        sigmas = self.sigmas.cpu()
+
+        def lam(index):
+            alpha, sigma = self._sigma_to_alpha_sigma_t(sigmas[index])
+            return alpha, sigma, torch.log(alpha) - torch.log(sigma)
+
+        alpha_t, sigma_t, lambda_t = lam(t_index)
+        _, sigma_s0, lambda_s0 = lam(s0_index)
+        h = lambda_t - lambda_s0
+        rks = [(lam(si_index)[2] - lambda_s0) / h] if order == 2 else []
+        rks.append(torch.ones((), dtype=h.dtype))
+        rks = torch.stack(rks)
+        hh = -h
+        h_phi_1 = torch.expm1(hh)
+        h_phi_k = h_phi_1 / hh - 1
+        B_h = torch.expm1(hh)
+        factorial_i, R, b = 1, [], []
+        for i in range(1, order + 1):
+            R.append(torch.pow(rks, i - 1))
+            b.append(h_phi_k * factorial_i / B_h)
+            factorial_i *= i + 1
+            h_phi_k = h_phi_k / hh - 1 / factorial_i
+        if not corrector or order == 1:
+            rhos = (0.5,)
+        else:
+            rhos = tuple(float(r) for r in torch.linalg.solve(torch.stack(R), torch.stack(b)))
+        rk = float(rks[0]) if order == 2 else None
+        return float(sigma_t / sigma_s0), float(alpha_t * h_phi_1), float(alpha_t * B_h), rk, rhos
+
+    def _host_math(self, order: int) -> bool:
+        """The configurations ``_host_coefficients`` reproduces; others keep diffusers' device arithmetic."""
+        config = self.config
+        return (
+            order <= 2
+            and config.solver_type == "bh2"
+            and self.predict_x0
+            and not self.solver_p
+            and config.solver_order <= 2
+        )
+
+    def multistep_uni_p_bh_update(self, model_output, *args, sample=None, order=None, **kwargs):
+        """UniP (the predictor) with host coefficients (see the module's docstring); diffusers' otherwise."""
+        if sample is None or order is None or args or not self._host_math(order):
+            return super().multistep_uni_p_bh_update(model_output, *args, sample=sample, order=order, **kwargs)
+        i = self.step_index
+        ratio, alpha_phi, alpha_b, rk, (rho,) = self._host_coefficients(i + 1, i, i - 1, order, corrector=False)
+        m0 = self.model_outputs[-1]
+        x_t = ratio * sample - alpha_phi * m0
+        if order == 2:
+            x_t = x_t - alpha_b * (rho * ((self.model_outputs[-2] - m0) / rk))
+        return x_t.to(sample.dtype)
+
+    def multistep_uni_c_bh_update(self, this_model_output, *args, last_sample=None, this_sample=None, order=None, **kw):
+        """UniC (the corrector) with host coefficients (see the module's docstring); diffusers' otherwise."""
+        if last_sample is None or this_sample is None or order is None or args or not self._host_math(order):
+            return super().multistep_uni_c_bh_update(
+                this_model_output, *args, last_sample=last_sample, this_sample=this_sample, order=order, **kw
+            )
+        i = self.step_index
+        ratio, alpha_phi, alpha_b, rk, rhos = self._host_coefficients(i, i - 1, i - 2, order, corrector=True)
+        m0 = self.model_outputs[-1]
+        x_t = ratio * last_sample - alpha_phi * m0
+        correction = rhos[-1] * (this_model_output - m0)
+        if order == 2:
+            correction = rhos[0] * ((self.model_outputs[-2] - m0) / rk) + correction
+        return (x_t - alpha_b * correction).to(last_sample.dtype)
+
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, return_dict: bool = True):
         """UniPC's step with float32 (or float64) arithmetic; the result in the model output's dtype."""
         dtype = torch.promote_types(sample.dtype, torch.float32)

@@ -114,6 +114,11 @@ class KernelChoice:
         """FA3 in FP8 serves this attention module now: callers may hand it e4m3 q/k/v through ``fp8_call``."""
         if not self.fp8 or self.low_noise:
             return False
+        if not self.policy.bf16_layers:
+            # Every layer serves FP8: the module's index is not read, so compiled blocks do not guard on it (read,
+            # the index made each block its own graph: 57 graphs per shape, past dynamo's recompile limit of 64 once
+            # there were two static shapes, and the blocks beyond it ran eager; bench/step_profile.py, #18).
+            return True
         return self.policy.fp8_at(getattr(attn, "fp8_layer_index", None))
 
     def fp8_call(self, *args):
