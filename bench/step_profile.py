@@ -212,12 +212,11 @@ def sync_points(engine, mode: str, scheduler: str | None = None) -> dict:
 
 def profile_engine(engine, scheduler: str | None = None) -> dict:
     """The text-to-image profile with ``scheduler`` (None: the service's default), and the synchronizations of a
-    text-to-image and an edit with it and of a text-to-image with the default solver; a failure is recorded, never
+    text-to-image with it and with the default solver; a failure is recorded, never
     raised (the stage's timings stand)."""
     runs = {
         "profile_text_to_image": lambda: profile_generation(engine, "text_to_image", scheduler),
         "sync_text_to_image": lambda: sync_points(engine, "text_to_image", scheduler),
-        "sync_edit": lambda: sync_points(engine, "edit", scheduler),
         "sync_text_to_image_default_solver": lambda: sync_points(engine, "text_to_image"),
     }
     result = {"scheduler": scheduler}
