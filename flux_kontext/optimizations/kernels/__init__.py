@@ -1,6 +1,9 @@
 """Triton kernels for the memory-bound work between the FP8 GEMMs of a FLUX block, each with its PyTorch reference.
 
-Each kernel runs one program per token row, loads the row once, keeps it in registers and writes its result once:
+Each kernel loads a token row once, keeps it in registers and writes its result once (one row per program; the
+RMSNorm + RoPE kernel takes several tokens per program, rope.QK_ROWS_PER_PROGRAM). The GELU and LayerNorm kernels
+are bound by the instructions they issue per element (their SASS, #18), so they read a row in two power-of-two pieces
+rather than one padded to the next power of two (kernels/triton_rows.py holds their Triton code):
 - ``gelu_fp8``:   [attention output | GELU(MLP)] quantized rowwise to e4m3, the input of proj_out / ff.net[2].
 - ``ln_mod_fp8``: LayerNorm (no affine) + AdaLN modulation x·(1 + scale) + shift, quantized rowwise to e4m3: the
                   input of the QKV / MLP GEMMs. Reads its rows from two tensors (text, image) when the block
