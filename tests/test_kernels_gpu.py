@@ -36,16 +36,19 @@ def _codes_differing(got, want) -> float:
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("split", [True, False])
 @pytest.mark.parametrize(("attn_width", "mlp_width"), [(3072, 12288), (None, 12288), (40, 100), (None, 96)])
-def test_gelu_kernel_matches_its_reference(attn_width, mlp_width):
+def test_gelu_kernels_match_their_reference(attn_width, mlp_width, split):
     rows = 37
     mlp = _randn(rows, mlp_width, scale=3, seed=1)
     attn = _randn(rows, attn_width, seed=2) if attn_width else None
-    values, scale = kernels.gelu_fp8(attn, mlp)
+    values, scale = kernels.ops().launch_gelu_fp8(attn if attn_width else mlp, mlp, bool(attn_width), split=split)
     ref_values, ref_scale = kernels.reference_gelu_fp8(attn, mlp)
     # the approximate exp2 / reciprocal move a GELU output by a bf16 step now and then: a code one step apart
     assert _codes_differing(values, ref_values) < 1e-3
     torch.testing.assert_close(scale, ref_scale.reshape(scale.shape), rtol=8e-3, atol=0)
+    dispatched = kernels.gelu_fp8(attn, mlp)  # the op the blocks call: the kernel GELU_SPLIT picks
+    assert _codes_differing(dispatched[0], ref_values) < 1e-3
 
 
 @pytest.mark.gpu

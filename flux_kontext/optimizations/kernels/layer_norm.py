@@ -8,7 +8,6 @@ import torch
 import torch.nn.functional as F
 
 from flux_kontext.optimizations.kernels.e4m3 import FP8, quantize_rowwise_fp8
-from flux_kontext.optimizations.kernels.gelu import pieces
 
 
 def reference_ln_mod_fp8(first, second, shift, scale, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -23,16 +22,61 @@ def reference_ln_mod_fp8(first, second, shift, scale, eps: float) -> tuple[torch
 def build(launch) -> dict:
     """The Triton kernel, its launcher and the ``flux_kontext::ln_mod_fp8_rowwise`` op (registered: call once per
     process, through kernels.ops()); ``launch(kernel, raw)`` is how launchers call a kernel."""
+    import triton
+    import triton.language as tl
     from torch.library import triton_op
 
-    from flux_kontext.optimizations.kernels.triton_rows import ln_mod_fp8_kernel
+    @triton.jit
+    def ln_mod_fp8_kernel(
+        first_ptr,
+        second_ptr,
+        shift_ptr,
+        scale_ptr,
+        out_ptr,
+        out_scale_ptr,
+        n_first,
+        seq,
+        n_cols,
+        first_sb,
+        first_ss,
+        second_sb,
+        second_ss,
+        shift_sb,
+        scale_sb,
+        eps,
+        BLOCK: tl.constexpr,
+    ):
+        row = tl.program_id(0).to(tl.int64)
+        b = row // seq
+        s = row % seq
+        cols = tl.arange(0, BLOCK)
+        mask = cols < n_cols
+        if s >= n_first:  # never true without a second source: n_first == seq
+            x = tl.load(second_ptr + b * second_sb + (s - n_first) * second_ss + cols, mask=mask, other=0.0)
+        else:
+            x = tl.load(first_ptr + b * first_sb + s * first_ss + cols, mask=mask, other=0.0)
+        x = x.to(tl.float32)
+        mean = tl.sum(x, axis=0) / n_cols
+        centered = tl.where(mask, x - mean, 0.0)
+        var = tl.sum(centered * centered, axis=0) / n_cols
+        normed = (centered * tl.rsqrt(var + eps)).to(tl.bfloat16).to(tl.float32)  # nn.LayerNorm's bf16 output
+        shift = tl.load(shift_ptr + b * shift_sb + cols, mask=mask, other=0.0).to(tl.float32)
+        scale = tl.load(scale_ptr + b * scale_sb + cols, mask=mask, other=0.0).to(tl.float32)
+        # x·(1 + scale) + shift with eager bf16's roundings: each op's result is bf16.
+        one_plus = (1.0 + scale).to(tl.bfloat16).to(tl.float32)
+        y = (normed * one_plus).to(tl.bfloat16).to(tl.float32)
+        y = (y + shift).to(tl.bfloat16).to(tl.float32)  # the bf16 activation of the GEMM
+        y = tl.where(mask, y, 0.0)
+        q_scale = tl.maximum(tl.max(tl.abs(y), axis=0), 1e-12) / 448.0
+        q = tl.clamp(y / q_scale, -448.0, 448.0)
+        tl.store(out_ptr + row * n_cols + cols, q.to(tl.float8e4nv), mask=mask)
+        tl.store(out_scale_ptr + row, q_scale)
 
     def launch_ln_mod_fp8(first, second, shift, scale, has_second: bool, eps: float, raw=False, num_warps=4):
         batch, n_first, n_cols = first.shape
         seq = n_first + (second.shape[1] if has_second else 0)
         out = torch.empty((batch * seq, n_cols), dtype=FP8, device=first.device)
         out_scale = torch.empty((batch * seq, 1), dtype=torch.float32, device=first.device)
-        block_1, block_2 = pieces(n_cols)
         launch(ln_mod_fp8_kernel, raw)[(batch * seq,)](
             first,
             second,
@@ -50,8 +94,7 @@ def build(launch) -> dict:
             shift.stride(0),
             scale.stride(0),
             eps,
-            BLOCK_1=block_1,
-            BLOCK_2=block_2,
+            BLOCK=triton.next_power_of_2(n_cols),
             num_warps=num_warps,
         )
         return out, out_scale

@@ -10,8 +10,9 @@ import torch
 from flux_kontext.optimizations.kernels.e4m3 import FP8, quantize_per_head, quantize_static
 
 # Tokens per program of the RMSNorm + RoPE kernel (one batch element's consecutive tokens; in FP8, v's absmax leaves
-# each program in one atomic max per head): bench/kernels_rows.py's sweep on H200 (BENCHMARKS.md, #18).
-QK_ROWS_PER_PROGRAM = 4
+# each program in one atomic max per head). bench/kernels_rows.py on H200 (BENCHMARKS.md, #18), 4,608 tokens with v to
+# e4m3, µs per launch: 138 / 151 / 202 / 264 at 1 / 2 / 4 / 8 tokens (the previous kernel: 155): one it is.
+QK_ROWS_PER_PROGRAM = 1
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -1,7 +1,14 @@
-"""The Triton code of the row kernels whose helpers are other Triton functions (gelu.py, layer_norm.py): module-level
-functions, because Inductor copies a user-defined kernel's dependencies from its module's globals into the code it
-generates (closures are not followed), and Triton resolves them there too. This module imports triton: only the
-kernels' ``build`` functions import it (importing the kernels package never does)."""
+"""The Triton code of the GELU + FP8 kernels (gelu.py): module-level functions, because Inductor copies a user-defined
+kernel's dependencies (the helpers below) from its module's globals into the code it generates (closures are not
+followed), and Triton resolves them there too. This module imports triton: only gelu.build imports it (importing the
+kernels package never does).
+
+- ``gelu_fp8_kernel``: rows read in two power-of-two pieces (no padded lanes), exp2 and the reciprocal approximate
+  (one MUFU instruction each), scales applied as a reciprocal: about half the instructions per element of the padded
+  kernel (SASS: 17 vs 36 per element of a feed-forward row), which the GELU is bound by (#18).
+- ``gelu_fp8_padded_kernel``: the earlier kernel, one piece per part padded to a power of two; the single blocks'
+  [attention | MLP] rows stay on it (bench/kernels_rows.py, BENCHMARKS.md #18: the split kernel was not faster there).
+"""
 
 import triton
 import triton.language as tl
@@ -94,74 +101,37 @@ def gelu_fp8_kernel(
 
 
 @triton.jit
-def modulated(x, cols, mask, mean, inv_std, shift_row, scale_row):
-    """One piece of the row: normalized, times 1 + scale, plus shift, with eager bf16's roundings (each op's
-    result is bf16): the bf16 activation of the GEMM, in fp32, 0 outside the row."""
-    normed = ((x - mean) * inv_std).to(tl.bfloat16).to(tl.float32)  # nn.LayerNorm's bf16 output
-    shift = tl.load(shift_row + cols, mask=mask, other=0.0).to(tl.float32)
-    scale = tl.load(scale_row + cols, mask=mask, other=0.0).to(tl.float32)
-    one_plus = (1.0 + scale).to(tl.bfloat16).to(tl.float32)
-    y = (normed * one_plus).to(tl.bfloat16).to(tl.float32)
-    y = (y + shift).to(tl.bfloat16).to(tl.float32)
-    return tl.where(mask, y, 0.0)
-
-
-@triton.jit
-def ln_mod_fp8_kernel(
-    first_ptr,
-    second_ptr,
-    shift_ptr,
-    scale_ptr,
+def gelu_fp8_padded_kernel(
+    attn_ptr,
+    mlp_ptr,
     out_ptr,
-    out_scale_ptr,
-    n_first,
-    seq,
-    n_cols,
-    first_sb,
-    first_ss,
-    second_sb,
-    second_ss,
-    shift_sb,
-    scale_sb,
-    eps,
-    BLOCK_1: tl.constexpr,
-    BLOCK_2: tl.constexpr,
+    scale_ptr,
+    n_attn,
+    n_mlp,
+    attn_stride,
+    mlp_stride,
+    out_stride,
+    HAS_ATTN: tl.constexpr,
+    BLOCK_ATTN: tl.constexpr,
+    BLOCK_MLP: tl.constexpr,
 ):
-    # The row in two power-of-two pieces (3,072 = 2,048 + 1,024; see gelu.pieces): padded lanes would issue every
-    # instruction too, and the kernel is bound by the instructions per element.
     row = tl.program_id(0).to(tl.int64)
-    b = row // seq
-    s = row % seq
-    if s >= n_first:  # never true without a second source: n_first == seq
-        src = second_ptr + b * second_sb + (s - n_first) * second_ss
-    else:
-        src = first_ptr + b * first_sb + s * first_ss
-    cols_1 = tl.arange(0, BLOCK_1)
-    mask_1 = cols_1 < n_cols
-    x_1 = tl.load(src + cols_1, mask=mask_1, other=0.0).to(tl.float32)
-    total = tl.sum(x_1, axis=0)
-    if BLOCK_2 > 0:
-        cols_2 = BLOCK_1 + tl.arange(0, BLOCK_2)
-        mask_2 = cols_2 < n_cols
-        x_2 = tl.load(src + cols_2, mask=mask_2, other=0.0).to(tl.float32)
-        total += tl.sum(x_2, axis=0)
-    mean = total / n_cols
-    centered_1 = tl.where(mask_1, x_1 - mean, 0.0)
-    squares = tl.sum(centered_1 * centered_1, axis=0)
-    if BLOCK_2 > 0:
-        centered_2 = tl.where(mask_2, x_2 - mean, 0.0)
-        squares += tl.sum(centered_2 * centered_2, axis=0)
-    inv_std = tl.rsqrt(squares / n_cols + eps)
-    shift_row, scale_row = shift_ptr + b * shift_sb, scale_ptr + b * scale_sb
-    y_1 = modulated(x_1, cols_1, mask_1, mean, inv_std, shift_row, scale_row)
-    amax = tl.max(tl.abs(y_1), axis=0)
-    if BLOCK_2 > 0:
-        y_2 = modulated(x_2, cols_2, mask_2, mean, inv_std, shift_row, scale_row)
-        amax = tl.maximum(amax, tl.max(tl.abs(y_2), axis=0))
-    q_scale = tl.maximum(amax, 1e-12) / 448.0
-    inverse = 1.0 / q_scale
-    tl.store(out_ptr + row * n_cols + cols_1, tl.clamp(y_1 * inverse, -448.0, 448.0).to(tl.float8e4nv), mask=mask_1)
-    if BLOCK_2 > 0:
-        q_2 = tl.clamp(y_2 * inverse, -448.0, 448.0).to(tl.float8e4nv)
-        tl.store(out_ptr + row * n_cols + cols_2, q_2, mask=mask_2)
-    tl.store(out_scale_ptr + row, q_scale)
+    cols_m = tl.arange(0, BLOCK_MLP)
+    mask_m = cols_m < n_mlp
+    m = tl.load(mlp_ptr + row * mlp_stride + cols_m, mask=mask_m, other=0.0).to(tl.float32)
+    g = m * tl.sigmoid(2.0 * 0.7978845608028654 * (m + 0.044715 * m * m * m))
+    g = g.to(tl.bfloat16).to(tl.float32)
+    amax = tl.max(tl.abs(g), axis=0)
+    if HAS_ATTN:
+        cols_a = tl.arange(0, BLOCK_ATTN)
+        mask_a = cols_a < n_attn
+        a = tl.load(attn_ptr + row * attn_stride + cols_a, mask=mask_a, other=0.0).to(tl.float32)
+        amax = tl.maximum(amax, tl.max(tl.abs(a), axis=0))
+    scale = tl.maximum(amax, 1e-12) / 448.0
+    if HAS_ATTN:
+        qa = tl.clamp(a / scale, -448.0, 448.0)
+        tl.store(out_ptr + row * out_stride + cols_a, qa.to(tl.float8e4nv), mask=mask_a)
+    qg = tl.clamp(g / scale, -448.0, 448.0)
+    offset = n_attn if HAS_ATTN else 0
+    tl.store(out_ptr + row * out_stride + offset + cols_m, qg.to(tl.float8e4nv), mask=mask_m)
+    tl.store(scale_ptr + row, scale)
