@@ -91,7 +91,12 @@ def _union_ms(intervals: list[tuple[float, float]]) -> float:
 def analyse_trace(trace: dict) -> dict:
     """Per-step figures from a chrome trace written by torch.profiler (see the module's docstring)."""
     events = trace.get("traceEvents", [])
-    steps = sorted((e["ts"], e["ts"] + e["dur"]) for e in events if e.get("name") == STEP_RANGE and e.get("ph") == "X")
+    # The host's ranges only: the trace repeats each record_function range on the GPU's timeline (gpu_user_annotation).
+    steps = sorted(
+        (e["ts"], e["ts"] + e["dur"])
+        for e in events
+        if e.get("name") == STEP_RANGE and e.get("ph") == "X" and e.get("cat") == "user_annotation"
+    )
     launches = {}
     for e in events:
         if e.get("cat") == "cuda_runtime" and "correlation" in e.get("args", {}):
