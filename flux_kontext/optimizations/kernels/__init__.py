@@ -22,8 +22,8 @@ CPUs run, and what the GPU check (bench/fused_blocks.py) compares the kernels wi
 
 Layout: ``e4m3`` (the e4m3 quantizers, torch only), ``gelu``, ``layer_norm``, ``rope``: each kernel next to its
 reference, its Triton code inside the module's ``build(launch)`` or, for the GELU kernels (helpers Inductor must find
-as module globals), in ``triton_rows`` which only ``build`` imports (so importing this package never imports triton). The functions here dispatch on the tensor alone: the Triton op on CUDA bf16 tensors, the
-reference otherwise.
+as module globals), in ``triton_rows`` which only ``build`` imports (so importing this package never imports triton).
+The functions here dispatch on the tensor alone: the Triton op on CUDA bf16 tensors, the reference otherwise.
 
 The kernels are registered as torch ops (``torch.library.triton_op``) by ``ops()``, once per process. Call it at load
 time, before torch.compile traces the dispatchers, so the registration never happens inside compiled code and
