@@ -85,7 +85,7 @@ STAGES = (
 )
 
 
-def measure_stage(stage, what, overrides, scheduler, runs: int, only_steps: int | None) -> dict:
+def measure_stage(stage, what, overrides, scheduler, runs: int, only_steps: int | None, profile: bool = False) -> dict:
     engine = Engine(Settings(**overrides))
     engine.load()
     if not engine.ready:
@@ -130,6 +130,11 @@ def measure_stage(stage, what, overrides, scheduler, runs: int, only_steps: int 
             "raw": result,
         }
         log.info("stage %s %s: %.1f ms/step, end-to-end %.0f ms", stage, mode, per_step, t["engine_total"]["median"])
+    if profile:  # where a step's time goes, and the denoising loop's synchronizations (bench/step_profile.py)
+        from bench.step_profile import profile_engine
+
+        row["profile"] = profile_engine(engine, scheduler)
+        log.info("stage %s profile: %s", stage, json.dumps(row["profile"])[:4000])
     engine.model = None  # drop the pipeline (tens of GB) before the next stage builds its own
     gc.collect()
     torch._dynamo.reset()
@@ -160,6 +165,7 @@ def main() -> int:
     parser.add_argument("--stages", default=",".join(stage for stage, *_ in STAGES))
     parser.add_argument("--steps", type=int, help="override every stage's steps (smoke runs only)")
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--profile", help="stages to profile after timing them (bench/step_profile.py), e.g. 5")
     args = parser.parse_args()
     configure_logging()
     wanted = set(args.stages.split(","))
@@ -168,7 +174,8 @@ def main() -> int:
         if stage not in wanted:
             continue
         try:
-            rows.append(measure_stage(stage, what, overrides, scheduler, args.runs, args.steps))
+            profile = stage in (args.profile or "").split(",")
+            rows.append(measure_stage(stage, what, overrides, scheduler, args.runs, args.steps, profile))
         except Exception as exc:  # keep the stages already measured
             log.exception("stage %s failed", stage)
             rows.append({"stage": stage, "what": what, "error": f"{type(exc).__name__}: {exc}"})

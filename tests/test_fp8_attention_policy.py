@@ -4,6 +4,8 @@ or replaced by a recording fake at the kernel interface."""
 
 from __future__ import annotations
 
+import types
+
 import pytest
 import torch
 
@@ -197,3 +199,32 @@ def test_health_report_shows_per_layer_and_per_sigma_errors_and_the_policy():
         "served_error_max": 0.04,  # layer 0 and sigma 0.1 are kept in bf16
         "limit": 0.06,
     }
+
+
+def test_compiled_blocks_share_one_graph_when_every_layer_serves_fp8():
+    """Compiled blocks read a per-layer bool, never the layer index: a compiled block guards on what it reads, and
+    the index made each of the 57 blocks its own graph (past dynamo's recompile limit with two shapes: blocks ran
+    eager)."""
+    from torch._dynamo.testing import CompileCounter
+
+    def graphs_for(policy: Fp8Policy) -> tuple[int, list[bool]]:
+        choice = KernelChoice(kernels={FA3_FP8: sdpa, "sdpa": sdpa}, active=FA3_FP8, policy=policy)
+        counter = CompileCounter()
+
+        @torch.compile(backend=counter, fullgraph=True)
+        def block(attn, x):
+            return x * 2 if choice.fp8_for(attn) else x
+
+        modules = [torch.nn.Module() for _ in range(4)]
+        for index, module in enumerate(modules):
+            module.fp8_layer_index = index
+        blocks = [types.SimpleNamespace(attn=module) for module in modules]
+        mark_bf16_layers(types.SimpleNamespace(transformer_blocks=blocks), policy)
+        served = [bool(block(module, torch.ones(2)).sum() == 4) for module in modules]
+        torch._dynamo.reset()
+        return counter.frame_count, served
+
+    assert graphs_for(Fp8Policy()) == (1, [True] * 4)
+    count, served = graphs_for(Fp8Policy(bf16_layers=frozenset({2})))
+    assert served == [True, True, False, True]  # the kept layer still runs bf16
+    assert count <= 2  # one graph for the FP8 layers, one for the bf16 ones: never one per index

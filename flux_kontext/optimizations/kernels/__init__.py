@@ -1,6 +1,9 @@
 """Triton kernels for the memory-bound work between the FP8 GEMMs of a FLUX block, each with its PyTorch reference.
 
-Each kernel runs one program per token row, loads the row once, keeps it in registers and writes its result once:
+Each kernel runs one program per token row (rope.QK_ROWS_PER_PROGRAM: measured best at one), loads the row once,
+keeps it in registers and writes its result once. The GELU kernel is bound by the instructions it issues per element
+(its SASS, #18): the feed-forwards' rows are read in two power-of-two pieces instead of one padded to the next power
+of two, with approximate exp2 / reciprocal (gelu.GELU_SPLIT; the Triton code in triton_rows.py):
 - ``gelu_fp8``:   [attention output | GELU(MLP)] quantized rowwise to e4m3, the input of proj_out / ff.net[2].
 - ``ln_mod_fp8``: LayerNorm (no affine) + AdaLN modulation x·(1 + scale) + shift, quantized rowwise to e4m3: the
                   input of the QKV / MLP GEMMs. Reads its rows from two tensors (text, image) when the block
@@ -18,9 +21,9 @@ torchao's rowwise scale: absmax / 448 floored at 1e-12); each ``reference_*`` is
 CPUs run, and what the GPU check (bench/fused_blocks.py) compares the kernels with.
 
 Layout: ``e4m3`` (the e4m3 quantizers, torch only), ``gelu``, ``layer_norm``, ``rope``: each kernel next to its
-reference, its Triton code inside the module's ``build(launch)`` (triton is imported there, so importing this package
-never imports triton). The functions here dispatch on the tensor alone: the Triton op on CUDA bf16 tensors, the
-reference otherwise.
+reference, its Triton code inside the module's ``build(launch)`` or, for the GELU kernels (helpers Inductor must find
+as module globals), in ``triton_rows`` which only ``build`` imports (so importing this package never imports triton).
+The functions here dispatch on the tensor alone: the Triton op on CUDA bf16 tensors, the reference otherwise.
 
 The kernels are registered as torch ops (``torch.library.triton_op``) by ``ops()``, once per process. Call it at load
 time, before torch.compile traces the dispatchers, so the registration never happens inside compiled code and

@@ -9,6 +9,11 @@ import torch
 
 from flux_kontext.optimizations.kernels.e4m3 import FP8, quantize_per_head, quantize_static
 
+# Tokens per program of the RMSNorm + RoPE kernel (one batch element's consecutive tokens; in FP8, v's absmax leaves
+# each program in one atomic max per head). bench/kernels_rows.py on H200 (BENCHMARKS.md, #18), 4,608 tokens with v to
+# e4m3, µs per launch: 138 / 151 / 202 / 264 at 1 / 2 / 4 / 8 tokens (the previous kernel: 155): one it is.
+QK_ROWS_PER_PROGRAM = 1
+
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """diffusers' RMSNorm: fp32 statistics, rounded to the weight's dtype, times the weight."""
@@ -82,53 +87,60 @@ def build(launch) -> dict:
         HEAD_DIM: tl.constexpr,
         BLOCK_H: tl.constexpr,
         FP8_QK: tl.constexpr,
+        ROWS: tl.constexpr,
     ):
-        row = tl.program_id(0).to(tl.int64)
-        b = row // seq
-        s = row % seq
+        # ROWS tokens of one batch element per program (grid: token blocks x batch): v's per-head absmax is taken
+        # over them in registers and goes out in one atomic max per head, not one per token.
+        b = tl.program_id(1).to(tl.int64)
+        first_token = tl.program_id(0).to(tl.int64) * ROWS
         width = n_heads * HEAD_DIM
         h = tl.arange(0, BLOCK_H)[:, None]
         d = tl.arange(0, HEAD_DIM)[None, :]
         offsets = h * HEAD_DIM + d  # (heads, head_dim) tile of one of q, k, v: contiguous loads and stores
-        mask = (h < n_heads) & (d < HEAD_DIM)
-        if s >= n_first:  # never true without a second source: n_first == seq
-            src = second_ptr + b * second_sb + (s - n_first) * second_ss
-            wq = wq_second
-            wk = wk_second
-        else:
-            src = first_ptr + b * first_sb + s * first_ss
-            wq = wq_first
-            wk = wk_first
-        cos = tl.load(cos_ptr + s * HEAD_DIM + d).to(tl.float32)
-        sin = tl.load(sin_ptr + s * HEAD_DIM + d).to(tl.float32)
-        dst = row * width
-        for part in tl.static_range(2):  # q, then k; ``part`` is a compile-time constant
-            if part == 0:
-                weight = wq
-                out = q_ptr + dst
+        heads_1d = tl.arange(0, BLOCK_H)
+        v_amax = tl.zeros((BLOCK_H,), dtype=tl.float32)
+        for r in tl.static_range(ROWS):
+            s = first_token + r
+            mask = (h < n_heads) & (d < HEAD_DIM) & (s < seq)
+            if s >= n_first:  # never true without a second source: n_first == seq
+                src = second_ptr + b * second_sb + (s - n_first) * second_ss
+                wq = wq_second
+                wk = wk_second
             else:
-                weight = wk
-                out = k_ptr + dst
-            x = tl.load(src + part * width + offsets, mask=mask, other=0.0).to(tl.float32)
-            inv_rms = tl.rsqrt(tl.sum(x * x, axis=1) / HEAD_DIM + eps)[:, None]
-            w = tl.load(weight + d).to(tl.float32)
-            # RMSNorm as diffusers rounds it (normalized -> bf16, times the bf16 weight -> bf16), then RoPE in fp32
-            # on interleaved pairs: rotated[2i] = -x[2i+1], rotated[2i+1] = x[2i].
-            n = ((x * inv_rms).to(tl.bfloat16).to(tl.float32) * w).to(tl.bfloat16).to(tl.float32)
-            even, odd = tl.split(tl.reshape(n, (BLOCK_H, HEAD_DIM // 2, 2)))
-            rotated = tl.reshape(tl.join(-odd, even), (BLOCK_H, HEAD_DIM))
-            result = (n * cos + rotated * sin).to(tl.bfloat16)
-            if FP8_QK:  # e4m3 for FP8 attention, with the static scale of attention.fp8_qk_scales()
-                result = tl.clamp(result.to(tl.float32) / tl.load(qk_scale_ptr + part), -448.0, 448.0)
-                result = result.to(tl.float8e4nv)
-            tl.store(out + offsets, result, mask=mask)
-        v = tl.load(src + 2 * width + offsets, mask=mask, other=0.0)
-        if FP8_QK:  # v's per-head absmax over all tokens (v_fp8_kernel quantizes it after this kernel)
-            heads_1d = tl.arange(0, BLOCK_H)
-            v_amax = tl.max(tl.abs(v.to(tl.float32)), axis=1)
+                src = first_ptr + b * first_sb + s * first_ss
+                wq = wq_first
+                wk = wk_first
+            in_seq = (d < HEAD_DIM) & (s < seq)
+            cos = tl.load(cos_ptr + s * HEAD_DIM + d, mask=in_seq, other=0.0).to(tl.float32)
+            sin = tl.load(sin_ptr + s * HEAD_DIM + d, mask=in_seq, other=0.0).to(tl.float32)
+            dst = (b * seq + s) * width
+            for part in tl.static_range(2):  # q, then k; ``part`` is a compile-time constant
+                if part == 0:
+                    weight = wq
+                    out = q_ptr + dst
+                else:
+                    weight = wk
+                    out = k_ptr + dst
+                x = tl.load(src + part * width + offsets, mask=mask, other=0.0).to(tl.float32)
+                inv_rms = tl.rsqrt(tl.sum(x * x, axis=1) / HEAD_DIM + eps)[:, None]
+                w = tl.load(weight + d).to(tl.float32)
+                # RMSNorm as diffusers rounds it (normalized -> bf16, times the bf16 weight -> bf16), then RoPE in
+                # fp32 on interleaved pairs: rotated[2i] = -x[2i+1], rotated[2i+1] = x[2i].
+                n = ((x * inv_rms).to(tl.bfloat16).to(tl.float32) * w).to(tl.bfloat16).to(tl.float32)
+                even, odd = tl.split(tl.reshape(n, (BLOCK_H, HEAD_DIM // 2, 2)))
+                rotated = tl.reshape(tl.join(-odd, even), (BLOCK_H, HEAD_DIM))
+                result = (n * cos + rotated * sin).to(tl.bfloat16)
+                if FP8_QK:  # e4m3 for FP8 attention, with the static scale of attention.fp8_qk_scales()
+                    result = tl.clamp(result.to(tl.float32) / tl.load(qk_scale_ptr + part), -448.0, 448.0)
+                    result = result.to(tl.float8e4nv)
+                tl.store(out + offsets, result, mask=mask)
+            v = tl.load(src + 2 * width + offsets, mask=mask, other=0.0)
+            if FP8_QK:  # v's per-head absmax over all tokens (v_fp8_kernel quantizes it after this kernel)
+                v_amax = tl.maximum(v_amax, tl.max(tl.abs(v.to(tl.float32)), axis=1))
+            else:
+                tl.store(v_ptr + dst + offsets, v, mask=mask)
+        if FP8_QK:
             tl.atomic_max(v_amax_ptr + b * n_heads + heads_1d, v_amax, mask=heads_1d < n_heads)
-        else:
-            tl.store(v_ptr + dst + offsets, v, mask=mask)
 
     @triton.jit
     def v_fp8_kernel(
@@ -186,6 +198,8 @@ def build(launch) -> dict:
         eps,
         fp8_qk,
         raw=False,
+        rows=None,
+        num_warps=None,
     ):
         batch, n_first, width3 = first.shape
         head_dim = width3 // 3 // heads
@@ -193,7 +207,8 @@ def build(launch) -> dict:
         qk_dtype = FP8 if fp8_qk else first.dtype
         q, k, v = (torch.empty((batch, seq, heads, head_dim), dtype=qk_dtype, device=first.device) for _ in "qkv")
         v_amax = torch.zeros((batch, heads), dtype=torch.float32, device=first.device) if fp8_qk else qk_scale
-        launch(qk_norm_rope_kernel, raw)[(batch * seq,)](
+        rows = rows or QK_ROWS_PER_PROGRAM
+        launch(qk_norm_rope_kernel, raw)[(triton.cdiv(seq, rows), batch)](
             first,
             second,
             wq_first,
@@ -218,7 +233,8 @@ def build(launch) -> dict:
             HEAD_DIM=head_dim,
             BLOCK_H=triton.next_power_of_2(heads),
             FP8_QK=fp8_qk,
-            num_warps=4,
+            ROWS=rows,
+            num_warps=num_warps or 4,
         )
         if not fp8_qk:
             return q, k, v

@@ -1,0 +1,87 @@
+"""The row kernels themselves (flux_kontext/optimizations/kernels) against their PyTorch references: how each row is
+split for the kernels on CPU; on a GPU (skipped without CUDA) the Triton kernels at FLUX's widths and at odd ones."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from flux_kontext.optimizations import kernels
+from flux_kontext.optimizations.kernels.gelu import pieces
+
+
+@pytest.mark.parametrize(
+    ("width", "expected"),
+    [
+        (12288, (8192, 4096)),  # FLUX's MLP width: no padded lane (one power of two would read 16,384)
+        (3072, (2048, 1024)),  # its model width
+        (4096, (4096, 0)),
+        (100, (64, 64)),
+        (1, (1, 0)),
+    ],
+)
+def test_a_row_is_read_in_two_power_of_two_pieces_covering_it(width, expected):
+    first, rest = pieces(width)
+    assert (first, rest) == expected
+    assert first <= width <= first + rest or (rest == 0 and first == width)
+
+
+def _randn(*shape, scale=1.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(*shape, generator=g) * scale).to("cuda", torch.bfloat16)
+
+
+def _codes_differing(got, want) -> float:
+    return float((got.float() != want.float().reshape(got.shape)).float().mean())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("split", [True, False])
+@pytest.mark.parametrize(("attn_width", "mlp_width"), [(3072, 12288), (None, 12288), (40, 100), (None, 96)])
+def test_gelu_kernels_match_their_reference(attn_width, mlp_width, split):
+    rows = 37
+    mlp = _randn(rows, mlp_width, scale=3, seed=1)
+    attn = _randn(rows, attn_width, seed=2) if attn_width else None
+    values, scale = kernels.ops().launch_gelu_fp8(attn if attn_width else mlp, mlp, bool(attn_width), split=split)
+    ref_values, ref_scale = kernels.reference_gelu_fp8(attn, mlp)
+    # the approximate exp2 / reciprocal move a GELU output by a bf16 step now and then: a code one step apart
+    assert _codes_differing(values, ref_values) < 1e-3
+    torch.testing.assert_close(scale, ref_scale.reshape(scale.shape), rtol=8e-3, atol=0)
+    dispatched = kernels.gelu_fp8(attn, mlp)  # the op the blocks call: the kernel GELU_SPLIT picks
+    assert _codes_differing(dispatched[0], ref_values) < 1e-3
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("text", "image", "width"), [(512, 4096, 3072), (3, 29, 100)])
+def test_layer_norm_kernel_matches_its_reference(text, image, width):
+    first, second = _randn(2, text, width, seed=3), _randn(2, image, width, scale=4, seed=4)
+    shift, scale = _randn(2, width, scale=0.5, seed=5), _randn(2, width, scale=0.5, seed=6)
+    values, row_scale = kernels.ln_mod_fp8(first, second, shift, scale, 1e-6)
+    ref_values, ref_scale = kernels.reference_ln_mod_fp8(first, second, shift, scale, 1e-6)
+    assert _codes_differing(values, ref_values) < 0.06  # PyTorch's LayerNorm rounds its statistics differently
+    torch.testing.assert_close(row_scale, ref_scale, rtol=1e-2, atol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tokens", [(512, 4096), (5, 11)])
+def test_rope_kernel_in_fp8_matches_its_reference_whatever_the_tokens_per_program(tokens):
+    from flux_kontext.optimizations.kernels import rope
+
+    text, image = tokens
+    heads, head_dim = 24, 128
+    first, second = _randn(2, text, 3 * heads * head_dim, seed=7), _randn(2, image, 3 * heads * head_dim, seed=8)
+    norms = [tuple(1 + 0.1 * _randn(head_dim, seed=s) for s in pair) for pair in ((9, 10), (11, 12))]
+    angles = (_randn(text + image, head_dim // 2, seed=13).float() * 3).repeat_interleave(2, dim=1)
+    rotary = (angles.cos().contiguous(), angles.sin().contiguous())
+    scales = (torch.tensor([0.03], device="cuda"), torch.tensor([0.03], device="cuda"))
+    args = (first, second, norms[0], norms[1], rotary, heads, 1e-6)
+    want = kernels.reference_qk_norm_rope_fp8(*args, scales)
+    launch = kernels.ops().launch_qk_norm_rope
+    flat = (first, second, *norms[0], *norms[1], *rotary, torch.cat(scales), True, heads, 1e-6, True)
+    results = [launch(*flat, raw=True, rows=rows) for rows in (1, 3, rope.QK_ROWS_PER_PROGRAM)]
+    for got in results:
+        for g, w in zip(got[:3], want[:3], strict=True):
+            assert _codes_differing(g, w) < 1e-3
+        torch.testing.assert_close(got[3], want[3], rtol=1e-6, atol=0)
+        for g, first_result in zip(got, results[0], strict=True):  # the split into programs changes nothing
+            assert torch.equal(g.float(), first_result.float())
