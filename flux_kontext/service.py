@@ -56,9 +56,9 @@ READY_503 = not_ready_doc({"ready": False, "state": "draining", "reason": "the s
 
 
 def default_engine_factory(settings: Settings):
-    from flux_kontext.engine import Engine  # torch is imported here, not by the HTTP layer
+    from flux_kontext.parallel.launch import engine_for  # torch is imported there, not by the HTTP layer
 
-    return Engine(settings)
+    return engine_for(settings)  # the plain Engine, or rank 0's of a parallel service (FLUX_PARALLEL, torchrun)
 
 
 class Service:
@@ -224,7 +224,13 @@ class Service:
             "warmup_seconds": round(engine.warmup_seconds, 2) if engine.warmup_seconds else None,
             "startup_seconds": {k: None if v is None else round(v, 2) for k, v in engine.startup_seconds.items()},
             "shapes": engine.shapes_report(),
+            "parallel": self.describe_parallel(),
         }
+
+    def describe_parallel(self) -> dict:
+        """The ranks of a parallel service (flux_kontext/parallel/), or a world of one."""
+        describe = getattr(self.engine, "describe_parallel", None)
+        return describe() if describe is not None else {"world_size": 1}
 
 
 class RequestMetrics:
@@ -288,6 +294,9 @@ def create_app(settings: Settings | None = None, engine_factory: Callable[[Setti
             await service.drain()
         finally:
             await service.queue.stop()
+            close = getattr(engine, "close", None)  # a parallel service's other ranks stop with this one
+            if close is not None:
+                await asyncio.to_thread(close)
 
     app = app_with_local_docs(title="FLUX.1-Kontext optimized", version="0.1.0", lifespan=lifespan)
     app.state.service = service

@@ -550,7 +550,7 @@ class ContextParallelSettings(BaseModel):
         29517, ge=1024, le=65535, description="TCP port of rank 0's store (jobs, heartbeats, the process group)."
     )
     parallel_heartbeat_timeout_s: float = Field(
-        3.0, gt=0, le=300, description="A rank whose heartbeat is older than this turns readiness 503 (dead or frozen)."
+        5.0, gt=0, le=300, description="A rank whose heartbeat is older than this turns readiness 503 (dead or frozen)."
     )
     parallel_step_timeout_s: float = Field(
         60.0,

@@ -18,7 +18,6 @@ import pickle
 import threading
 import time
 from collections.abc import Callable
-from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -28,6 +27,7 @@ from flux_kontext.jobs import Job
 log = logging.getLogger(__name__)
 
 HEARTBEAT_S = 0.5
+POLL_S = 0.005  # a follower waiting for the next job looks this often
 STOP = ("stop",)
 # Job fields that stay with rank 0: the cancel event (agreed per step instead), progress reporting, the test-only fault.
 LOCAL_FIELDS = ("cancelled", "progress", "on_step", "fault")
@@ -52,14 +52,13 @@ class JobChannel:
         self.sent += 1
 
     def receive(self, timeout_s: float) -> tuple | None:
-        """The next message, or None if none came within ``timeout_s``."""
-        key = f"job/{self.received}"
-        try:
-            self.store.wait([key], timedelta(seconds=timeout_s))
-        except dist.DistStoreError as exc:
-            if "timeout" not in str(exc).lower():
-                raise
-            return None
+        """The next message, or None if none came within ``timeout_s`` (polled: the store's blocking wait logs a
+        warning at every timeout, and a job must start on every rank within milliseconds)."""
+        key, deadline = f"job/{self.received}", time.monotonic() + timeout_s
+        while not self.store.check([key]):
+            if time.monotonic() > deadline:
+                return None
+            time.sleep(POLL_S)
         self.received += 1
         return pickle.loads(self.store.get(key))
 
