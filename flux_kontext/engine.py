@@ -110,7 +110,7 @@ class Engine:
 
     def after_optimize(self) -> None:
         """A check after the stack is applied, before warm-up; an exception fails the start (the parallel engines
-        need context_parallel applied on every rank)."""
+        check that every rank splits the transformer)."""
 
     def _load_with_plan(self) -> None:
         """Load the model where the memory plan puts each part, measuring host and GPU memory on the way."""

@@ -25,7 +25,8 @@ def case_inputs(config, image_tokens: int, text_tokens: int) -> dict:
 
     inputs = step_inputs(config, torch.device("cpu"), torch.float32, image_tokens, text_tokens=text_tokens)
     if image_tokens != int(image_tokens**0.5) ** 2:  # a non-square count: ids of a strip, one row per token
-        inputs["img_ids"] = torch.stack([torch.zeros(image_tokens), torch.arange(image_tokens) / 3, torch.zeros(image_tokens)], 1)
+        rows = torch.arange(image_tokens, dtype=torch.float32)
+        inputs["img_ids"] = torch.stack([torch.zeros_like(rows), rows / 3, rows % 5], 1)
     return inputs
 
 
