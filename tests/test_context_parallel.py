@@ -25,7 +25,7 @@ from flux_kontext.parallel.sharding import SequencePlan, split_sizes
 from flux_kontext.settings import Settings
 from tests.conftest import decode_b64_image, image_b64
 from tests.live_server import free_port, live_process
-from tests.parallel_worker import CASES, outputs, rank_main, stack_on, tiny_transformer
+from tests.parallel_worker import CASES, FakeFp8Choice, fp8_inputs, outputs, rank_main, stack_on, tiny_transformer
 
 
 def test_split_is_contiguous_and_as_even_as_it_goes():
@@ -36,17 +36,25 @@ def test_split_is_contiguous_and_as_even_as_it_goes():
 
 
 def test_the_sharded_transformer_equals_one_process(tmp_path):
-    """Two gloo ranks run the tiny transformer through the context_parallel optimization: each output equals the
-    one-process output within float noise, at token counts that divide two ranks and ones that do not."""
+    """Two gloo ranks run the tiny transformer through the context_parallel optimization, eager and with each block
+    compiled (fullgraph: the all-to-alls trace): each output equals the one-process output within float noise, at
+    token counts that divide two ranks and ones that do not. The FP8 path (e4m3 q/k/v with per-head descales, as the
+    fused blocks hand it) equals one process's FP8 attention within e4m3's rounding of v."""
     path = str(tmp_path / "rank0.pt")
     mp.spawn(rank_main, args=(2, free_port(), path), nprocs=2)
     sharded = torch.load(path)
     transformer = tiny_transformer()
     stack_on(transformer, Settings(model="tiny", device="cpu", first_block_cache=False))
     single = outputs(transformer)
-    for case, got, expected in zip(CASES, sharded, single, strict=True):
-        assert got.shape == expected.shape, case
-        assert torch.allclose(got, expected, rtol=1e-5, atol=1e-5), (case, float((got - expected).abs().max()))
+    for mode in ("eager", "compiled"):
+        for case, got, expected in zip(CASES, sharded[mode], single, strict=True):
+            assert got.shape == expected.shape, (mode, case)
+            error = float((got - expected).abs().max())
+            assert torch.allclose(got, expected, rtol=1e-5, atol=1e-5), (mode, case, error)
+    q8, k8, _, v8, q_descale, k_descale, v_descale = fp8_inputs()
+    expected = FakeFp8Choice().fp8_call(q8, k8, v8, q_descale, k_descale, v_descale)
+    error = float((sharded["fp8"] - expected).norm() / expected.norm())
+    assert error < 0.03, error  # v rounded to e4m3 twice (per rank, then per head): a few percent at most
 
 
 # t2i at 256² (256 image tokens + 64 text: divides two ranks); an edit at 272² from a square input (289 + 4096 context
