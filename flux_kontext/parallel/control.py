@@ -33,6 +33,10 @@ STOP = ("stop",)
 LOCAL_FIELDS = ("cancelled", "progress", "on_step", "fault")
 
 
+class LeaderGone(RuntimeError):
+    """Rank 0 (and its store) is gone: a follower has nothing left to do."""
+
+
 def job_to_wire(job: Job) -> dict:
     return {f.name: getattr(job, f.name) for f in dataclasses.fields(job) if f.name not in LOCAL_FIELDS}
 
@@ -55,12 +59,16 @@ class JobChannel:
         """The next message, or None if none came within ``timeout_s`` (polled: the store's blocking wait logs a
         warning at every timeout, and a job must start on every rank within milliseconds)."""
         key, deadline = f"job/{self.received}", time.monotonic() + timeout_s
-        while not self.store.check([key]):
-            if time.monotonic() > deadline:
-                return None
-            time.sleep(POLL_S)
+        try:
+            while not self.store.check([key]):
+                if time.monotonic() > deadline:
+                    return None
+                time.sleep(POLL_S)
+            message = pickle.loads(self.store.get(key))
+        except dist.DistError as exc:  # the store lives in rank 0
+            raise LeaderGone(f"rank 0's store is gone ({type(exc).__name__}: {exc})") from exc
         self.received += 1
-        return pickle.loads(self.store.get(key))
+        return message
 
 
 class Heartbeat:

@@ -21,7 +21,15 @@ import time
 
 from flux_kontext.engine import Engine
 from flux_kontext.jobs import EngineNotReady, Job, JobCancelled
-from flux_kontext.parallel.control import STOP, Heartbeat, JobChannel, StepAgreement, Watchdog, job_to_wire
+from flux_kontext.parallel.control import (
+    STOP,
+    Heartbeat,
+    JobChannel,
+    LeaderGone,
+    StepAgreement,
+    Watchdog,
+    job_to_wire,
+)
 from flux_kontext.parallel.group import ParallelGroup, connect_store, join_group
 from flux_kontext.parallel.ranks import RankEnvironment, rank_settings
 
@@ -141,8 +149,15 @@ class LeaderEngine(_ParallelEngine):
                 log.warning("rank %d did not stop within 10 s: killed", rank)
                 process.kill()
                 process.wait()
-        if self.group is not None and self.broken is None:
-            self.group.close()  # with a rank gone, NCCL's teardown could wait on it: the exit cleans up instead
+        if self.group is None:
+            return
+        if self.broken is None or self.group.backend == "gloo":
+            self.group.close()
+            return
+        # A rank gone mid-job leaves NCCL kernels waiting on it, which a normal exit would wait for too.
+        log.error("context parallelism broken (%s): exiting now", self.broken)
+        logging.shutdown()
+        os._exit(1)
 
 
 class FollowerEngine(_ParallelEngine):
@@ -166,10 +181,15 @@ class FollowerEngine(_ParallelEngine):
                 return self._wait_for_stop(JobChannel(store))
             self.generation._decode = lambda latents, width, height: []  # rank 0 decodes
             return self._serve_jobs(JobChannel(store), StepAgreement(self.group.control))
+        except LeaderGone as exc:
+            _leader_lost(exc)
         except Exception as exc:
             log.exception("rank %d failed", self.ranks.rank)
             self.heartbeat.update(state="failed", detail=f"{type(exc).__name__}: {exc}")
-            return self._wait_for_stop(JobChannel(store))
+            try:
+                return self._wait_for_stop(JobChannel(store))
+            except LeaderGone as gone:
+                _leader_lost(gone)
         finally:
             self.heartbeat.stop()
             if self.group is not None:
