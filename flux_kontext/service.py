@@ -97,8 +97,11 @@ class Service:
 
     @property
     def alive(self) -> bool:
-        """False once the process needs a restart: the worker died, or has been stuck FLUX_STUCK_RESTART_S."""
+        """False once the process needs a restart: the worker died, or has been stuck FLUX_STUCK_RESTART_S, or a
+        parallel service's ranks are out of step (a rank died or hung: flux_kontext/parallel/)."""
         limit = self.settings.stuck_restart_s
+        if getattr(self.engine, "broken", None):
+            return False
         return not self.queue.failure and not (limit and self.queue.stuck_seconds() > limit)
 
     @property

