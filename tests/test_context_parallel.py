@@ -76,7 +76,14 @@ def _rank(health: dict, rank: int) -> dict:
 
 def test_parallel_service_answers_as_one_process_and_a_killed_rank_turns_readiness_503(client):
     port = str(free_port())
-    with live_process(serve=True, FLUX_PARALLEL="2", FLUX_PARALLEL_PORT=port, FLUX_DEVICE="cpu") as (
+    # A loaded 2-CPU host can starve a heartbeat thread for seconds; the kill is seen by its exit status anyway.
+    env = {
+        "FLUX_PARALLEL": "2",
+        "FLUX_PARALLEL_PORT": port,
+        "FLUX_DEVICE": "cpu",
+        "FLUX_PARALLEL_HEARTBEAT_TIMEOUT_S": "20",
+    }
+    with live_process(serve=True, **env) as (
         base,
         _,
         process,
