@@ -59,10 +59,12 @@ def test_the_sharded_transformer_equals_one_process(tmp_path):
 
 
 # t2i at 256² (256 image tokens + 64 text: divides two ranks); an edit at 272² from a square input (289 + 4096 context
-# image tokens: does not)
+# image tokens: does not). Per-request switches travel to every rank: a scheduler, a first-block-cache threshold high
+# enough to skip steps (every rank must skip the same ones, and the same as one process).
 REQUESTS = (
-    {"prompt": "a lighthouse", "width": 256, "height": 256, "steps": 3, "seed": 5},
-    {"prompt": "add a moon", "width": 272, "height": 272, "steps": 3, "seed": 7, "image": image_b64(512, 512)},
+    {"prompt": "a lighthouse", "width": 256, "height": 256, "steps": 3, "seed": 5, "scheduler": "euler"},
+    {"prompt": "add a moon", "width": 272, "height": 272, "steps": 4, "seed": 7, "image": image_b64(512, 512)}
+    | {"cache_threshold": 0.75},
 )
 
 
@@ -100,6 +102,7 @@ def test_parallel_service_answers_as_one_process_and_a_killed_rank_turns_readine
             single = client.post("/inference", json=body)
             assert single.status_code == 200, single.text
             assert "context_parallel" in parallel.json()["optimizations"]["ran"]
+            assert parallel.json()["first_block_cache"] == single.json()["first_block_cache"]
             difference = np.abs(_pixels(parallel.json()) - _pixels(single.json()))
             assert difference.max() <= 1, (body["width"], difference.max())  # float noise: one level at most
 
