@@ -164,7 +164,7 @@ def compare(single: dict, parallel: dict) -> dict:
             difference = np.abs(parallel[name]["pixels"] - single[name]["pixels"])
             mse = float((difference.astype(np.float64) ** 2).mean())
             entry["image_max_abs_diff"] = int(difference.max())
-            entry["image_psnr_db"] = round(10 * np.log10(255.0**2 / mse), 2) if mse else float("inf")
+            entry["image_psnr_db"] = round(float(10 * np.log10(255.0**2 / mse)), 2) if mse else float("inf")
         found[name] = entry
     return found
 
@@ -232,10 +232,12 @@ def main() -> int:
     outcome = parallel.apply(Model(pipe, stack.slots, hardware, earlier={"attention": stack["attention"]}))
     result["context_parallel"] = outcome.detail
     steps = transformer_steps(pipe.transformer, cases, clock)
+    result["n_gpus"] = public(steps)
+    result["communication"] = communication(group.compute, rank, world, cases, pipe.transformer, device, dtype, clock)
+    write()  # the parts most likely to be cut short come last
     for name, entry in generations(generation, stack, job_cases).items():
         steps[name].update(entry)
     result["n_gpus"] = public(steps)
-    result["communication"] = communication(group.compute, rank, world, cases, pipe.transformer, device, dtype, clock)
     if rank == 0:
         result["against_one_gpu"] = compare(single, steps)
         result["speedup"] = {
@@ -248,6 +250,18 @@ def main() -> int:
             }
             for name in cases
         }
+        for name in cases:
+            log.info(
+                "%s: step %.1f -> %.1f ms (%.2fx), all-to-all %.1f ms/step, end to end %.0f -> %.0f ms; %s",
+                name,
+                single[name]["ms"],
+                steps[name]["ms"],
+                result["speedup"][name]["step"],
+                result["communication"][name]["per_step_ms"],
+                single[name]["timings_ms"]["engine_total"],
+                steps[name]["timings_ms"]["engine_total"],
+                result["against_one_gpu"][name],
+            )
     write()
     dist.barrier(group=group.control)  # no rank leaves (rank 0 hosts the store) while another still talks
     group.close()
