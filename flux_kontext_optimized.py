@@ -39,9 +39,15 @@ SHUTDOWN_GRACE_S = 5.0  # after the drain: the last responses' encoding and send
 
 
 def _serve(args: argparse.Namespace) -> int:
+    import os
     import signal
 
     import uvicorn
+
+    if int(os.environ.get("RANK", "0")) > 0:  # torchrun: ranks other than 0 run jobs, rank 0 serves HTTP
+        from flux_kontext.parallel.follower import main as follower
+
+        return follower(cli.settings_for(args))
 
     from flux_kontext.service import create_app, refuse_several_workers
 

@@ -94,6 +94,7 @@ class Engine:
                 self._load_with_plan()
             with self._phase("optimize"):
                 self.stack.apply(self.model.pipe, self._stack_hardware)
+                self.after_optimize()
             if self.settings.warmup:
                 self._set_state("warming_up", "running warm-up generations (and compiling, on a GPU)")
                 with self._phase("warm_up"):
@@ -106,6 +107,10 @@ class Engine:
         except Exception as exc:
             log.exception("engine failed to start")
             self._set_state("failed", f"{type(exc).__name__}: {exc}")
+
+    def after_optimize(self) -> None:
+        """A check after the stack is applied, before warm-up; an exception fails the start (the parallel engines
+        check that every rank splits the transformer)."""
 
     def _load_with_plan(self) -> None:
         """Load the model where the memory plan puts each part, measuring host and GPU memory on the way."""

@@ -56,9 +56,9 @@ READY_503 = not_ready_doc({"ready": False, "state": "draining", "reason": "the s
 
 
 def default_engine_factory(settings: Settings):
-    from flux_kontext.engine import Engine  # torch is imported here, not by the HTTP layer
+    from flux_kontext.parallel.launch import engine_for  # torch is imported there, not by the HTTP layer
 
-    return Engine(settings)
+    return engine_for(settings)  # the plain Engine, or rank 0's of a parallel service (FLUX_PARALLEL, torchrun)
 
 
 class Service:
@@ -97,8 +97,11 @@ class Service:
 
     @property
     def alive(self) -> bool:
-        """False once the process needs a restart: the worker died, or has been stuck FLUX_STUCK_RESTART_S."""
+        """False once the process needs a restart: the worker died, or has been stuck FLUX_STUCK_RESTART_S, or a
+        parallel service's ranks are out of step (a rank died or hung: flux_kontext/parallel/)."""
         limit = self.settings.stuck_restart_s
+        if getattr(self.engine, "broken", None):
+            return False
         return not self.queue.failure and not (limit and self.queue.stuck_seconds() > limit)
 
     @property
@@ -224,7 +227,13 @@ class Service:
             "warmup_seconds": round(engine.warmup_seconds, 2) if engine.warmup_seconds else None,
             "startup_seconds": {k: None if v is None else round(v, 2) for k, v in engine.startup_seconds.items()},
             "shapes": engine.shapes_report(),
+            "parallel": self.describe_parallel(),
         }
+
+    def describe_parallel(self) -> dict:
+        """The ranks of a parallel service (flux_kontext/parallel/), or a world of one."""
+        describe = getattr(self.engine, "describe_parallel", None)
+        return describe() if describe is not None else {"world_size": 1}
 
 
 class RequestMetrics:
@@ -288,6 +297,9 @@ def create_app(settings: Settings | None = None, engine_factory: Callable[[Setti
             await service.drain()
         finally:
             await service.queue.stop()
+            close = getattr(engine, "close", None)  # a parallel service's other ranks stop with this one
+            if close is not None:
+                await asyncio.to_thread(close)
 
     app = app_with_local_docs(title="FLUX.1-Kontext optimized", version="0.1.0", lifespan=lifespan)
     app.state.service = service

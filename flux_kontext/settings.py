@@ -536,6 +536,41 @@ class FirstBlockCacheSettings(BaseModel):
     )
 
 
+class ContextParallelSettings(BaseModel):
+    """Several GPUs of one host running each generation together (flux_kontext/parallel/, context_parallel)."""
+
+    parallel: int = Field(
+        1,
+        ge=1,
+        le=8,
+        description="Processes (one GPU each) that run every generation together (context parallelism, Ulysses): "
+        "rank 0 serves HTTP and starts the others. Under torchrun, WORLD_SIZE decides (this must then be 1 or equal).",
+    )
+    parallel_port: int = Field(
+        29517, ge=1024, le=65535, description="TCP port of rank 0's store (jobs, heartbeats, the process group)."
+    )
+    parallel_heartbeat_timeout_s: float = Field(
+        5.0, gt=0, le=300, description="A rank whose heartbeat is older than this turns readiness 503 (dead or frozen)."
+    )
+    parallel_step_timeout_s: float = Field(
+        60.0,
+        gt=0,
+        description="Once ready, a rank running a job without finishing a denoising step for this long turns "
+        "readiness 503 (hung in a kernel or a collective).",
+    )
+    parallel_start_timeout_s: float = Field(
+        600.0, gt=0, description="How long rank 0 waits for every rank to join and load before it reports failed."
+    )
+    parallel_collective_timeout_s: float = Field(
+        600.0, gt=0, description="Timeout of the process group's collectives (a rank gone mid-job ends there)."
+    )
+    parallel_cuda_graphs: bool = Field(
+        False,
+        description="Keep CUDA graphs with context parallelism (the graphs then hold NCCL all-to-alls; not yet run "
+        "on GPUs here, so off by default: cuda_graphs is skipped, saying why).",
+    )
+
+
 class LoraSettings(BaseModel):
     """LoRA adapters the operator makes available (flux_kontext/optimizations/lora.py); requests choose among them by
     name, never by path or URL."""
@@ -597,6 +632,7 @@ def lora_entry(entry: str) -> tuple[str, str]:
 
 
 class Settings(
+    ContextParallelSettings,
     LoraSettings,
     FirstBlockCacheSettings,
     CudaGraphsSettings,

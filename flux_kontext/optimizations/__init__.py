@@ -12,10 +12,11 @@ and checked when the Stack is built (flux_kontext/stack):
  7. fused_gelu_fp8     MLP outputs on our kernels: the blocks' ``body`` slot
  8. fused_norm_rope    whole FP8 blocks on our kernels: the ``body`` slot
  9. lora               LoRA adapters' side path next to the (FP8) layers, the fused blocks' too; before compile
-10. compile            the ``compiled`` slot, and the VAE
-11. cuda_graphs        the ``graphed`` slot (use_cuda_graphs), keyed on LoRA's side path being on or off
-12. first_block_cache  diffusers' hooks, above every slot
-13. dpm_solver         the scheduler per request (use_dpm_solver)
+10. context_parallel   several ranks: Ulysses around the kernel choice, the transformer's forward on a shard
+11. compile            the ``compiled`` slot, and the VAE
+12. cuda_graphs        the ``graphed`` slot (use_cuda_graphs), keyed on LoRA's side path being on or off
+13. first_block_cache  diffusers' hooks, above every slot (its skip decision global under context_parallel)
+14. dpm_solver         the scheduler per request (use_dpm_solver)
 
 Optional dependencies (torchao, FA3, Triton) are imported inside ``apply``: importing this package needs no GPU.
 """
@@ -28,6 +29,7 @@ def build_all(settings) -> list:
     from flux_kontext.optimizations.attention import Attention
     from flux_kontext.optimizations.channels_last import ChannelsLast
     from flux_kontext.optimizations.compile import Compile
+    from flux_kontext.optimizations.context_parallel import ContextParallel
     from flux_kontext.optimizations.cuda_graphs import CudaGraphs
     from flux_kontext.optimizations.dpm_solver import DpmSolver
     from flux_kontext.optimizations.first_block_cache import FirstBlockCache
@@ -49,6 +51,7 @@ def build_all(settings) -> list:
         FusedGeluFp8,
         FusedNormRope,
         Lora,
+        ContextParallel,
         Compile,
         CudaGraphs,
         FirstBlockCache,

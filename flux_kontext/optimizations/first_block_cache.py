@@ -29,9 +29,10 @@ HEAD_HOOK = "fbc_leader_block_hook"  # diffusers' name for the hook on the first
 
 
 class FirstBlockCacheControl:
-    """Per-request control of diffusers' first-block cache on one transformer."""
+    """Per-request control of diffusers' first-block cache on one transformer. ``reduce_sum``: under context
+    parallelism, the sum over ranks, which makes the skip decision the whole sequence's (the same on every rank)."""
 
-    def __init__(self, transformer: torch.nn.Module, threshold: float):
+    def __init__(self, transformer: torch.nn.Module, threshold: float, reduce_sum=None):
         from diffusers.hooks import FirstBlockCacheConfig, HookRegistry
 
         transformer.enable_cache(FirstBlockCacheConfig(threshold=threshold))
@@ -39,6 +40,8 @@ class FirstBlockCacheControl:
         self._head_hook = HookRegistry.check_if_exists_or_initialize(head).get_hook(HEAD_HOOK)
         if self._head_hook is None:
             raise RuntimeError("diffusers did not install its first-block hook on transformer_blocks[0]")
+        if reduce_sum is not None:
+            self._head_hook._should_compute_remaining_blocks = _global_decision(self._head_hook, reduce_sum)
         self.transformer = transformer
         self.default_threshold = self.threshold = threshold
         self.run: RequestRun | None = None
@@ -78,9 +81,24 @@ class FirstBlockCacheControl:
         return {"threshold": self.threshold, "computed": self.computed, "skipped": self.skipped}
 
 
+def _global_decision(hook, reduce_sum):
+    """diffusers' decision (mean |residual change| / mean |previous residual| above the threshold) over every rank's
+    tokens: the ratio of the summed numerators and denominators (equal counts on both sides)."""
+
+    def should_compute(residual: torch.Tensor) -> bool:
+        previous = hook.state_manager.get_state().head_block_residual
+        if previous is None:
+            return True
+        sums = reduce_sum(torch.stack([(residual - previous).abs().sum(), previous.abs().sum()]).float())
+        return float(sums[0] / sums[1]) > hook.threshold
+
+    return should_compute
+
+
 class FirstBlockCache(Optimization):
     name = "first_block_cache"
-    after = ("cuda_graphs", "compile")  # its hooks wrap whatever the blocks' forward slots hold
+    # Its hooks wrap whatever the blocks' forward slots hold; its forward wrapper sits above context_parallel's.
+    after = ("cuda_graphs", "compile", "context_parallel")
     counters = True
 
     def __init__(self, settings):
@@ -92,7 +110,9 @@ class FirstBlockCache(Optimization):
 
     def apply(self, model: Model) -> Outcome:
         threshold = self.settings.cache_threshold
-        self.control = FirstBlockCacheControl(model.pipe.transformer, threshold)
+        parallel = model.earlier.get("context_parallel")
+        reduce_sum = parallel.all_reduce_sum if parallel is not None else None
+        self.control = FirstBlockCacheControl(model.pipe.transformer, threshold, reduce_sum)
         return Outcome.applied(
             f"diffusers FirstBlockCache, residual threshold {threshold} (per request: cache_threshold; "
             "0 never skips); cond and true-CFG uncond passes keep separate state; skips are reported per request"
