@@ -30,6 +30,7 @@ from types import SimpleNamespace
 import torch
 from diffusers import FluxTransformer2DModel
 
+from flux_kontext.gpu_timing import gpu_milliseconds
 from flux_kontext.logging_setup import configure_logging
 from flux_kontext.models import FULL_TRANSFORMER, step_inputs
 from flux_kontext.settings import Settings
@@ -117,25 +118,19 @@ def time_ms(fn: Callable[[], object], *, repeats: int, warmup: int, per_call: bo
     ``repeats`` (each call starts on an idle GPU; one slow call does not move it). With ``repeats=1`` either is the
     duration of one call, host work included (a first call that compiles, a graph capture): the start event runs as
     soon as the work queued before it is done."""
+    if not per_call:
+        return gpu_milliseconds(fn, repeats, warmup)
     for _ in range(warmup):
         fn()
-    if per_call:
-        times = []
-        for _ in range(repeats):
-            start, end = _events()
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        return statistics.median(times)
-    start, end = _events()
-    start.record()
+    times = []
     for _ in range(repeats):
+        start, end = _events()
+        start.record()
         fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / repeats
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
 
 
 def output_and_ms(model, kwargs: dict, *, warmup: int, repeats: int) -> tuple[torch.Tensor, float]:
