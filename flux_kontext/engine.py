@@ -22,8 +22,9 @@ from flux_kontext.device import Device, is_sticky_gpu_error, resolve_device, res
 from flux_kontext.generation import Generation, output_size
 from flux_kontext.jobs import EngineNotReady, EngineOutOfMemory, Job, JobCancelled, JobRejected, JobResult
 from flux_kontext.loading import host_rss_bytes, host_rss_peak_bytes
-from flux_kontext.memory_plan import GIB, ModelSizes, Request, plan_for_settings
+from flux_kontext.memory_plan import GIB, ModelSizes, plan_for_settings
 from flux_kontext.models import LoadedModel, load_model
+from flux_kontext.resolution import RequestShape
 from flux_kontext.settings import Settings
 from flux_kontext.stack import Report, Stack, stack_for
 from flux_kontext.warmup_shapes import (
@@ -145,7 +146,8 @@ class Engine:
         if self.model is None or self.model.plan is None:
             return None
         width, height, _, context = output_size(job)
-        request = Request(width, height, edit=context is not None, num_images=job.num_images, context=context)
+        mode = "edit" if context is not None else "text_to_image"
+        request = RequestShape(mode, width, height, num_images=job.num_images, context=context)
         return self.model.plan.refusal(request)
 
     def describe_memory(self) -> dict | None:

@@ -24,7 +24,7 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
-from flux_kontext.resolution import image_tokens
+from flux_kontext.resolution import RequestShape
 
 GIB = 2**30
 MAX_NUM_IMAGES = 4  # the request schema's limit
@@ -65,21 +65,6 @@ class ActivationModel:
 
 
 @dataclass(frozen=True)
-class Request:
-    """What decides a request's memory: output size, edit or not, images."""
-
-    width: int
-    height: int
-    edit: bool
-    num_images: int = 1
-    context: tuple[int, int] | None = None  # an edit's context image size (default: the output size)
-
-    def tokens(self, text_tokens: int) -> int:
-        context = (self.context or (self.width, self.height)) if self.edit else None
-        return text_tokens + image_tokens(self.width, self.height, context)
-
-
-@dataclass(frozen=True)
 class MemoryPlan:
     tier: int  # 0: no GPU (everything on the CPU, no limit)
     name: str
@@ -106,15 +91,15 @@ class MemoryPlan:
         graphs = act.graphs * act.graph_warmup_tokens * sizes.hidden * sizes.blocks if self.cuda_graphs else 0
         return int(act.reserve + graphs)
 
-    def per_image(self, request: Request) -> int:
+    def per_image(self, request: RequestShape) -> int:
         """Transient bytes per image of ``request`` in the transformer phase (graphs included where captured)."""
         return transformer_bytes_per_image(self.sizes, self.activations, request, self.cuda_graphs)
 
-    def vae_bytes(self, request: Request) -> int:
+    def vae_bytes(self, request: RequestShape) -> int:
         """Transient bytes of the VAE phase (one image at a time; one tile when tiled)."""
         return vae_bytes(self.sizes, self.activations, request, self.vae_tiling)
 
-    def max_num_images(self, request: Request) -> int:
+    def max_num_images(self, request: RequestShape) -> int:
         """How many images of this size the plan holds (MAX_NUM_IMAGES when there is no GPU budget)."""
         if self.budget is None:
             return MAX_NUM_IMAGES
@@ -127,7 +112,7 @@ class MemoryPlan:
         """Bytes to keep free beside the weights and the graphs kept: what the largest request the plan admits needs
         (its transformer phase, the graphs of its own shape included, or its VAE phase). CUDA graphs of other shapes
         are evicted to keep this free (FLUX_CUDA_GRAPH_MIN_FREE_GIB's default)."""
-        largest = Request(*LARGEST_REQUEST, edit=True)
+        largest = RequestShape("edit", *LARGEST_REQUEST)
         most = max(1, self.max_num_images(largest))
         return max(most * self.per_image(largest), self.vae_bytes(largest))
 
@@ -137,7 +122,7 @@ class MemoryPlan:
             return {}
         return {"memory_budget": self.budget, "request_headroom": self.request_headroom()}
 
-    def refusal(self, request: Request) -> str | None:
+    def refusal(self, request: RequestShape) -> str | None:
         """Why this request cannot run in the plan (None: it fits)."""
         most = self.max_num_images(request)
         if request.num_images <= most:
@@ -152,7 +137,7 @@ class MemoryPlan:
         )
 
     def public(self) -> dict:
-        largest = Request(*LARGEST_REQUEST, edit=True)
+        largest = RequestShape("edit", *LARGEST_REQUEST)
         return {
             "tier": self.tier,
             "name": self.name,
@@ -207,15 +192,15 @@ class PlanDoesNotFit(RuntimeError):
     """Not even the last tier holds one image of the largest request: the service refuses to start."""
 
 
-def transformer_bytes_per_image(sizes: ModelSizes, act: ActivationModel, request: Request, graphs: bool) -> int:
-    tokens = request.tokens(sizes.text_tokens)
+def transformer_bytes_per_image(sizes: ModelSizes, act: ActivationModel, request: RequestShape, graphs: bool) -> int:
+    tokens = sizes.text_tokens + request.tokens
     per_image = act.transformer * tokens * sizes.hidden
     if graphs:
         per_image += act.graphs * tokens * sizes.hidden * sizes.blocks
     return int(per_image)
 
 
-def vae_bytes(sizes: ModelSizes, act: ActivationModel, request: Request, tiled: bool) -> int:
+def vae_bytes(sizes: ModelSizes, act: ActivationModel, request: RequestShape, tiled: bool) -> int:
     width, height = (
         (min(request.width, VAE_TILE), min(request.height, VAE_TILE)) if tiled else (request.width, request.height)
     )
@@ -285,7 +270,7 @@ def choose_plan(
     low_precision_gemm is not switched off. Raises PlanDoesNotFit when no tier holds one image."""
     act = act or ActivationModel()
     fp8 = fp8_wanted and capability is not None and capability >= (8, 9)
-    largest = Request(*LARGEST_REQUEST, edit=True, num_images=MAX_NUM_IMAGES)
+    largest = RequestShape("edit", *LARGEST_REQUEST, num_images=MAX_NUM_IMAGES)
     fitting = [
         plan
         for tier, name, placements in _candidates()
@@ -308,7 +293,7 @@ def choose_plan(
 def _fit(tier, name, placements, budget, source, sizes, act, fp8, graphs_wanted) -> MemoryPlan | None:
     """The plan for these placements, graphs and tiling only where needed or affordable; None when the weights do
     not fit. Graphs hold every block's outputs per captured shape: tier 1 only, and only with room for the largest."""
-    largest = Request(*LARGEST_REQUEST, edit=True, num_images=MAX_NUM_IMAGES)
+    largest = RequestShape("edit", *LARGEST_REQUEST, num_images=MAX_NUM_IMAGES)
     graph_options = (True, False) if graphs_wanted and tier == 1 else (False,)
     plans = [
         _build(tier, name, placements, budget, source, sizes, act, fp8, tiled, graphs)
@@ -326,7 +311,7 @@ def _fit(tier, name, placements, budget, source, sizes, act, fp8, graphs_wanted)
     return plan
 
 
-def _with_notes(plan: MemoryPlan, largest: Request, cuda_graphs_wanted: bool) -> MemoryPlan:
+def _with_notes(plan: MemoryPlan, largest: RequestShape, cuda_graphs_wanted: bool) -> MemoryPlan:
     notes = []
     t5 = plan.placements["text_encoder_2"]
     if t5 == "on_demand":
@@ -350,7 +335,7 @@ def _with_notes(plan: MemoryPlan, largest: Request, cuda_graphs_wanted: bool) ->
 
 
 def _does_not_fit(budget: int, sizes: ModelSizes, act: ActivationModel, fp8: bool) -> str:
-    one = Request(*LARGEST_REQUEST, edit=True)
+    one = RequestShape("edit", *LARGEST_REQUEST)
     streamed = _build(3, "", {"transformer": "group_offload", "text_encoder_2": "streamed", "text_encoder": "cpu",
                               "vae": "gpu"}, budget, "", sizes, act, fp8, True, False)  # fmt: skip
     need = sum(streamed.gpu_bytes.values()) + act.reserve + max(streamed.per_image(one), streamed.vae_bytes(one))

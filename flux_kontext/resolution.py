@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
+from typing import Literal
 
+Mode = Literal["edit", "text_to_image"]
 PIXELS_PER_TOKEN_SIDE = 16  # 8x VAE downsampling, then 2x2 latent packing
 
 
@@ -11,6 +14,34 @@ def image_tokens(width: int, height: int, context: tuple[int, int] | None = None
     """Image tokens the transformer sees for an output of ``width`` x ``height``, plus an edit's context image."""
     tokens = (width // PIXELS_PER_TOKEN_SIDE) * (height // PIXELS_PER_TOKEN_SIDE)
     return tokens + (image_tokens(*context) if context else 0)
+
+
+@dataclass(frozen=True)
+class RequestShape:
+    """What a request brings to the model's memory and compiled code: mode, output size, batch, true CFG and an
+    edit's context image size (None: the output's size). The memory plan and warm-up both speak in it."""
+
+    mode: Mode
+    width: int
+    height: int
+    num_images: int = 1
+    true_cfg: bool = False
+    context: tuple[int, int] | None = None  # edit only; None: the output's size
+
+    @property
+    def edit(self) -> bool:
+        return self.mode == "edit"
+
+    @property
+    def context_size(self) -> tuple[int, int] | None:
+        if not self.edit:
+            return None
+        return self.context or (self.width, self.height)
+
+    @property
+    def tokens(self) -> int:
+        """Image tokens the transformer sees (2x2-packed latents of the 8x VAE: 16x16 pixels per token)."""
+        return image_tokens(self.width, self.height, self.context_size)
 
 
 # The 17 resolutions FLUX.1-Kontext was trained on (BFL reference; also in diffusers' Kontext pipeline).

@@ -32,11 +32,10 @@ from typing import Literal
 from PIL import Image
 
 from flux_kontext.jobs import Job, JobResult
-from flux_kontext.resolution import PREFERRED_KONTEXT_RESOLUTIONS, image_tokens, kontext_resolution
+from flux_kontext.resolution import PREFERRED_KONTEXT_RESOLUTIONS, Mode, RequestShape, kontext_resolution
 
 log = logging.getLogger(__name__)
 
-Mode = Literal["edit", "text_to_image"]
 HOT_SIZE = (1024, 1024)  # the default size, the one benchmarks and most requests use
 EXPLICIT_SIZE = (1280, 720)  # not a preferred resolution: stands for every explicit width/height
 CPU_CHECK_IMAGE = (64, 48)  # the CPU path's one edit (snapped to the nearest preferred resolution)
@@ -46,27 +45,8 @@ BATCH_SIZES = (2, 3, 4)
 Readiness = Literal["compiled", "dynamic", "will compile", "eager"]
 
 
-@dataclass(frozen=True)
-class Shape:
-    """One shape class a request can bring: mode, output size, context image size (edit), batch, true CFG."""
-
-    mode: Mode
-    width: int
-    height: int
-    num_images: int = 1
-    true_cfg: bool = False
-    context: tuple[int, int] | None = None  # edit only; None: the output's size
-
-    @property
-    def context_size(self) -> tuple[int, int] | None:
-        if self.mode == "text_to_image":
-            return None
-        return self.context or (self.width, self.height)
-
-    @property
-    def tokens(self) -> int:
-        """Image tokens the transformer sees (2x2-packed latents of the 8x VAE: 16x16 pixels per token)."""
-        return image_tokens(self.width, self.height, self.context_size)
+class Shape(RequestShape):
+    """One shape class a request can bring (warm-up's view of a RequestShape: its key, a job of it)."""
 
     @property
     def key(self) -> str:

@@ -16,16 +16,16 @@ from flux_kontext.memory_plan import (
     LARGEST_REQUEST,
     MAX_NUM_IMAGES,
     PlanDoesNotFit,
-    Request,
     choose_plan,
 )
 from flux_kontext.models import FULL_T5, FULL_TRANSFORMER, build_random_pipeline, load_model
+from flux_kontext.resolution import RequestShape
 from flux_kontext.service import create_app
 from flux_kontext.settings import Settings
 from flux_kontext.text_encoding import PromptEncoder
 from tests.conftest import decode_b64_image, image_b64, wait_ready
 
-LARGEST = Request(*LARGEST_REQUEST, edit=True, num_images=MAX_NUM_IMAGES)
+LARGEST = RequestShape("edit", *LARGEST_REQUEST, num_images=MAX_NUM_IMAGES)
 # FLUX_GPU_MEMORY_GIB for the tiny model on the CPU: weights and one image fit, not MAX_NUM_IMAGES at 1568x672.
 TINY_TIGHT_GIB = 2.54
 
@@ -76,11 +76,11 @@ def test_a_tight_budget_limits_num_images_and_says_so(full_sizes):
     plan = choose_plan(16 * GIB, (9, 0), full_sizes)
     most = plan.max_num_images(LARGEST)
     assert 1 <= most < MAX_NUM_IMAGES
-    assert plan.refusal(Request(*LARGEST_REQUEST, edit=True, num_images=most)) is None
-    message = plan.refusal(Request(*LARGEST_REQUEST, edit=True, num_images=most + 1))
+    assert plan.refusal(RequestShape("edit", *LARGEST_REQUEST, num_images=most)) is None
+    message = plan.refusal(RequestShape("edit", *LARGEST_REQUEST, num_images=most + 1))
     assert f"at most {most} image" in message and "16.0 GiB" in message and "1568x672" in message
     # Fewer tokens, more images: a 1024² text-to-image holds at least as many as the widest edit.
-    assert plan.max_num_images(Request(1024, 1024, edit=False, num_images=4)) >= most
+    assert plan.max_num_images(RequestShape("text_to_image", 1024, 1024, num_images=4)) >= most
 
 
 def test_more_memory_never_means_a_slower_tier_or_fewer_images(full_sizes):
@@ -95,7 +95,7 @@ def test_more_memory_never_means_a_slower_tier_or_fewer_images(full_sizes):
 @pytest.mark.parametrize("gib", [24, 48, 139])
 def test_the_headroom_cuda_graphs_keep_free_holds_the_largest_admitted_request(full_sizes, gib):
     plan = choose_plan(gib * GIB, (9, 0), full_sizes)
-    largest = Request(*LARGEST_REQUEST, edit=True)
+    largest = RequestShape("edit", *LARGEST_REQUEST)
     most = plan.max_num_images(largest)
     headroom = plan.request_headroom()
     assert headroom >= most * plan.per_image(largest) and headroom >= plan.vae_bytes(largest)
