@@ -13,6 +13,7 @@ q, k, v, proj_mlp, proj_out), written to files and loaded as the service loads t
       graphs replaying) for the 1024² text-to-image and edit, without adapter and with r16; the first request after
       switching r16 -> r16b against its repeat, with the compiles and graph captures that switch caused; FP8 + r16
       against bf16 + r16 (whole output, and the adapter's delta alone).
+   A'. A again with FLUX_LORA_K_AUGMENT (the up projection folded into the wide FP8 GEMMs: lora_k_augment.py).
    B. Slots for one rank-64 adapter (FLUX_LORAS=r64): r64 per step against A's no-adapter step (the same compiled
       code); FP8 + r64 against bf16 + r64.
 3. Merging instead (one layer, 3072 -> 12288): dequantize, add the rank-16 delta, requantize rowwise FP8: its time
@@ -56,8 +57,8 @@ SERVING_BODY = ["low_precision_gemm", "gelu_sigmoid_form", "fused_gelu_fp8", "fu
 ON_TOP = ["lora", "compile", "cuda_graphs"]
 # Stop before part B / the layer levers when this much of the run has gone (the device lease is short; A is the
 # target's part).
-SECONDS_BEFORE_B = 110.0
-SECONDS_BEFORE_LAYERS = 150.0
+SECONDS_BEFORE_B = 150.0
+SECONDS_BEFORE_LAYERS = 220.0
 
 
 def block_targets(config) -> dict[str, tuple[int, int]]:
@@ -162,9 +163,10 @@ def reference(bench: Bench, cases: dict, loras: list[str]) -> dict[str, torch.Te
 CHOICES = {"none": (), "r16": (("r16", 1.0),), "r64": (("r64", 1.0),)}
 
 
-def part_a(bench: Bench, cases: dict, loras: list[str], ref: dict) -> dict:
-    stack = bench.apply(ON_TOP, slots=bench.slots, loras=loras, lora_max_per_request=1)
-    part = {"settings": "FLUX_LORAS=r16,r16b FLUX_LORA_MAX_PER_REQUEST=1", "lora": stack["lora"].report().public()}
+def part_a(bench: Bench, cases: dict, loras: list[str], ref: dict, k_augment: bool = False) -> dict:
+    stack = bench.apply(ON_TOP, slots=bench.slots, loras=loras, lora_max_per_request=1, lora_k_augment=k_augment)
+    settings = f"FLUX_LORAS=r16,r16b FLUX_LORA_MAX_PER_REQUEST=1 FLUX_LORA_K_AUGMENT={str(k_augment).lower()}"
+    part = {"settings": settings, "lora": stack["lora"].report().public()}
     for case, kwargs in cases.items():
         row = part[case] = {}
         for label in ("none", "r16"):
@@ -186,11 +188,20 @@ def part_a(bench: Bench, cases: dict, loras: list[str], ref: dict) -> dict:
         row["switch_compiled_graphs"] = compiles() - before
         row["switch_cuda_graphs"] = counters.get("cuda_graphs")
         row["switch_lora"] = counters.get("lora")
-        log.info("A %s: %s", case, {k: v for k, v in row.items() if not k.startswith("_")})
+        log.info("A (k_augment=%s) %s: %s", k_augment, case, {k: v for k, v in row.items() if not k.startswith("_")})
         bench.save()
     t2i = part["text_to_image"]
-    t2i["r16_delta_fp8_vs_bf16_rel_error"] = rel(t2i.pop("_r16") - t2i["_none"], ref["r16"] - ref["none"])
-    ref["_fp8_none"] = t2i.pop("_none")
+    fp8_r16 = t2i.pop("_r16")
+    t2i["r16_delta_fp8_vs_bf16_rel_error"] = rel(fp8_r16 - t2i["_none"], ref["r16"] - ref["none"])
+    # What that error is made of: the adapter's effect against FP8's own error (two runs' FP8 rounding noise does
+    # not cancel in their difference when their activations differ), and the delta against the first part's
+    # delta (same FP8 base, another side path: only the side path's arithmetic differs).
+    t2i["r16_effect_bf16_rel"] = rel(ref["r16"], ref["none"])
+    if "_fp8_r16" in ref:
+        t2i["r16_delta_vs_in_place_delta_rel_error"] = rel(fp8_r16 - t2i["_none"], ref["_fp8_r16"] - ref["_fp8_none"])
+    ref.setdefault("_fp8_r16", fp8_r16)
+    ref.setdefault("_fp8_none", t2i.pop("_none"))
+    t2i.pop("_none", None)
     undo(stack)
     return part
 
@@ -299,6 +310,13 @@ def main() -> int:
     bench.save()
     result["A"] = part_a(bench, cases, [files["r16"], files["r16b"]], ref)
     result["seconds_after_A"] = round(time.perf_counter() - start, 1)
+    bench.save()
+    try:  # the up projection folded into the wide FP8 GEMMs (lora_k_augment.py), the same adapters
+        result["A_k_augment"] = part_a(bench, cases, [files["r16"], files["r16b"]], ref, k_augment=True)
+    except Exception as exc:  # never loses the rest
+        log.exception("part A with FLUX_LORA_K_AUGMENT failed")
+        result["A_k_augment"] = {"failed": f"{type(exc).__name__}: {exc}"[:1000]}
+    result["seconds_after_A_k_augment"] = round(time.perf_counter() - start, 1)
     bench.save()
     if time.perf_counter() - start < SECONDS_BEFORE_B:
         none_ms = {case: result["A"][case]["none_ms"] for case in cases}

@@ -14,6 +14,11 @@ Variants (rank 16, one adapter; the single block's q|k|v part of to_qkv's side i
 - ``now_out_of_place``: ``now`` with an out-of-place ``torch.addmm`` for the up projection (lever c alone).
 - ``now_add_in_consumer``: ``now``, except the output projection's up projection as ``mm`` + add, which Inductor
   fuses into the residual.
+- ``served``: as served before K-augmentation: ``now`` with lora_triton's kernel on the wide outputs (q|k|v, MLP in)
+  and cuBLAS on the 3072-wide one (what ``lora_triton.choose`` picked).
+- ``k_aug`` / ``k_aug_1copy``: the up projection folded into the wide GEMMs (lora_k_augment.py): [x8 | t'] against
+  [W8 | B'] (the single block's two layers on one x_aug), each t' column written COPIES times (or once); the
+  output projection / MLP-down as ``served``.
 Lever b (A's rows folded into the base GEMM as extra output rows) is timed as GEMMs (eager: cuBLAS calls either
 way): to_qkv's GEMM with 64 more rows against to_qkv's GEMM plus the shared down projection. And the error of h =
 x A^T with A in e4m3 against A in bf16 (both from the same FP8 activations) against fp32.
@@ -30,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from flux_kontext.optimizations import lora_gemm  # noqa: E402
+from flux_kontext.optimizations import lora_gemm, lora_k_augment  # noqa: E402
 from flux_kontext.optimizations.kernels.e4m3 import quantize_rowwise_fp8  # noqa: E402
 
 RANK = 16
@@ -78,6 +83,26 @@ class Layer:
     def add_in_consumer(self, values, scale):
         return self.base(values, scale) + torch.mm(self.low(values, scale), self.up.t())
 
+    def folded(self, copies: int, extra: int | None = None, start: int = 0, t_scale=None):
+        """This layer's W_aug (``extra`` t' columns, its own from ``start``), B' filled; its t' factors written into
+        ``t_scale`` (a view of a shared one) or a new one."""
+        width = self.up.shape[1]
+        extra = width if extra is None else extra
+        weight = lora_k_augment.AugmentedWeight(self.weight_t, self.weight_scale, extra, start, width, copies)
+        t_scale = torch.zeros(1, width, device=self.up.device) if t_scale is None else t_scale
+        weight.fill(self.up, t_scale)
+        return weight, t_scale
+
+    def k_aug(self, copies: int):
+        """A callable (values, scale) -> output on the folded GEMM, with its own x_aug."""
+        weight, t_scale = self.folded(copies)
+
+        def fn(values, scale):
+            x_aug = lora_k_augment.augmented_input(values, scale, self.low(values, scale), t_scale, copies)
+            return lora_k_augment.augmented_linear(x_aug, scale, weight, None, self.dtype)
+
+        return fn
+
 
 def shared_low(layers, values, scale):
     """One down projection for layers that read the same activations (their A rows concatenated, as
@@ -87,6 +112,26 @@ def shared_low(layers, values, scale):
     low = lora_gemm.down_projection(values, scale, down8, down_scale, layers[0].dtype)
     widths = [layer.down8.shape[0] for layer in layers]
     return low.split(widths, dim=1)
+
+
+def folded_pair(first: Layer, second: Layer, copies: int):
+    """Two layers on one input, one x_aug: (values, scale) -> (first's output, second's output), and what went in."""
+    widths = [first.up.shape[1], second.up.shape[1]]
+    t_scale = torch.zeros(1, sum(widths), device=first.up.device)
+    weights = [
+        first.folded(copies, sum(widths), 0, t_scale[:, : widths[0]])[0],
+        second.folded(copies, sum(widths), widths[0], t_scale[:, widths[0] :])[0],
+    ]
+    down8 = torch.cat([first.down8, second.down8])
+    down_scale = torch.cat([first.down_scale, second.down_scale], dim=1)
+
+    def fn(values, scale):
+        low = lora_gemm.down_projection(values, scale, down8, down_scale, first.dtype)
+        x_aug = lora_k_augment.augmented_input(values, scale, low, t_scale, copies)
+        return tuple(lora_k_augment.augmented_linear(x_aug, scale, w, None, first.dtype) for w in weights)
+
+    fn.parts = {"weights": weights, "t_scale": t_scale, "down8": down8, "down_scale": down_scale}
+    return fn
 
 
 def single_block(tokens: int, inner: int, device, dtype, generator):
@@ -125,6 +170,9 @@ def single_block(tokens: int, inner: int, device, dtype, generator):
         "now_unshared": run(lambda v, s: (mlp.now(v, s), qkv.now(v, s)), out.now),
         "now_out_of_place": run(out_of_place_shared, lambda v, s: out.out_of_place(v, s, out.low(v, s))),
         "now_add_in_consumer": run(now_shared, out.add_in_consumer),
+        "served": run(lambda v, s: now_shared(v, s, True), out.now),
+        "k_aug": run(folded_pair(mlp, qkv, lora_k_augment.COPIES), out.now),
+        "k_aug_1copy": run(folded_pair(mlp, qkv, 1), out.now),
     }
     return variants, args, (mlp, qkv, values, scale)
 
@@ -167,7 +215,11 @@ def double_block(tokens: int, inner: int, device, dtype, generator):
         "before": run(Layer.before, hook_before),
         "now": run(Layer.now, hook_now),
         "now_triton": run(Layer.now_triton, hook_now),
+        "served": run(lambda layer, v, s: layer.now(v, s, triton=layer is not ff2), hook_now),
     }
+    for label, copies in (("k_aug", lora_k_augment.COPIES), ("k_aug_1copy", 1)):
+        folded = {qkv: qkv.k_aug(copies), ff0: ff0.k_aug(copies)}
+        variants[label] = run(lambda layer, v, s, f=folded: f[layer](v, s) if layer in f else layer.now(v, s), hook_now)
     return variants, args
 
 
@@ -214,6 +266,54 @@ def fold_and_error(mlp, qkv, values, scale, timer) -> dict:
     }
 
 
+def folded_accuracy(mlp: Layer, qkv: Layer, values, scale) -> dict:
+    """The adapter's delta on one single block's two wide layers, against the exact fp32 (x A^T) B^T on the same FP8
+    activations (A in bf16 as the adapter ships it): as served (A in e4m3, bf16 up projection) and folded (t', B' in
+    e4m3 too), with the share of t' entries saturated; and whether the folded GEMM with B' = 0 equals the plain GEMM
+    bit for bit (what a request at scale 0 would get if it ran the folded GEMM; it does not: it runs the plain one)."""
+    result = {}
+    x = values.float() * scale
+    with torch.inference_mode():
+        base = [layer.base(values, scale).float() for layer in (mlp, qkv)]
+        exact = [x @ layer.down.float().t() @ layer.up.float().t() for layer in (mlp, qkv)]
+        low_mlp, low_qkv = shared_low((mlp, qkv), values, scale)
+        served = [mlp.now(values, scale, low_mlp).float(), qkv.now(values, scale, low_qkv).float()]
+        result["served_delta_rel_error"] = [rel_error(s - b, e) for s, b, e in zip(served, base, exact, strict=True)]
+        for label, copies in (("k_aug", lora_k_augment.COPIES), ("k_aug_1copy", 1)):
+            fn = folded_pair(mlp, qkv, copies)
+            folded = [out.float() for out in fn(values, scale)]
+            parts = fn.parts
+            low = lora_gemm.down_projection(values, scale, parts["down8"], parts["down_scale"], mlp.dtype)
+            result[label] = {
+                "delta_rel_error": [rel_error(f - b, e) for f, b, e in zip(folded, base, exact, strict=True)],
+                "t_saturated_fraction": lora_k_augment.saturation(low, scale, parts["t_scale"]),
+                "t_max_over_448": float((low.float() / scale * parts["t_scale"]).abs().max() / 448),
+            }
+        # The worst-case bound known at switch time (|x8| <= 448: |x8 A_r^T| <= 448 ||A_r||_1) against the product
+        # limit COPIES * 448²: the share of rank columns it would let fold (B' at 448, t' bounded by it).
+        feasible = []
+        for layer in (mlp, qkv):
+            a_l1 = (layer.down8.float() * layer.down_scale.t()).abs().sum(dim=1)
+            b_max = (layer.up.float() / layer.weight_scale.view(-1, 1)).abs().amax(dim=0)
+            bound = 448 * a_l1 * b_max
+            feasible.append(float((bound <= lora_k_augment.COPIES * 448**2).float().mean()))
+        result["worst_case_bound_would_fold_fraction"] = feasible
+        delta_share = [float(e.norm() / b.norm()) for e, b in zip(exact, base, strict=True)]
+        result["delta_norm_over_base_norm"] = delta_share
+        zero = folded_pair(mlp, qkv, lora_k_augment.COPIES)
+        for weight in zero.parts["weights"]:
+            weight.weight[:, values.shape[1] :].zero_()
+        result["folded_with_zero_B_equals_plain_gemm"] = [
+            bool(torch.equal(z, layer.base(values, scale)))
+            for z, layer in zip(zero(values, scale), (mlp, qkv), strict=True)
+        ]
+    return result
+
+
+def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
 def up_add_alone(tokens: int, inner: int, device, dtype, generator, timer) -> dict:
     """out += low up^T in place alone, per output width: cuBLAS addmm_ against lora_triton's kernel (GB/s of the
     output's read and write)."""
@@ -247,6 +347,7 @@ def layer_levers(device, tokens: int = 8704, inner: int = 3072, timer=None) -> d
     result = {"tokens": tokens, "rank": RANK, "single_block": time_variants(single, single_args, timer)}
     result["double_block_one_stream"] = time_variants(*double_block(tokens, inner, device, dtype, generator), timer)
     result["fold_A_into_base_gemm"] = fold_and_error(*fold_inputs, timer)
+    result["k_aug_accuracy"] = folded_accuracy(*fold_inputs)
     result["up_add_alone"] = up_add_alone(tokens, inner, device, dtype, generator, timer)
     result["seconds"] = round(time.perf_counter() - start, 1)
     return result

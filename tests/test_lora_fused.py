@@ -1,6 +1,7 @@
 """LoRA's side path inside the fused FP8 blocks (fp8_blocks.fp8_linear / fp8_linears, lora_gemm.py) on the tiny
 transformer as the GPU stack leaves it (CPU: the kernels' references and CPU FP8 GEMMs stand in for the GPU's):
-against the forward hook's path on the same FP8 layers, scale 0 bit for bit, and under torch.compile."""
+against the forward hook's path on the same FP8 layers, scale 0 bit for bit, and under torch.compile; the up
+projection folded into the wide GEMMs (lora_k_augment.py) against the exact low-rank product."""
 
 from __future__ import annotations
 
@@ -25,14 +26,15 @@ def adapters(tmp_path_factory):
     return [f"style={peft_lora(folder / 'style', seed=1)}", f"light={peft_lora(folder / 'light', seed=3, rank=8)}"]
 
 
-def fused_with_lora(adapters, seed: int = 0, compiled: bool = False):
+def fused_with_lora(adapters, seed: int = 0, compiled: bool = False, k_augment: bool = False):
     transformer, pipe, kwargs, _ = _fp8_tiny_transformer(seed)
     for module in transformer.modules():  # as fuse_qkv serves it: only the fused q|k|v layers remain
         for name in UNFUSED:
             if isinstance(getattr(module, name, None), torch.nn.Linear):
                 setattr(module, name, None)
     names = ["fused_gelu_fp8", "fused_norm_rope", "lora", *(["compile"] if compiled else [])]
-    stack = stack_for(Settings(model="tiny", loras=adapters, lora_max_per_request=2), only=names)
+    settings = Settings(model="tiny", loras=adapters, lora_max_per_request=2, lora_k_augment=k_augment)
+    stack = stack_for(settings, only=names)
     stack.apply(pipe, HOPPER)
 
     def run(loras=()):
@@ -51,7 +53,7 @@ def test_fused_blocks_add_the_adapter_from_their_fp8_activations_as_the_layers_h
     # The up projection's kernel is chosen by measurement on the GPU; /health says why not here.
     assert report["data"]["up_projection"] == {"kernel": "cublas addmm_", "why": "not a CUDA device"}
     none, zero = run(), run([("style", 0.0), ("light", 0.0)])
-    assert torch.equal(zero, none)  # scale 0: the base bit for bit, through the side path's own GEMM call
+    assert torch.equal(zero, none)  # scale 0: the base bit for bit (adapters at scale 0 are left out)
     style, both = run([("style", 1.0)]), run([("style", 1.0), ("light", -0.7)])
     assert torch.equal(run(), none) and torch.equal(run([("style", 1.0)]), style)  # no leakage between requests
 
@@ -77,3 +79,57 @@ def test_the_fused_side_path_compiles_once_and_a_switch_between_adapters_compile
     for label in ["light", "style", "none", "light"]:
         assert rel(compiled(choices[label]), expected[label]) < 1e-5, label
     assert graphs_compiled() == before
+
+
+def test_folding_the_up_projection_into_the_wide_fp8_gemms_adds_the_same_delta(adapters):
+    """FLUX_LORA_K_AUGMENT: q|k|v and the MLP-in GEMMs run on [x8 | t'] and [W8 | B']; the others keep the in-place up
+    projection. The tiny test adapters are strong for e4m3's range (see the saturation test), so at small scales."""
+    stack, run = fused_with_lora(adapters, k_augment=True)
+    report = stack["lora"].report().public()
+    folded = report["data"]["k_augmented"]
+    assert folded == 6 and "folded into the FP8 GEMM" in report["detail"]  # single: q|k|v, MLP in; double: 2 + 2
+    _, plain = fused_with_lora(adapters)
+    none = run()
+    assert torch.equal(none, plain())  # without adapters: the plain GEMMs, bit for bit
+    assert torch.equal(run([("style", 0.0)]), none)
+    for choice in ([("style", 0.02)], [("style", 0.02), ("light", -0.015)]):
+        effect, in_place_effect = run(choice) - none, plain(choice) - none
+        assert rel(run(choice), none) > 0.005  # the adapter does move the output
+        # t' and B' in e4m3 too: about two more FP8-sized errors on the adapter's delta than the in-place path
+        assert rel(effect, in_place_effect) < 0.15, rel(effect, in_place_effect)
+    assert torch.equal(run(), none) and torch.equal(run([("style", 0.02)]), run([("style", 0.02)]))  # no leakage
+
+
+def _layer(fan_in=64, fan_out=192, rank=16, seed=0):
+    from flux_kontext.optimizations.kernels.e4m3 import quantize_rowwise_fp8
+
+    generator = torch.Generator().manual_seed(seed)
+    weight8, weight_scale = quantize_rowwise_fp8(torch.randn(fan_out, fan_in, generator=generator) / fan_in**0.5)
+    down8, down_scale = quantize_rowwise_fp8(torch.randn(rank, fan_in, generator=generator) / fan_in**0.5)
+    up = torch.randn(fan_out, rank, generator=generator) * 0.06 / rank**0.5
+    x8, x_scale = quantize_rowwise_fp8(torch.randn(256, fan_in, generator=generator))
+    return weight8.t(), weight_scale.t(), down8, down_scale.view(1, -1), up, x8, x_scale
+
+
+@pytest.mark.parametrize("strength", [1.0, 40.0])
+def test_the_folded_gemm_computes_the_low_rank_delta_unless_it_saturates_e4m3(strength):
+    """One layer: y = sx sw ([x8 | t'] @ [W8 | B']^T) against the base GEMM plus the exact (x A^T) B^T."""
+    from flux_kontext.optimizations import lora_gemm, lora_k_augment
+
+    weight_t, weight_scale, down8, down_scale, up, x8, x_scale = _layer()
+    up = up * strength
+    rank = up.shape[1]
+    folded = lora_k_augment.AugmentedWeight(weight_t, weight_scale, rank, 0, rank)
+    t_scale = torch.zeros(1, rank)
+    folded.fill(up, t_scale)
+    low = lora_gemm.down_projection(x8, x_scale, down8, down_scale, torch.float32)
+    x_aug = lora_k_augment.augmented_input(x8, x_scale, low, t_scale)
+    assert x_aug.shape == (x8.shape[0], x8.shape[1] + lora_k_augment.COPIES * rank)
+    out = lora_k_augment.augmented_linear(x_aug, x_scale, folded, None, torch.float32)
+    base = torch._scaled_mm(x8, weight_t, scale_a=x_scale, scale_b=weight_scale, out_dtype=torch.float32)
+    exact = low @ up.t()  # the same down projection, the up projection in fp32
+    saturated = lora_k_augment.saturation(low, x_scale, t_scale)
+    if strength == 1.0:
+        assert saturated == 0 and rel(out - base, exact) < 0.06, rel(out - base, exact)  # e4m3's rounding of t', B'
+    else:  # 40 times the delta: past what one rank's term can hold in e4m3, t' is clamped and the delta cut
+        assert saturated > 0.1 and rel(out - base, exact) > 0.2

@@ -9,6 +9,11 @@ are copied into the slots (skipped when they hold them already), the side path i
 only. At most FLUX_LORA_GPU_ADAPTERS adapters stay on the GPU (LRU); the others are copied from host memory when
 asked for.
 
+With FLUX_LORA_K_AUGMENT (off by default: a strong adapter saturates e4m3 there) the fused FP8 blocks' wide layers
+(q|k|v, MLP in) fold the up projection into their FP8 GEMM instead (lora_k_augment.py: K widened by the slots'
+rank, B' written into a wider copy of the weight at switch time). Adapters at scale 0 are left out; a request whose
+adapters are all at scale 0 runs the plain forward.
+
 Side path, not merged weights: merging B·A into an FP8 weight means re-quantizing every adapted layer on each switch
 and keeping an unmerged copy of the base, and FP8's rounding then falls on the adapter's small delta;
 bench/lora.py measures what the side path costs per step (BENCHMARKS.md, "LoRA adapters").
@@ -71,7 +76,13 @@ class Lora(Optimization):
         for adapter in self.adapters.values():
             for layer, parts in adapter.parts.items():
                 layers[layer] = (modules[layer], parts)
-        self.paths = SidePaths(layers, self.settings.lora_max_per_request, slot_rank, shared_inputs(transformer))
+        self.paths = SidePaths(
+            layers,
+            self.settings.lora_max_per_request,
+            slot_rank,
+            shared_inputs(transformer),
+            k_augment=self.settings.lora_k_augment,
+        )
         model.graph_variants.append(self.paths.state.variant)
         device = next(transformer.parameters()).device
         up_kernel = self._choose_up_kernel(device)
@@ -85,11 +96,12 @@ class Lora(Optimization):
         )
         if self.rejected:
             detail += f"; {len(self.rejected)} rejected"
-        return Outcome.applied(detail, **self._data_now(slot_rank, len(layers)), up_projection=up_kernel)
+        data = self._data_now(slot_rank, len(layers))
+        return Outcome.applied(detail, **data, up_projection=up_kernel, k_augmented=len(self.paths.augmented))
 
     def _choose_up_kernel(self, device) -> dict:
         """Per layer shape, the fused blocks' in-place up projection: Triton kernel or cuBLAS, by measurement."""
-        fp8 = [side for side in self.paths.sides.values() if side.down8 is not None]
+        fp8 = [side for side in self.paths.sides.values() if side.down8 is not None and side.aug is None]
         if not fp8:
             return {}
         use, data = lora_triton.choose(device, {tuple(side.up.shape) for side in fp8})
@@ -147,14 +159,21 @@ class Lora(Optimization):
             return
         self.check(job)  # also for jobs that did not come through the service (benches, tests)
         run.record_ran(self.name)
+        # Adapters at scale 0 add nothing: left out, and with none left the plain variant runs (the base bit for bit,
+        # whatever GEMM the side path would use).
+        active = tuple((name, scale) for name, scale in job.loras if scale != 0)
         loads = self.resident.loads
-        copied = self.paths.fill(job.loras, self.resident)
+        copied = self.paths.fill(active, self.resident) if active else False
         run.counters[self.name] = {
             "adapters": [{"name": name, "scale": scale, "rank": self.adapters[name].rank} for name, scale in job.loras],
             "copied_into_slots": copied,
             "loaded_from_host": self.resident.loads - loads,
+            "side_path": bool(active),
         }
         self._note(resident=self.resident.names, loads_from_host=self.resident.loads, evictions=self.resident.evictions)
+        if not active:
+            yield
+            return
         self.paths.state.enabled = True
         try:
             yield
@@ -180,8 +199,8 @@ def fp8_note(paths: SidePaths) -> str:
         return "bf16"
     return (
         f"{fp8} fed by the fused FP8 blocks: down projection from their FP8 activations with A in e4m3, "
-        f"{len(paths.groups)} shared by two layers, up projection added in place ({triton} of them by a Triton "
-        "kernel); the others bf16"
+        f"{len(paths.groups)} shared by two layers, up projection folded into the FP8 GEMM (K widened by the slots' "
+        f"rank) on {len(paths.augmented)} and added in place on the rest ({triton} by a Triton kernel); the others bf16"
     )
 
 

@@ -28,8 +28,9 @@ from collections.abc import Callable, Iterable
 
 import torch
 
-from flux_kontext.optimizations import lora_gemm
+from flux_kontext.optimizations import lora_gemm, lora_k_augment
 from flux_kontext.optimizations.kernels.e4m3 import FP8, quantize_rowwise_fp8
+from flux_kontext.optimizations.lora_k_augment import AugmentedWeight
 
 # (part, A (rank, in_features), B (part rows, rank) with the adapter's alpha/rank scaling folded in)
 Parts = list[tuple[int, torch.Tensor, torch.Tensor]]
@@ -54,12 +55,14 @@ class LoraSide(torch.nn.Module):
         self.state = state
         self.group: SharedInput | None = None
         self.triton_up = False  # the fused blocks' up projection on lora_triton's kernel (measured at start)
+        self.aug: AugmentedWeight | None = None  # the up projection folded into the FP8 GEMM (lora_k_augment.py)
         self.register_buffer("down", torch.zeros(width, linear.in_features, dtype=dtype, device=device), False)
         self.register_buffer("up", torch.zeros(linear.out_features, width, dtype=dtype, device=device), False)
         fp8 = getattr(linear, "fp8_weight_t", None) is not None  # the fused FP8 blocks call this layer's GEMM
         down8 = torch.zeros(width, linear.in_features, dtype=FP8, device=device) if fp8 else None
         self.register_buffer("down8", down8, False)
         self.register_buffer("down_scale", torch.ones(1, width, device=device) if fp8 else None, False)
+        self.register_buffer("t_scale", torch.zeros(1, width, device=device) if fp8 else None, False)
 
     @property
     def enabled(self) -> bool:
@@ -73,6 +76,9 @@ class LoraSide(torch.nn.Module):
     def fp8_linear(self, values: torch.Tensor, scale: torch.Tensor, linear, out_dtype) -> torch.Tensor:
         """``linear``'s FP8 GEMM on rowwise-quantized activations (values * scale = x) with the side path added."""
         low = lora_gemm.down_projection(values, scale, self.down8, self.down_scale, out_dtype)
+        if self.aug is not None:
+            x_aug = lora_k_augment.augmented_input(values, scale, low, self.t_scale)
+            return lora_k_augment.augmented_linear(x_aug, scale, self.aug, linear.bias, out_dtype)
         return self._with_up(values, scale, linear, low, out_dtype)
 
     def shares_input(self, linears) -> bool:
@@ -86,9 +92,15 @@ class LoraSide(torch.nn.Module):
         """The group's layers on the same quantized activations, with one down projection for all their A rows."""
         group = self.group
         low = lora_gemm.down_projection(values, scale, group.down8, group.down_scale, out_dtype)
+        sides = [linear.lora_side for linear in linears]
+        x_aug = None
+        if any(side.aug is not None for side in sides):  # one x_aug: every layer's t' columns
+            x_aug = lora_k_augment.augmented_input(values, scale, low, group.t_scale)
         return [
-            linear.lora_side._with_up(values, scale, linear, low[:, start:end], out_dtype)
-            for linear, (start, end) in zip(linears, group.columns, strict=True)
+            lora_k_augment.augmented_linear(x_aug, scale, side.aug, linear.bias, out_dtype)
+            if side.aug is not None
+            else side._with_up(values, scale, linear, low[:, start:end], out_dtype)
+            for linear, side, (start, end) in zip(linears, sides, group.columns, strict=True)
         ]
 
     def _with_up(self, values, scale, linear, low, out_dtype) -> torch.Tensor:
@@ -99,11 +111,23 @@ class LoraSide(torch.nn.Module):
 
     @torch.no_grad()
     def quantize_down(self) -> None:
-        """A's e4m3 copy (one scale per rank row) from ``down``; zero rows stay zero."""
+        """A's e4m3 copy (one scale per rank row) from ``down``, and B' into W_aug where the up projection is
+        folded into the GEMM; zero rows stay zero."""
         if self.down8 is not None:
             values, scales = quantize_rowwise_fp8(self.down)
             self.down8.copy_(values)
             self.down_scale.copy_(scales.view(1, -1))
+        if self.aug is not None:
+            self.aug.fill(self.up, self.t_scale)
+
+    def augment(self, linear, extra: int, start: int) -> bool:
+        """Fold this layer's up projection into its FP8 GEMM (W_aug with ``extra`` more K columns, its own from
+        ``start``) where lora_k_augment says it pays; False where it keeps the in-place up projection."""
+        if self.down8 is None or not lora_k_augment.augments(linear, extra):
+            return False
+        width = self.up.shape[1]
+        self.aug = AugmentedWeight(linear.fp8_weight_t, linear.fp8_weight_scale, extra, start, width)
+        return True
 
 
 class SharedInput:
@@ -118,11 +142,14 @@ class SharedInput:
         self.down8 = torch.zeros(sum(widths), first.shape[1], dtype=FP8, device=first.device)
         flat_scale = torch.ones(sum(widths), dtype=torch.float32, device=first.device)
         self.down_scale = flat_scale.view(1, -1)
+        flat_t_scale = torch.zeros(sum(widths), dtype=torch.float32, device=first.device)
+        self.t_scale = flat_t_scale.view(1, -1)  # K-augmentation's t' factors, every layer's columns
         self.columns, start = [], 0
         for side, width in zip(sides, widths, strict=True):
-            side.down8, side.down_scale = (
+            side.down8, side.down_scale, side.t_scale = (
                 self.down8[start : start + width],
                 flat_scale[start : start + width].view(1, -1),
+                flat_t_scale[start : start + width].view(1, -1),
             )
             side.group = self
             self.columns.append((start, start + width))
@@ -145,9 +172,11 @@ class SidePaths:
         adapters_per_request: int,
         slot_rank: int,
         shared_inputs: Iterable[tuple[str, ...]] = (),
+        k_augment: bool = False,
     ):
         """``layers``: {layer name: (Linear, parts)}, every layer some adapter targets; ``shared_inputs``: tuples of
-        layer names that read one activation tensor (grouped where every one of them is adapted and FP8)."""
+        layer names that read one activation tensor (grouped where every one of them is adapted and FP8);
+        ``k_augment``: fold the up projection into the wide FP8 GEMMs (lora_k_augment.py)."""
         self.state = SideState()
         self.slot_rank = slot_rank
         self.sides: dict[str, LoraSide] = {}
@@ -166,12 +195,30 @@ class SidePaths:
             for names in shared_inputs
             if all(name in self.sides and self.sides[name].down8 is not None for name in names)
         ]
+        self.augmented = self._augment() if k_augment else []
         self.filled: tuple | None = None  # the (name, scale) tuple the slots hold now
+
+    def _augment(self) -> list[str]:
+        """W_aug for every fused-block layer where folding pays; the names of those layers."""
+        placed = {}
+        for group in self.groups:
+            extra = group.columns[-1][1]
+            for linear, (start, _) in zip(group.linears, group.columns, strict=True):
+                placed[id(linear)] = (extra, start)
+        names = []
+        for name, side in self.sides.items():
+            linear = self._layers[name]
+            extra, start = placed.get(id(linear), (side.up.shape[1], 0))
+            if side.augment(linear, extra, start):
+                names.append(name)
+        return names
 
     @property
     def nbytes(self) -> int:
-        """Slot memory (a group's A rows counted once: each layer's buffer is a view of its own rows)."""
-        return sum(b.numel() * b.element_size() for side in self.sides.values() for b in side.buffers())
+        """Slot memory (a group's A rows counted once: each layer's buffer is a view of its own rows), W_aug
+        included."""
+        buffers = sum(b.numel() * b.element_size() for side in self.sides.values() for b in side.buffers())
+        return buffers + sum(side.aug.nbytes for side in self.sides.values() if side.aug is not None)
 
     @torch.no_grad()
     def fill(self, chosen: tuple[tuple[str, float], ...], weights_of: Callable[[str], dict[str, Parts]]) -> bool:
