@@ -49,7 +49,8 @@ from flux_kontext.stack import SLOTS, Hardware, stack_for  # noqa: E402
 log = logging.getLogger("bench.lora")
 TINY = "--tiny" in sys.argv
 CHECK = "--check" in sys.argv  # only part 4
-for _flag in ("--tiny", "--check"):
+NO_R64 = "--no-r64" in sys.argv  # skip part B (a shorter device call)
+for _flag in ("--tiny", "--check", "--no-r64"):
     if _flag in sys.argv:
         sys.argv.remove(_flag)
 BASE = dict(attention="auto" if TINY else "cudnn", compile_multi_kernel=False, first_block_cache=False)
@@ -318,11 +319,12 @@ def main() -> int:
         result["A_k_augment"] = {"failed": f"{type(exc).__name__}: {exc}"[:1000]}
     result["seconds_after_A_k_augment"] = round(time.perf_counter() - start, 1)
     bench.save()
-    if time.perf_counter() - start < SECONDS_BEFORE_B:
+    if time.perf_counter() - start < SECONDS_BEFORE_B and not NO_R64:
         none_ms = {case: result["A"][case]["none_ms"] for case in cases}
         result["B"] = part_b(bench, cases, [files["r64"]], ref, none_ms)
     else:
-        result["B"] = {"skipped": f"more than {SECONDS_BEFORE_B:g} s gone after part A"}
+        why = "--no-r64" if NO_R64 else f"more than {SECONDS_BEFORE_B:g} s gone after part A"
+        result["B"] = {"skipped": why}
     with contextlib.suppress(Exception):  # a measurement on the side; never loses the rest
         result["merge_instead"] = merge_cost(model, result["adapter_layers"]) if not TINY else {"skipped": "CPU"}
     bench.save()

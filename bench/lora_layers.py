@@ -16,9 +16,10 @@ Variants (rank 16, one adapter; the single block's q|k|v part of to_qkv's side i
   fuses into the residual.
 - ``served``: as served before K-augmentation: ``now`` with lora_triton's kernel on the wide outputs (q|k|v, MLP in)
   and cuBLAS on the 3072-wide one (what ``lora_triton.choose`` picked).
-- ``k_aug`` / ``k_aug_1copy``: the up projection folded into the wide GEMMs (lora_k_augment.py): [x8 | t'] against
-  [W8 | B'] (the single block's two layers on one x_aug), each t' column written COPIES times (or once); the
-  output projection / MLP-down as ``served``.
+- ``k_aug_k16`` .. ``k_aug_k256``: the up projection folded into the wide GEMMs (lora_k_augment.py): [x8 | t']
+  against [W8 | B'] (the single block's two layers on one x_aug), each t' column written COPIES times, x_aug's width
+  padded to a multiple of 16 .. 256 (zero weights); the output projection / MLP-down as ``served``. And
+  ``lora_k_augment.choose``'s own measurement of the same shapes at 4608 rows (what the service decides at start).
 Lever b (A's rows folded into the base GEMM as extra output rows) is timed as GEMMs (eager: cuBLAS calls either
 way): to_qkv's GEMM with 64 more rows against to_qkv's GEMM plus the shared down projection. And the error of h =
 x A^T with A in e4m3 against A in bf16 (both from the same FP8 activations) against fp32.
@@ -83,22 +84,23 @@ class Layer:
     def add_in_consumer(self, values, scale):
         return self.base(values, scale) + torch.mm(self.low(values, scale), self.up.t())
 
-    def folded(self, copies: int, extra: int | None = None, start: int = 0, t_scale=None):
-        """This layer's W_aug (``extra`` t' columns, its own from ``start``), B' filled; its t' factors written into
-        ``t_scale`` (a view of a shared one) or a new one."""
+    def folded(self, multiple: int, extra: int | None = None, start: int = 0, t_scale=None):
+        """This layer's W_aug (``extra`` t' columns per copy, its own from ``start``, x_aug padded to ``multiple``),
+        B' filled; its t' factors written into ``t_scale`` (a view of a shared one) or a new one."""
         width = self.up.shape[1]
         extra = width if extra is None else extra
-        weight = lora_k_augment.AugmentedWeight(self.weight_t, self.weight_scale, extra, start, width, copies)
+        pad = lora_k_augment.padding(self.weight_t.shape[0], extra, multiple)
+        weight = lora_k_augment.AugmentedWeight(self.weight_t, self.weight_scale, extra, start, width, pad)
         t_scale = torch.zeros(1, width, device=self.up.device) if t_scale is None else t_scale
         weight.fill(self.up, t_scale)
-        return weight, t_scale
+        return weight, t_scale, pad
 
-    def k_aug(self, copies: int):
+    def k_aug(self, multiple: int):
         """A callable (values, scale) -> output on the folded GEMM, with its own x_aug."""
-        weight, t_scale = self.folded(copies)
+        weight, t_scale, pad = self.folded(multiple)
 
         def fn(values, scale):
-            x_aug = lora_k_augment.augmented_input(values, scale, self.low(values, scale), t_scale, copies)
+            x_aug = lora_k_augment.augmented_input(values, scale, self.low(values, scale), t_scale, pad)
             return lora_k_augment.augmented_linear(x_aug, scale, weight, None, self.dtype)
 
         return fn
@@ -114,23 +116,23 @@ def shared_low(layers, values, scale):
     return low.split(widths, dim=1)
 
 
-def folded_pair(first: Layer, second: Layer, copies: int):
+def folded_pair(first: Layer, second: Layer, multiple: int):
     """Two layers on one input, one x_aug: (values, scale) -> (first's output, second's output), and what went in."""
     widths = [first.up.shape[1], second.up.shape[1]]
     t_scale = torch.zeros(1, sum(widths), device=first.up.device)
-    weights = [
-        first.folded(copies, sum(widths), 0, t_scale[:, : widths[0]])[0],
-        second.folded(copies, sum(widths), widths[0], t_scale[:, widths[0] :])[0],
-    ]
+    (w1, _, pad), (w2, _, _) = (
+        first.folded(multiple, sum(widths), 0, t_scale[:, : widths[0]]),
+        second.folded(multiple, sum(widths), widths[0], t_scale[:, widths[0] :]),
+    )
     down8 = torch.cat([first.down8, second.down8])
     down_scale = torch.cat([first.down_scale, second.down_scale], dim=1)
 
     def fn(values, scale):
         low = lora_gemm.down_projection(values, scale, down8, down_scale, first.dtype)
-        x_aug = lora_k_augment.augmented_input(values, scale, low, t_scale, copies)
-        return tuple(lora_k_augment.augmented_linear(x_aug, scale, w, None, first.dtype) for w in weights)
+        x_aug = lora_k_augment.augmented_input(values, scale, low, t_scale, pad)
+        return tuple(lora_k_augment.augmented_linear(x_aug, scale, w, None, first.dtype) for w in (w1, w2))
 
-    fn.parts = {"weights": weights, "t_scale": t_scale, "down8": down8, "down_scale": down_scale}
+    fn.parts = {"weights": (w1, w2), "t_scale": t_scale, "down8": down8, "down_scale": down_scale}
     return fn
 
 
@@ -171,9 +173,9 @@ def single_block(tokens: int, inner: int, device, dtype, generator):
         "now_out_of_place": run(out_of_place_shared, lambda v, s: out.out_of_place(v, s, out.low(v, s))),
         "now_add_in_consumer": run(now_shared, out.add_in_consumer),
         "served": run(lambda v, s: now_shared(v, s, True), out.now),
-        "k_aug": run(folded_pair(mlp, qkv, lora_k_augment.COPIES), out.now),
-        "k_aug_1copy": run(folded_pair(mlp, qkv, 1), out.now),
     }
+    for multiple in lora_k_augment.K_MULTIPLES:
+        variants[f"k_aug_k{multiple}"] = run(folded_pair(mlp, qkv, multiple), out.now)
     return variants, args, (mlp, qkv, values, scale)
 
 
@@ -217,9 +219,11 @@ def double_block(tokens: int, inner: int, device, dtype, generator):
         "now_triton": run(Layer.now_triton, hook_now),
         "served": run(lambda layer, v, s: layer.now(v, s, triton=layer is not ff2), hook_now),
     }
-    for label, copies in (("k_aug", lora_k_augment.COPIES), ("k_aug_1copy", 1)):
-        folded = {qkv: qkv.k_aug(copies), ff0: ff0.k_aug(copies)}
-        variants[label] = run(lambda layer, v, s, f=folded: f[layer](v, s) if layer in f else layer.now(v, s), hook_now)
+    for multiple in lora_k_augment.K_MULTIPLES:
+        folded = {qkv: qkv.k_aug(multiple), ff0: ff0.k_aug(multiple)}
+        variants[f"k_aug_k{multiple}"] = run(
+            lambda layer, v, s, f=folded: f[layer](v, s) if layer in f else layer.now(v, s), hook_now
+        )
     return variants, args
 
 
@@ -279,16 +283,17 @@ def folded_accuracy(mlp: Layer, qkv: Layer, values, scale) -> dict:
         low_mlp, low_qkv = shared_low((mlp, qkv), values, scale)
         served = [mlp.now(values, scale, low_mlp).float(), qkv.now(values, scale, low_qkv).float()]
         result["served_delta_rel_error"] = [rel_error(s - b, e) for s, b, e in zip(served, base, exact, strict=True)]
-        for label, copies in (("k_aug", lora_k_augment.COPIES), ("k_aug_1copy", 1)):
-            fn = folded_pair(mlp, qkv, copies)
-            folded = [out.float() for out in fn(values, scale)]
-            parts = fn.parts
-            low = lora_gemm.down_projection(values, scale, parts["down8"], parts["down_scale"], mlp.dtype)
-            result[label] = {
-                "delta_rel_error": [rel_error(f - b, e) for f, b, e in zip(folded, base, exact, strict=True)],
-                "t_saturated_fraction": lora_k_augment.saturation(low, scale, parts["t_scale"]),
-                "t_max_over_448": float((low.float() / scale * parts["t_scale"]).abs().max() / 448),
-            }
+        fn = folded_pair(mlp, qkv, lora_k_augment.K_MULTIPLES[0])
+        folded = [out.float() for out in fn(values, scale)]
+        parts = fn.parts
+        low = lora_gemm.down_projection(values, scale, parts["down8"], parts["down_scale"], mlp.dtype)
+        t = low.float() / scale * parts["t_scale"]
+        result["k_aug"] = {
+            "delta_rel_error": [rel_error(f - b, e) for f, b, e in zip(folded, base, exact, strict=True)],
+            "t_saturated_fraction": lora_k_augment.saturation(low, scale, parts["t_scale"]),
+            "t_max_over_448": float(t.abs().max() / 448),
+            "copies": lora_k_augment.COPIES,
+        }
         # The worst-case bound known at switch time (|x8| <= 448: |x8 A_r^T| <= 448 ||A_r||_1) against the product
         # limit COPIES * 448²: the share of rank columns it would let fold (B' at 448, t' bounded by it).
         feasible = []
@@ -300,7 +305,7 @@ def folded_accuracy(mlp: Layer, qkv: Layer, values, scale) -> dict:
         result["worst_case_bound_would_fold_fraction"] = feasible
         delta_share = [float(e.norm() / b.norm()) for e, b in zip(exact, base, strict=True)]
         result["delta_norm_over_base_norm"] = delta_share
-        zero = folded_pair(mlp, qkv, lora_k_augment.COPIES)
+        zero = folded_pair(mlp, qkv, lora_k_augment.K_MULTIPLES[0])
         for weight in zero.parts["weights"]:
             weight.weight[:, values.shape[1] :].zero_()
         result["folded_with_zero_B_equals_plain_gemm"] = [
@@ -348,6 +353,10 @@ def layer_levers(device, tokens: int = 8704, inner: int = 3072, timer=None) -> d
     result["double_block_one_stream"] = time_variants(*double_block(tokens, inner, device, dtype, generator), timer)
     result["fold_A_into_base_gemm"] = fold_and_error(*fold_inputs, timer)
     result["k_aug_accuracy"] = folded_accuracy(*fold_inputs)
+    if device.type == "cuda":
+        shapes = {(inner, ((4 * inner, RANK), (3 * inner, 3 * RANK))), (inner, ((3 * inner, 3 * RANK),))}
+        shapes.add((inner, ((4 * inner, RANK),)))
+        result["k_aug_choose"] = lora_k_augment.choose(device, shapes)[1]
     result["up_add_alone"] = up_add_alone(tokens, inner, device, dtype, generator, timer)
     result["seconds"] = round(time.perf_counter() - start, 1)
     return result

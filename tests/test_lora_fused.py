@@ -119,12 +119,12 @@ def test_the_folded_gemm_computes_the_low_rank_delta_unless_it_saturates_e4m3(st
     weight_t, weight_scale, down8, down_scale, up, x8, x_scale = _layer()
     up = up * strength
     rank = up.shape[1]
-    folded = lora_k_augment.AugmentedWeight(weight_t, weight_scale, rank, 0, rank)
+    folded = lora_k_augment.AugmentedWeight(weight_t, weight_scale, rank, 0, rank, pad=16)
     t_scale = torch.zeros(1, rank)
     folded.fill(up, t_scale)
     low = lora_gemm.down_projection(x8, x_scale, down8, down_scale, torch.float32)
-    x_aug = lora_k_augment.augmented_input(x8, x_scale, low, t_scale)
-    assert x_aug.shape == (x8.shape[0], x8.shape[1] + lora_k_augment.COPIES * rank)
+    x_aug = lora_k_augment.augmented_input(x8, x_scale, low, t_scale, pad=16)
+    assert x_aug.shape == (x8.shape[0], x8.shape[1] + lora_k_augment.COPIES * rank + 16)  # padded: zero weights
     out = lora_k_augment.augmented_linear(x_aug, x_scale, folded, None, torch.float32)
     base = torch._scaled_mm(x8, weight_t, scale_a=x_scale, scale_b=weight_scale, out_dtype=torch.float32)
     exact = low @ up.t()  # the same down projection, the up projection in fp32

@@ -97,7 +97,8 @@ class Lora(Optimization):
         if self.rejected:
             detail += f"; {len(self.rejected)} rejected"
         data = self._data_now(slot_rank, len(layers))
-        return Outcome.applied(detail, **data, up_projection=up_kernel, k_augmented=len(self.paths.augmented))
+        folded = {"k_augmented": len(self.paths.augmented), "k_augment": self.paths.k_augment_choice}
+        return Outcome.applied(detail, **data, up_projection=up_kernel, **folded)
 
     def _choose_up_kernel(self, device) -> dict:
         """Per layer shape, the fused blocks' in-place up projection: Triton kernel or cuBLAS, by measurement."""

@@ -56,6 +56,7 @@ class LoraSide(torch.nn.Module):
         self.group: SharedInput | None = None
         self.triton_up = False  # the fused blocks' up projection on lora_triton's kernel (measured at start)
         self.aug: AugmentedWeight | None = None  # the up projection folded into the FP8 GEMM (lora_k_augment.py)
+        self.pad = 0  # x_aug's padding columns (of its group's x_aug where it shares one)
         self.register_buffer("down", torch.zeros(width, linear.in_features, dtype=dtype, device=device), False)
         self.register_buffer("up", torch.zeros(linear.out_features, width, dtype=dtype, device=device), False)
         fp8 = getattr(linear, "fp8_weight_t", None) is not None  # the fused FP8 blocks call this layer's GEMM
@@ -77,7 +78,7 @@ class LoraSide(torch.nn.Module):
         """``linear``'s FP8 GEMM on rowwise-quantized activations (values * scale = x) with the side path added."""
         low = lora_gemm.down_projection(values, scale, self.down8, self.down_scale, out_dtype)
         if self.aug is not None:
-            x_aug = lora_k_augment.augmented_input(values, scale, low, self.t_scale)
+            x_aug = lora_k_augment.augmented_input(values, scale, low, self.t_scale, self.pad)
             return lora_k_augment.augmented_linear(x_aug, scale, self.aug, linear.bias, out_dtype)
         return self._with_up(values, scale, linear, low, out_dtype)
 
@@ -95,7 +96,7 @@ class LoraSide(torch.nn.Module):
         sides = [linear.lora_side for linear in linears]
         x_aug = None
         if any(side.aug is not None for side in sides):  # one x_aug: every layer's t' columns
-            x_aug = lora_k_augment.augmented_input(values, scale, low, group.t_scale)
+            x_aug = lora_k_augment.augmented_input(values, scale, low, group.t_scale, sides[0].pad)
         return [
             lora_k_augment.augmented_linear(x_aug, scale, side.aug, linear.bias, out_dtype)
             if side.aug is not None
@@ -120,14 +121,12 @@ class LoraSide(torch.nn.Module):
         if self.aug is not None:
             self.aug.fill(self.up, self.t_scale)
 
-    def augment(self, linear, extra: int, start: int) -> bool:
-        """Fold this layer's up projection into its FP8 GEMM (W_aug with ``extra`` more K columns, its own from
-        ``start``) where lora_k_augment says it pays; False where it keeps the in-place up projection."""
-        if self.down8 is None or not lora_k_augment.augments(linear, extra):
-            return False
+    def augment(self, linear, extra: int, start: int, pad: int) -> None:
+        """Fold this layer's up projection into its FP8 GEMM: W_aug with ``extra`` t' columns per copy (its own from
+        ``start``) and ``pad`` zero columns (lora_k_augment.py)."""
         width = self.up.shape[1]
-        self.aug = AugmentedWeight(linear.fp8_weight_t, linear.fp8_weight_scale, extra, start, width)
-        return True
+        self.aug = AugmentedWeight(linear.fp8_weight_t, linear.fp8_weight_scale, extra, start, width, pad)
+        self.pad = pad
 
 
 class SharedInput:
@@ -154,6 +153,12 @@ class SharedInput:
             side.group = self
             self.columns.append((start, start + width))
             start += width
+
+
+def _input_key(linears, columns) -> tuple:
+    """(in_features, ((out_features, rank columns) of each layer)): what lora_k_augment.choose measures."""
+    layers = zip(linears, columns, strict=True)
+    return linears[0].in_features, tuple((x.out_features, end - start) for x, (start, end) in layers)
 
 
 def _side_hook(linear: torch.nn.Module, args: tuple, output: torch.Tensor):
@@ -195,23 +200,39 @@ class SidePaths:
             for names in shared_inputs
             if all(name in self.sides and self.sides[name].down8 is not None for name in names)
         ]
+        self.k_augment_choice: dict = {}
         self.augmented = self._augment() if k_augment else []
         self.filled: tuple | None = None  # the (name, scale) tuple the slots hold now
 
     def _augment(self) -> list[str]:
-        """W_aug for every fused-block layer where folding pays; the names of those layers."""
-        placed = {}
+        """W_aug for the fused-block layers where folding the up projection into the GEMM measured faster
+        (lora_k_augment.choose, per input: a group's layers share one x_aug); the names of those layers."""
+        name_of = {id(linear): name for name, linear in self._layers.items()}
+        inputs: dict[tuple, list[list[tuple]]] = {}  # input shape -> [the layers reading one such input]
+        grouped = set()
         for group in self.groups:
-            extra = group.columns[-1][1]
-            for linear, (start, _) in zip(group.linears, group.columns, strict=True):
-                placed[id(linear)] = (extra, start)
-        names = []
+            grouped.update(map(id, group.linears))
+            if all(map(lora_k_augment.wide, group.linears)):
+                extra = group.columns[-1][1]
+                layers = zip(group.linears, group.columns, strict=True)
+                members = [(name_of[id(x)], x, extra, start) for x, (start, _) in layers]
+                inputs.setdefault(_input_key(group.linears, group.columns), []).append(members)
         for name, side in self.sides.items():
             linear = self._layers[name]
-            extra, start = placed.get(id(linear), (side.up.shape[1], 0))
-            if side.augment(linear, extra, start):
-                names.append(name)
-        return names
+            if side.down8 is not None and id(linear) not in grouped and lora_k_augment.wide(linear):
+                width = side.up.shape[1]
+                inputs.setdefault(_input_key([linear], [(0, width)]), []).append([(name, linear, width, 0)])
+        if not inputs:
+            return []
+        device = next(iter(self.sides.values())).up.device
+        chosen, self.k_augment_choice = lora_k_augment.choose(device, set(inputs))
+        folded = []
+        for key, readers in inputs.items():
+            for members in readers if chosen[key] is not None else ():
+                for name, linear, extra, start in members:
+                    self.sides[name].augment(linear, extra, start, chosen[key])
+                    folded.append(name)
+        return folded
 
     @property
     def nbytes(self) -> int:
