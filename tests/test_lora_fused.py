@@ -133,3 +133,27 @@ def test_the_folded_gemm_computes_the_low_rank_delta_unless_it_saturates_e4m3(st
         assert saturated == 0 and rel(out - base, exact) < 0.06, rel(out - base, exact)  # e4m3's rounding of t', B'
     else:  # 40 times the delta: past what one rank's term can hold in e4m3, t' is clamped and the delta cut
         assert saturated > 0.1 and rel(out - base, exact) > 0.2
+
+
+@pytest.mark.gpu
+def test_on_the_gpu_the_folded_gemm_at_flux_widths_adds_the_delta_and_start_up_measures_the_choice():
+    """cuBLAS's FP8 GEMM on x_aug at FLUX's q|k|v shape, padded as ``choose`` may pick, against the exact delta."""
+    from flux_kontext.optimizations import lora_gemm, lora_k_augment
+
+    parts = _layer(fan_in=3072, fan_out=9216, rank=48)
+    weight_t, weight_scale, down8, down_scale, up, x8, x_scale = (t.cuda() for t in parts)
+    weight_t = weight_t.t().contiguous().t()  # column-major, as torchao's weight is
+    up = up.bfloat16()
+    low = lora_gemm.down_projection(x8, x_scale, down8, down_scale, torch.bfloat16)
+    base = torch._scaled_mm(x8, weight_t, scale_a=x_scale, scale_b=weight_scale, out_dtype=torch.bfloat16)
+    exact = low.float() @ up.float().t()
+    for multiple in lora_k_augment.K_MULTIPLES:
+        pad = lora_k_augment.padding(3072, 48, multiple)
+        folded = lora_k_augment.AugmentedWeight(weight_t, weight_scale, 48, 0, 48, pad)
+        t_scale = torch.zeros(1, 48, device="cuda")
+        folded.fill(up, t_scale)
+        x_aug = lora_k_augment.augmented_input(x8, x_scale, low, t_scale, pad)
+        out = lora_k_augment.augmented_linear(x_aug, x_scale, folded, None, torch.bfloat16)
+        assert rel(out.float() - base.float(), exact) < 0.1, multiple  # e4m3's rounding of t' and B'
+    chosen, data = lora_k_augment.choose(torch.device("cuda"), {(3072, ((9216, 48),))}, rows=512)
+    assert set(data["by_input"]) == {"K3072:9216x48"} and (3072, ((9216, 48),)) in chosen
