@@ -70,12 +70,13 @@ def encode_png(
     if pixels.nbytes < SINGLE_THREAD_BYTES:
         threads = 1
     bands = _bands(height, threads)
+    kinds = _choose(rows, bands, channels, filters, block_bytes)
+    jobs = [(rows, start, stop, kind, channels, block_bytes) for (start, stop), kind in zip(bands, kinds, strict=True)]
     if threads == 1:
-        parts = [_band(rows, start, stop, channels, filters, block_bytes) for start, stop in bands]
+        parts = [_band(*job) for job in jobs]
     else:
         pool = _pool(threads)
-        futures = [pool.submit(_band, rows, start, stop, channels, filters, block_bytes) for start, stop in bands]
-        parts = [future.result() for future in futures]
+        parts = [future.result() for future in [pool.submit(_band, *job) for job in jobs]]
     adler, total = parts[0][1], parts[0][2]
     for _, band_adler, length in parts[1:]:
         adler = adler32_combine(adler, band_adler, length)
@@ -88,9 +89,9 @@ def encode_png(
 
 
 def _bands(height: int, threads: int) -> list[tuple[int, int]]:
-    """Row ranges: about four per thread (the slow ones even out), never under 16 rows, at most 128 (they stay in
-    the cache while filtered)."""
-    rows = min(128, max(16, -(-height // (4 * threads)))) if threads > 1 else 128
+    """Row ranges: about four per thread (the slow ones even out), never under 16 rows (each starts on a row the
+    filter choice samples), at most 128."""
+    rows = min(128, max(16, -(-height // (4 * threads * _SAMPLE_EVERY)) * _SAMPLE_EVERY)) if threads > 1 else 128
     return [(start, min(start + rows, height)) for start in range(0, height, rows)]
 
 
@@ -101,10 +102,9 @@ def _pool(threads: int) -> ThreadPoolExecutor:
         return _pools[threads]
 
 
-def _band(rows: np.ndarray, start: int, stop: int, channels: int, filters: tuple[int, ...], block_bytes: int):
-    """One band filtered and deflated: (its IDAT chunk, the Adler-32 of its filtered bytes, their length)."""
-    sample = np.arange(start, stop, _SAMPLE_EVERY)
-    kind = _choose(rows[sample], _rows_above(rows, sample), channels, filters)
+def _band(rows: np.ndarray, start: int, stop: int, kind: int, channels: int, block_bytes: int):
+    """One band filtered with ``kind`` and deflated: (its IDAT chunk, the Adler-32 of its filtered bytes, their
+    length)."""
     filtered = np.empty((stop - start, rows.shape[1] + 1), np.uint8)
     filtered[:, 0] = kind
     block = max(1, block_bytes // rows.shape[1])
@@ -127,15 +127,26 @@ def _rows_above(rows: np.ndarray, indices: np.ndarray) -> np.ndarray:
     return above
 
 
-def _choose(current: np.ndarray, above: np.ndarray, channels: int, filters: tuple[int, ...]) -> int:
-    """The filter with the smallest sum of |residual| (residuals read as signed bytes) over these rows."""
+def _choose(
+    rows: np.ndarray, bands: list[tuple[int, int]], channels: int, filters: tuple[int, ...], block_bytes: int
+) -> list[int]:
+    """Each band's filter: the one with the smallest sum of |residual| (residuals read as signed bytes) over the
+    band's sampled rows. All bands' samples are filtered together, in the caller's thread: a few large numpy calls
+    rather than many small ones in each worker, each taking the GIL."""
     if len(filters) == 1:
-        return filters[0]
-    scores = {}
-    for kind in filters:
-        residual = _filter(kind, current, above, channels)
-        scores[kind] = int(np.minimum(residual, 0 - residual).sum(dtype=np.uint64))  # |r| of r read as int8
-    return min(scores, key=scores.get)
+        return [filters[0]] * len(bands)
+    sample = np.arange(0, rows.shape[0], _SAMPLE_EVERY)
+    per_row = np.empty((len(filters), len(sample)), np.uint64)
+    block = max(1, block_bytes // rows.shape[1])
+    for low in range(0, len(sample), block):  # a few rows at a time, as in _band
+        some = sample[low : low + block]
+        current, above = rows[some], _rows_above(rows, some)
+        for i, kind in enumerate(filters):
+            residual = _filter(kind, current, above, channels)
+            per_row[i, low : low + block] = np.minimum(residual, 0 - residual).sum(axis=1, dtype=np.uint64)
+    starts = [start // _SAMPLE_EVERY for start, _ in bands]  # bands start on sampled rows (multiples of 8)
+    best = np.add.reduceat(per_row, starts, axis=1).argmin(axis=0)
+    return [filters[i] for i in best]
 
 
 def _left(values: np.ndarray, channels: int) -> np.ndarray:
