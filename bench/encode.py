@@ -7,7 +7,9 @@ filters and with Up only, and two filter block sizes; plus, where installed, oth
 OpenCV) for reference. Images: natural-looking (smooth gradients, soft shapes, mild noise: compresses like a photo)
 and noise (what random weights produce: PNG's worst case), 1024² and 1568x672.
 
-Part 2, the other formats and Pillow's compression levels at 1024², and base64.
+Part 2, how late another Python thread (the GPU worker, say) gets to run while each encoder works (the GIL).
+
+Part 3, the other formats and Pillow's compression levels at 1024², and base64.
 
 Milliseconds are the median of --runs. CPU only; run it on the serving host:
 
@@ -23,6 +25,7 @@ import json
 import platform
 import statistics
 import sys
+import threading
 import time
 import zlib
 from pathlib import Path
@@ -82,7 +85,7 @@ def png_encoders(all_threads: int) -> dict:
     for threads in sorted({1, 2, all_threads}):
         encoders[f"png_fast {threads}t"] = lambda image, t=threads: encode_png(np.asarray(image), t)
         encoders[f"png_fast {threads}t up only"] = lambda image, t=threads: encode_png(np.asarray(image), t, (2,))
-    for block in (BLOCK_BYTES // 4, BLOCK_BYTES * 4):
+    for block in (BLOCK_BYTES // 4, BLOCK_BYTES * 16):  # 16 KiB, 1 MiB (a whole band of a 1024² image at once)
         encoders[f"png_fast {all_threads}t block {block // 1024}K"] = lambda image, b=block: encode_png(
             np.asarray(image), all_threads, ALL_FILTERS, b
         )
@@ -148,6 +151,39 @@ def compare_png(runs: int, all_threads: int) -> list[dict]:
     return rows
 
 
+def gil_wait(encoders: dict, runs: int) -> list[dict]:
+    """How long another Python thread (as the GPU worker launching the next job's kernels) waits to run while an
+    encoder works: a thread asking to run every 0.2 ms records how late it ran (its sleep's overshoot: the wait
+    for the GIL, and for a core), during ``runs`` encodes of the natural-looking 1024² image; 'idle' is the same
+    with no encoding."""
+    image = natural_image()
+    rows = []
+    for name in ["idle", *(name for name in encoders if "up only" not in name)]:
+        lateness, done = [], threading.Event()
+        ticker = threading.Thread(target=_tick, args=(lateness, done), daemon=True)
+        ticker.start()
+        if name == "idle":
+            time.sleep(0.2)
+        else:
+            for _ in range(runs):
+                encoders[name](image)
+        done.set()
+        ticker.join()
+        lateness.sort()
+        row = {"encoder": name, "ticks": len(lateness), "late_ms_median": round(statistics.median(lateness), 3)}
+        rows.append({**row, "late_ms_p99": round(lateness[int(0.99 * (len(lateness) - 1))], 3)})
+        rows[-1]["late_ms_max"] = round(lateness[-1], 3)
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def _tick(lateness: list[float], done: threading.Event) -> None:
+    while not done.is_set():
+        start = time.perf_counter()
+        time.sleep(0.0002)
+        lateness.append((time.perf_counter() - start) * 1000.0 - 0.2)
+
+
 def formats(runs: int) -> list[dict]:
     rows = []
     for name, image in (("natural", natural_image()), ("noise", noise_image())):
@@ -168,7 +204,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--skip-formats", action="store_true", help="only the PNG encoders (part 1)")
+    parser.add_argument("--skip-formats", action="store_true", help="only the PNG encoders (parts 1 and 2)")
     args = parser.parse_args()
     all_threads = thread_count(0)
     result = {
@@ -186,6 +222,7 @@ def main() -> int:
         "zlib": zlib.ZLIB_RUNTIME_VERSION,
     }
     result["png"] = compare_png(args.runs, all_threads)
+    result["gil_wait"] = gil_wait(png_encoders(all_threads), args.runs)
     if not args.skip_formats:
         result["rows"] = formats(args.runs)
     args.out.parent.mkdir(parents=True, exist_ok=True)
