@@ -84,8 +84,9 @@ def main() -> int:
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--port", type=int, default=8439)
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--png-encoder", choices=("fast", "pillow"), default="fast", help="FLUX_PNG_ENCODER")
     args = parser.parse_args()
-    settings = Settings(model="tiny", warmup=False, max_queue=args.clients)
+    settings = Settings(model="tiny", warmup=False, max_queue=args.clients, png_encoder=args.png_encoder)
     server, thread, base = serve_in_thread(create_app(settings, TimedEngine), args.port)
     body = {"prompt": "a boat", "width": args.size, "height": args.size, "steps": 1, "output_format": "png"}
     asyncio.run(burst(base, 2, body))  # first calls (allocations, lazy imports) out of the measurement
@@ -107,6 +108,7 @@ def main() -> int:
         "clients": args.clients,
         "rounds": args.rounds,
         "size": args.size,
+        "png_encoder": args.png_encoder,
         "statuses": sorted(set(statuses)),
         "median_job_ms": round(job_ms, 1),
         "gaps_ms": {
