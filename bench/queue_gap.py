@@ -61,6 +61,22 @@ async def burst(base: str, clients: int, body: dict) -> list[int]:
     return [r.status_code for r in responses]
 
 
+def serve_in_thread(app, port: int) -> tuple[uvicorn.Server, threading.Thread, str]:
+    """The app served by uvicorn in a daemon thread, once /health/ready answers 200: (server, thread, base URL).
+    Stop it with ``server.should_exit = True`` and ``thread.join()``."""
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    base = f"http://127.0.0.1:{port}"
+    while True:
+        try:
+            if httpx.get(f"{base}/health/ready", timeout=5).status_code == 200:
+                return server, thread, base
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clients", type=int, default=16)
@@ -68,20 +84,10 @@ def main() -> int:
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--port", type=int, default=8439)
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--png-encoder", choices=("fast", "pillow"), default="fast", help="FLUX_PNG_ENCODER")
     args = parser.parse_args()
-    settings = Settings(model="tiny", warmup=False, max_queue=args.clients)
-    app = create_app(settings, TimedEngine)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=args.port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    base = f"http://127.0.0.1:{args.port}"
-    while True:
-        try:
-            if httpx.get(f"{base}/health/ready", timeout=5).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
+    settings = Settings(model="tiny", warmup=False, max_queue=args.clients, png_encoder=args.png_encoder)
+    server, thread, base = serve_in_thread(create_app(settings, TimedEngine), args.port)
     body = {"prompt": "a boat", "width": args.size, "height": args.size, "steps": 1, "output_format": "png"}
     asyncio.run(burst(base, 2, body))  # first calls (allocations, lazy imports) out of the measurement
     gaps, statuses = [], []
@@ -102,6 +108,7 @@ def main() -> int:
         "clients": args.clients,
         "rounds": args.rounds,
         "size": args.size,
+        "png_encoder": args.png_encoder,
         "statuses": sorted(set(statuses)),
         "median_job_ms": round(job_ms, 1),
         "gaps_ms": {

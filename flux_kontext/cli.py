@@ -224,10 +224,11 @@ def generate(args: argparse.Namespace) -> int:
     result = run_with_progress(engine, job, StepProgress())
     if isinstance(result, int):
         return result
-    from utils import image_bytes
+    from flux_kontext.image_encoding import ImageEncoder
 
+    encoder = ImageEncoder.from_settings(settings)
     for path, picture, seed in zip(paths, result.images, result.seeds, strict=True):
-        path.write_bytes(image_bytes(picture, output_format, request.encoder_quality))
+        path.write_bytes(encoder.encode(picture, output_format, request.encoder_quality)[0])
         sys.stderr.write(f"wrote {path} ({picture.width}x{picture.height}, seed {seed})\n")
     sys.stderr.write(summary(result) + "\n")
     return 0

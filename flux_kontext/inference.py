@@ -15,6 +15,7 @@ from fastapi.responses import Response
 
 from flux_kontext.errors import ClientDisconnected, ServiceError
 from flux_kontext.faults import fault_from_headers
+from flux_kontext.image_encoding import ImageEncoder
 from flux_kontext.jobs import Job, JobResult
 from flux_kontext.metrics import GENERATION_MODE
 from flux_kontext.request_body import DISCONNECTED
@@ -25,7 +26,7 @@ from flux_kontext.schemas import (
     InferenceResponse,
 )
 from flux_kontext.settings import Settings
-from utils import MEDIA_TYPES, ImageInputError, decode_image, encode_image, new_seed
+from utils import MEDIA_TYPES, ImageInputError, decode_image, new_seed
 
 log = logging.getLogger(__name__)
 
@@ -55,19 +56,24 @@ def to_job(request: InferenceRequest, settings: Settings) -> Job:
     )
 
 
-def to_response(request: InferenceRequest, job: Job, result: JobResult, wait_ms: float, model: dict) -> dict:
+def to_response(
+    request: InferenceRequest,
+    job: Job,
+    result: JobResult,
+    wait_ms: float,
+    model: dict,
+    encoder: ImageEncoder = ImageEncoder(),
+) -> dict:
     """Build the response body; encodes images (call off the event loop), timed as the ``encoding`` phase."""
     encoding_start = time.perf_counter()
-    images = [
-        GeneratedImage(
-            image=encode_image(img, request.output_format, request.encoder_quality),
-            seed=seed,
-            width=img.width,
-            height=img.height,
-            format=request.output_format,
+    images = []
+    for img, seed in zip(result.images, result.seeds, strict=True):
+        data, used = encoder.encode_base64(img, request.output_format, request.encoder_quality)
+        images.append(
+            GeneratedImage(
+                image=data, seed=seed, width=img.width, height=img.height, format=request.output_format, encoder=used
+            )
         )
-        for img, seed in zip(result.images, result.seeds, strict=True)
-    ]
     encoding_ms = round((time.perf_counter() - encoding_start) * 1000.0, 2)
     snapped_ratio = request.aspect_ratio not in (None, MATCH_INPUT_IMAGE)
     return InferenceResponse(
@@ -105,7 +111,7 @@ async def run_inference(service, request: InferenceRequest, http_request: Reques
     job.fault = fault
     result, wait_ms = await until_disconnect(http_request, service.submit(job))
     model = service.engine.describe_model()
-    body = await asyncio.to_thread(to_response, request, job, result, wait_ms, model)
+    body = await asyncio.to_thread(to_response, request, job, result, wait_ms, model, service.encoder)
     body["timings_ms"]["total"] = round((time.perf_counter() - start) * 1000.0, 2)
     service.metrics.observe_result(body)
     return body

@@ -234,6 +234,10 @@ class GeneratedImage(BaseModel):
     width: int
     height: int
     format: str
+    encoder: str | None = Field(
+        None,
+        description="What encoded the image: 'png_fast' (PNG row filters in numpy, deflate in threads) or 'pillow'.",
+    )
 
 
 class InferenceResponse(BaseModel):

@@ -19,6 +19,7 @@ from flux_kontext.benchmark import BenchmarkParams, run_benchmark
 from flux_kontext.cors import add_cors
 from flux_kontext.docs_pages import DocsImagePolicy, app_with_local_docs
 from flux_kontext.errors import CLIENT_CLOSED_REQUEST, ServiceError, install_error_handlers
+from flux_kontext.image_encoding import ImageEncoder
 from flux_kontext.inference import image_response, image_wanted, raw_image_request, run_inference
 from flux_kontext.jobs import EngineNotReady, EngineOutOfMemory, Job, JobRejected, JobResult
 from flux_kontext.metrics import GENERATION_MODE, Metrics
@@ -68,6 +69,7 @@ class Service:
         self.settings = settings
         self.engine = engine
         self.queue = JobQueue(engine.generate, settings.max_queue, settings.job_stop_grace_s)
+        self.encoder = ImageEncoder.from_settings(settings)  # responses' images, in the encoding phase
         memory = getattr(engine, "memory_bytes", lambda: None)
         self.metrics = Metrics(lambda: self.queue.depth, self._graph_evictions, memory)
         self.benchmark_lock = asyncio.Lock()
@@ -228,6 +230,7 @@ class Service:
             "startup_seconds": {k: None if v is None else round(v, 2) for k, v in engine.startup_seconds.items()},
             "shapes": engine.shapes_report(),
             "parallel": self.describe_parallel(),
+            "encoding": self.encoder.describe(),
         }
 
     def describe_parallel(self) -> dict:

@@ -286,6 +286,19 @@ class MemoryPlanSettings(BaseModel):
     prompt_cache_size: int = Field(64, ge=1, le=4096, description="Prompts whose embeddings are kept (LRU).")
 
 
+class ImageEncodingSettings(BaseModel):
+    """Output images to bytes on the host, after the engine (flux_kontext/image_encoding.py)."""
+
+    png_encoder: Literal["fast", "pillow"] = Field(
+        "fast",
+        description="'fast': PNG row filters in numpy and the deflate in threads (flux_kontext/png_fast.py), "
+        "lossless like Pillow's and 3-4x faster on one core (BENCHMARKS.md); 'pillow': Pillow's encoder.",
+    )
+    png_threads: int = Field(
+        0, ge=0, le=64, description="Threads one PNG is deflated in; 0: the CPUs this process may use, up to 16."
+    )
+
+
 class LoggingSettings(BaseModel):
     """Logs (flux_kontext/logging_setup.py); read once at start, before the rest of the settings."""
 
@@ -652,6 +665,7 @@ class Settings(
     ChannelsLastSettings,
     FuseQkvSettings,
     MemoryPlanSettings,
+    ImageEncodingSettings,
     LoggingSettings,
     ReliabilitySettings,
     ServiceSettings,

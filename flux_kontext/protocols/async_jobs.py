@@ -120,7 +120,9 @@ class AsyncJobs:
         try:
             result, wait_ms = await service.submit(record.job)
             model = service.engine.describe_model()
-            body = await asyncio.to_thread(to_response, record.request, record.job, result, wait_ms, model)
+            body = await asyncio.to_thread(
+                to_response, record.request, record.job, result, wait_ms, model, service.encoder
+            )
         except (asyncio.CancelledError, JobCancelled):
             record.finish("cancelled")
         except ServiceError as exc:
