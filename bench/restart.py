@@ -1,6 +1,7 @@
 """Start to ready, cold and again on a kept compile cache (FLUX_COMPILE_CACHE_DIR): the service started as users
-start it (uvicorn), /health polled until 200, its start-up phases and compile-cache report recorded, then stopped;
---starts times over the same cache directory. Run on the GPU:
+start it (uvicorn), /health polled until 200, its start-up phases, compile-cache and start-up decisions reports
+recorded (the service's log beside --out, one per start), then stopped; --starts times over the same cache
+directory. Run on the GPU:
 
     FLUX_MODEL=random python bench/restart.py --cache-dir /tmp/flux-cache --out bench/results/restart-<gpu>.json
 """
@@ -21,19 +22,20 @@ sys.path.insert(0, str(ROOT))
 from flux_kontext.wait_ready import NotReady, wait_ready  # noqa: E402
 
 
-def one_start(cache_dir: Path, timeout_s: float, port: int) -> dict:
+def one_start(cache_dir: Path, timeout_s: float, port: int, log_path: Path) -> dict:
     env = {**os.environ, "FLUX_COMPILE_CACHE_DIR": str(cache_dir), "PYTHONUNBUFFERED": "1"}
     command = [sys.executable, "-m", "uvicorn", "flux_kontext_optimized:app", "--host", "127.0.0.1"]
     command += ["--port", str(port)]
     started = time.monotonic()
-    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        health = wait_ready(f"http://127.0.0.1:{port}", process, timeout_s, poll_s=0.5)
-        ready_s = time.monotonic() - started
-    except NotReady as exc:
-        return {"ready": False, "why": str(exc)}
-    finally:
-        stop(process)
+    with log_path.open("w") as log_file:  # the service's log: each start phase, the stack's reports
+        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT)
+        try:
+            health = wait_ready(f"http://127.0.0.1:{port}", process, timeout_s, poll_s=0.5)
+            ready_s = time.monotonic() - started
+        except NotReady as exc:
+            return {"ready": False, "why": str(exc), "log": log_path.name}
+        finally:
+            stop(process)
     compile_report = next(r for r in health["optimizations"] if r["name"] == "compile")
     return {
         "ready": True,
@@ -42,7 +44,10 @@ def one_start(cache_dir: Path, timeout_s: float, port: int) -> dict:
         "compile_cache": compile_report["data"].get("cache"),
         "compile_status": compile_report["status"],
         "graphs_compiled": compile_report["data"].get("graphs_compiled"),
+        "startup_decisions": (health.get("startup_decisions") or {}).get("decisions"),
+        "optimization_seconds": {r["name"]: r["seconds"] for r in health["optimizations"] if r["seconds"] >= 0.05},
         "warmed": health.get("shapes", {}).get("warmed"),
+        "log": log_path.name,
     }
 
 
@@ -65,7 +70,8 @@ def main() -> int:
     args = parser.parse_args()
     rows = []
     for index in range(args.starts):
-        rows.append({"start": index + 1, **one_start(args.cache_dir, args.timeout_s, args.port)})
+        log_path = args.out.with_name(f"{args.out.stem}-start{index + 1}.log")
+        rows.append({"start": index + 1, **one_start(args.cache_dir, args.timeout_s, args.port, log_path)})
         print(json.dumps(rows[-1]), flush=True)
         args.out.write_text(json.dumps({"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "starts": rows}))
     return 0

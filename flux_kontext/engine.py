@@ -27,6 +27,7 @@ from flux_kontext.models import LoadedModel, load_model
 from flux_kontext.resolution import RequestShape
 from flux_kontext.settings import Settings
 from flux_kontext.stack import Report, Stack, stack_for
+from flux_kontext.startup_decisions import DecisionCache, open_decisions
 from flux_kontext.warmup_shapes import (
     ShapeReadiness,
     captured_graph_shapes,
@@ -36,6 +37,9 @@ from flux_kontext.warmup_shapes import (
 )
 
 log = logging.getLogger(__name__)
+# From process start until torch, diffusers and the rest of what a start needs were imported (this module is imported
+# after them): the interpreter and the imports, the first part of /health's ``before_load``.
+IMPORTED_AT = seconds_since_process_start()
 
 
 def _gib(value: int | None) -> float | None:
@@ -73,6 +77,7 @@ class Engine:
         # Seconds per start-up phase (before_load: from process start to the model load; logged and in /health).
         self.startup_seconds: dict[str, float | None] = {}
         self.load_memory: dict[str, float | None] = {}
+        self.decisions = DecisionCache(why_off="not opened yet (the model is not loaded)")
         self._stack_hardware = self.hardware.for_stack()
         self.shapes = ShapeReadiness()  # per request shape: ready before /health is 200, or not (why)
         self._lock = threading.Lock()
@@ -89,6 +94,7 @@ class Engine:
         try:
             if self._config_error:
                 raise ValueError(self._config_error)
+            self.startup_seconds["interpreter_and_imports"] = IMPORTED_AT
             self.startup_seconds["before_load"] = seconds_since_process_start()  # interpreter, imports, app
             self._set_state("loading", f"loading model {self.settings.model!r}")
             with self._phase("load_model"):
@@ -96,6 +102,8 @@ class Engine:
             with self._phase("optimize"):
                 self.stack.apply(self.model.pipe, self._stack_hardware)
                 self.after_optimize()
+            self.decisions.save()
+            log.info("start-up decisions: %s", self.decisions.report()["decisions"])
             if self.settings.warmup:
                 self._set_state("warming_up", "running warm-up generations (and compiling, on a GPU)")
                 with self._phase("warm_up"):
@@ -117,7 +125,7 @@ class Engine:
         """Load the model where the memory plan puts each part, measuring host and GPU memory on the way."""
         rss_before = host_rss_bytes()
         self.hardware.reset_peak_memory()
-        self.model = load_model(self.settings, self.device, self.hardware.dtype, self._choose_plan)
+        self.model = load_model(self.settings, self.device, self.hardware.dtype, self._choose_plan, self._identify)
         self.load_memory = {
             "host_rss_before_load_gib": _gib(rss_before),
             "host_rss_peak_gib": _gib(host_rss_peak_bytes()),
@@ -131,6 +139,17 @@ class Engine:
         self.generation = Generation(self.model, self.hardware, self.settings.prompt_cache_size if cache else 0)
         log.info("memory plan: %s", json.dumps(plan.public()))
         log.info("load memory: %s", self.load_memory)
+
+    def _identify(self, model: dict) -> None:
+        """The weights are known (``model``: models.model_identity): open the start-up decisions kept for them on
+        this GPU, software and settings, before the loader's transforms measure anything."""
+        self.decisions = open_decisions(self.settings, self.hardware.for_stack(), self.hardware.dtype, model)
+        self.stack.use_decisions(self.decisions)
+
+    def describe_decisions(self) -> dict:
+        """/health's ``startup_decisions``: whether the optimize phase's measurements were read back (hit), measured
+        (cold), or both (partial); the key they belong to."""
+        return self.decisions.report()
 
     def _choose_plan(self, sizes: ModelSizes):
         """The memory plan for this device and model, and the block transforms the loader runs (called once)."""

@@ -308,16 +308,37 @@ PlanChooser = Callable[[ModelSizes], tuple[MemoryPlan, Sequence[BlockTransform]]
 
 
 def load_model(
-    settings: Settings, device: torch.device, dtype: torch.dtype, choose: PlanChooser | None = None
+    settings: Settings,
+    device: torch.device,
+    dtype: torch.dtype,
+    choose: PlanChooser | None = None,
+    identify: Callable[[dict], None] | None = None,
 ) -> LoadedModel:
     """Load the configured source; ``choose`` picks the memory plan from the model's sizes and returns the block
-    transforms to run at load. Progress bars off: a server logs, it does not draw."""
+    transforms to run at load; ``identify`` gets the weights' identity first (``model_identity``: what start-up
+    measurements of these weights are kept under). Progress bars off: a server logs, it does not draw."""
     parts, model = _parts(settings, device, dtype)
+    if identify is not None:
+        identify(model_identity(settings, model, parts))
     plan, transforms = choose(parts.sizes(dtype)) if choose is not None else (None, ())
     model.pipe = assemble(parts, device, dtype, plan, transforms)
     model.plan = plan
     model.pipe.set_progress_bar_config(disable=True)
     return model
+
+
+def model_identity(settings: Settings, model: LoadedModel, parts: Parts) -> dict:
+    """The source, its revision, the transformer's architecture and the weight files (or random weights' seed)."""
+    from flux_kontext.startup_decisions import weights_identity
+
+    weights = parts.weights
+    return {
+        "kind": model.kind,
+        "source": model.source,
+        "revision": settings.revision,
+        "transformer": dict(parts.skeleton.transformer.config),
+        **weights_identity(getattr(weights, "folder", None), getattr(weights, "seed", None)),
+    }
 
 
 def _parts(settings: Settings, device: torch.device, dtype: torch.dtype) -> tuple[Parts, LoadedModel]:

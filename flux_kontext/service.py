@@ -228,6 +228,7 @@ class Service:
             "load_seconds": round(engine.load_seconds, 2) if engine.load_seconds else None,
             "warmup_seconds": round(engine.warmup_seconds, 2) if engine.warmup_seconds else None,
             "startup_seconds": {k: None if v is None else round(v, 2) for k, v in engine.startup_seconds.items()},
+            "startup_decisions": engine.describe_decisions() if hasattr(engine, "describe_decisions") else None,
             "shapes": engine.shapes_report(),
             "parallel": self.describe_parallel(),
             "encoding": self.encoder.describe(),

@@ -209,6 +209,7 @@ class Compile(Optimization):
             "regional torch.compile of the FluxTransformerBlock and FluxSingleTransformerBlock forward (default mode, "
             f"fullgraph{', Inductor multi-kernel' if options else ''}), {shapes}; {vae_detail}; " + caches.detail,
             **caches.data(),
+            startup_decisions=self.decisions.report()["decisions"],
             dynamic_shapes=dynamic,
             dynamic_dims={
                 "transformer_blocks": {name: list(dims) for name, dims in BLOCK_DYNAMIC_DIMS.items()},

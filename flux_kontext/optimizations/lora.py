@@ -105,10 +105,19 @@ class Lora(Optimization):
         fp8 = [side for side in self.paths.sides.values() if side.down8 is not None and side.aug is None]
         if not fp8:
             return {}
-        use, data = lora_triton.choose(device, {tuple(side.up.shape) for side in fp8})
+        shapes = {tuple(side.up.shape) for side in fp8}
+        names = {f"{cols}x{rank}" for cols, rank in shapes}
+        cached = self.decisions.get(self.name, "up_kernel")  # a restart on a kept cache (startup_decisions.py)
+        if cached is not None and names <= set(cached.value.get("by_layer_shape", {})):
+            data = cached.value
+            use = {(c, r): data["by_layer_shape"][f"{c}x{r}"]["kernel"] == "triton" for c, r in shapes}
+        else:
+            use, data = lora_triton.choose(device, shapes)
+            if "by_layer_shape" in data:  # measured (not the CPU's or a broken Triton's fallback)
+                self.decisions.put(self.name, data, "up_kernel")
         for side in fp8:
             side.triton_up = use[tuple(side.up.shape)]
-        return data
+        return {**data, "decisions": self.decisions.describe(self.name)}
 
     def _data_now(self, slot_rank: int, layers: int) -> dict:
         return {

@@ -147,17 +147,30 @@ class LowPrecisionGemm(Optimization):
         return quantize_block
 
     def _quantize(self, root, prefix, fmt, config, quantize_) -> tuple[dict[str, float], dict[str, float]]:
-        """Screen, quantize and measure the quantizable layers under ``root`` (named from ``prefix``)."""
+        """Screen, quantize and measure the quantizable layers under ``root`` (named from ``prefix``). A restart on
+        the same key reads the screen's choice and the measured errors back (startup_decisions.py)."""
+        modules = _named_modules(root, prefix)
+        names = {name for name, module in modules.items() if quantizable(module, name)}
+        cached = self.decisions.get(self.name, prefix)
+        if cached is not None and set(cached.value["selected"]) | set(cached.value["kept_bf16"]) == names:
+            selected = set(cached.value["selected"])
+            self._quantize_selected(root, modules, selected, config, quantize_)
+            return cached.value["errors"], cached.value["kept_bf16"]
         references = _reference_outputs(root, prefix)
         max_error = self.settings.fp8_max_layer_error
-        modules = _named_modules(root, prefix)
         selected, kept_bf16 = (
             select_fp8_layers(references, modules, max_error) if fmt == "fp8" else (set(references), {})
         )
+        self._quantize_selected(root, modules, selected, config, quantize_)
+        errors = _layer_errors(root, {name: references[name] for name in selected}, prefix)
+        self.decisions.put(self.name, {"selected": sorted(selected), "kept_bf16": kept_bf16, "errors": errors}, prefix)
+        return errors, kept_bf16
+
+    @staticmethod
+    def _quantize_selected(root, modules: dict, selected: set[str], config, quantize_) -> None:
         if selected:
             full = {id(m): n for n, m in modules.items()}
             quantize_(root, config, filter_fn=lambda module, _name: full.get(id(module)) in selected)
-        return _layer_errors(root, {name: references[name] for name in selected}, prefix), kept_bf16
 
     def apply(self, model: Model) -> Outcome:
         loaded = getattr(self, "_at_load", None)
@@ -188,4 +201,12 @@ class LowPrecisionGemm(Optimization):
             f"{where}{why}; {len(errors)} linear layers quantized; {', '.join(KEEP_BF16)} kept bf16, {screened}; "
             f"output relative error median {median:.2e}, max {errors[worst]:.2e} ({worst}) on random activations"
         )
-        return Outcome.applied(detail, format=fmt, kept_bf16=kept_bf16, at_load=at_load, _layer_errors=errors)
+        detail += self.decisions.note(self.name)
+        return Outcome.applied(
+            detail,
+            format=fmt,
+            kept_bf16=kept_bf16,
+            at_load=at_load,
+            decisions=self.decisions.describe(self.name),
+            _layer_errors=errors,
+        )

@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
+from flux_kontext.startup_decisions import DecisionCache
+
 if TYPE_CHECKING:
     from flux_kontext.jobs import Job
     from flux_kontext.stack.run import RequestRun
@@ -150,6 +152,8 @@ class Optimization:
 
     def __init__(self, settings):
         self.settings = settings
+        # What start-up measured earlier for this key (flux_kontext/startup_decisions.py); set by the Stack.
+        self.decisions = DecisionCache(why_off="not opened (built outside the engine)")
         self._status: Status = "skipped"
         self._detail = "not applied yet"
         self._data: dict = {}

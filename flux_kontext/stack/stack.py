@@ -52,6 +52,12 @@ class Stack:
         return [opt.report() for opt in self._optimizations]
 
     # ----- start-up ----------------------------------------------------------------------------------------
+    def use_decisions(self, decisions) -> None:
+        """Every optimization reads back and stores its start-up measurements in ``decisions`` (a
+        startup_decisions.DecisionCache), before ``load_transforms`` and ``apply``."""
+        for opt in self._optimizations:
+            opt.decisions = decisions
+
     def apply(self, pipe, hardware: Hardware) -> list[Report]:
         """Decide and apply each optimization in order; one that breaks is recorded as failed, the rest go on."""
         model = Model(pipe=pipe, slots=self.slots, hardware=hardware)

@@ -27,7 +27,13 @@ from flux_kontext.optimizations.attention.fp8_policy import (
 from flux_kontext.optimizations.attention.fp8_screen import screen_fp8_attention
 from flux_kontext.optimizations.attention.kernels import FA3_FP8, KernelChoice, sdpa
 from flux_kontext.optimizations.attention.processor import install, register_fp8_qk_scales
-from flux_kontext.optimizations.attention.selection import TIMING_TOKENS, measure_kernels, select_kernel, summary
+from flux_kontext.optimizations.attention.selection import (
+    TIMING_TOKENS,
+    candidates,
+    measure_kernels,
+    select_kernel,
+    summary,
+)
 from flux_kontext.stack import Model, Optimization, Outcome
 
 log = logging.getLogger(__name__)
@@ -64,7 +70,7 @@ class Attention(Optimization):
             return Outcome.applied("PyTorch scaled_dot_product_attention on CPU")
         device = torch.device("cuda", torch.cuda.current_device())
         mode = self.settings.fp8_attention
-        usable, measured, rejected = measure_kernels(setting, device, fp8=mode != "off")
+        usable, measured, rejected = self._measured_kernels(setting, device, fp8=mode != "off")
         timing = {name: sum(m[f"ms_{t}"] for t in TIMING_TOKENS) for name, m in measured.items() if name != FA3_FP8}
         if not timing:
             raise RuntimeError(f"no usable attention kernel for FLUX_ATTENTION={setting}: {rejected}")
@@ -80,7 +86,32 @@ class Attention(Optimization):
             detail += f"; FA3 in FP8 not usable: {rejected.get(FA3_FP8)}"
             if mode == "on":
                 log.warning("FLUX_FP8_ATTENTION=on but FA3 in FP8 is not usable: %s", rejected.get(FA3_FP8))
-        return Outcome.applied(detail, measured=measured, rejected=rejected)
+        detail += self.decisions.note(self.name)
+        return Outcome.applied(
+            detail, measured=measured, rejected=rejected, decisions=self.decisions.describe(self.name)
+        )
+
+    def _measured_kernels(self, setting: str, device, fp8: bool) -> tuple[dict, dict, dict]:
+        """``measure_kernels``, or its measurements read back from a kept cache (startup_decisions.py) while every
+        kernel they name can still be loaded."""
+        cached = self.decisions.get(self.name, "kernels")
+        if cached is not None:
+            kernels, _ = candidates(setting, fp8)
+            if set(cached.value["measured"]) <= set(kernels):
+                measured, rejected = cached.value["measured"], cached.value["rejected"]
+                return {name: kernels[name] for name in measured}, measured, rejected
+        usable, measured, rejected = measure_kernels(setting, device, fp8)
+        self.decisions.put(self.name, {"measured": measured, "rejected": rejected}, "kernels")
+        return usable, measured, rejected
+
+    def _screen(self, transformer) -> dict:
+        """The FP8 screen against the active bf16 kernel, or its result read back for the same kernel."""
+        cached = self.decisions.get(self.name, "fp8_screen")
+        if cached is not None and cached.value["bf16"] == self.choice.active:
+            return cached.value["screen"]
+        screen = self._screen(transformer)
+        self.decisions.put(self.name, {"bf16": self.choice.active, "screen": screen}, "fp8_screen")
+        return screen
 
     def _screen_fp8(self, transformer, measured: dict, detail: str) -> str:
         """Run the FP8 screen (several sigmas); make FA3 in FP8 the active kernel where the layers and steps the
@@ -90,7 +121,7 @@ class Attention(Optimization):
         self.choice.policy = Fp8Policy.from_settings(self.settings, number_attention_layers(transformer))
         mark_bf16_layers(transformer, self.choice.policy)
         self.choice.bf16 = self.choice.active
-        screen = screen_fp8_attention(transformer, self.choice)
+        screen = self._screen(transformer)
         verdict = fp8_verdict(screen, self.choice.policy, mode, limit)
         measured[FA3_FP8]["screen"] = screen
         measured[FA3_FP8]["policy"] = {**self.choice.policy.describe(), **verdict}

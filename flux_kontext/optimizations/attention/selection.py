@@ -43,7 +43,7 @@ def _milliseconds(kernel: Callable, tokens: int, device: torch.device, repeats: 
     return gpu_milliseconds(_timed_call(kernel, q, k, v), repeats, warmup=3)
 
 
-def _candidates(setting: str, fp8: bool = False) -> tuple[dict[str, Callable], dict[str, str]]:
+def candidates(setting: str, fp8: bool = False) -> tuple[dict[str, Callable], dict[str, str]]:
     kernels, missing = {"cudnn": cudnn, "sdpa": sdpa}, {}
     fa3, why = load_fa3()
     if fa3 is not None:
@@ -65,7 +65,7 @@ def measure_kernels(
     setting: str, device: torch.device, fp8: bool = False
 ) -> tuple[dict[str, Callable], dict[str, dict], dict[str, str]]:
     """Check and time each candidate kernel; returns (usable kernels, their measurements, rejected -> why)."""
-    kernels, rejected = _candidates(setting, fp8)
+    kernels, rejected = candidates(setting, fp8)
     usable, measured = {}, {}
     for name, kernel in kernels.items():
         try:
