@@ -32,6 +32,7 @@ from flux_kontext.warmup_shapes import (
     ShapeReadiness,
     captured_graph_shapes,
     compile_strategy,
+    graphs_compiled_by,
     vae_readiness,
     warmup_plan,
 )
@@ -131,6 +132,7 @@ class Engine:
             "host_rss_peak_gib": _gib(host_rss_peak_bytes()),
             "host_rss_after_load_gib": _gib(host_rss_bytes()),
             "gpu_peak_during_load_gib": self.hardware.peak_memory_gib(),
+            "seconds": self.model.seconds,
         }
         plan = self.model.plan
         cache = self.settings.prompt_cache == "on" or (
@@ -230,8 +232,17 @@ class Engine:
                     continue
                 job_start = time.perf_counter()
                 result = self._generate(dataclasses.replace(planned.shape.job(seed, planned.steps), **fields))
+                seconds = time.perf_counter() - job_start
                 if default:
-                    self.shapes.record_warmup(planned.shape, result, time.perf_counter() - job_start)
+                    self.shapes.record_warmup(planned.shape, result, seconds)
+                log.info(
+                    "warm-up %s %s, %d step(s): %.2f s, %d graph(s) compiled",
+                    planned.shape.key,
+                    fields,
+                    planned.steps,
+                    seconds,
+                    graphs_compiled_by(result),
+                )
                 runs += 1
         self.warmup_seconds = time.perf_counter() - start
         log.info("warm-up: %d generations in %.1f s (%s shapes)", runs, self.warmup_seconds, self.shapes.strategy)

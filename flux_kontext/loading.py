@@ -238,10 +238,13 @@ def module_bytes(module: torch.nn.Module) -> int:
 
 
 # ----- small components and the rest of the pipeline ----------------------------------------------------------
-def small_components_random(clip_config: dict, vae_factory: Callable[[], AutoencoderKL], dtype, seed: int):
-    """CLIP and the VAE with random weights, built whole on the CPU (0.4 GB at full size)."""
+def small_components_random(
+    clip_config: dict, vae_factory: Callable[[], AutoencoderKL], dtype, seed: int, scratch: torch.device | None = None
+):
+    """CLIP and the VAE with random weights (0.4 GB at full size), built whole on ``scratch`` (the GPU where there is
+    one: their initialisation on the host took seconds of a start) or the CPU."""
     torch.manual_seed(seed)
-    with default_dtype(dtype):
+    with default_dtype(dtype), torch.device(scratch or "cpu"):
         return CLIPTextModel(CLIPTextConfig(**clip_config)), vae_factory()
 
 

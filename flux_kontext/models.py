@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -118,6 +119,9 @@ class LoadedModel:
     max_sequence_length: int
     fallback_reason: str | None = None
     plan: MemoryPlan | None = None  # None: built outside the engine (tests, benches): everything on one device
+    # Seconds of the load's parts (host clock): the parts and configs, each large component with the block
+    # transforms run at load (of it: ``at_load_transforms``), the small components; /health's memory_plan.load.
+    seconds: dict[str, float] | None = None
 
 
 def byte_level_tokenizer(model_max_length: int) -> PreTrainedTokenizerFast:
@@ -185,7 +189,7 @@ def random_parts(*, tiny: bool, dtype: torch.dtype, seed: int = 0, scratch: torc
         (TINY_TRANSFORMER, TINY_T5, TINY_CLIP, TINY_VAE) if tiny else (FULL_TRANSFORMER, FULL_T5, FULL_CLIP, FULL_VAE)
     )
     max_len = TINY_MAX_SEQUENCE_LENGTH if tiny else FULL_MAX_SEQUENCE_LENGTH
-    clip, vae = small_components_random(clip_cfg, lambda: build_vae(vae_cfg), dtype, seed)
+    clip, vae = small_components_random(clip_cfg, lambda: build_vae(vae_cfg), dtype, seed, scratch)
     return Parts(
         skeleton=meta_skeleton(transformer_cfg, T5Config(**t5_cfg), dtype),
         clip=clip,
@@ -227,16 +231,20 @@ def assemble(
     dtype: torch.dtype,
     plan: MemoryPlan | None = None,
     transforms: Sequence[BlockTransform] = (),
+    seconds: dict[str, float] | None = None,
 ) -> FluxKontextPipeline:
     """Give the large components their weights block by block where ``plan`` puts them ("gpu" is ``device``,
-    which may be the CPU), the small ones whole, and make the pipeline."""
+    which may be the CPU), the small ones whole, and make the pipeline; ``seconds`` gets each part's time."""
     placements = plan.placements if plan is not None else ALL_ON_DEVICE
     host = torch.device("cpu")
     skeleton = parts.skeleton
+    seconds = {} if seconds is None else seconds
     with contextlib.closing(parts.weights):
-        _load_large(parts, device, dtype, placements, transforms)
+        _load_large(parts, device, dtype, placements, transforms, seconds)
+    clock = time.perf_counter()
     clip = parts.clip.to(device if placements["text_encoder"] == "gpu" else host)
     vae = parts.vae.to(device)
+    seconds["small_components"] = round(time.perf_counter() - clock, 2)
     for module in (clip, vae):
         module.eval().requires_grad_(False)
     pipe = FluxKontextPipeline(
@@ -255,19 +263,31 @@ def assemble(
     return pipe
 
 
-def _load_large(parts: Parts, device, dtype, placements: dict, transforms: Sequence[BlockTransform]) -> None:
+def _load_large(parts: Parts, device, dtype, placements: dict, transforms: Sequence[BlockTransform], seconds) -> None:
     host = torch.device("cpu")
+    seconds["at_load_transforms"] = 0.0
+
+    def timed(transform: BlockTransform) -> BlockTransform:
+        def run(block, prefix):
+            clock = time.perf_counter()
+            transform(block, prefix)
+            seconds["at_load_transforms"] = round(seconds["at_load_transforms"] + time.perf_counter() - clock, 2)
+
+        return run
+
     for component in ("transformer", "text_encoder_2"):
         place = placements[component]
+        clock = time.perf_counter()
         load_large_component(
             getattr(parts.skeleton, component),
             component,
             parts.weights,
             device if place == "gpu" else host,
             dtype,
-            transforms if component == "transformer" else (),
+            [timed(t) for t in transforms] if component == "transformer" else (),
             pin=place in ("on_demand", "streamed", "group_offload"),
         )
+        seconds[component] = round(time.perf_counter() - clock, 2)
 
 
 def apply_vae_plan(vae: AutoencoderKL, plan: MemoryPlan) -> None:
@@ -317,11 +337,13 @@ def load_model(
     """Load the configured source; ``choose`` picks the memory plan from the model's sizes and returns the block
     transforms to run at load; ``identify`` gets the weights' identity first (``model_identity``: what start-up
     measurements of these weights are kept under). Progress bars off: a server logs, it does not draw."""
+    clock = time.perf_counter()
     parts, model = _parts(settings, device, dtype)
     if identify is not None:
         identify(model_identity(settings, model, parts))
     plan, transforms = choose(parts.sizes(dtype)) if choose is not None else (None, ())
-    model.pipe = assemble(parts, device, dtype, plan, transforms)
+    model.seconds = {"parts": round(time.perf_counter() - clock, 2)}
+    model.pipe = assemble(parts, device, dtype, plan, transforms, model.seconds)
     model.plan = plan
     model.pipe.set_progress_bar_config(disable=True)
     return model

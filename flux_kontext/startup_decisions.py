@@ -133,8 +133,8 @@ class DecisionCache:
         measured = any(key.split("/", 1)[0] == name for key in self._measured)
         if not self.enabled:
             return {"cached": False, "why": self.why_off}
-        if used and not measured:
-            return {"cached": True, "measured_at": used[0] if len(used) == 1 else used, "file": str(self.path)}
+        if used and not measured:  # measured_at: when the last of them was measured
+            return {"cached": True, "measured_at": used[-1], "file": str(self.path)}
         return {"cached": False, "measured_at": _now() if measured else None, "file": str(self.path)}
 
     def note(self, name: str) -> str:
@@ -142,8 +142,7 @@ class DecisionCache:
         described = self.describe(name)
         if not described["cached"]:
             return ""
-        at = described["measured_at"]
-        return f"; measurements read back from the kept cache (measured {at if isinstance(at, str) else at[0]})"
+        return f"; measurements read back from the kept cache (measured {described['measured_at']})"
 
     def save(self) -> None:
         """Write the file if anything was measured this start (atomically; a failure is logged, never raised)."""

@@ -19,11 +19,15 @@ from fastapi.testclient import TestClient
 
 from flux_kontext.device import Device
 from flux_kontext.engine import Engine
+from flux_kontext.models import build_random_pipeline
+from flux_kontext.optimizations.attention import selection
+from flux_kontext.optimizations.attention.kernels import sdpa
 from flux_kontext.service import create_app
 from flux_kontext.settings import Settings
 from flux_kontext.stack import Hardware, stack_for
 from flux_kontext.startup_decisions import DecisionCache, open_decisions, weights_identity
 from tests.conftest import wait_ready
+from tests.test_fused_fp8 import _emulated_flash_attn_func
 
 H200 = Hardware("cuda", (9, 0), "NVIDIA H200")
 
@@ -104,7 +108,7 @@ def test_a_first_start_measures_and_writes_the_decisions_a_second_reads_them_bac
     assert health["decisions"] == "hit" and health["measured_now"] == []
     assert set(health["read_back"]) == {f"low_precision_gemm/{part}" for part in screened}
     report = gemm_report(second)
-    measured_at = written["decisions"]["low_precision_gemm"]["transformer_blocks.0"]["measured_at"]
+    measured_at = max(entry["measured_at"] for entry in written["decisions"]["low_precision_gemm"].values())
     assert report.data["decisions"]["cached"] is True and report.data["decisions"]["measured_at"] == measured_at
     assert f"read back from the kept cache (measured {measured_at})" in report.detail
     assert set().union(*quantize.calls) == measured_selection  # the same layers quantized
@@ -214,3 +218,65 @@ def test_the_store_reports_partial_when_only_some_decisions_were_kept(tmp_path):
     assert again.describe("attention")["cached"] is False  # part of it measured now: not called cached
     refused, cached = again.cached_or_measured("attention", lambda: {"best": "sdpa"}, "kernels", valid=lambda v: False)
     assert refused == {"best": "sdpa"} and cached is None  # a kept decision that no longer fits is measured again
+
+
+# --- attention: the kernels' timing and the FP8 attention screen ---------------------------------------------------
+
+
+class CountingTimer:
+    """``gpu_milliseconds`` stand-in: a fixed figure per call (sdpa, then FA3, ... in call order), counted."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, fn, repeats=20, warmup=1):
+        self.calls += 1
+        return 1.0 + 0.1 * self.calls
+
+
+class EmulatedFa3:
+    """FA3's ``flash_attn_func`` emulated on CPU (FP8 inputs dequantized with their descales), counted."""
+
+    def __init__(self):
+        self.fp8_calls = 0
+
+    def __call__(self, q, k, v, q_descale=None, k_descale=None, v_descale=None):
+        if q_descale is None:
+            return sdpa(q, k, v)
+        self.fp8_calls += 1
+        return _emulated_flash_attn_func(q, k, v, q_descale, k_descale, v_descale)
+
+
+def start_attention(settings: Settings, fa3: EmulatedFa3):
+    """One start of attention's GPU path (as on an H200) on the tiny transformer, with this start's decisions."""
+    pipe = build_random_pipeline(tiny=True, device=torch.device("cpu"), dtype=torch.float32)
+    stack = stack_for(settings, only=["attention", "flash_attention_3"])
+    decisions = open_decisions(settings, H200, torch.float32, {"kind": "tiny", "random_seed": 0})
+    stack.use_decisions(decisions)
+    reports = {report.name: report for report in stack.apply(pipe, H200)}
+    decisions.save()
+    calls_during_apply = fa3.fp8_calls
+    return reports, decisions, calls_during_apply
+
+
+def test_attention_timing_and_fp8_screen_are_read_back_on_a_restart(tmp_path, monkeypatch):
+    timer, fa3 = CountingTimer(), EmulatedFa3()
+    monkeypatch.setattr(selection, "gpu_milliseconds", timer)
+    monkeypatch.setattr(selection, "load_fa3", lambda: (fa3, "fa3-fwd"))
+    settings = Settings(model="tiny", compile_cache_dir=str(tmp_path), cuda_graphs=False)
+    first, decisions, screened_calls = start_attention(settings, fa3)
+    assert first["attention"].status == "applied", first["attention"].detail
+    assert decisions.report()["decisions"] == "cold" and timer.calls > 0 and screened_calls > 0
+    assert first["attention"].data["decisions"]["cached"] is False
+    fp8_policy = first["flash_attention_3"].data.get("fp8_policy")
+
+    timer.calls, fa3.fp8_calls = 0, 0
+    second, decisions, screened_calls = start_attention(settings, fa3)
+    assert decisions.report()["decisions"] == "hit"
+    assert set(decisions.report()["read_back"]) == {"attention/kernels", "attention/fp8_screen"}
+    assert timer.calls == 0 and screened_calls == 0  # nothing timed, no FP8 screen run
+    report = second["attention"]
+    assert report.data["decisions"]["cached"] is True and "read back from the kept cache" in report.detail
+    assert report.detail.split(";")[0] == first["attention"].detail.split(";")[0]  # the same kernel chosen
+    assert second["flash_attention_3"].data.get("fp8_policy") == fp8_policy
+    assert report.data["measured"] == first["attention"].data["measured"]

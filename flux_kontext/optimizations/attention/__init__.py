@@ -68,7 +68,13 @@ class Attention(Optimization):
             self.selection = Selection(best="sdpa", mode=self.settings.fp8_attention)
             install(transformer, self.choice)
             return Outcome.applied("PyTorch scaled_dot_product_attention on CPU")
-        device = torch.device("cuda", torch.cuda.current_device())
+        # Where the candidates are timed: the current GPU (the transformer may be streamed from host memory); the
+        # transformer's own device where torch has no CUDA (the CPU tests of this path, with stand-in kernels).
+        device = (
+            torch.device("cuda", torch.cuda.current_device())
+            if torch.cuda.is_available()
+            else next(transformer.parameters()).device
+        )
         mode = self.settings.fp8_attention
         usable, measured, rejected = self._measured_kernels(setting, device, fp8=mode != "off")
         timing = {name: sum(m[f"ms_{t}"] for t in TIMING_TOKENS) for name, m in measured.items() if name != FA3_FP8}
@@ -109,7 +115,7 @@ class Attention(Optimization):
         cached = self.decisions.get(self.name, "fp8_screen")
         if cached is not None and cached.value["bf16"] == self.choice.active:
             return cached.value["screen"]
-        screen = self._screen(transformer)
+        screen = screen_fp8_attention(transformer, self.choice)
         self.decisions.put(self.name, {"bf16": self.choice.active, "screen": screen}, "fp8_screen")
         return screen
 
