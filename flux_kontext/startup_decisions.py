@@ -62,7 +62,7 @@ def _version(package: str) -> str | None:
 
 def _plain(value: Any) -> Any:
     """A JSON copy (tuples become lists, later changes to ``value`` stay out of the store)."""
-    return json.loads(json.dumps(value))
+    return json.loads(json.dumps(value, default=str))
 
 
 class DecisionCache:
