@@ -265,15 +265,18 @@ def assemble(
 
 def _load_large(parts: Parts, device, dtype, placements: dict, transforms: Sequence[BlockTransform], seconds) -> None:
     host = torch.device("cpu")
-    seconds["at_load_transforms"] = 0.0
+    spent = [0.0]  # the transforms' seconds, summed over blocks
 
     def timed(transform: BlockTransform) -> BlockTransform:
         def run(block, prefix):
             clock = time.perf_counter()
             transform(block, prefix)
-            seconds["at_load_transforms"] = round(seconds["at_load_transforms"] + time.perf_counter() - clock, 2)
+            spent[0] += time.perf_counter() - clock
+            seconds["at_load_transforms"] = round(spent[0], 2)
 
         return run
+
+    seconds["at_load_transforms"] = 0.0
 
     for component in ("transformer", "text_encoder_2"):
         place = placements[component]

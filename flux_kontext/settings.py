@@ -498,7 +498,9 @@ class CompileSettings(BaseModel):
         None,
         description="A directory kept between restarts for Inductor's and Triton's caches (one subdirectory per "
         "torch/GPU/settings fingerprint): a restart on the same fingerprint reuses the compiled code; unset: the "
-        "process defaults, not kept by the service.",
+        "process defaults, not kept by the service. Also holds the start-up decisions (decisions/: the FP8 layer "
+        "screen, the attention kernels' timing and FP8 screen, the LoRA kernel choice), read back on a restart with "
+        "the same GPU, software, weights and settings (/health startup_decisions).",
     )
     compile_dynamic: bool = Field(
         True,
