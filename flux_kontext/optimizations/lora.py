@@ -98,7 +98,13 @@ class Lora(Optimization):
             detail += f"; {len(self.rejected)} rejected"
         data = self._data_now(slot_rank, len(layers))
         folded = {"k_augmented": len(self.paths.augmented), "k_augment": self.paths.k_augment_choice}
-        return Outcome.applied(detail, **data, up_projection=up_kernel, **folded)
+        return Outcome.applied(
+            detail + self.decisions.note(self.name),
+            **data,
+            up_projection=up_kernel,
+            decisions=self.decisions.describe(self.name),
+            **folded,
+        )
 
     def _choose_up_kernel(self, device) -> dict:
         """Per layer shape, the fused blocks' in-place up projection: Triton kernel or cuBLAS, by measurement."""
@@ -117,7 +123,7 @@ class Lora(Optimization):
                 self.decisions.put(self.name, data, "up_kernel")
         for side in fp8:
             side.triton_up = use[tuple(side.up.shape)]
-        return {**data, "decisions": self.decisions.describe(self.name)}
+        return data
 
     def _data_now(self, slot_rank: int, layers: int) -> dict:
         return {
