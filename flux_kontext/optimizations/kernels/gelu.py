@@ -10,13 +10,19 @@ import torch
 from flux_kontext.optimizations.gelu_sigmoid_form import tanh_gelu
 from flux_kontext.optimizations.kernels.e4m3 import FP8, quantize_rowwise_fp8
 
-# The GELU kernel's warps per row, the fastest of bench/fused_blocks.py's sweep of 4-32 per row width (BENCHMARKS.md,
-# "Fused FP8 blocks"): the single blocks' 15,360-wide rows take 32, the feed-forwards' 12,288-wide rows 8.
-GELU_NUM_WARPS = {True: 32, False: 8}  # keyed by "has the attention part"
-# Which rows the kernel reading rows in two pieces serves (triton_rows.py), keyed the same way: on H200
-# (bench/kernels_rows.py, BENCHMARKS.md #18) the feed-forwards' 4,096 x 12,288 took 102 µs per launch against 133
-# on the padded kernel; the single blocks' [attention | MLP] rows 160-166 against 157, so they keep the padded one.
-GELU_SPLIT = {True: False, False: True}
+# Which kernel serves which rows, keyed by "has the attention part" (the single blocks' [attention | MLP] rows of
+# 3,072 + 12,288; the feed-forwards' 12,288): "two_pass" (triton_rows.gelu_fp8_kernel_two_pass: tiles, the row read
+# twice, many rows per SM), "split" (the row in registers in two power-of-two pieces), "padded" (the row in registers
+# padded to powers of two). bench/kernels_rows.py on H200 (BENCHMARKS.md #18), in-graph µs per launch: see there.
+GELU_KERNEL = {True: "two_pass", False: "two_pass"}
+# Warps per row of the row-in-registers kernels, the fastest of bench/fused_blocks.py's sweep of 4-32 per row width
+# (BENCHMARKS.md, "Fused FP8 blocks"): the single blocks' 15,360-wide rows take 32, the feed-forwards' 8.
+GELU_NUM_WARPS = {True: 32, False: 8}
+# The two-pass kernel's (tile width, warps), keyed the same way.
+GELU_TWO_PASS = {True: (2048, 4), False: (2048, 4)}
+# |GELU(x)| <= 0.170 for x < 0 (its minimum, at x ~ -0.75): a row whose absmax is above this bound has it on the
+# positive side, where GELU (rounded to bf16) is non-decreasing: GELU of the row's largest input.
+GELU_NEGATIVE_SIDE_BOUND = 0.25
 # The sigmoid form's exponent in base 2: sigmoid(2z) = 1 / (1 + 2^t), t = -2·sqrt(2/pi)·log2(e)·(x + 0.044715·x³).
 GELU_A = -2.0 * math.sqrt(2.0 / math.pi) * math.log2(math.e)
 GELU_B = GELU_A * 0.044715
@@ -36,17 +42,30 @@ def pieces(width: int) -> tuple[int, int]:
     return first, (1 << (rest - 1).bit_length()) if rest else 0
 
 
+def tile(width: int, block: int) -> tuple[int, bool]:
+    """The tile a row of ``width`` is read in, at most ``block`` (a power of two) wide: the largest power of two
+    dividing both when that is at least 256 (no masked lane: 3,072 at 2,048 -> 1,024), else ``block`` masked at the
+    row's end; (tile, whether the tiles cover the row exactly)."""
+    common = math.gcd(width, block) if width else block
+    return (common, True) if common >= min(256, block) else (block, False)
+
+
 def build(launch) -> dict:
     """The Triton kernels' launcher and the ``flux_kontext::gelu_fp8_rowwise`` op (registered: call once per process,
     through kernels.ops()); ``launch(kernel, raw)`` is how launchers call a kernel."""
     import triton
     from torch.library import triton_op
 
-    from flux_kontext.optimizations.kernels.triton_rows import gelu_fp8_kernel, gelu_fp8_padded_kernel
+    from flux_kontext.optimizations.kernels.triton_rows import (
+        gelu_fp8_kernel,
+        gelu_fp8_kernel_two_pass,
+        gelu_fp8_padded_kernel,
+    )
 
-    def launch_gelu_fp8(attn, mlp, has_attn: bool, num_warps=None, raw: bool = False, fast=True, split=None):
-        """``split``: the kernel reading rows in two pieces (None: GELU_SPLIT's choice); ``fast``: its approximate
-        exp2 / reciprocal (False: Triton's exp2 and division; for comparisons)."""
+    def launch_gelu_fp8(attn, mlp, has_attn: bool, num_warps=None, raw=False, fast=True, variant=None, block=None):
+        """``variant``: "two_pass", "split" or "padded" (None: GELU_KERNEL's choice); ``fast``: approximate exp2 /
+        reciprocal (two_pass and split; False: Triton's exp2 and division, for comparisons); ``block``: the two-pass
+        kernel's tile width (None: GELU_TWO_PASS's)."""
         n_mlp = mlp.shape[-1]
         n_attn = attn.shape[-1] if has_attn else 0
         rows = mlp.numel() // n_mlp
@@ -55,8 +74,24 @@ def build(launch) -> dict:
         out = torch.empty((rows, n_attn + n_mlp), dtype=FP8, device=mlp.device)
         scale = torch.empty((rows, 1), dtype=torch.float32, device=mlp.device)
         args = (attn2, mlp2, out, scale, n_attn, n_mlp, attn2.stride(0), mlp2.stride(0), out.stride(0))
+        variant = variant or GELU_KERNEL[has_attn]
+        if variant == "two_pass":
+            default_block, default_warps = GELU_TWO_PASS[has_attn]
+            attn_block, even_attn = tile(n_attn, block or default_block)
+            mlp_block, even_mlp = tile(n_mlp, block or default_block)
+            launch(gelu_fp8_kernel_two_pass, raw)[(rows,)](
+                *args,
+                HAS_ATTN=has_attn,
+                ATTN_BLOCK=attn_block,
+                MLP_BLOCK=mlp_block,
+                EVEN_ATTN=even_attn,
+                EVEN_MLP=even_mlp,
+                FAST=fast,
+                num_warps=num_warps or default_warps,
+            )
+            return out, scale
         warps = num_warps or GELU_NUM_WARPS[has_attn]
-        if not (GELU_SPLIT[has_attn] if split is None else split):
+        if variant == "padded":
             blocks = dict(BLOCK_ATTN=triton.next_power_of_2(max(n_attn, 16)), BLOCK_MLP=triton.next_power_of_2(n_mlp))
             launch(gelu_fp8_padded_kernel, raw)[(rows,)](*args, HAS_ATTN=has_attn, **blocks, num_warps=warps)
             return out, scale

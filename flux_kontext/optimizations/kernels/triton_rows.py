@@ -41,10 +41,16 @@ def gelu_piece(ptr, start, n, BLOCK: tl.constexpr, GELU: tl.constexpr, FAST: tl.
     mask = cols < n
     x = tl.load(ptr + cols, mask=mask, other=0.0).to(tl.float32)
     if GELU:
-        # x·sigmoid(2·sqrt(2/pi)·(x + 0.044715·x³)) with the exponent in base 2: x·1/(1 + 2^(x·(A + B·x²)))
-        t = x * (x * x * GELU_B + GELU_A)
-        x = (x * reciprocal_approx(1.0 + exp2_approx(t, FAST), FAST)).to(tl.bfloat16).to(tl.float32)
+        x = gelu_bf16(x, FAST)
     return x, cols, mask
+
+
+@triton.jit
+def gelu_bf16(x, FAST: tl.constexpr):
+    """GELU (tanh form) of fp32 ``x``, rounded to bf16 (as the unfused path stores it), back in fp32."""
+    # x·sigmoid(2·sqrt(2/pi)·(x + 0.044715·x³)) with the exponent in base 2: x·1/(1 + 2^(x·(A + B·x²)))
+    t = x * (x * x * GELU_B + GELU_A)
+    return (x * reciprocal_approx(1.0 + exp2_approx(t, FAST), FAST)).to(tl.bfloat16).to(tl.float32)
 
 
 @triton.jit
@@ -134,4 +140,91 @@ def gelu_fp8_padded_kernel(
     qg = tl.clamp(g / scale, -448.0, 448.0)
     offset = n_attn if HAS_ATTN else 0
     tl.store(out_ptr + row * out_stride + offset + cols_m, qg.to(tl.float8e4nv), mask=mask_m)
+    tl.store(scale_ptr + row, scale)
+
+
+# Above this, a row's largest GELU output is its absmax: |GELU(x)| <= 0.170 for x < 0 (the minimum, at x ~ -0.75).
+NEGATIVE_SIDE_BOUND = tl.constexpr(_gelu.GELU_NEGATIVE_SIDE_BOUND)
+
+
+@triton.jit
+def load_tile(ptr, cols, n, EVEN: tl.constexpr, KEEP: tl.constexpr):
+    """A tile of a row in fp32 (masked at n unless EVEN; 0 past it); KEEP: the first of two reads, kept in L2."""
+    if EVEN:
+        if KEEP:
+            x = tl.load(ptr + cols, eviction_policy="evict_last")
+        else:
+            x = tl.load(ptr + cols, eviction_policy="evict_first")
+    elif KEEP:
+        x = tl.load(ptr + cols, mask=cols < n, other=0.0, eviction_policy="evict_last")
+    else:
+        x = tl.load(ptr + cols, mask=cols < n, other=0.0, eviction_policy="evict_first")
+    return x.to(tl.float32)
+
+
+@triton.jit
+def store_fp8_tile(ptr, cols, n, x, inverse_scale, EVEN: tl.constexpr):
+    q = tl.clamp(x * inverse_scale, -448.0, 448.0).to(tl.float8e4nv)
+    if EVEN:
+        tl.store(ptr + cols, q)
+    else:
+        tl.store(ptr + cols, q, mask=cols < n)
+
+
+@triton.jit
+def gelu_fp8_kernel_two_pass(
+    attn_ptr,
+    mlp_ptr,
+    out_ptr,
+    scale_ptr,
+    n_attn,
+    n_mlp,
+    attn_stride,
+    mlp_stride,
+    out_stride,
+    HAS_ATTN: tl.constexpr,
+    ATTN_BLOCK: tl.constexpr,
+    MLP_BLOCK: tl.constexpr,
+    EVEN_ATTN: tl.constexpr,
+    EVEN_MLP: tl.constexpr,
+    FAST: tl.constexpr,
+):
+    # One row per program in tiles, few registers, so many rows are in flight per SM (the row-in-registers kernels
+    # hold one or two 15,360-wide rows per SM and wait on each). Pass 1 reads the row for its absmax: GELU rounded to
+    # bf16 is non-decreasing above its minimum, so the MLP part's largest output is GELU of its largest input, and
+    # only rows whose absmax stays below NEGATIVE_SIDE_BOUND need |GELU| of every element (a third read). Pass 2
+    # reads the row again (from L2: pass 1 keeps it there), GELU, quantizes with the row's scale, writes. The GELU
+    # arithmetic is gelu_fp8_kernel's: the same codes and scales.
+    row = tl.program_id(0).to(tl.int64)
+    mlp_row = mlp_ptr + row * mlp_stride
+    attn_row = attn_ptr + row * attn_stride
+    out_row = out_ptr + row * out_stride
+    mlp_lanes = tl.arange(0, MLP_BLOCK)
+    top = tl.zeros((MLP_BLOCK,), dtype=tl.float32)  # max(0, largest input) per lane
+    for start in range(0, n_mlp, MLP_BLOCK):
+        top = tl.maximum(top, load_tile(mlp_row, start + mlp_lanes, n_mlp, EVEN_MLP, True))
+    amax = tl.max(gelu_bf16(top, FAST), axis=0)
+    if HAS_ATTN:
+        attn_lanes = tl.arange(0, ATTN_BLOCK)
+        attn_top = tl.zeros((ATTN_BLOCK,), dtype=tl.float32)
+        for start in range(0, n_attn, ATTN_BLOCK):
+            attn_top = tl.maximum(attn_top, tl.abs(load_tile(attn_row, start + attn_lanes, n_attn, EVEN_ATTN, True)))
+        amax = tl.maximum(amax, tl.max(attn_top, axis=0))
+    if amax < NEGATIVE_SIDE_BOUND:  # GELU's negative side may hold the absmax: take |GELU| of every element
+        low = tl.zeros((MLP_BLOCK,), dtype=tl.float32)
+        for start in range(0, n_mlp, MLP_BLOCK):
+            low = tl.maximum(low, tl.abs(gelu_bf16(load_tile(mlp_row, start + mlp_lanes, n_mlp, EVEN_MLP, True), FAST)))
+        amax = tl.maximum(amax, tl.max(low, axis=0))
+    scale = tl.maximum(amax, 1e-12) / 448.0
+    inverse_scale = 1.0 / scale
+    if HAS_ATTN:
+        for start in range(0, n_attn, ATTN_BLOCK):
+            cols = start + attn_lanes
+            x = load_tile(attn_row, cols, n_attn, EVEN_ATTN, False)
+            store_fp8_tile(out_row, cols, n_attn, x, inverse_scale, EVEN_ATTN)
+    out_mlp = out_row + (n_attn if HAS_ATTN else 0)
+    for start in range(0, n_mlp, MLP_BLOCK):
+        cols = start + mlp_lanes
+        x = gelu_bf16(load_tile(mlp_row, cols, n_mlp, EVEN_MLP, False), FAST)
+        store_fp8_tile(out_mlp, cols, n_mlp, x, inverse_scale, EVEN_MLP)
     tl.store(scale_ptr + row, scale)
