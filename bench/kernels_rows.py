@@ -50,8 +50,8 @@ def _load_before(directory: Path | None, name: str):
 
 
 def _randn(*shape, scale: float = 1.0, seed: int = 0) -> torch.Tensor:
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    return (torch.randn(*shape, generator=g) * scale).to("cuda", torch.bfloat16)
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    return (torch.randn(*shape, generator=g, device="cuda") * scale).to(torch.bfloat16)
 
 
 def _us(fn, inputs: list, replays: int = 7) -> float:
