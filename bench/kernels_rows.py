@@ -9,10 +9,11 @@ of them, replayed; the median replay over the launches: the GPU time a graphed s
 what each agrees on: FP8 codes that differ from the earlier kernel and from the PyTorch reference, scale error.
 
 Variants: GELU + FP8 (the two-pass kernel at several tile widths and warps, the row-in-registers kernels in two
-pieces and padded); LayerNorm + modulation + FP8 (rows per program and warps, and the one-row padded kernel); RMSNorm
-+ RoPE in FP8 with v to e4m3 (the kernel on interleaved pairs at several heads per tile / warps / tokens, and the
-earlier one). ``best`` names each case's fastest variant (the tables in gelu.py, layer_norm.py, rope.py are set from
-it). Earlier runs of this script timed one launch between CUDA events, host launch included (BENCHMARKS.md #18).
+pieces and padded); LayerNorm + modulation + FP8 at 4 and 8 warps; RMSNorm + RoPE in FP8 with v to e4m3 at 1 and 2
+tokens per program. ``best`` names each case's fastest variant (gelu.py's tables are set from it). Runs before
+2026-12-01's fourth session timed one launch between CUDA events, host launch included (BENCHMARKS.md #18); that
+session's run also measured a LayerNorm kernel with several rows per program and a RoPE kernel on interleaved pairs,
+at this script's commit 132c385 (not kept: BENCHMARKS.md #18).
 
     python bench/kernels_rows.py --before /tmp/kernels-main --out bench/results/kernels-rows-h200.json
 """
@@ -158,19 +159,18 @@ def bench_layer_norm(before) -> dict:
         has_second = bool(n_second)
         first, second, shift, scale = inputs[0]
         reference = layer_norm.reference_ln_mod_fp8(first, second if has_second else None, shift, scale, EPS)
-        padded = new(first, second, shift, scale, has_second, EPS, raw=True, rows=0)
+        this = new(first, second, shift, scale, has_second, EPS, raw=True)
 
-        def check(got, reference=reference, padded=padded):
-            return {**_agreement(got, reference), "codes_differing_from_padded_kernel": _codes(got[0], padded[0])}
+        def check(got, reference=reference, this=this):
+            return {**_agreement(got, reference), "codes_differing_from_this_tree": _codes(got[0], this[0])}
 
         variants = {}
         if old:
             variants["before"] = lambda f, s, sh, sc, h=has_second: old(f, s, sh, sc, h, EPS, raw=True)
-        for rows, warps in ((0, 4), (1, 4), (1, 8), (2, 4), (2, 8), (4, 8)):
-            variants[f"rows_{rows}_{warps}w"] = lambda f, s, sh, sc, h=has_second, r=rows, w=warps: new(
-                f, s, sh, sc, h, EPS, raw=True, rows=r, num_warps=w
+        for warps in (4, 8):
+            variants[f"one_row_{warps}w"] = lambda f, s, sh, sc, h=has_second, w=warps: new(
+                f, s, sh, sc, h, EPS, raw=True, num_warps=w
             )
-        variants["default"] = lambda f, s, sh, sc, h=has_second: new(f, s, sh, sc, h, EPS, raw=True)
         row = {"bytes_mb": round((n_first + n_second) * WIDTH * 3 / 1e6, 1)}
         _variants(row, variants, inputs, check)
         result[label] = row
@@ -194,26 +194,20 @@ def bench_rope(before) -> dict:
 
     text, image = inputs[0]
     ref = rope.reference_qk_norm_rope_fp8(text, image, norms[:2], norms[2:], (cos, sin), HEADS, EPS, scales)
-    earlier = call(new, text, image, pairs=False)
+    this = call(new, text, image)
 
     def check(got):
         return {
             "codes_differing_from_reference": {n: _codes(a, b) for n, a, b in zip("qkv", got, ref, strict=False)},
-            "codes_differing_from_earlier_kernel": {
-                n: _codes(a, b) for n, a, b in zip("qkv", got, earlier, strict=False)
-            },
-            "v_descale_equal_to_earlier_kernel": bool(torch.equal(got[3], earlier[3])),
+            "codes_differing_from_this_tree": {n: _codes(a, b) for n, a, b in zip("qkv", got, this, strict=False)},
+            "v_descale_equal_to_this_tree": bool(torch.equal(got[3], this[3])),
         }
 
     variants = {}
     if old:
         variants["before"] = lambda t, i: call(old, t, i)
-    variants["unpaired_1_token"] = lambda t, i: call(new, t, i, pairs=False)
-    for tile, warps, tokens in ((8, 4, 1), (8, 8, 1), (32, 4, 1), (32, 8, 1), (8, 4, 2)):
-        variants[f"pairs_{tile}h_{warps}w_{tokens}t"] = lambda t, i, h=tile, w=warps, r=tokens: call(
-            new, t, i, pairs=True, heads_per_tile=h, num_warps=w, rows=r
-        )
-    variants["default"] = lambda t, i: call(new, t, i)
+    for tokens in (1, 2):
+        variants[f"tokens_{tokens}"] = lambda t, i, r=tokens: call(new, t, i, rows=r)
     row = {"bytes_mb": round((TEXT + IMAGE) * WIDTH * (3 * 2 + 2 + 2 + 1) / 1e6, 1)}
     _variants(row, variants, inputs, check)
     log.info("qk_norm_rope_fp8 (with v to e4m3): %s", row)

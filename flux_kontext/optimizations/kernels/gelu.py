@@ -13,13 +13,16 @@ from flux_kontext.optimizations.kernels.e4m3 import FP8, quantize_rowwise_fp8
 # Which kernel serves which rows, keyed by "has the attention part" (the single blocks' [attention | MLP] rows of
 # 3,072 + 12,288; the feed-forwards' 12,288): "two_pass" (triton_rows.gelu_fp8_kernel_two_pass: tiles, the row read
 # twice, many rows per SM), "split" (the row in registers in two power-of-two pieces), "padded" (the row in registers
-# padded to powers of two). bench/kernels_rows.py on H200 (BENCHMARKS.md #18), in-graph µs per launch: see there.
-GELU_KERNEL = {True: "two_pass", False: "two_pass"}
-# Warps per row of the row-in-registers kernels, the fastest of bench/fused_blocks.py's sweep of 4-32 per row width
-# (BENCHMARKS.md, "Fused FP8 blocks"): the single blocks' 15,360-wide rows take 32, the feed-forwards' 8.
+# padded to powers of two). bench/kernels_rows.py on H200 (BENCHMARKS.md #18, in-graph µs per launch): single blocks'
+# 4,608 rows 100.8 on the padded kernel, 79.1 split (8 warps), 72.6 two-pass (2,048-wide tiles, 8 warps); the
+# feed-forwards' 4,096 rows 49.0 split, 54.9 two-pass, so they keep the split kernel.
+GELU_KERNEL = {True: "two_pass", False: "split"}
+# Warps per row of the row-in-registers kernels, keyed the same way: the feed-forwards' 12,288-wide rows 8 (split:
+# 49.0 µs at 8, 53.1 at 16, 65.7 at 32, the run above), the single blocks' 32 (the padded kernel's best).
 GELU_NUM_WARPS = {True: 32, False: 8}
-# The two-pass kernel's (tile width, warps), keyed the same way.
-GELU_TWO_PASS = {True: (2048, 4), False: (2048, 4)}
+# The two-pass kernel's (tile width, warps), keyed the same way: single blocks 72.6 µs at (2,048, 8) against 76.2 at
+# (2,048, 4), 76.3 at (4,096, 8), 81.9 at (4,096, 16), 82.9 at (1,024, 4).
+GELU_TWO_PASS = {True: (2048, 8), False: (2048, 8)}
 # |GELU(x)| <= 0.170 for x < 0 (its minimum, at x ~ -0.75): a row whose absmax is above this bound has it on the
 # positive side, where GELU (rounded to bf16) is non-decreasing: GELU of the row's largest input.
 GELU_NEGATIVE_SIDE_BOUND = 0.25

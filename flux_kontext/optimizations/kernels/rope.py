@@ -13,27 +13,6 @@ from flux_kontext.optimizations.kernels.e4m3 import FP8, quantize_per_head, quan
 # each program in one atomic max per head). bench/kernels_rows.py on H200 (BENCHMARKS.md, #18), 4,608 tokens with v to
 # e4m3, µs per launch: 138 / 151 / 202 / 264 at 1 / 2 / 4 / 8 tokens (the previous kernel: 155): one it is.
 QK_ROWS_PER_PROGRAM = 1
-# Whether the RMSNorm + RoPE kernel working on interleaved pairs (qk_norm_rope_kernel_pairs) serves the calls, and
-# its warps: bench/kernels_rows.py on H200 (BENCHMARKS.md #18), in-graph µs per launch.
-QK_PAIRS = True
-QK_PAIRS_NUM_WARPS = 4
-
-
-def pairs_heads_per_tile(heads: int) -> int:
-    """Heads per tile of the pairs kernel: 8 where they divide the heads (FLUX's 24: three tiles, no padded head),
-    else all heads in one tile padded to a power of two."""
-    return 8 if heads % 8 == 0 else 1 << (heads - 1).bit_length()
-
-
-def pairs_fit(head_dim: int, *tensors: torch.Tensor) -> bool:
-    """Whether the pairs kernel can view these tensors two elements at a time (last dim contiguous, even strides and
-    offset) and head_dim is a power of two."""
-    if head_dim < 2 or head_dim & (head_dim - 1):
-        return False
-    return all(
-        t.stride(-1) == 1 and t.storage_offset() % 2 == 0 and all(st % 2 == 0 for st in t.stride()[:-1])
-        for t in tensors
-    )
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -204,111 +183,6 @@ def build(launch) -> dict:
         if s == 0:
             tl.store(descale_ptr + b * n_heads + heads_1d, scale, mask=heads_1d < n_heads)
 
-    @triton.jit
-    def qk_norm_rope_kernel_pairs(
-        first_ptr,
-        second_ptr,
-        wq_first,
-        wk_first,
-        wq_second,
-        wk_second,
-        cos_ptr,
-        sin_ptr,
-        q_ptr,
-        k_ptr,
-        v_ptr,
-        qk_scale_ptr,
-        v_amax_ptr,
-        n_first,
-        seq,
-        n_heads,
-        first_sb,
-        first_ss,
-        second_sb,
-        second_ss,
-        eps,
-        HALF: tl.constexpr,
-        HEADS_PER_TILE: tl.constexpr,
-        TILES: tl.constexpr,
-        FP8_QK: tl.constexpr,
-        ROWS: tl.constexpr,
-    ):
-        # qk_norm_rope_kernel's arithmetic on interleaved pairs: the QKV rows, norm weights and bf16 outputs are read
-        # and written as int32 (two bf16), cos and sin as int64 (two fp32), e4m3 q and k as int16 (two codes), and
-        # each pair's halves are taken apart with shifts, so RoPE's pair swap is plain arithmetic on (even, odd)
-        # tiles (no reshape / split / join of the row, no padded head: heads go in tiles of HEADS_PER_TILE).
-        # Pointer units: pairs. Grid: token blocks x batch, ROWS tokens per program.
-        b = tl.program_id(1).to(tl.int64)
-        first_token = tl.program_id(0).to(tl.int64) * ROWS
-        width = n_heads * HALF
-        p = tl.arange(0, HALF)[None, :]
-        for tile in tl.static_range(TILES):
-            heads_1d = tile * HEADS_PER_TILE + tl.arange(0, HEADS_PER_TILE)
-            h = heads_1d[:, None]
-            offsets = h * HALF + p  # (heads, pairs) tile of one of q, k, v
-            v_amax = tl.zeros((HEADS_PER_TILE,), dtype=tl.float32)
-            for r in tl.static_range(ROWS):
-                s = first_token + r
-                mask = (h < n_heads) & (p < HALF) & (s < seq)
-                if s >= n_first:  # never true without a second source: n_first == seq
-                    src = second_ptr + b * second_sb + (s - n_first) * second_ss
-                    wq = wq_second
-                    wk = wk_second
-                else:
-                    src = first_ptr + b * first_sb + s * first_ss
-                    wq = wq_first
-                    wk = wk_first
-                in_seq = (p < HALF) & (s < seq)
-                cos = tl.load(cos_ptr + s * HALF + p, mask=in_seq, other=0)
-                sin = tl.load(sin_ptr + s * HALF + p, mask=in_seq, other=0)
-                cos_even = (cos & 0xFFFFFFFF).to(tl.int32).to(tl.float32, bitcast=True)
-                cos_odd = (cos >> 32).to(tl.int32).to(tl.float32, bitcast=True)
-                sin_even = (sin & 0xFFFFFFFF).to(tl.int32).to(tl.float32, bitcast=True)
-                sin_odd = (sin >> 32).to(tl.int32).to(tl.float32, bitcast=True)
-                dst = (b * seq + s) * width
-                for part in tl.static_range(2):  # q, then k; ``part`` is a compile-time constant
-                    if part == 0:
-                        weight = wq
-                        out = q_ptr + dst
-                    else:
-                        weight = wk
-                        out = k_ptr + dst
-                    x = tl.load(src + part * width + offsets, mask=mask, other=0)
-                    even = (x << 16).to(tl.float32, bitcast=True)
-                    odd = (x & -65536).to(tl.float32, bitcast=True)
-                    inv_rms = tl.rsqrt(tl.sum(even * even + odd * odd, axis=1) / (2 * HALF) + eps)[:, None]
-                    w = tl.load(weight + p)
-                    w_even = (w << 16).to(tl.float32, bitcast=True)
-                    w_odd = (w & -65536).to(tl.float32, bitcast=True)
-                    # RMSNorm as diffusers rounds it, then RoPE in fp32: rotated (even, odd) = (-odd, even)
-                    n_even = ((even * inv_rms).to(tl.bfloat16).to(tl.float32) * w_even).to(tl.bfloat16)
-                    n_odd = ((odd * inv_rms).to(tl.bfloat16).to(tl.float32) * w_odd).to(tl.bfloat16)
-                    n_even = n_even.to(tl.float32)
-                    n_odd = n_odd.to(tl.float32)
-                    r_even = (n_even * cos_even + -n_odd * sin_even).to(tl.bfloat16)
-                    r_odd = (n_odd * cos_odd + n_even * sin_odd).to(tl.bfloat16)
-                    if FP8_QK:  # e4m3 for FP8 attention, with the static scale of attention.fp8_qk_scales()
-                        qk_scale = tl.load(qk_scale_ptr + part)
-                        q_even = tl.clamp(r_even.to(tl.float32) / qk_scale, -448.0, 448.0).to(tl.float8e4nv)
-                        q_odd = tl.clamp(r_odd.to(tl.float32) / qk_scale, -448.0, 448.0).to(tl.float8e4nv)
-                        low = q_even.to(tl.uint8, bitcast=True).to(tl.int16)
-                        high = q_odd.to(tl.uint8, bitcast=True).to(tl.int16)
-                        packed = (high << 8) | low
-                    else:
-                        low = r_even.to(tl.uint16, bitcast=True).to(tl.int32)
-                        high = r_odd.to(tl.uint16, bitcast=True).to(tl.int32)
-                        packed = (high << 16) | low
-                    tl.store(out + offsets, packed, mask=mask)
-                v = tl.load(src + 2 * width + offsets, mask=mask, other=0)
-                if FP8_QK:  # v's per-head absmax over all tokens (v_fp8_kernel quantizes it after this kernel)
-                    v_even = tl.abs((v << 16).to(tl.float32, bitcast=True))
-                    v_odd = tl.abs((v & -65536).to(tl.float32, bitcast=True))
-                    v_amax = tl.maximum(v_amax, tl.max(tl.maximum(v_even, v_odd), axis=1))
-                else:
-                    tl.store(v_ptr + dst + offsets, v, mask=mask)
-            if FP8_QK:
-                tl.atomic_max(v_amax_ptr + b * n_heads + heads_1d, v_amax, mask=heads_1d < n_heads)
-
     def launch_qk_norm_rope(
         first,
         second,
@@ -326,12 +200,7 @@ def build(launch) -> dict:
         raw=False,
         rows=None,
         num_warps=None,
-        pairs=None,
-        heads_per_tile=None,
     ):
-        """``pairs``: qk_norm_rope_kernel_pairs (None: QK_PAIRS, where the tensors allow it: even strides, head_dim a
-        power of two) or qk_norm_rope_kernel; ``rows``: tokens per program; ``heads_per_tile``: the pairs kernel's
-        (None: pairs_heads_per_tile)."""
         batch, n_first, width3 = first.shape
         head_dim = width3 // 3 // heads
         seq = n_first + (second.shape[1] if has_second else 0)
@@ -339,52 +208,34 @@ def build(launch) -> dict:
         q, k, v = (torch.empty((batch, seq, heads, head_dim), dtype=qk_dtype, device=first.device) for _ in "qkv")
         v_amax = torch.zeros((batch, heads), dtype=torch.float32, device=first.device) if fp8_qk else qk_scale
         rows = rows or QK_ROWS_PER_PROGRAM
-        inputs = (first, second, wq_first, wk_first, wq_second, wk_second)
-        if (QK_PAIRS if pairs is None else pairs) and pairs_fit(head_dim, *inputs, cos, sin):
-            first_, second_, *weights = (t.view(torch.int32) for t in inputs)
-            tile = heads_per_tile or pairs_heads_per_tile(heads)
-            launch(qk_norm_rope_kernel_pairs, raw)[(triton.cdiv(seq, rows), batch)](
-                *(first_, second_, *weights, cos.view(torch.int64), sin.view(torch.int64)),
-                *(t.view(torch.int16 if fp8_qk else torch.int32) for t in (q, k)),
-                v if fp8_qk else v.view(torch.int32),
-                *(qk_scale, v_amax, n_first, seq, heads),
-                *(first_.stride(0), first_.stride(1), second_.stride(0), second_.stride(1), eps),
-                HALF=head_dim // 2,
-                HEADS_PER_TILE=tile,
-                TILES=triton.cdiv(heads, tile),
-                FP8_QK=fp8_qk,
-                ROWS=rows,
-                num_warps=num_warps or QK_PAIRS_NUM_WARPS,
-            )
-        else:
-            launch(qk_norm_rope_kernel, raw)[(triton.cdiv(seq, rows), batch)](
-                first,
-                second,
-                wq_first,
-                wk_first,
-                wq_second,
-                wk_second,
-                cos,
-                sin,
-                q,
-                k,
-                v,
-                qk_scale,
-                v_amax,
-                n_first,
-                seq,
-                heads,
-                first.stride(0),
-                first.stride(1),
-                second.stride(0),
-                second.stride(1),
-                eps,
-                HEAD_DIM=head_dim,
-                BLOCK_H=triton.next_power_of_2(heads),
-                FP8_QK=fp8_qk,
-                ROWS=rows,
-                num_warps=num_warps or 4,
-            )
+        launch(qk_norm_rope_kernel, raw)[(triton.cdiv(seq, rows), batch)](
+            first,
+            second,
+            wq_first,
+            wk_first,
+            wq_second,
+            wk_second,
+            cos,
+            sin,
+            q,
+            k,
+            v,
+            qk_scale,
+            v_amax,
+            n_first,
+            seq,
+            heads,
+            first.stride(0),
+            first.stride(1),
+            second.stride(0),
+            second.stride(1),
+            eps,
+            HEAD_DIM=head_dim,
+            BLOCK_H=triton.next_power_of_2(heads),
+            FP8_QK=fp8_qk,
+            ROWS=rows,
+            num_warps=num_warps or 4,
+        )
         if not fp8_qk:
             return q, k, v
         v_descale = torch.empty((batch, heads), dtype=torch.float32, device=first.device)
