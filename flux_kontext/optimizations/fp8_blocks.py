@@ -2,7 +2,7 @@
 per-layer activation quantization; fused_gelu_fp8 and fused_norm_rope put them in the blocks' ``body`` slot.
 
 - MLP outputs (fused_gelu_fp8): the single blocks' proj_out input (attention output | GELU(MLP)) and the double
-  blocks' ff.net[2] input (GELU(MLP)) are quantized in one pass per row, and the block calls ``torch._scaled_mm``
+  blocks' ff.net[2] input (GELU(MLP)) are quantized in one kernel, and the block calls ``torch._scaled_mm``
   with the layer's FP8 weight as torchao would. Under compile Inductor evaluated the GELU in both of its passes over
   each row: the slowest glue kernel in the profile (bench/cuda_graph_probe.py).
 - Whole blocks (fused_norm_rope): before the QKV and MLP GEMMs, LayerNorm + modulation + quantization in one pass

@@ -1,4 +1,4 @@
-"""fused_gelu_fp8: GELU + rowwise FP8 quantization of the MLP outputs in one pass per row (our Triton kernel), then
+"""fused_gelu_fp8: GELU + rowwise FP8 quantization of the MLP outputs in one kernel (ours, Triton), then
 the FP8 GEMM (forwards in fp8_blocks.py).
 
 Needs the FP8 weights (after low_precision_gemm) and runs before compile, which traces the kernels as torch ops.
@@ -48,7 +48,7 @@ class FusedGeluFp8(BodyRerouting):
             return Outcome.skipped("no rowwise-FP8 MLP output layer to feed (FP8 not applied)")
         count = len(self._rerouted)
         return Outcome.applied(
-            f"{count} MLP outputs: GELU and rowwise FP8 quantization in one pass per row (Triton), straight into the "
-            "FP8 GEMM",
+            f"{count} MLP outputs: GELU and rowwise FP8 quantization in one Triton kernel (the single blocks' rows read "
+            "twice: absmax, then quantization), straight into the FP8 GEMM",
             mlp_outputs=count,
         )

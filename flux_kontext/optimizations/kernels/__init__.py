@@ -1,9 +1,10 @@
 """Triton kernels for the memory-bound work between the FP8 GEMMs of a FLUX block, each with its PyTorch reference.
 
 Each kernel runs one program per token row (rope.QK_ROWS_PER_PROGRAM: measured best at one), loads the row once,
-keeps it in registers and writes its result once. The GELU kernel is bound by the instructions it issues per element
-(its SASS, #18): the feed-forwards' rows are read in two power-of-two pieces instead of one padded to the next power
-of two, with approximate exp2 / reciprocal (gelu.GELU_SPLIT; the Triton code in triton_rows.py):
+keeps it in registers and writes its result once; except the single blocks' GELU, whose 15,360-wide rows are read in
+tiles, twice (absmax, then quantization), so that many rows are in flight per SM. The GELU kernels issue few
+instructions per element (#18): rows in power-of-two pieces or tiles, no padded lane, approximate exp2 / reciprocal
+(gelu.GELU_KERNEL; the Triton code in triton_rows.py):
 - ``gelu_fp8``:   [attention output | GELU(MLP)] quantized rowwise to e4m3, the input of proj_out / ff.net[2].
 - ``ln_mod_fp8``: LayerNorm (no affine) + AdaLN modulation x·(1 + scale) + shift, quantized rowwise to e4m3: the
                   input of the QKV / MLP GEMMs. Reads its rows from two tensors (text, image) when the block

@@ -6,8 +6,11 @@ kernels package never does).
 - ``gelu_fp8_kernel``: rows read in two power-of-two pieces (no padded lanes), exp2 and the reciprocal approximate
   (one MUFU instruction each), scales applied as a reciprocal: about half the instructions per element of the padded
   kernel (SASS: 17 vs 36 per element of a feed-forward row), which the GELU is bound by (#18).
-- ``gelu_fp8_padded_kernel``: the earlier kernel, one piece per part padded to a power of two; the single blocks'
-  [attention | MLP] rows stay on it (bench/kernels_rows.py, BENCHMARKS.md #18: the split kernel was not faster there).
+- ``gelu_fp8_kernel_two_pass``: the single blocks' [attention | MLP] rows (15,360 wide): tiles of the row, read twice
+  (absmax, then GELU + quantization from L2), few registers, so many rows are in flight per SM where the kernels
+  holding the row in registers fit one or two; the same codes as ``gelu_fp8_kernel`` (gelu.GELU_KERNEL; in-graph on
+  H200 72.6 µs per launch against 100.8 padded, 79.1 split: bench/kernels_rows.py, BENCHMARKS.md #18).
+- ``gelu_fp8_padded_kernel``: the earliest kernel, one piece per part padded to a power of two (comparisons).
 """
 
 import triton
