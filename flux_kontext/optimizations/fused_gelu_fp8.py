@@ -48,7 +48,7 @@ class FusedGeluFp8(BodyRerouting):
             return Outcome.skipped("no rowwise-FP8 MLP output layer to feed (FP8 not applied)")
         count = len(self._rerouted)
         return Outcome.applied(
-            f"{count} MLP outputs: GELU and rowwise FP8 quantization in one Triton kernel (the single blocks' rows read "
-            "twice: absmax, then quantization), straight into the FP8 GEMM",
+            f"{count} MLP outputs: GELU and rowwise FP8 quantization in one Triton kernel (the single blocks' rows "
+            "read twice: absmax, then quantization), straight into the FP8 GEMM",
             mlp_outputs=count,
         )
