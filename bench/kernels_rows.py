@@ -13,7 +13,7 @@ pieces and padded); LayerNorm + modulation + FP8 at 4 and 8 warps; RMSNorm + RoP
 tokens per program. ``best`` names each case's fastest variant (gelu.py's tables are set from it). Runs before
 2026-12-01's fourth session timed one launch between CUDA events, host launch included (BENCHMARKS.md #18); that
 session's run also measured a LayerNorm kernel with several rows per program and a RoPE kernel on interleaved pairs,
-at this script's commit 2b2b5d5 (not kept: BENCHMARKS.md #18).
+at this script's commit de10500 (not kept: BENCHMARKS.md #18).
 
     python bench/kernels_rows.py --before /tmp/kernels-main --out bench/results/kernels-rows-h200.json
 """
