@@ -4,6 +4,7 @@ kernels, which bench/fused_blocks.py checks against the same references on the G
 
 from __future__ import annotations
 
+import pytest
 import torch
 from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock
 
@@ -97,10 +98,24 @@ def _fake_fp8(linear: torch.nn.Linear) -> None:
     linear.register_forward_pre_hook(lambda _, args: (lambda q, s: q.float() * s)(*quantize_rowwise_fp8(args[0])))
 
 
+def cpu_rowwise_fp8_gemm() -> bool:
+    """Whether this torch's CPU ``_scaled_mm`` takes rowwise scales (2.13's CPU build does; a CUDA build of 2.11 on a
+    GPU machine takes per-tensor scales only on CPU tensors)."""
+    a = torch.ones(16, 16).to(torch.float8_e4m3fn)
+    try:
+        torch._scaled_mm(a, a.t(), torch.ones(16, 1), torch.ones(1, 16), out_dtype=torch.bfloat16)
+    except RuntimeError:
+        return False
+    return True
+
+
 def _fp8_tiny_transformer(seed: int):
     """The tiny transformer as the GPU stack leaves it (fused QKV, our attention processor, FP8 on every layer the
     fused blocks feed), its inputs, and its output through diffusers' block forwards."""
     from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
+
+    if not cpu_rowwise_fp8_gemm():
+        pytest.skip(f"torch {torch.__version__}: CPU _scaled_mm takes per-tensor scales only (references need rowwise)")
 
     pipe, kwargs, _ = tiny_pipe_with_reference(seed)
     transformer = pipe.transformer
