@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import hashlib
 import importlib.metadata
 import json
 import logging
@@ -35,7 +34,6 @@ log = logging.getLogger(__name__)
 
 FORMAT = 1  # bumped when what a decision holds changes meaning: older files re-measure
 SUBDIR = "decisions"
-HASH_LENGTH = 16
 # Settings a measured decision depends on beyond compile cache's CODE_SETTINGS.
 DECISION_SETTINGS = ("fp8_attention_bf16_blocks", "fp8_attention_bf16_below_sigma", "lora_max_rank")
 PACKAGES = ("diffusers", "transformers", "torchao", "fa3-fwd", "triton")
@@ -129,13 +127,15 @@ class DecisionCache:
 
     def describe(self, name: str) -> dict:
         """For ``name``'s report: whether its decisions were read back, and when they were measured."""
-        used = sorted({at for key, at in self._used.items() if key.split("/", 1)[0] == name})
-        measured = any(key.split("/", 1)[0] == name for key in self._measured)
         if not self.enabled:
             return {"cached": False, "why": self.why_off}
-        if used and not measured:  # measured_at: when the last of them was measured
-            return {"cached": True, "measured_at": used[-1], "file": str(self.path)}
-        return {"cached": False, "measured_at": _now() if measured else None, "file": str(self.path)}
+        mine = name + "/"
+        measured = [key for key in self._measured if key.startswith(mine)]
+        used = [key for key in self._used if key.startswith(mine)]
+        cached = bool(used) and not measured
+        # measured_at: when the last of the decisions it runs on was measured (read back, or stored this start)
+        stamps = [self._stored[name][key[len(mine) :]]["measured_at"] for key in (used if cached else measured)]
+        return {"cached": cached, "measured_at": max(stamps, default=None), "file": str(self.path)}
 
     def note(self, name: str) -> str:
         """A phrase for the report's detail."""
@@ -212,6 +212,7 @@ def open_decisions(settings, hardware, dtype, model: dict) -> DecisionCache:
     root = getattr(settings, "compile_cache_dir", None)
     if not root:
         return DecisionCache(why_off=OFF)
+    from flux_kontext.optimizations.compile_cache import fingerprint_hash
+
     key = decision_key(settings, hardware, dtype, model)
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:HASH_LENGTH]
-    return DecisionCache(Path(root).expanduser().absolute() / SUBDIR / f"{digest}.json", key)
+    return DecisionCache(Path(root).expanduser().absolute() / SUBDIR / f"{fingerprint_hash(key)}.json", key)
