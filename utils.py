@@ -123,11 +123,6 @@ def image_bytes(img: Image.Image, output_format: str, quality: int = 95) -> byte
     return buffer.getvalue()
 
 
-def encode_image(img: Image.Image, output_format: str, quality: int = 95) -> str:
-    """``image_bytes`` in base64."""
-    return base64.b64encode(image_bytes(img, output_format, quality)).decode("ascii")
-
-
 def new_seed() -> int:
     """A fresh random seed (32 bits: short enough to copy by hand, valid for every generator)."""
     return secrets.randbelow(2**32)
