@@ -111,10 +111,15 @@ class DecisionCache:
         self._dirty = True
 
     def cached_or_measured(
-        self, name: str, measure: Callable[[], Any], part: str = "", valid: Callable[[Any], bool] = lambda _: True
+        self,
+        name: str,
+        measure: Callable[[], Any],
+        part: str = "",
+        valid: Callable[[Any], bool] = lambda _: True,
+        keep: Callable[[Any], bool] = lambda _: True,
     ) -> tuple[Any, Cached | None]:
-        """The decision read back (and ``valid`` for what is there now), else ``measure()``'s, stored; with the
-        ``Cached`` record when it was read back (None: measured now)."""
+        """The decision read back (and ``valid`` for what is there now), else ``measure()``'s, stored where ``keep``
+        says it was a measurement (not a fallback); with the ``Cached`` record when it was read back (None: now)."""
         cached = self.get(name, part)
         if cached is not None and valid(cached.value):
             return cached.value, cached
@@ -122,7 +127,8 @@ class DecisionCache:
             self._used.pop(f"{name}/{part}", None)
             log.info("start-up decision %s/%s no longer fits the loaded model: measuring again", name, part)
         value = measure()
-        self.put(name, value, part)
+        if keep(value):
+            self.put(name, value, part)
         return value, None
 
     def describe(self, name: str) -> dict:

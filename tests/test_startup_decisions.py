@@ -220,6 +220,15 @@ def test_the_store_reports_partial_when_only_some_decisions_were_kept(tmp_path):
     assert refused == {"best": "sdpa"} and cached is None  # a kept decision that no longer fits is measured again
 
 
+def test_a_fallback_the_caller_does_not_keep_is_neither_stored_nor_reported_as_measured(tmp_path):
+    store = DecisionCache(tmp_path / "d.json", {"k": 1})
+    fallback = {"why": "not a CUDA device"}
+    value, cached = store.cached_or_measured("lora", lambda: fallback, "up_kernel", keep=lambda v: False)
+    assert value == fallback and cached is None
+    store.save()
+    assert not (tmp_path / "d.json").exists() and store.report()["decisions"] == "none measured"
+
+
 # --- attention: the kernels' timing and the FP8 attention screen ---------------------------------------------------
 
 

@@ -113,16 +113,17 @@ class Lora(Optimization):
             return {}
         shapes = {tuple(side.up.shape) for side in fp8}
         names = {f"{cols}x{rank}" for cols, rank in shapes}
-        cached = self.decisions.get(self.name, "up_kernel")  # a restart on a kept cache (startup_decisions.py)
-        if cached is not None and names <= set(cached.value.get("by_layer_shape", {})):
-            data = cached.value
-            use = {(c, r): data["by_layer_shape"][f"{c}x{r}"]["kernel"] == "triton" for c, r in shapes}
-        else:
-            use, data = lora_triton.choose(device, shapes)
-            if "by_layer_shape" in data:  # measured (not the CPU's or a broken Triton's fallback)
-                self.decisions.put(self.name, data, "up_kernel")
+        data, _ = self.decisions.cached_or_measured(  # read back on a restart on a kept cache (startup_decisions.py)
+            self.name,
+            lambda: lora_triton.choose(device, shapes)[1],
+            "up_kernel",
+            valid=lambda kept: names <= set(kept.get("by_layer_shape", {})),
+            keep=lambda measured: "by_layer_shape" in measured,  # not the CPU's or a broken Triton's fallback
+        )
+        by_shape = data.get("by_layer_shape", {})  # absent in a fallback: cuBLAS everywhere
         for side in fp8:
-            side.triton_up = use[tuple(side.up.shape)]
+            cols, rank = side.up.shape
+            side.triton_up = by_shape.get(f"{cols}x{rank}", {}).get("kernel") == "triton"
         return data
 
     def _data_now(self, slot_rank: int, layers: int) -> dict:

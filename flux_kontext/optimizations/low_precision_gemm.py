@@ -151,20 +151,23 @@ class LowPrecisionGemm(Optimization):
         the same key reads the screen's choice and the measured errors back (startup_decisions.py)."""
         modules = _named_modules(root, prefix)
         names = {name for name, module in modules.items() if quantizable(module, name)}
-        cached = self.decisions.get(self.name, prefix)
-        if cached is not None and set(cached.value["selected"]) | set(cached.value["kept_bf16"]) == names:
-            selected = set(cached.value["selected"])
+
+        def measure() -> dict:
+            references = _reference_outputs(root, prefix)
+            max_error = self.settings.fp8_max_layer_error
+            selected, kept_bf16 = (
+                select_fp8_layers(references, modules, max_error) if fmt == "fp8" else (set(references), {})
+            )
             self._quantize_selected(root, modules, selected, config, quantize_)
-            return cached.value["errors"], cached.value["kept_bf16"]
-        references = _reference_outputs(root, prefix)
-        max_error = self.settings.fp8_max_layer_error
-        selected, kept_bf16 = (
-            select_fp8_layers(references, modules, max_error) if fmt == "fp8" else (set(references), {})
+            errors = _layer_errors(root, {name: references[name] for name in selected}, prefix)
+            return {"selected": sorted(selected), "kept_bf16": kept_bf16, "errors": errors}
+
+        value, cached = self.decisions.cached_or_measured(
+            self.name, measure, prefix, valid=lambda kept: set(kept["selected"]) | set(kept["kept_bf16"]) == names
         )
-        self._quantize_selected(root, modules, selected, config, quantize_)
-        errors = _layer_errors(root, {name: references[name] for name in selected}, prefix)
-        self.decisions.put(self.name, {"selected": sorted(selected), "kept_bf16": kept_bf16, "errors": errors}, prefix)
-        return errors, kept_bf16
+        if cached is not None:  # read back: quantize the layers it chose
+            self._quantize_selected(root, modules, set(value["selected"]), config, quantize_)
+        return value["errors"], value["kept_bf16"]
 
     @staticmethod
     def _quantize_selected(root, modules: dict, selected: set[str], config, quantize_) -> None:

@@ -112,12 +112,13 @@ class Attention(Optimization):
 
     def _screen(self, transformer) -> dict:
         """The FP8 screen against the active bf16 kernel, or its result read back for the same kernel."""
-        cached = self.decisions.get(self.name, "fp8_screen")
-        if cached is not None and cached.value["bf16"] == self.choice.active:
-            return cached.value["screen"]
-        screen = screen_fp8_attention(transformer, self.choice)
-        self.decisions.put(self.name, {"bf16": self.choice.active, "screen": screen}, "fp8_screen")
-        return screen
+        value, _ = self.decisions.cached_or_measured(
+            self.name,
+            lambda: {"bf16": self.choice.active, "screen": screen_fp8_attention(transformer, self.choice)},
+            "fp8_screen",
+            valid=lambda kept: kept["bf16"] == self.choice.active,
+        )
+        return value["screen"]
 
     def _screen_fp8(self, transformer, measured: dict, detail: str) -> str:
         """Run the FP8 screen (several sigmas); make FA3 in FP8 the active kernel where the layers and steps the
