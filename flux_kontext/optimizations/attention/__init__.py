@@ -100,15 +100,17 @@ class Attention(Optimization):
     def _measured_kernels(self, setting: str, device, fp8: bool) -> tuple[dict, dict, dict]:
         """``measure_kernels``, or its measurements read back from a kept cache (startup_decisions.py) while every
         kernel they name can still be loaded."""
-        cached = self.decisions.get(self.name, "kernels")
-        if cached is not None:
-            kernels, _ = candidates(setting, fp8)
-            if set(cached.value["measured"]) <= set(kernels):
-                measured, rejected = cached.value["measured"], cached.value["rejected"]
-                return {name: kernels[name] for name in measured}, measured, rejected
-        usable, measured, rejected = measure_kernels(setting, device, fp8)
-        self.decisions.put(self.name, {"measured": measured, "rejected": rejected}, "kernels")
-        return usable, measured, rejected
+        kernels, _ = candidates(setting, fp8)
+
+        def measure() -> dict:
+            _, measured, rejected = measure_kernels(setting, device, fp8)
+            return {"measured": measured, "rejected": rejected}
+
+        value, _ = self.decisions.cached_or_measured(
+            self.name, measure, "kernels", valid=lambda kept: set(kept["measured"]) <= set(kernels)
+        )
+        measured = value["measured"]  # the usable kernels: those measured (measure_kernels rejects the others)
+        return {name: kernels[name] for name in measured}, measured, value["rejected"]
 
     def _screen(self, transformer) -> dict:
         """The FP8 screen against the active bf16 kernel, or its result read back for the same kernel."""
