@@ -41,12 +41,15 @@ NAIVE = dict(
     compile=False,
     first_block_cache=False,
     cuda_graphs=False,
+    text_encoder_graphs=False,
     fp8_attention="off",
 )
 # The cache is loaded from stage 1 on but held at threshold 0 (never skips) so the rows time the stack, not
 # the random weights' skip rate; stage "5+cache" runs the seed's threshold and reports the skips it measured.
 CACHE_OFF = dict(first_block_cache=True, cache_threshold=0.0)
-FULL = dict(fuse_qkv=True, compile=True, attention="auto", quantize="auto", cuda_graphs=False)
+FULL = dict(
+    fuse_qkv=True, compile=True, attention="auto", quantize="auto", cuda_graphs=False, text_encoder_graphs=False
+)
 # (stage, what it adds, settings, scheduler)
 STAGES = (
     ("0", "naive bf16 diffusers (eager, SDPA)", NAIVE, "euler"),
@@ -69,17 +72,22 @@ STAGES = (
         "euler",
     ),
     ("4", "+ DPM-Solver++ 2M, 14 steps", {**FULL, **CACHE_OFF}, "dpmpp_2m"),
-    ("5", "+ CUDA graphs (per block and shape)", {**FULL, **CACHE_OFF, "cuda_graphs": True}, "dpmpp_2m"),
+    (
+        "5",
+        "+ CUDA graphs (per block and shape; CLIP and T5 one each)",
+        {**FULL, **CACHE_OFF, "cuda_graphs": True, "text_encoder_graphs": True},
+        "dpmpp_2m",
+    ),
     (
         "5-bf16-attention",
         "stage 5 with FLUX_FP8_ATTENTION=off (bf16 attention)",
-        {**FULL, **CACHE_OFF, "cuda_graphs": True, "fp8_attention": "off"},
+        {**FULL, **CACHE_OFF, "cuda_graphs": True, "text_encoder_graphs": True, "fp8_attention": "off"},
         "dpmpp_2m",
     ),
     (
         "5+cache",
         "stage 5 with the cache at the seed's 0.12 (skip rate on random weights means nothing)",
-        {**FULL, "cuda_graphs": True, "first_block_cache": True, "cache_threshold": 0.12},
+        {**FULL, "cuda_graphs": True, "text_encoder_graphs": True, "first_block_cache": True, "cache_threshold": 0.12},
         "dpmpp_2m",
     ),
 )

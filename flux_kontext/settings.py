@@ -544,6 +544,14 @@ class CudaGraphsSettings(BaseModel):
     )
 
 
+class TextEncoderGraphsSettings(BaseModel):
+    text_encoder_graphs: bool = Field(
+        True,
+        description="CLIP's and T5's forward at batch 1 replayed as one CUDA graph each (GPU only, encoders resident "
+        "on the GPU; kept per encoder where start-up measures it faster with the same bytes).",
+    )
+
+
 class FirstBlockCacheSettings(BaseModel):
     first_block_cache: bool = Field(True, description="diffusers' first-block cache (threshold per request).")
     cache_threshold: float = Field(
@@ -655,6 +663,7 @@ def lora_entry(entry: str) -> tuple[str, str]:
 class Settings(
     ContextParallelSettings,
     LoraSettings,
+    TextEncoderGraphsSettings,
     FirstBlockCacheSettings,
     CudaGraphsSettings,
     CompileSettings,

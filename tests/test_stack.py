@@ -127,6 +127,9 @@ DECISIONS = [
     ("first_block_cache", {"first_block_cache": False}, CPU, "skipped", "FLUX_FIRST_BLOCK_CACHE=false"),
     ("first_block_cache", {}, CPU, "apply", ""),
     ("dpm_solver", {}, CPU, "apply", ""),
+    ("text_encoder_graphs", {}, CPU, "skipped", "CUDA graphs need a GPU"),
+    ("text_encoder_graphs", {"text_encoder_graphs": False}, HOPPER, "skipped", "FLUX_TEXT_ENCODER_GRAPHS=false"),
+    ("text_encoder_graphs", {}, HOPPER, "apply", ""),
     ("lora", {}, CPU, "skipped", "no adapters configured"),
     ("lora", {"loras": ["style=/adapters/style.safetensors"]}, CPU, "apply", ""),
 ]

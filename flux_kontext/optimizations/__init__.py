@@ -17,6 +17,7 @@ and checked when the Stack is built (flux_kontext/stack):
 12. cuda_graphs        the ``graphed`` slot (use_cuda_graphs), keyed on LoRA's side path being on or off
 13. first_block_cache  diffusers' hooks, above every slot (its skip decision global under context_parallel)
 14. dpm_solver         the scheduler per request (use_dpm_solver)
+15. text_encoder_graphs CLIP's and T5's forward as CUDA graphs (no constraint: nothing else touches the encoders)
 
 Optional dependencies (torchao, FA3, Triton) are imported inside ``apply``: importing this package needs no GPU.
 """
@@ -40,6 +41,7 @@ def build_all(settings) -> list:
     from flux_kontext.optimizations.gelu_sigmoid_form import GeluSigmoidForm
     from flux_kontext.optimizations.lora import Lora
     from flux_kontext.optimizations.low_precision_gemm import LowPrecisionGemm
+    from flux_kontext.optimizations.text_encoder_graphs import TextEncoderGraphs
 
     order = (
         FuseQkv,
@@ -56,5 +58,6 @@ def build_all(settings) -> list:
         CudaGraphs,
         FirstBlockCache,
         DpmSolver,
+        TextEncoderGraphs,
     )
     return [cls(settings) for cls in order]
