@@ -65,6 +65,27 @@ def t5_busy_ms(pipe) -> dict:
     return {"wall_ms": round(wall, 2), "kernel_ms": round(busy, 2), "kernels": len(events)}
 
 
+def host_profile(pipe, sync, top: int = 12) -> list[dict]:
+    """Where encode_prompt's wall time goes on the host (cProfile, cumulative), after the encoders are graphed."""
+    import cProfile
+    import pstats
+
+    profiler = cProfile.Profile()
+    with torch.inference_mode():
+        profiler.enable()
+        for prompt in PROMPTS * 3:
+            pipe.encode_prompt(prompt=prompt, prompt_2=None, max_sequence_length=pipe.tokenizer_2.model_max_length)
+            sync()
+        profiler.disable()
+    stats = pstats.Stats(profiler)
+    rows = sorted(stats.stats.items(), key=lambda item: -item[1][3])[:top]  # (file, line, name) -> cc, nc, tt, ct
+    calls = len(PROMPTS) * 3
+    return [
+        {"function": f"{Path(key[0]).name}:{key[1]}:{key[2]}", "ms_per_call": round(value[3] * 1000 / calls, 2)}
+        for key, value in rows
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tiny", action="store_true")
@@ -88,6 +109,7 @@ def main() -> None:
         outcome = optimization.apply(Model(pipe=pipe, slots=ForwardSlots(), hardware=Hardware("cuda", (9, 0))))
         result["text_encoder_graphs"] = {"status": outcome.status, "detail": outcome.detail, **outcome.data}
         result["graphed_encode_prompt_ms"] = encode_ms(pipe, sync)
+        result["host_profile_graphed"] = host_profile(pipe, sync)
     log.info("%s", json.dumps(result))
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2))
