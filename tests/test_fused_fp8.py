@@ -127,6 +127,8 @@ def _fp8_tiny_transformer(seed: int):
         for linear in (
             block.attn.to_qkv,
             block.attn.to_added_qkv,
+            block.attn.to_out[0],
+            block.attn.to_add_out,
             *(ff.net[i].proj if i == 0 else ff.net[i] for ff in (block.ff, block.ff_context) for i in (0, 2)),
         ):
             _fake_fp8(linear)
@@ -164,6 +166,41 @@ def test_whole_blocks_on_the_fused_path_compute_what_diffusers_blocks_compute():
         rope.reference_qk_norm_rope = real
     assert float((wrong - expected).norm() / expected.norm()) > 1e-3
     assert cos.shape[0] == kwargs["txt_ids"].shape[0] + kwargs["img_ids"].shape[0]
+
+
+@torch.inference_mode()
+def test_double_blocks_quantize_their_attention_output_once_and_fuse_the_residual_into_the_layer_norm():
+    from flux_kontext.optimizations.kernels import layer_norm
+
+    transformer, pipe, kwargs, expected = _fp8_tiny_transformer(4)
+    fused_stack(pipe)
+    calls = {"rows": 0, "residual": 0}
+    real_rows, real_residual = layer_norm.reference_rows_fp8, layer_norm.reference_residual_ln_mod_fp8
+
+    def rows(x):
+        calls["rows"] += 1
+        return real_rows(x)
+
+    def residual(*args):
+        calls["residual"] += 1
+        return real_residual(*args)
+
+    layer_norm.reference_rows_fp8, layer_norm.reference_residual_ln_mod_fp8 = rows, residual
+    try:
+        ours = transformer(**kwargs)[0]
+        # A layer kept in bf16 (the FP8 screen's choice): that block's output projections run their own forwards.
+        first = transformer.transformer_blocks[0].attn.to_add_out
+        del first.fp8_weight_t, first.fp8_weight_scale
+        calls_before = dict(calls)
+        mixed = transformer(**kwargs)[0]
+    finally:
+        layer_norm.reference_rows_fp8, layer_norm.reference_residual_ln_mod_fp8 = real_rows, real_residual
+    double = len(transformer.transformer_blocks)
+    # one quantization of the joint (text, image) rows per double block; the gated residual fused per stream
+    assert calls_before == {"rows": double, "residual": 2 * double}
+    assert calls["rows"] - calls_before["rows"] == double - 1
+    for result in (ours, mixed):  # the same arithmetic as diffusers' blocks on the fake-FP8 layers
+        assert float((result - expected).norm() / expected.norm()) < 1e-5
 
 
 def test_a_block_with_a_layer_kept_in_bf16_keeps_the_path_below_it():

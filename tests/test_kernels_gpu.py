@@ -98,6 +98,37 @@ def test_layer_norm_kernel_matches_its_reference(text, image, width):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize(("tokens", "width"), [(4096, 3072), (29, 100)])
+def test_residual_layer_norm_kernel_writes_the_gated_residual_and_the_layer_norm_kernels_codes(tokens, width):
+    x, y = _randn(2, tokens, width, scale=4, seed=40), _randn(2, tokens, width, seed=41)
+    gate = _randn(2, 6 * width, scale=0.5, seed=42)[:, 2 * width : 3 * width]  # a modulation chunk: strided rows
+    shift, scale = _randn(2, width, scale=0.5, seed=43), _randn(2, width, scale=0.5, seed=44)
+    new_x, values, row_scale = kernels.residual_ln_mod_fp8(x, y.reshape(-1, width), gate, shift, scale, 1e-6)
+    # x + gate·y rounded once (fp32 inside, as Inductor's fused kernel); eager bf16 rounds the product too
+    once = (x.float() + gate.float()[:, None] * y.float()).to(torch.bfloat16)
+    assert _codes_differing(new_x, once) < 1e-3
+    eager, ref_values, ref_scale = kernels.reference_residual_ln_mod_fp8(x, y, gate, shift, scale, 1e-6)
+    torch.testing.assert_close(new_x, eager, rtol=2**-7, atol=0)
+    # The LayerNorm part is the ln_mod_fp8 kernel's arithmetic on the new x: the same codes and scales
+    alone = kernels.ln_mod_fp8(new_x, None, shift, scale, 1e-6)
+    assert torch.equal(values.view(torch.uint8), alone[0].view(torch.uint8)) and torch.equal(row_scale, alone[1])
+    assert _codes_differing(values, ref_values) < 0.06  # PyTorch's LayerNorm rounds its statistics differently
+    torch.testing.assert_close(row_scale, ref_scale, rtol=1e-2, atol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("rows", "width"), [(4608, 3072), (37, 100)])
+def test_rowwise_fp8_kernel_writes_the_references_codes(rows, width):
+    x = _randn(rows, width, scale=3, seed=45)
+    x[1] = 0.0  # a zero row: the scale's floor
+    x[2] *= 1e-3
+    values, scale = kernels.rows_fp8(x)
+    ref_values, ref_scale = kernels.reference_rows_fp8(x)
+    assert torch.equal(values.view(torch.uint8), ref_values.view(torch.uint8))
+    assert torch.equal(scale, ref_scale)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("tokens", [(512, 4096), (5, 11)])
 def test_rope_kernel_in_fp8_matches_its_reference_whatever_the_tokens_per_program(tokens):
     from flux_kontext.optimizations.kernels import rope
@@ -139,7 +170,8 @@ def test_the_ops_compile_to_what_they_run_eagerly():
         q, k, v, descale = kernels.qk_norm_rope_fp8(first, second, *norms, rotary, heads, 1e-6, scales)
         values, row_scale = kernels.ln_mod_fp8(attn[:, :text], attn[:, text:], shift, scale, 1e-6)
         gelu_values, gelu_scale = kernels.gelu_fp8(attn, mlp)  # the single blocks' rows: the two-pass kernel
-        return q, k, v, descale, values, row_scale, gelu_values, gelu_scale
+        fused = kernels.residual_ln_mod_fp8(attn, mlp[:, :width], shift, shift, scale, 1e-6)
+        return q, k, v, descale, values, row_scale, gelu_values, gelu_scale, *fused, *kernels.rows_fp8(attn)
 
     eager = step(first, second, attn, mlp)
     compiled = torch.compile(step, fullgraph=True)(first, second, attn, mlp)

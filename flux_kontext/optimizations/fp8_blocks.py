@@ -145,8 +145,9 @@ def fused_single_block_forward(block, hidden_states, encoder_hidden_states, temb
 
 def fused_double_block_forward(block, hidden_states, encoder_hidden_states, temb, image_rotary_emb=None, **kwargs):
     """FluxTransformerBlock.forward on our kernels: per stream LN+modulation+FP8 and the FP8 QKV GEMM, one
-    RMSNorm+RoPE writing the joint (text, image) q/k/v, attention, the output projections, then per stream the
-    gated residual, LN+modulation+FP8, the MLP GEMM, GELU+FP8, the output GEMM and the gated residual."""
+    RMSNorm+RoPE writing the joint (text, image) q/k/v, attention, one FP8 quantization of its output and the output
+    projections, then per stream the gated residual with LN+modulation+FP8 (one kernel), the MLP GEMM, GELU+FP8, the
+    output GEMM and the gated residual."""
     _refuse_attention_kwargs(kwargs)
     attn, dtype = block.attn, hidden_states.dtype
     batch, text_tokens = encoder_hidden_states.shape[:2]
@@ -164,20 +165,49 @@ def fused_double_block_forward(block, hidden_states, encoder_hidden_states, temb
         image_rotary_emb,
         dtype,
     )
-    text_out, image_out = joint.split_with_sizes([text_tokens, joint.shape[1] - text_tokens], dim=1)
+    text_out, image_out = _attention_outputs(attn, joint, text_tokens, dtype)
 
     def stream(x, attn_out, mod, ff, norm2):
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod
-        x = x + gate_msa.unsqueeze(1) * attn_out
-        values, row_scale = kernels.ln_mod_fp8(x, None, shift_mlp, scale_mlp, norm2.eps)
+        # x + gate·attn_out and the LayerNorm + modulation + FP8 of it in one kernel: the new x is written once.
+        x, values, row_scale = kernels.residual_ln_mod_fp8(x, attn_out, gate_msa, shift_mlp, scale_mlp, norm2.eps)
         mlp = fp8_linear(values, row_scale, ff.net[0].proj, dtype)
         return x + gate_mlp.unsqueeze(1) * _gelu_output(ff, mlp, x.shape, dtype)
 
-    hidden_states = stream(hidden_states, attn.to_out[0](image_out.contiguous()), image_mod, block.ff, block.norm2)
-    encoder_hidden_states = stream(
-        encoder_hidden_states, attn.to_add_out(text_out.contiguous()), text_mod, block.ff_context, block.norm2_context
-    )
+    hidden_states = stream(hidden_states, image_out, image_mod, block.ff, block.norm2)
+    encoder_hidden_states = stream(encoder_hidden_states, text_out, text_mod, block.ff_context, block.norm2_context)
     return encoder_hidden_states, hidden_states
+
+
+def _attention_outputs(attn, joint, text_tokens: int, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """to_add_out(text rows), to_out[0](image rows) of the joint attention output (batch, tokens, C). Both layers
+    rowwise FP8: the joint rows quantized in one kernel (one scale per row, so the split after it changes nothing),
+    then each layer's FP8 GEMM; otherwise the layers' own forwards (torchao quantizes each input)."""
+    to_out, to_add_out = attn.to_out[0], attn.to_add_out
+    if not (_exposed(to_out) and _exposed(to_add_out)):
+        text, image = joint.split_with_sizes([text_tokens, joint.shape[1] - text_tokens], dim=1)
+        return to_add_out(text.contiguous()), to_out(image.contiguous())
+    batch, tokens, width = joint.shape
+    values, scale = kernels.rows_fp8(joint)
+    values, scale = values.view(batch, tokens, width), scale.view(batch, tokens, 1)
+    # The image rows start text_tokens rows in: a view where its values and scales stay 16-byte aligned (cuBLAS's
+    # operands; FLUX's 512 text tokens), a copy otherwise; and a copy for several batch elements (reshape).
+    aligned = text_tokens % 4 == 0 and (text_tokens * width) % 16 == 0
+
+    def rows(t, part):  # one stream's rows as (rows, C)
+        if part == 0:
+            return t[:, :text_tokens].reshape(-1, t.shape[-1])
+        image = t[:, text_tokens:].reshape(-1, t.shape[-1])
+        return image if aligned else image.clone()
+
+    text = fp8_linear(rows(values, 0), rows(scale, 0), to_add_out, dtype)
+    image = fp8_linear(rows(values, 1), rows(scale, 1), to_out, dtype)
+    return text, image
+
+
+def _exposed(linear) -> bool:
+    """Whether ``expose_fp8_weight`` found the layer rowwise FP8 (at apply time)."""
+    return getattr(linear, "fp8_weight_t", None) is not None
 
 
 def _fused_attention(attn) -> bool:
@@ -193,7 +223,12 @@ def double_block_fusable(block) -> bool:
     attn = block.attn
     layers = (attn.to_qkv, getattr(attn, "to_added_qkv", None), block.ff.net[0].proj, block.ff_context.net[0].proj)
     gelus = all(getattr(ff.net[0], "approximate", None) == "tanh" for ff in (block.ff, block.ff_context))
-    return _fused_attention(attn) and gelus and all(x is not None and expose_fp8_weight(x) for x in layers)
+    fusable = _fused_attention(attn) and gelus and all(x is not None and expose_fp8_weight(x) for x in layers)
+    if fusable:  # the output projections: fed by one quantization kernel where both are rowwise FP8 (optional)
+        for linear in (attn.to_out[0], getattr(attn, "to_add_out", None)):
+            if linear is not None:
+                expose_fp8_weight(linear)
+    return fusable
 
 
 def mlp_output_fusable(block) -> bool:

@@ -9,6 +9,10 @@ instructions per element (#18): rows in power-of-two pieces or tiles, no padded 
 - ``ln_mod_fp8``: LayerNorm (no affine) + AdaLN modulation x·(1 + scale) + shift, quantized rowwise to e4m3: the
                   input of the QKV / MLP GEMMs. Reads its rows from two tensors (text, image) when the block
                   concatenates them, so the concatenation is never written.
+- ``residual_ln_mod_fp8``: the double blocks' gated residual x + gate·(attention output projection), written as the
+                  new hidden states, and ``ln_mod_fp8`` of it, in one pass over the rows (#18).
+- ``rows_fp8``:   plain rowwise e4m3: the double blocks' joint attention output, the input of to_add_out and to_out,
+                  in one launch for both streams.
 - ``qk_norm_rope``: the fused QKV GEMM's output split per head, RMSNorm on q and k, RoPE on q and k, written as
                   contiguous (batch, tokens, heads, head_dim) q, k, v for the attention kernel; two sources (text,
                   image rows with their own norm weights) are written as one concatenated sequence.
@@ -22,8 +26,9 @@ torchao's rowwise scale: absmax / 448 floored at 1e-12); each ``reference_*`` is
 CPUs run, and what the GPU check (bench/fused_blocks.py) compares the kernels with.
 
 Layout: ``e4m3`` (the e4m3 quantizers, torch only), ``gelu``, ``layer_norm``, ``rope``: each kernel next to its
-reference, its Triton code inside the module's ``build(launch)`` or, for the GELU kernels (helpers Inductor must find
-as module globals), in ``triton_rows`` which only ``build`` imports (so importing this package never imports triton).
+reference, its Triton code inside the module's ``build(launch)`` or, for the GELU and LayerNorm kernels (helpers
+Inductor must find as module globals), in ``triton_rows`` / ``triton_ln_rows`` which only ``build`` imports (so
+importing this package never imports triton).
 The functions here dispatch on the tensor alone: the Triton op on CUDA bf16 tensors, the reference otherwise.
 
 The kernels are registered as torch ops (``torch.library.triton_op``) by ``ops()``, once per process. Call it at load
@@ -40,7 +45,11 @@ import torch
 from flux_kontext.optimizations.kernels import gelu, layer_norm, rope
 from flux_kontext.optimizations.kernels.e4m3 import E4M3_MAX, quantize_per_head, quantize_rowwise_fp8, quantize_static
 from flux_kontext.optimizations.kernels.gelu import reference_gelu_fp8
-from flux_kontext.optimizations.kernels.layer_norm import reference_ln_mod_fp8
+from flux_kontext.optimizations.kernels.layer_norm import (
+    reference_ln_mod_fp8,
+    reference_residual_ln_mod_fp8,
+    reference_rows_fp8,
+)
 from flux_kontext.optimizations.kernels.rope import reference_qk_norm_rope, reference_qk_norm_rope_fp8
 
 __all__ = [
@@ -53,8 +62,12 @@ __all__ = [
     "quantize_per_head",
     "quantize_rowwise_fp8",
     "quantize_static",
+    "residual_ln_mod_fp8",
+    "rows_fp8",
     "reference_gelu_fp8",
     "reference_ln_mod_fp8",
+    "reference_residual_ln_mod_fp8",
+    "reference_rows_fp8",
     "reference_qk_norm_rope",
     "reference_qk_norm_rope_fp8",
 ]
@@ -66,8 +79,8 @@ _OPS = None
 
 def ops() -> types.SimpleNamespace:
     """Build the Triton kernels and register them as torch ops (traceable by torch.compile), once per process (GPU
-    only: imports triton): the ops gelu_fp8, ln_mod_fp8, qk_norm_rope, qk_norm_rope_fp8 and the launchers
-    launch_gelu_fp8, launch_ln_mod_fp8, launch_qk_norm_rope (``raw=True``: the bare kernel, for benchmarks)."""
+    only: imports triton): the ops gelu_fp8, ln_mod_fp8, residual_ln_mod_fp8, rows_fp8, qk_norm_rope,
+    qk_norm_rope_fp8 and their launchers launch_* (``raw=True``: the bare kernel, for benchmarks)."""
     global _OPS
     if _OPS is None:
         from torch.library import wrap_triton
@@ -103,6 +116,23 @@ def ln_mod_fp8(first, second, shift, scale, eps: float) -> tuple[torch.Tensor, t
     first = first if first.stride(-1) == 1 else first.contiguous()
     second = (second if second.stride(-1) == 1 else second.contiguous()) if has_second else first
     return ops().ln_mod_fp8(first, second, shift, scale, has_second, eps)
+
+
+def residual_ln_mod_fp8(x, y, gate, shift, scale, eps: float):
+    """The gated residual x + gate·y (batch, tokens, C), then its modulated LayerNorm quantized rowwise, in one pass:
+    (new x, values, scales)."""
+    y = y.reshape(x.shape)  # the output projection's (rows, C) as (batch, tokens, C)
+    if not _on_kernel(x):
+        return layer_norm.reference_residual_ln_mod_fp8(x, y, gate, shift, scale, eps)
+    x, y = (t if t.stride(-1) == 1 else t.contiguous() for t in (x, y))
+    return ops().residual_ln_mod_fp8(x, y, gate, shift, scale, eps)
+
+
+def rows_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(..., C) rows quantized to e4m3 with one scale each: (values (rows, C), scales (rows, 1))."""
+    if not _on_kernel(x):
+        return layer_norm.reference_rows_fp8(x)
+    return ops().rows_fp8(x.reshape(-1, x.shape[-1]).contiguous())
 
 
 def qk_norm_rope(first, second, norms_first, norms_second, rotary, heads: int, eps: float):

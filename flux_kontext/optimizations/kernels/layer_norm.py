@@ -1,6 +1,7 @@
 """Modulated LayerNorm + FP8: LayerNorm (no affine) + AdaLN modulation x·(1 + scale) + shift, quantized rowwise to
 e4m3, the input of the QKV / MLP GEMMs; rows read from two tensors (text, image) when the block concatenates them, so
-the concatenation is never written. The Triton kernel next to its PyTorch reference."""
+the concatenation is never written. Beside it, the double blocks' gated residual fused in front of it, and plain
+rowwise e4m3 (the joint attention output). The Triton kernels (triton_ln_rows.py) next to their PyTorch references."""
 
 from __future__ import annotations
 
@@ -19,65 +20,38 @@ def reference_ln_mod_fp8(first, second, shift, scale, eps: float) -> tuple[torch
     return quantize_rowwise_fp8(modulated.reshape(-1, x.shape[-1]))
 
 
+def reference_residual_ln_mod_fp8(x, y, gate, shift, scale, eps: float):
+    """The gated residual x + gate·y (x, y (batch, tokens, C), gate (batch, C)) as diffusers' block computes it, then
+    reference_ln_mod_fp8 of it: (new x, values (rows, C), scales (rows, 1)). The kernel rounds x + gate·y once
+    (fp32 inside, as Inductor's fused kernel did), eager bf16 rounds the product too: at most a bf16 step apart."""
+    x = x + gate.unsqueeze(1) * y
+    return (x, *reference_ln_mod_fp8(x, None, shift, scale, eps))
+
+
+def reference_rows_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(..., C) rows to e4m3 with their own scales (torchao's rowwise arithmetic): (values (rows, C), scales
+    (rows, 1))."""
+    return quantize_rowwise_fp8(x.reshape(-1, x.shape[-1]))
+
+
 def build(launch) -> dict:
-    """The Triton kernel, its launcher and the ``flux_kontext::ln_mod_fp8_rowwise`` op (registered: call once per
-    process, through kernels.ops()); ``launch(kernel, raw)`` is how launchers call a kernel."""
+    """The Triton kernels' launchers and the ``flux_kontext::ln_mod_fp8_rowwise``, ``flux_kontext::residual_ln_mod_fp8``
+    and ``flux_kontext::rows_fp8`` ops (registered: call once per process, through kernels.ops());
+    ``launch(kernel, raw)`` is how launchers call a kernel."""
     import triton
-    import triton.language as tl
     from torch.library import triton_op
 
-    @triton.jit
-    def ln_mod_fp8_kernel(
-        first_ptr,
-        second_ptr,
-        shift_ptr,
-        scale_ptr,
-        out_ptr,
-        out_scale_ptr,
-        n_first,
-        seq,
-        n_cols,
-        first_sb,
-        first_ss,
-        second_sb,
-        second_ss,
-        shift_sb,
-        scale_sb,
-        eps,
-        BLOCK: tl.constexpr,
-    ):
-        row = tl.program_id(0).to(tl.int64)
-        b = row // seq
-        s = row % seq
-        cols = tl.arange(0, BLOCK)
-        mask = cols < n_cols
-        if s >= n_first:  # never true without a second source: n_first == seq
-            x = tl.load(second_ptr + b * second_sb + (s - n_first) * second_ss + cols, mask=mask, other=0.0)
-        else:
-            x = tl.load(first_ptr + b * first_sb + s * first_ss + cols, mask=mask, other=0.0)
-        x = x.to(tl.float32)
-        mean = tl.sum(x, axis=0) / n_cols
-        centered = tl.where(mask, x - mean, 0.0)
-        var = tl.sum(centered * centered, axis=0) / n_cols
-        normed = (centered * tl.rsqrt(var + eps)).to(tl.bfloat16).to(tl.float32)  # nn.LayerNorm's bf16 output
-        shift = tl.load(shift_ptr + b * shift_sb + cols, mask=mask, other=0.0).to(tl.float32)
-        scale = tl.load(scale_ptr + b * scale_sb + cols, mask=mask, other=0.0).to(tl.float32)
-        # x·(1 + scale) + shift with eager bf16's roundings: each op's result is bf16.
-        one_plus = (1.0 + scale).to(tl.bfloat16).to(tl.float32)
-        y = (normed * one_plus).to(tl.bfloat16).to(tl.float32)
-        y = (y + shift).to(tl.bfloat16).to(tl.float32)  # the bf16 activation of the GEMM
-        y = tl.where(mask, y, 0.0)
-        q_scale = tl.maximum(tl.max(tl.abs(y), axis=0), 1e-12) / 448.0
-        q = tl.clamp(y / q_scale, -448.0, 448.0)
-        tl.store(out_ptr + row * n_cols + cols, q.to(tl.float8e4nv), mask=mask)
-        tl.store(out_scale_ptr + row, q_scale)
+    from flux_kontext.optimizations.kernels import triton_ln_rows as rows
+
+    def outputs(n_rows: int, n_cols: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        values = torch.empty((n_rows, n_cols), dtype=FP8, device=device)
+        return values, torch.empty((n_rows, 1), dtype=torch.float32, device=device)
 
     def launch_ln_mod_fp8(first, second, shift, scale, has_second: bool, eps: float, raw=False, num_warps=4):
         batch, n_first, n_cols = first.shape
         seq = n_first + (second.shape[1] if has_second else 0)
-        out = torch.empty((batch * seq, n_cols), dtype=FP8, device=first.device)
-        out_scale = torch.empty((batch * seq, 1), dtype=torch.float32, device=first.device)
-        launch(ln_mod_fp8_kernel, raw)[(batch * seq,)](
+        out, out_scale = outputs(batch * seq, n_cols, first.device)
+        launch(rows.ln_mod_fp8_kernel, raw)[(batch * seq,)](
             first,
             second,
             shift,
@@ -99,6 +73,42 @@ def build(launch) -> dict:
         )
         return out, out_scale
 
+    def launch_residual_ln_mod_fp8(x, y, gate, shift, scale, eps: float, raw=False, num_warps=4):
+        batch, seq, n_cols = x.shape
+        x_out = torch.empty((batch, seq, n_cols), dtype=x.dtype, device=x.device)
+        out, out_scale = outputs(batch * seq, n_cols, x.device)
+        launch(rows.residual_ln_mod_fp8_kernel, raw)[(batch * seq,)](
+            x,
+            y,
+            gate,
+            shift,
+            scale,
+            x_out,
+            out,
+            out_scale,
+            seq,
+            n_cols,
+            x.stride(0),
+            x.stride(1),
+            y.stride(0),
+            y.stride(1),
+            gate.stride(0),
+            shift.stride(0),
+            scale.stride(0),
+            eps,
+            BLOCK=triton.next_power_of_2(n_cols),
+            num_warps=num_warps,
+        )
+        return x_out, out, out_scale
+
+    def launch_rows_fp8(x, raw=False, num_warps=4):
+        n_rows, n_cols = x.shape
+        out, out_scale = outputs(n_rows, n_cols, x.device)
+        launch(rows.rows_fp8_kernel, raw)[(n_rows,)](
+            x, out, out_scale, n_cols, x.stride(0), BLOCK=triton.next_power_of_2(n_cols), num_warps=num_warps
+        )
+        return out, out_scale
+
     @triton_op("flux_kontext::ln_mod_fp8_rowwise", mutates_args={})
     def ln_mod_fp8(
         first: torch.Tensor,
@@ -110,4 +120,21 @@ def build(launch) -> dict:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         return launch_ln_mod_fp8(first, second, shift, scale, has_second, eps)
 
-    return {"ln_mod_fp8": ln_mod_fp8, "launch_ln_mod_fp8": launch_ln_mod_fp8}
+    @triton_op("flux_kontext::residual_ln_mod_fp8", mutates_args={})
+    def residual_ln_mod_fp8(
+        x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return launch_residual_ln_mod_fp8(x, y, gate, shift, scale, eps)
+
+    @triton_op("flux_kontext::rows_fp8", mutates_args={})
+    def rows_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return launch_rows_fp8(x)
+
+    return {
+        "ln_mod_fp8": ln_mod_fp8,
+        "residual_ln_mod_fp8": residual_ln_mod_fp8,
+        "rows_fp8": rows_fp8,
+        "launch_ln_mod_fp8": launch_ln_mod_fp8,
+        "launch_residual_ln_mod_fp8": launch_residual_ln_mod_fp8,
+        "launch_rows_fp8": launch_rows_fp8,
+    }
