@@ -10,7 +10,10 @@ what each agrees on: FP8 codes that differ from the earlier kernel and from the 
 
 Variants: GELU + FP8 (the two-pass kernel at several tile widths and warps, the row-in-registers kernels in two
 pieces and padded); LayerNorm + modulation + FP8 at 4 and 8 warps; RMSNorm + RoPE in FP8 with v to e4m3 at 1 and 2
-tokens per program. ``best`` names each case's fastest variant (gelu.py's tables are set from it). Runs before
+tokens per program; the double blocks' gated residual fused into the LayerNorm kernel against main's Inductor
+add/mul + ln_mod_fp8 (both compiled), and their joint attention output quantized once (rows_fp8) against torchao's
+quantization per stream, GEMMs included (both compiled; ``--only`` picks benches). ``best`` names each case's fastest
+variant (gelu.py's tables are set from it). Runs before
 2026-12-01's fourth session timed one launch between CUDA events, host launch included (BENCHMARKS.md #18); that
 session's run also measured a LayerNorm kernel with several rows per program and a RoPE kernel on interleaved pairs,
 at this script's commit de10500 (not kept: BENCHMARKS.md #18).
@@ -32,10 +35,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
+from flux_kontext.optimizations import kernels  # noqa: E402
 from flux_kontext.optimizations.kernels import gelu, layer_norm, rope  # noqa: E402
 
 log = logging.getLogger("bench.kernels_rows")
 TEXT, IMAGE, WIDTH, HEADS, EPS = 512, 4096, 3072, 24, 1e-6
+DEVICE = "cuda"
 ROTATE = 4  # input sets per case, so each launch reads from HBM (4 x the largest case is well above the 60 MB L2)
 LAUNCHES = 24  # launches per graph
 
@@ -214,11 +219,138 @@ def bench_rope(before) -> dict:
     return row
 
 
+def _compiled(fn):
+    return torch.compile(fn, fullgraph=True, dynamic=False)
+
+
+def _bf16_differing(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() != b.float().reshape(a.shape)).float().mean())
+
+
+def bench_residual_layer_norm(_before) -> dict:
+    """The double blocks' gated residual x + gate·y and the LayerNorm + modulation + FP8 of it: as main runs it in the
+    compiled block (Inductor's add/mul kernel, then the ln_mod_fp8 op) against the one fused kernel (its op compiled,
+    and raw at 4 / 8 warps); per stream, 1 launch (or 2) per double block."""
+    ops = kernels.ops()
+
+    def unfused(x, y, gate, shift, scale):
+        x = x + gate.unsqueeze(1) * y.view(x.shape)
+        return (x, *kernels.ln_mod_fp8(x, None, shift, scale, EPS))
+
+    def fused(x, y, gate, shift, scale):
+        return kernels.residual_ln_mod_fp8(x, y, gate, shift, scale, EPS)
+
+    result = {}
+    for label, tokens in {"image_4096": IMAGE, "text_512": TEXT}.items():
+        inputs = []
+        for i in range(ROTATE):
+            gate = _randn(1, 6 * WIDTH, scale=0.5, seed=100 + i)[:, 2 * WIDTH : 3 * WIDTH]  # a modulation chunk
+            x, y = _randn(1, tokens, WIDTH, scale=4, seed=110 + i), _randn(tokens, WIDTH, seed=120 + i)
+            inputs.append(
+                (x, y, gate, _randn(1, WIDTH, scale=0.5, seed=130 + i), _randn(1, WIDTH, scale=0.5, seed=140))
+            )
+        before = _compiled(unfused)
+        want = before(*inputs[0])
+
+        def check(got, want=want):
+            return {
+                "new_x_differing_from_before": _bf16_differing(got[0], want[0]),
+                "codes_differing_from_before": _codes(got[1], want[1]),
+                "scale_max_rel_diff_from_before": float(((got[2] - want[2]) / want[2]).abs().max()),
+            }
+
+        variants = {"before_inductor_add_then_ln_mod_fp8": before, "fused_op_compiled": _compiled(fused)}
+        for warps in (4, 8):
+            variants[f"fused_raw_{warps}w"] = lambda x, y, g, sh, sc, w=warps: ops.launch_residual_ln_mod_fp8(
+                x, y.view(x.shape), g, sh, sc, EPS, raw=True, num_warps=w
+            )
+        row = {"bytes_mb_fused": round(tokens * WIDTH * (2 + 2 + 2 + 1) / 1e6, 1)}
+        _variants(row, variants, inputs, check)
+        row["saved_us_per_launch"] = round(
+            row["before_inductor_add_then_ln_mod_fp8_us"] - row["fused_op_compiled_us"], 2
+        )
+        result[label] = row
+        log.info("residual_ln_mod_fp8 %s: %s", label, row)
+    saved = [row.get("saved_us_per_launch", 0.0) for row in result.values()]
+    result["predicted_saving_ms_per_t2i_step"] = round(sum(saved) * 19 / 1000, 3)  # 19 double blocks, one per stream
+    return result
+
+
+def bench_attention_output(_before) -> dict:
+    """The double blocks' joint attention output (512 text + 4,096 image rows) into to_add_out / to_out[0]: main's
+    path (each torchao FP8 layer quantizes its stream in an Inductor reduction, then its GEMM) against one rows_fp8
+    launch and the two GEMMs on its codes (fp8_blocks._attention_outputs), both compiled; and the quantization alone."""
+    from types import SimpleNamespace
+
+    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+
+    from flux_kontext.optimizations.fp8_blocks import _attention_outputs, expose_fp8_weight
+    from flux_kontext.optimizations.kernels.e4m3 import quantize_rowwise_fp8
+
+    ops = kernels.ops()
+    layers = torch.nn.ModuleDict({"to_out": torch.nn.Linear(WIDTH, WIDTH), "to_add_out": torch.nn.Linear(WIDTH, WIDTH)})
+    layers = layers.to(DEVICE, torch.bfloat16)
+    quantize_(layers, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow(), set_inductor_config=False))
+    attn = SimpleNamespace(to_out=[layers["to_out"]], to_add_out=layers["to_add_out"])
+
+    def unfused(joint):
+        text, image = joint.split_with_sizes([TEXT, IMAGE], dim=1)
+        return attn.to_add_out(text.contiguous()), attn.to_out[0](image.contiguous())
+
+    before = _compiled(unfused)
+    inputs = [(_randn(1, TEXT + IMAGE, WIDTH, scale=2, seed=150 + i),) for i in range(ROTATE)]
+    want = before(*inputs[0])  # compiled while the layers are torchao's only (no exposed weights needed)
+    result = {"exposed": all(expose_fp8_weight(x) for x in layers.values())}
+    fused = _compiled(lambda joint: _attention_outputs(attn, joint, TEXT, torch.bfloat16))
+
+    def check(got, want=want):
+        out = {}
+        for name, g, w in zip(("text", "image"), got, want, strict=True):
+            g, w = g.float().reshape(w.shape), w.float()
+            out[f"{name}_equal_fraction"] = float((g == w).float().mean())
+            out[f"{name}_max_rel_diff"] = float((g - w).abs().max() / w.abs().max())
+        return out
+
+    row = {}
+    _variants(row, {"before_torchao_per_stream": before, "rows_fp8_then_gemms": fused}, inputs, check)
+    if "rows_fp8_then_gemms_us" in row and "before_torchao_per_stream_us" in row:
+        row["saved_us_per_block"] = round(row["before_torchao_per_stream_us"] - row["rows_fp8_then_gemms_us"], 2)
+        row["predicted_saving_ms_per_t2i_step"] = round(row["saved_us_per_block"] * 19 / 1000, 3)
+    result["with_gemms"] = row
+    quant = {}
+    joint = inputs[0][0]
+    ref = quantize_rowwise_fp8(joint.reshape(-1, WIDTH))
+
+    def check_quant(got, ref=ref):
+        return {**_agreement(got, ref), "scales_equal": bool(torch.equal(got[1], ref[1]))}
+
+    inductor_quant = _compiled(lambda j: quantize_rowwise_fp8(j.reshape(-1, WIDTH)))
+    quant_variants = {"inductor_rowwise_quantization": inductor_quant}
+    for warps in (4, 8):
+        quant_variants[f"rows_fp8_raw_{warps}w"] = lambda j, w=warps: ops.launch_rows_fp8(
+            j.reshape(-1, WIDTH), raw=True, num_warps=w
+        )
+    _variants(quant, quant_variants, inputs, check_quant)
+    result["quantization_alone_4608_rows"] = quant
+    log.info("attention output: %s", result)
+    return result
+
+
+BENCHES = {
+    "gelu_fp8": ("gelu", bench_gelu),
+    "ln_mod_fp8": ("layer_norm", bench_layer_norm),
+    "qk_norm_rope_fp8": ("rope", bench_rope),
+    "residual_ln_mod_fp8": ("layer_norm", bench_residual_layer_norm),
+    "attention_output": ("layer_norm", bench_attention_output),
+}
+
+
 @torch.inference_mode()
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--before", type=Path, help="directory with the earlier gelu.py, layer_norm.py, rope.py")
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--only", default=",".join(BENCHES), help=f"comma-separated, of: {', '.join(BENCHES)}")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO)
     result = {
@@ -226,8 +358,8 @@ def main() -> int:
         "torch": torch.__version__,
         "timing": f"CUDA graph of {LAUNCHES} launches over {ROTATE} input sets, median of 7 replays, us per launch",
     }
-    kernels = (("gelu_fp8", "gelu", bench_gelu), ("ln_mod_fp8", "layer_norm", bench_layer_norm))
-    for name, module, fn in (*kernels, ("qk_norm_rope_fp8", "rope", bench_rope)):
+    for name in args.only.split(","):
+        module, fn = BENCHES[name]
         try:
             result[name] = fn(_load_before(args.before, module))
         except Exception as exc:  # keep the other kernels' numbers
