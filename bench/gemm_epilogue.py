@@ -1,0 +1,226 @@
+"""Can the gated residual ride in the output GEMMs' epilogue? A Triton FP8 GEMM (TMA descriptors, wgmma through
+tl.dot, rowwise scales, bias, and optionally residual + gate·(x W^T + bias) in its epilogue) against what the fused
+blocks run: cuBLAS's rowwise FP8 GEMM (``torch._scaled_mm``, nvjet) and, for the output projections, Inductor's
+add/mul kernel after it (#18; measurement only: nothing in the service uses this kernel).
+
+torch._scaled_mm takes no C input, so the residual costs one more pass over the hidden states (read out and the
+residual, write the sum) after each output GEMM: about 2 x 28 MB per single block at 4,608 tokens. The fused GEMM saves
+that pass only where it runs within a few percent of cuBLAS: the break-even below is the GEMM time the saved pass is
+worth (``break_even_slowdown``). Shapes (M tokens, K, N) of a 1024² step: the single blocks' proj_out (K 15,360), the
+double blocks' ff.net[2] (K 12,288) and to_out (K 3,072). Timed inside CUDA graphs as bench/kernels_rows.py does
+(µs per launch, median of replays).
+
+    python bench/gemm_epilogue.py --out bench/results/gemm-epilogue-h200.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+from bench.kernels_rows import _us  # noqa: E402
+
+log = logging.getLogger("bench.gemm_epilogue")
+FP8 = torch.float8_e4m3fn
+# (label, M, K, N, residual epilogue)
+SHAPES = (
+    ("single_proj_out_4608x15360x3072", 4608, 15360, 3072, True),
+    ("ff_out_4096x12288x3072", 4096, 12288, 3072, True),
+    ("to_out_4096x3072x3072", 4096, 3072, 3072, True),
+)
+# (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, persistent)
+CONFIGS = ((128, 128, 128, 8, 4, True), (128, 256, 128, 8, 3, True), (128, 128, 128, 8, 4, False))
+
+
+def build():
+    import triton
+    import triton.language as tl
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    @triton.jit
+    def fp8_gemm_kernel(
+        a_desc,
+        b_desc,
+        r_desc,
+        out_desc,
+        a_scale_ptr,
+        b_scale_ptr,
+        bias_ptr,
+        gate_ptr,
+        M,
+        N,
+        tiles_m,
+        tiles_n,
+        k_tiles,
+        programs,
+        RESIDUAL: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        GROUP_M: tl.constexpr,
+        PERSISTENT: tl.constexpr,
+    ):
+        tiles = tiles_m * tiles_n
+        for tile in tl.range(tl.program_id(0), tiles, programs, flatten=PERSISTENT):  # one tile each unless persistent
+            # grouped order: GROUP_M row tiles share their B tiles in L2
+            group = tile // (GROUP_M * tiles_n)
+            first_m = group * GROUP_M
+            rows = min(tiles_m - first_m, GROUP_M)
+            pid_m = first_m + (tile % rows)
+            pid_n = (tile % (GROUP_M * tiles_n)) // rows
+            off_m = pid_m * BLOCK_M
+            off_n = pid_n * BLOCK_N
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for k in range(k_tiles):  # software-pipelined over num_stages (the launch's)
+                a = a_desc.load([off_m, k * BLOCK_K])
+                b = b_desc.load([off_n, k * BLOCK_K])
+                acc = tl.dot(a, b.T, acc)
+            cols = off_n + tl.arange(0, BLOCK_N)
+            rows_i = off_m + tl.arange(0, BLOCK_M)
+            a_scale = tl.load(a_scale_ptr + rows_i, mask=rows_i < M, other=0.0)
+            b_scale = tl.load(b_scale_ptr + cols, mask=cols < N, other=0.0)
+            bias = tl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)
+            y = acc * a_scale[:, None] * b_scale[None, :] + bias[None, :]
+            if RESIDUAL:
+                gate = tl.load(gate_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)
+                y = r_desc.load([off_m, off_n]).to(tl.float32) + gate[None, :] * y
+            out_desc.store([off_m, off_n], y.to(tl.bfloat16))
+
+    sms = torch.cuda.get_device_properties(0).multi_processor_count if torch.cuda.is_available() else 4
+
+    def gemm(a, w, a_scale, w_scale, bias, residual, gate, config):
+        block_m, block_n, block_k, warps, stages, persistent = config
+        m, k = a.shape
+        n = w.shape[0]
+        out = torch.empty((m, n), dtype=torch.bfloat16, device=a.device)
+        a_desc = TensorDescriptor.from_tensor(a, [block_m, block_k])
+        b_desc = TensorDescriptor.from_tensor(w, [block_n, block_k])
+        out_desc = TensorDescriptor.from_tensor(out, [block_m, block_n])
+        r_desc = TensorDescriptor.from_tensor(residual if residual is not None else out, [block_m, block_n])
+        tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
+        grid = (min(sms, tiles) if persistent else tiles,)
+        fp8_gemm_kernel[grid](
+            a_desc,
+            b_desc,
+            r_desc,
+            out_desc,
+            a_scale,
+            w_scale,
+            bias,
+            gate if gate is not None else bias,
+            m,
+            n,
+            triton.cdiv(m, block_m),
+            triton.cdiv(n, block_n),
+            triton.cdiv(k, block_k),
+            grid[0],
+            RESIDUAL=residual is not None,
+            BLOCK_M=block_m,
+            BLOCK_N=block_n,
+            BLOCK_K=block_k,
+            GROUP_M=8,
+            PERSISTENT=persistent,
+            num_warps=warps,
+            num_stages=stages,
+        )
+        return out
+
+    return gemm
+
+
+def _operands(m: int, k: int, n: int, seed: int) -> tuple:
+    g = torch.Generator(device="cuda").manual_seed(seed)
+
+    def randn(*shape, scale=1.0):
+        return torch.randn(*shape, generator=g, device="cuda") * scale
+
+    a_scale = randn(m, 1).abs() * 0.01 + 0.01
+    w_scale = randn(1, n).abs() * 0.001 + 0.001
+    a = randn(m, k, scale=100).clamp(-448, 448).to(FP8)
+    w = randn(n, k, scale=100).clamp(-448, 448).to(FP8)  # (N, K) row-major: torchao's qdata; w.t() is what cuBLAS takes
+    bias = randn(n, scale=0.1).to(torch.bfloat16)
+    residual = randn(m, n, scale=2).to(torch.bfloat16)
+    gate = randn(1, n, scale=0.5).to(torch.bfloat16)
+    return a, w, a_scale, w_scale, bias, residual, gate
+
+
+def bench_shape(gemm, m, k, n, residual: bool) -> dict:
+    inputs = [_operands(m, k, n, seed) for seed in (0, 1)]
+
+    def cublas(a, w, a_scale, w_scale, bias, r, gate):
+        return torch._scaled_mm(
+            a, w.t(), scale_a=a_scale, scale_b=w_scale, bias=bias, out_dtype=torch.bfloat16, use_fast_accum=True
+        )
+
+    add = torch.compile(lambda r, gate, out: r + gate * out, fullgraph=True, dynamic=False)
+
+    def cublas_then_residual(*args):
+        return add(args[5], args[6], cublas(*args))
+
+    variants = {"cublas": cublas}
+    if residual:
+        variants["cublas_then_inductor_residual"] = cublas_then_residual
+    for config in CONFIGS:
+        name = "triton_{}x{}x{}_{}w_{}s{}".format(*config[:5], "_persistent" if config[5] else "")
+        variants[name] = lambda *args, c=config: gemm(*args[:5], args[5] if residual else None, args[6].view(-1), c)
+    want = (cublas_then_residual if residual else cublas)(*inputs[0])
+    row = {"tflop": round(2 * m * k * n / 1e12, 3)}
+    for name, fn in variants.items():
+        try:
+            row[f"{name}_us"] = _us(fn, inputs)
+            got = fn(*inputs[0]).float()
+            if name != "cublas" or not residual:
+                row[f"{name}_max_rel_diff"] = float((got - want.float()).abs().max() / want.float().abs().max())
+            row[f"{name}_tflops"] = round(row["tflop"] / row[f"{name}_us"] * 1e6, 1)
+        except Exception as exc:  # keep the other variants' numbers
+            log.exception("variant %s failed", name)
+            row[f"{name}_error"] = f"{type(exc).__name__}: {exc}"[:400]
+    triton_times = {k: v for k, v in row.items() if k.startswith("triton") and k.endswith("_us")}
+    if triton_times:
+        best = min(triton_times, key=triton_times.get)
+        row["best_triton"] = best.removesuffix("_us")
+        baseline = row.get("cublas_then_inductor_residual_us" if residual else "cublas_us")
+        if baseline:
+            row["best_triton_minus_baseline_us"] = round(triton_times[best] - baseline, 2)
+        if residual and "cublas_us" in row and baseline:
+            # the GEMM may be this much slower than cuBLAS before the fused epilogue stops paying
+            row["break_even_slowdown"] = round((baseline - row["cublas_us"]) / row["cublas_us"], 3)
+    return row
+
+
+@torch.inference_mode()
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO)
+    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    try:
+        gemm = build()
+    except Exception as exc:
+        log.exception("no Triton FP8 GEMM")
+        result["error"] = f"{type(exc).__name__}: {exc}"[:500]
+        gemm = None
+    for label, m, k, n, residual in SHAPES:
+        if gemm is None:
+            break
+        try:
+            result[label] = bench_shape(gemm, m, k, n, residual)
+        except Exception as exc:
+            log.exception("%s failed", label)
+            result[label] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
+        log.info("%s: %s", label, result[label])
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
