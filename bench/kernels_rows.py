@@ -266,9 +266,9 @@ def bench_residual_layer_norm(_before) -> dict:
             )
         row = {"bytes_mb_fused": round(tokens * WIDTH * (2 + 2 + 2 + 1) / 1e6, 1)}
         _variants(row, variants, inputs, check)
-        row["saved_us_per_launch"] = round(
-            row["before_inductor_add_then_ln_mod_fp8_us"] - row["fused_op_compiled_us"], 2
-        )
+        before_us, after_us = row.get("before_inductor_add_then_ln_mod_fp8_us"), row.get("fused_op_compiled_us")
+        if before_us and after_us:
+            row["saved_us_per_launch"] = round(before_us - after_us, 2)
         result[label] = row
         log.info("residual_ln_mod_fp8 %s: %s", label, row)
     saved = [row.get("saved_us_per_launch", 0.0) for row in result.values()]
