@@ -108,7 +108,9 @@ def test_residual_layer_norm_kernel_writes_the_gated_residual_and_the_layer_norm
     once = (x.float() + gate.float()[:, None] * y.float()).to(torch.bfloat16)
     assert _codes_differing(new_x, once) < 1e-3
     eager, ref_values, ref_scale = kernels.reference_residual_ln_mod_fp8(x, y, gate, shift, scale, 1e-6)
-    torch.testing.assert_close(new_x, eager, rtol=2**-7, atol=0)
+    # one rounding against two: apart by bf16 steps of the operands (not of the sum, which may cancel to ~0)
+    product = (gate[:, None] * y).float().abs()
+    assert ((new_x.float() - eager.float()).abs() <= 2**-6 * (x.float().abs() + product)).all()
     # The LayerNorm part is the ln_mod_fp8 kernel's arithmetic on the new x: the same codes and scales
     alone = kernels.ln_mod_fp8(new_x, None, shift, scale, 1e-6)
     assert torch.equal(values.view(torch.uint8), alone[0].view(torch.uint8)) and torch.equal(row_scale, alone[1])
