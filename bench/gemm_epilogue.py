@@ -1,14 +1,15 @@
-"""Can the gated residual ride in the output GEMMs' epilogue? A Triton FP8 GEMM (TMA descriptors, wgmma through
-tl.dot, rowwise scales, bias, and optionally residual + gate·(x W^T + bias) in its epilogue) against what the fused
-blocks run: cuBLAS's rowwise FP8 GEMM (``torch._scaled_mm``, nvjet) and, for the output projections, Inductor's
-add/mul kernel after it (#18; measurement only: nothing in the service uses this kernel).
+"""Can the gated residual ride in the output GEMMs' epilogue? The Triton FP8 GEMM of
+flux_kontext/optimizations/kernels/gemm_residual.py (TMA descriptors, wgmma through tl.dot, rowwise scales, bias, and
+residual + gate·(x W^T + bias) in its epilogue, the residual read from two sources) against what the fused blocks ran:
+cuBLAS's rowwise FP8 GEMM (``torch._scaled_mm``, nvjet), alone and with Inductor's add/mul kernel after it (#18).
 
 torch._scaled_mm takes no C input, so the residual costs one more pass over the hidden states (read out and the
 residual, write the sum) after each output GEMM: about 2 x 28 MB per single block at 4,608 tokens. The fused GEMM saves
-that pass only where it runs within a few percent of cuBLAS: the break-even below is the GEMM time the saved pass is
-worth (``break_even_slowdown``). Shapes (M tokens, K, N) of a 1024² step: the single blocks' proj_out (K 15,360), the
-double blocks' ff.net[2] (K 12,288) and to_out (K 3,072). Timed inside CUDA graphs as bench/kernels_rows.py does
-(µs per launch, median of replays).
+that pass only where it runs within a few percent of cuBLAS: ``break_even_slowdown`` is the GEMM time the saved pass is
+worth. Shapes (M tokens, K, N) of a 1024² step: the single blocks' proj_out (K 15,360), the double blocks' ff.net[2]
+(K 12,288) and to_out (K 3,072). Timed inside CUDA graphs as bench/kernels_rows.py does (µs per launch, median of
+replays). The run of 2026-12-01 (fifth session, commit 9035f98) measured the kernel's first form, in this file then:
+the residual read by TMA from one tensor, the gate one row.
 
     python bench/gemm_epilogue.py --out bench/results/gemm-epilogue-h200.json
 """
@@ -29,7 +30,7 @@ from bench.kernels_rows import _us  # noqa: E402
 
 log = logging.getLogger("bench.gemm_epilogue")
 FP8 = torch.float8_e4m3fn
-# (label, M, K, N, residual epilogue)
+# (label, M, K, N, residual epilogue); the kernel always has one (the plain rate is cuBLAS's row)
 SHAPES = (
     ("single_proj_out_4608x15360x3072", 4608, 15360, 3072, True),
     ("ff_out_4096x12288x3072", 4096, 12288, 3072, True),
@@ -40,97 +41,14 @@ CONFIGS = ((128, 128, 128, 8, 4, True), (128, 256, 128, 8, 3, True), (128, 128, 
 
 
 def build():
-    import triton
-    import triton.language as tl
-    from triton.tools.tensor_descriptor import TensorDescriptor
-
-    @triton.jit
-    def fp8_gemm_kernel(
-        a_desc,
-        b_desc,
-        r_desc,
-        out_desc,
-        a_scale_ptr,
-        b_scale_ptr,
-        bias_ptr,
-        gate_ptr,
-        M,
-        N,
-        tiles_m,
-        tiles_n,
-        k_tiles,
-        programs,
-        RESIDUAL: tl.constexpr,
-        BLOCK_M: tl.constexpr,
-        BLOCK_N: tl.constexpr,
-        BLOCK_K: tl.constexpr,
-        GROUP_M: tl.constexpr,
-        PERSISTENT: tl.constexpr,
-    ):
-        tiles = tiles_m * tiles_n
-        for tile in tl.range(tl.program_id(0), tiles, programs, flatten=PERSISTENT):  # one tile each unless persistent
-            # grouped order: GROUP_M row tiles share their B tiles in L2
-            group = tile // (GROUP_M * tiles_n)
-            first_m = group * GROUP_M
-            rows = min(tiles_m - first_m, GROUP_M)
-            pid_m = first_m + (tile % rows)
-            pid_n = (tile % (GROUP_M * tiles_n)) // rows
-            off_m = pid_m * BLOCK_M
-            off_n = pid_n * BLOCK_N
-            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            for k in range(k_tiles):  # software-pipelined over num_stages (the launch's)
-                a = a_desc.load([off_m, k * BLOCK_K])
-                b = b_desc.load([off_n, k * BLOCK_K])
-                acc = tl.dot(a, b.T, acc)
-            cols = off_n + tl.arange(0, BLOCK_N)
-            rows_i = off_m + tl.arange(0, BLOCK_M)
-            a_scale = tl.load(a_scale_ptr + rows_i, mask=rows_i < M, other=0.0)
-            b_scale = tl.load(b_scale_ptr + cols, mask=cols < N, other=0.0)
-            bias = tl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)
-            y = acc * a_scale[:, None] * b_scale[None, :] + bias[None, :]
-            if RESIDUAL:
-                gate = tl.load(gate_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)
-                y = r_desc.load([off_m, off_n]).to(tl.float32) + gate[None, :] * y
-            out_desc.store([off_m, off_n], y.to(tl.bfloat16))
-
-    sms = torch.cuda.get_device_properties(0).multi_processor_count if torch.cuda.is_available() else 4
+    """The package's kernel (flux_kontext/optimizations/kernels/gemm_residual.py) as ``gemm(..., config)``."""
+    from flux_kontext.optimizations.kernels import gemm_residual
 
     def gemm(a, w, a_scale, w_scale, bias, residual, gate, config):
-        block_m, block_n, block_k, warps, stages, persistent = config
-        m, k = a.shape
-        n = w.shape[0]
-        out = torch.empty((m, n), dtype=torch.bfloat16, device=a.device)
-        a_desc = TensorDescriptor.from_tensor(a, [block_m, block_k])
-        b_desc = TensorDescriptor.from_tensor(w, [block_n, block_k])
-        out_desc = TensorDescriptor.from_tensor(out, [block_m, block_n])
-        r_desc = TensorDescriptor.from_tensor(residual if residual is not None else out, [block_m, block_n])
-        tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
-        grid = (min(sms, tiles) if persistent else tiles,)
-        fp8_gemm_kernel[grid](
-            a_desc,
-            b_desc,
-            r_desc,
-            out_desc,
-            a_scale,
-            w_scale,
-            bias,
-            gate if gate is not None else bias,
-            m,
-            n,
-            triton.cdiv(m, block_m),
-            triton.cdiv(n, block_n),
-            triton.cdiv(k, block_k),
-            grid[0],
-            RESIDUAL=residual is not None,
-            BLOCK_M=block_m,
-            BLOCK_N=block_n,
-            BLOCK_K=block_k,
-            GROUP_M=8,
-            PERSISTENT=persistent,
-            num_warps=warps,
-            num_stages=stages,
-        )
-        return out
+        m, n = residual.shape
+        rows = residual.view(1, m, n)
+        first, second = rows[:, : m // 2], rows[:, m // 2 :]  # two sources, as the single blocks' text and image
+        return gemm_residual.launch(a, a_scale, w.t(), w_scale, bias, first, second, gate, config)
 
     return gemm
 
@@ -169,7 +87,7 @@ def bench_shape(gemm, m, k, n, residual: bool) -> dict:
         variants["cublas_then_inductor_residual"] = cublas_then_residual
     for config in CONFIGS:
         name = "triton_{}x{}x{}_{}w_{}s{}".format(*config[:5], "_persistent" if config[5] else "")
-        variants[name] = lambda *args, c=config: gemm(*args[:5], args[5] if residual else None, args[6].view(-1), c)
+        variants[name] = lambda *args, c=config: gemm(*args, c).view(m, n)
     want = (cublas_then_residual if residual else cublas)(*inputs[0])
     row = {"tflop": round(2 * m * k * n / 1e12, 3)}
     for name, fn in variants.items():

@@ -145,7 +145,8 @@ def test_whole_blocks_on_the_fused_path_compute_what_diffusers_blocks_compute():
     reports = statuses(fused_stack(pipe))
     blocks = len(transformer.single_transformer_blocks), len(transformer.transformer_blocks)
     assert reports["fused_gelu_fp8"][2] == {"mlp_outputs": blocks[0] + 2 * blocks[1]}
-    assert reports["fused_norm_rope"][2] == {
+    counts = {k: reports["fused_norm_rope"][2][k] for k in ("mlp_outputs", "single_blocks", "double_blocks")}
+    assert counts == {
         "mlp_outputs": blocks[0] + 2 * blocks[1],
         "single_blocks": blocks[0],
         "double_blocks": blocks[1],
@@ -201,6 +202,61 @@ def test_double_blocks_quantize_their_attention_output_once_and_fuse_the_residua
     assert calls["rows"] - calls_before["rows"] == double - 1
     for result in (ours, mixed):  # the same arithmetic as diffusers' blocks on the fake-FP8 layers
         assert float((result - expected).norm() / expected.norm()) < 1e-5
+
+
+@torch.inference_mode()
+def test_single_blocks_with_the_residual_in_the_output_gemm_compute_what_diffusers_blocks_compute():
+    from flux_kontext.optimizations.kernels import gemm_residual
+
+    transformer, pipe, kwargs, expected = _fp8_tiny_transformer(5)
+    reports = statuses(fused_stack(pipe))
+    # decided at start on the GPU only (here the weights are on the CPU): off, and said so
+    assert reports["fused_norm_rope"][2]["proj_out_residual_epilogue"] == {"use": False, "why": "weights not on a GPU"}
+    blocks = transformer.single_transformer_blocks
+    assert not any(block.proj_out.fp8_residual_epilogue for block in blocks)
+    calls = []
+    real = gemm_residual.reference_fp8_gemm_gated_residual
+
+    def counted(*args):
+        calls.append(args[5].shape)
+        return real(*args)
+
+    for block in blocks:  # what a measurement that found it right and fast sets
+        block.proj_out.fp8_residual_epilogue = True
+    gemm_residual.reference_fp8_gemm_gated_residual = counted
+    try:
+        ours = transformer(**kwargs)[0]
+    finally:
+        gemm_residual.reference_fp8_gemm_gated_residual = real
+    assert len(calls) == len(blocks)  # each single block's proj_out, through the op (its CPU arithmetic)
+    assert float((ours - expected).norm() / expected.norm()) < 1e-5
+
+
+def test_the_fused_gemm_op_traces_as_it_runs():
+    from flux_kontext.optimizations.kernels import gemm_residual, quantize_rowwise_fp8
+
+    if not cpu_rowwise_fp8_gemm():
+        pytest.skip(f"torch {torch.__version__}: CPU _scaled_mm takes per-tensor scales only")
+    g = torch.Generator().manual_seed(6)
+    values, scale = quantize_rowwise_fp8(torch.randn(12, 32, generator=g))
+    weight, weight_scale = quantize_rowwise_fp8(torch.randn(16, 32, generator=g))
+    first, second = torch.randn(1, 4, 16, generator=g), torch.randn(1, 8, 16, generator=g)
+    args = (
+        values,
+        scale,
+        weight.t(),
+        weight_scale.t(),
+        torch.randn(16, generator=g),
+        first,
+        second,
+        torch.randn(1, 16),
+    )
+    torch.library.opcheck(gemm_residual.fp8_gemm_gated_residual, args, test_utils=("test_faketensor",))
+    out = gemm_residual.fp8_gemm_gated_residual(*args)
+    assert out.shape == (1, 12, 16)
+    dequantized = (values.float() * scale) @ (weight.float() * weight_scale).t() + args[4]
+    expected = torch.cat([first, second], dim=1) + args[7][:, None] * dequantized
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_a_block_with_a_layer_kept_in_bf16_keeps_the_path_below_it():

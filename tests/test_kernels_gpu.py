@@ -179,3 +179,52 @@ def test_the_ops_compile_to_what_they_run_eagerly():
     compiled = torch.compile(step, fullgraph=True)(first, second, attn, mlp)
     for got, want in zip(compiled, eager, strict=True):
         assert torch.equal(got.float(), want.float())
+
+
+def _fp8_rows(rows, cols, seed):
+    values, scale = kernels.quantize_rowwise_fp8(_randn(rows, cols, scale=2, seed=seed))
+    return values, scale
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("batch", "text", "image", "k", "n"), [(1, 512, 4096, 3072, 3072), (2, 24, 40, 256, 96)])
+def test_fused_gemm_writes_the_gated_residual_of_the_rowwise_fp8_gemm(batch, text, image, k, n):
+    from flux_kontext.optimizations.kernels import gemm_residual
+
+    values, scale = _fp8_rows(batch * (text + image), k, 50)
+    weight, weight_scale = _fp8_rows(n, k, 51)  # (N, K) row-major e4m3, as torchao keeps a rowwise weight
+    bias = _randn(n, scale=0.1, seed=52)
+    first, second = _randn(batch, text, n, seed=53), _randn(batch, image, n, seed=54)
+    gate = _randn(batch, 3 * n, scale=0.5, seed=55)[:, n : 2 * n]  # a modulation chunk: strided rows
+    args = (values, scale, weight.t(), weight_scale.t(), bias, first, second, gate)
+    exact = (values.float() @ weight.float().t()) * scale * weight_scale.t() + bias.float()
+    exact = torch.cat([first, second], dim=1).float() + gate.float()[:, None] * exact.view(batch, -1, n)
+    fused = kernels.fp8_gemm_gated_residual(*args)  # the op: on CUDA tensors the Triton kernel
+    cublas = gemm_residual.reference_fp8_gemm_gated_residual(*args)
+    assert fused.shape == cublas.shape == (batch, text + image, n)
+
+    def error(t):
+        return float((t.float() - exact).norm() / exact.norm())
+
+    # one bf16 rounding (the residual in fp32) against cuBLAS's output rounded, then the residual's: no worse
+    assert error(fused) <= 1.25 * error(cublas) + 1e-4
+    assert not torch.allclose(fused, torch.cat([first, second], dim=1))  # the GEMM's part is there
+
+
+@pytest.mark.gpu
+def test_start_up_measurement_of_the_fused_gemm_reports_its_error_and_times():
+    from types import SimpleNamespace
+
+    from flux_kontext.optimizations.kernels import gemm_residual
+
+    weight, weight_scale = _fp8_rows(512, 1024, 56)
+    linear = SimpleNamespace(fp8_weight_t=weight.t(), fp8_weight_scale=weight_scale.t(), bias=_randn(512, seed=57))
+    measured = gemm_residual.measure(linear, text_tokens=64, image_tokens=448)
+    assert measured["fused_error"] <= 1.25 * measured["cublas_path_error"] + 1e-3, measured
+    assert measured["fused_ms"] > 0 and measured["cublas_gemm_alone_ms"] > 0
+    assert measured["use"] == (measured["fused_ms"] <= gemm_residual.MAX_SLOWDOWN * measured["cublas_gemm_alone_ms"])
+    no_bias = SimpleNamespace(fp8_weight_t=weight.t(), fp8_weight_scale=weight_scale.t(), bias=None)
+    assert gemm_residual.measure(no_bias) == {
+        "use": False,
+        "why": "needs a CUDA (N, K) row-major e4m3 weight with a bias",
+    }

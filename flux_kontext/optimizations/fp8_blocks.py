@@ -138,9 +138,23 @@ def fused_single_block_forward(block, hidden_states, encoder_hidden_states, temb
     mlp, qkv = fp8_linears(values, row_scale, (block.proj_mlp, attn.to_qkv), dtype)
     qkv = qkv.view(batch, -1, attn.to_qkv.out_features)
     values, row_scale = kernels.gelu_fp8(_attention(attn, qkv, None, image_rotary_emb, dtype), mlp)
-    out = fp8_linear(values, row_scale, block.proj_out, dtype).view(batch, -1, block.proj_out.out_features)
-    hidden_states = torch.cat([encoder_hidden_states, hidden_states], dim=1) + gate.unsqueeze(1) * out
+    proj_out = block.proj_out
+    if _residual_epilogue(proj_out):  # the gated residual in the GEMM's epilogue (measured at start)
+        weights = (proj_out.fp8_weight_t, proj_out.fp8_weight_scale, proj_out.bias)
+        args = (values, row_scale, *weights, encoder_hidden_states, hidden_states, gate)
+        hidden_states = kernels.fp8_gemm_gated_residual(*args)
+    else:
+        out = fp8_linear(values, row_scale, proj_out, dtype).view(batch, -1, proj_out.out_features)
+        hidden_states = torch.cat([encoder_hidden_states, hidden_states], dim=1) + gate.unsqueeze(1) * out
     return hidden_states[:, :text_tokens], hidden_states[:, text_tokens:]
+
+
+def _residual_epilogue(linear) -> bool:
+    """Whether ``linear`` (a single block's proj_out) runs the FP8 GEMM with the gated residual in its epilogue:
+    fused_norm_rope set it where the start-up measurement found it right and fast (gemm_residual.measure), and no
+    LoRA side path is on for this layer (its path adds to the GEMM's output)."""
+    side = getattr(linear, "lora_side", None)
+    return getattr(linear, "fp8_residual_epilogue", False) and not (side is not None and side.enabled)
 
 
 def fused_double_block_forward(block, hidden_states, encoder_hidden_states, temb, image_rotary_emb=None, **kwargs):

@@ -13,6 +13,8 @@ instructions per element (#18): rows in power-of-two pieces or tiles, no padded 
                   new hidden states, and ``ln_mod_fp8`` of it, in one pass over the rows (#18).
 - ``rows_fp8``:   plain rowwise e4m3: the double blocks' joint attention output, the input of to_add_out and to_out,
                   in one launch for both streams.
+- ``fp8_gemm_gated_residual``: not a row kernel: the single blocks' proj_out FP8 GEMM with cat(text, image) +
+                  gate · output in its epilogue (gemm_residual.py; a custom op, used where measured at start).
 - ``qk_norm_rope``: the fused QKV GEMM's output split per head, RMSNorm on q and k, RoPE on q and k, written as
                   contiguous (batch, tokens, heads, head_dim) q, k, v for the attention kernel; two sources (text,
                   image rows with their own norm weights) are written as one concatenated sequence.
@@ -45,6 +47,7 @@ import torch
 from flux_kontext.optimizations.kernels import gelu, layer_norm, rope
 from flux_kontext.optimizations.kernels.e4m3 import E4M3_MAX, quantize_per_head, quantize_rowwise_fp8, quantize_static
 from flux_kontext.optimizations.kernels.gelu import reference_gelu_fp8
+from flux_kontext.optimizations.kernels.gemm_residual import fp8_gemm_gated_residual
 from flux_kontext.optimizations.kernels.layer_norm import (
     reference_ln_mod_fp8,
     reference_residual_ln_mod_fp8,
@@ -54,6 +57,7 @@ from flux_kontext.optimizations.kernels.rope import reference_qk_norm_rope, refe
 
 __all__ = [
     "E4M3_MAX",
+    "fp8_gemm_gated_residual",
     "gelu_fp8",
     "ln_mod_fp8",
     "ops",
