@@ -47,6 +47,7 @@ def launch(values, scale, weight_t, weight_scale, bias, first, second, gate, con
     from flux_kontext.optimizations.kernels.triton_gemm import fp8_gemm_gated_residual_kernel
 
     block_m, block_n, block_k, warps, stages, persistent = config
+    first, second, gate = (t if t.stride(-1) == 1 else t.contiguous() for t in (first, second, gate))
     (m, k), n = values.shape, weight_t.shape[1]
     batch, n_first = first.shape[:2]
     seq = n_first + second.shape[1]
@@ -98,10 +99,33 @@ def fp8_gemm_gated_residual(
     second: torch.Tensor,
     gate: torch.Tensor,
 ) -> torch.Tensor:
-    """An opaque call for torch.compile (Inductor calls it as it is; under CUDA graphs its launch is captured)."""
-    if not values.is_cuda:
+    """An opaque call for torch.compile (Inductor calls it as it is; under CUDA graphs its launch is captured). On
+    the CPU, or with operands TMA cannot read (never on the fused blocks' tensors), the reference: cuBLAS then the
+    residual, logged once."""
+    if not values.is_cuda or not _tma_readable(values, weight_t, scale, weight_scale):
+        if values.is_cuda and not _WARNED:
+            _WARNED.append(True)
+            log.warning("fp8_gemm_gated_residual: operands TMA cannot read; cuBLAS + the residual instead")
         return reference_fp8_gemm_gated_residual(values, scale, weight_t, weight_scale, bias, first, second, gate)
     return launch(values, scale, weight_t, weight_scale, bias, first, second, gate)
+
+
+_WARNED: list = []  # the fallback's warning, once per process
+
+
+def _tma_readable(values, weight_t, scale, weight_scale) -> bool:
+    """values (M, K) and weight_t.t() (N, K) row-major, 16-byte aligned rows; the scales one float per row / column."""
+    weight = weight_t.t()
+    return (
+        values.is_contiguous()
+        and weight.is_contiguous()
+        and values.data_ptr() % 16 == 0
+        and weight.data_ptr() % 16 == 0
+        and values.shape[1] % 16 == 0
+        and weight.shape[0] % 8 == 0  # the bf16 output's rows 16-byte aligned
+        and scale.is_contiguous()
+        and weight_scale.stride(-1) == 1
+    )
 
 
 @fp8_gemm_gated_residual.register_fake
