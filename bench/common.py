@@ -161,7 +161,7 @@ def kernel_family(name: str) -> str:
         return "attention"
     if any(k in lowered for k in ("gemm", "cutlass", "nvjet", "xmma", "scaled_mm", "f8f8")):
         return "gemm"
-    if any(k in lowered for k in ("gelu_fp8", "ln_mod_fp8", "qk_norm_rope", "v_fp8")):
+    if any(k in lowered for k in ("gelu_fp8", "ln_mod_fp8", "rows_fp8", "qk_norm_rope", "v_fp8")):
         return "our_kernels"  # flux_kontext/optimizations/kernels
     return "other"
 

@@ -6,7 +6,8 @@ step whose transformer forward launched it (by the launch's correlation id; kern
 graph launch). A step's GPU window runs from its first kernel to the next step's first kernel (so the scheduler step
 and the host gaps between steps are in it); per step (median over steps): the window, the GPU time by kernel family
 (GEMM, attention, each of our Triton kernels, Inductor's glue, other), the idle time inside the window (host gaps),
-the host time per step, and the costliest kernels.
+the host time per step, the costliest kernels, and where the idle time lies (``idle_gaps``: its ms per step by the
+families of the kernels on either side of each gap, #18).
 
 ``sync_points`` runs one generation with ``torch.cuda.set_sync_debug_mode("warn")`` and lists every synchronizing
 call made while a transformer forward or the step between two forwards runs (the denoising loop), by the innermost
@@ -31,7 +32,16 @@ import torch
 from flux_kontext.benchmark import BenchmarkParams, benchmark_job
 
 STEP_RANGE = "flux_transformer_forward"
-OUR_KERNELS = ("gelu_fp8_kernel", "ln_mod_fp8_kernel", "qk_norm_rope_kernel", "v_fp8_kernel")
+# First match wins: residual_ln_mod_fp8_kernel before ln_mod_fp8_kernel.
+OUR_KERNELS = (
+    "gelu_fp8_kernel",
+    "residual_ln_mod_fp8_kernel",
+    "ln_mod_fp8_kernel",
+    "rows_fp8_kernel",
+    "qk_norm_rope_kernel",
+    "v_fp8_kernel",
+    "fp8_gemm_gated_residual_kernel",
+)
 
 
 def family(name: str) -> str:
@@ -88,6 +98,37 @@ def _union_ms(intervals: list[tuple[float, float]]) -> float:
     return total / 1000.0
 
 
+def _gaps(window: list, window_end: float, min_us: float = 3.0) -> list[tuple[float, str, str]]:
+    """The idle stretches of one step's GPU timeline (kernels sorted by start, up to the next step's first kernel
+    at ``window_end``): (µs, family of the kernel before, family of the one after), for gaps of at least ``min_us``."""
+    gaps, end, before = [], None, None
+    for start, stop, name, _ in [*window, (window_end, window_end, "next step", None)]:
+        if end is not None and start - end >= min_us:
+            gaps.append((start - end, before, family(name) if name != "next step" else name))
+        if end is None or stop > end:
+            end, before = stop, family(name)
+    return gaps
+
+
+def _gap_summary(per_step_gaps: list[list]) -> dict:
+    """Where the idle time of a step lies, median over steps: ms by (before -> after) kernel families (the 12
+    largest), how many gaps, and the largest."""
+    pairs = {f"{before} -> {after}" for gaps in per_step_gaps for _, before, after in gaps}
+    by_pair = defaultdict(list)
+    for gaps in per_step_gaps:
+        totals = defaultdict(float)
+        for us, before, after in gaps:
+            totals[f"{before} -> {after}"] += us / 1000.0
+        for pair in pairs:
+            by_pair[pair].append(totals.get(pair, 0.0))
+    ranked = sorted(((pair, statistics.median(v)) for pair, v in by_pair.items()), key=lambda kv: -kv[1])[:12]
+    return {
+        "ms_by_neighbours": {pair: round(ms, 3) for pair, ms in ranked},
+        "gaps_per_step": statistics.median(len(g) for g in per_step_gaps),
+        "largest_us": round(max((us for g in per_step_gaps for us, _, _ in g), default=0.0), 1),
+    }
+
+
 def analyse_trace(trace: dict) -> dict:
     """Per-step figures from a chrome trace written by torch.profiler (see the module's docstring)."""
     events = trace.get("traceEvents", [])
@@ -112,7 +153,7 @@ def analyse_trace(trace: dict) -> dict:
         return {"error": f"{len(steps)} transformer forwards and {len(kernels)} kernels in the trace"}
     kernels.sort()
     firsts = [min((k[0] for k in kernels if k[3] == i), default=None) for i in range(len(steps))]
-    per_step, top = [], defaultdict(lambda: [0.0, 0])
+    per_step, top, step_gaps = [], defaultdict(lambda: [0.0, 0]), []
     for i in range(len(steps) - 1):  # the last step has no next one to close its window
         if firsts[i] is None or firsts[i + 1] is None:
             continue
@@ -124,6 +165,7 @@ def analyse_trace(trace: dict) -> dict:
             top[name][1] += 1
         window_ms = (firsts[i + 1] - firsts[i]) / 1000.0
         busy = _union_ms([(k[0], k[1]) for k in window])
+        step_gaps.append(_gaps(window, firsts[i + 1]))
         per_step.append({"window_ms": window_ms, "busy_ms": busy, "idle_ms": window_ms - busy, **by_family})
     count = len(per_step)
     keys = sorted({key for row in per_step for key in row})
@@ -136,6 +178,7 @@ def analyse_trace(trace: dict) -> dict:
         "per_step_median_ms": median,
         "host_ms_per_step_median": round(statistics.median(host_ms), 3),
         "host_ms_in_transformer_forward_median": round(statistics.median(forward_host_ms), 3),
+        "idle_gaps": _gap_summary(step_gaps),
         "top_kernels_per_step": [
             {"ms": round(ms / count, 4), "calls": round(n / count, 2), "family": family(name), "name": name[:140]}
             for name, (ms, n) in ranked
