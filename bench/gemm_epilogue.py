@@ -8,7 +8,7 @@ residual, write the sum) after each output GEMM: about 2 x 28 MB per single bloc
 that pass only where it runs within a few percent of cuBLAS: ``break_even_slowdown`` is the GEMM time the saved pass is
 worth. Shapes (M tokens, K, N) of a 1024² step: the single blocks' proj_out (K 15,360), the double blocks' ff.net[2]
 (K 12,288) and to_out (K 3,072). Timed inside CUDA graphs as bench/kernels_rows.py does (µs per launch, median of
-replays). The run of 2026-12-01 (fifth session, commit 9035f98) measured the kernel's first form, in this file then:
+replays). The run of 2026-12-01 (fifth session, commit 233a171) measured the kernel's first form, in this file then:
 the residual read by TMA from one tensor, the gate one row.
 
     python bench/gemm_epilogue.py --out bench/results/gemm-epilogue-h200.json
