@@ -619,10 +619,11 @@ class LoraSettings(BaseModel):
         4, ge=1, le=256, description="Adapters kept on the GPU (least recently used evicted; all stay in host memory)."
     )
     lora_k_augment: bool = Field(
-        False,
+        True,
         description="In the fused FP8 blocks, fold the adapters' up projection into the wide GEMMs (q|k|v, MLP in) by "
-        "widening their K (one more e4m3 copy of those layers' weights on the GPU). Faster, but a strong adapter "
-        "saturates e4m3 there (lora_k_augment.py); off: the up projection added in place.",
+        "widening their K (one more e4m3 copy of those layers' weights on the GPU, where start-up measured it "
+        "faster); rows whose low-rank part would not fit e4m3 are rescaled, never cut (lora_k_augment.py, "
+        "lora_fold_input.py). Off: the up projection added in place after the GEMM.",
     )
 
     @field_validator("loras", mode="before")

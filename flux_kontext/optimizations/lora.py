@@ -9,10 +9,11 @@ are copied into the slots (skipped when they hold them already), the side path i
 only. At most FLUX_LORA_GPU_ADAPTERS adapters stay on the GPU (LRU); the others are copied from host memory when
 asked for.
 
-With FLUX_LORA_K_AUGMENT (off by default: a strong adapter saturates e4m3 there) the fused FP8 blocks' wide layers
-(q|k|v, MLP in) fold the up projection into their FP8 GEMM instead (lora_k_augment.py: K widened by the slots'
-rank, B' written into a wider copy of the weight at switch time). Adapters at scale 0 are left out; a request whose
-adapters are all at scale 0 runs the plain forward.
+With FLUX_LORA_K_AUGMENT (on by default) the fused FP8 blocks' wide layers (q|k|v, MLP in) fold the up projection
+into their FP8 GEMM instead (lora_k_augment.py: K widened by the slots' rank, B' written into a wider copy of the
+weight at switch time), with a guard against e4m3's range (lora_fold_input.py: rows rescaled, never a silently cut
+delta; what it did is counted per adapter in /health, ``fold_guard``). Adapters at scale 0 are left out; a request
+whose adapters are all at scale 0 runs the plain forward.
 
 Side path, not merged weights: merging B·A into an FP8 weight means re-quantizing every adapted layer on each switch
 and keeping an unmerged copy of the base, and FP8's rounding then falls on the adapter's small delta;
@@ -33,6 +34,7 @@ import torch
 from flux_kontext.jobs import Job, JobRejected
 from flux_kontext.optimizations import lora_triton
 from flux_kontext.optimizations.lora_adapters import Adapter, AdapterError, load_adapter, sources
+from flux_kontext.optimizations.lora_fold_input import GuardCounts
 from flux_kontext.optimizations.lora_side import ResidentAdapters, SidePaths
 from flux_kontext.stack import APPLY, Decision, Hardware, Model, Optimization, Outcome, RequestRun, skip
 
@@ -53,6 +55,7 @@ class Lora(Optimization):
         self.rejected: dict[str, str] = {}
         self.paths: SidePaths | None = None
         self.resident: ResidentAdapters | None = None
+        self.guard: GuardCounts | None = None
 
     def decide(self, hardware: Hardware) -> Decision:
         if not sources(self.settings):
@@ -84,6 +87,7 @@ class Lora(Optimization):
             k_augment=self.settings.lora_k_augment,
         )
         model.graph_variants.append(self.paths.state.variant)
+        self.guard = GuardCounts(self.paths.guard)
         device = next(transformer.parameters()).device
         up_kernel = self._choose_up_kernel(device)
         host = {name: adapter.weights for name, adapter in self.adapters.items()}
@@ -97,6 +101,8 @@ class Lora(Optimization):
         if self.rejected:
             detail += f"; {len(self.rejected)} rejected"
         data = self._data_now(slot_rank, len(layers))
+        for info in data["adapters"].values():
+            info["path"] = path_note(self.paths)
         folded = {"k_augmented": len(self.paths.augmented), "k_augment": self.paths.k_augment_choice}
         return Outcome.applied(
             detail + self.decisions.note(self.name),
@@ -139,12 +145,13 @@ class Lora(Optimization):
             "resident": [],
             "loads_from_host": 0,
             "evictions": 0,
+            "fold_guard": {},
         }
 
     def undo(self) -> None:
         if self.paths is not None:
             self.paths.remove()
-        self.paths = self.resident = None
+        self.paths = self.resident = self.guard = None
 
     # ----- per request ---------------------------------------------------------------------------------------
     def check(self, job: Job) -> None:
@@ -187,7 +194,12 @@ class Lora(Optimization):
             "loaded_from_host": self.resident.loads - loads,
             "side_path": bool(active),
         }
-        self._note(resident=self.resident.names, loads_from_host=self.resident.loads, evictions=self.resident.evictions)
+        self._note(
+            resident=self.resident.names,
+            loads_from_host=self.resident.loads,
+            evictions=self.resident.evictions,
+            fold_guard=_copy(self.guard.collect()),
+        )
         if not active:
             yield
             return
@@ -196,6 +208,8 @@ class Lora(Optimization):
             yield
         finally:
             self.paths.state.enabled = False
+            if self.paths.augmented:  # what the fold's guard did, read back without waiting for the GPU
+                self.guard.after_request(tuple(name for name, _ in active))
 
 
 def shared_inputs(transformer) -> list[tuple[str, str]]:
@@ -219,6 +233,21 @@ def fp8_note(paths: SidePaths) -> str:
         f"{len(paths.groups)} shared by two layers, up projection folded into the FP8 GEMM (K widened by the slots' "
         f"rank) on {len(paths.augmented)} and added in place on the rest ({triton} by a Triton kernel); the others bf16"
     )
+
+
+def path_note(paths: SidePaths) -> str:
+    """Which path an adapter's layers run (every adapter runs the same: the slots are shared)."""
+    fp8 = sum(side.down8 is not None for side in paths.sides.values())
+    bf16 = len(paths.sides) - fp8
+    folded = len(paths.augmented)
+    return (
+        f"up projection folded into the FP8 GEMM on {folded} layers (saturation guard: rows rescaled, counted in "
+        f"fold_guard), added in place after it on {fp8 - folded}, bf16 side path on {bf16}"
+    )
+
+
+def _copy(by_adapter: dict) -> dict:
+    return {name: dict(counts) for name, counts in by_adapter.items()}
 
 
 def _activation_dtype(transformer) -> torch.dtype:

@@ -58,7 +58,7 @@ class LoraSide(torch.nn.Module):
         self.group: SharedInput | None = None
         self.triton_up = False  # the fused blocks' up projection on lora_triton's kernel (measured at start)
         self.aug: AugmentedWeight | None = None  # the up projection folded into the FP8 GEMM (lora_k_augment.py)
-        self.pad = 0  # x_aug's padding columns (of its group's x_aug where it shares one)
+        self.counters: torch.Tensor | None = None  # the fold's guard: [rows rescaled, entries clamped] (SidePaths)
         self.register_buffer("down", torch.zeros(width, linear.in_features, dtype=dtype, device=device), False)
         self.register_buffer("up", torch.zeros(linear.out_features, width, dtype=dtype, device=device), False)
         fp8 = getattr(linear, "fp8_weight_t", None) is not None  # the fused FP8 blocks call this layer's GEMM
@@ -77,12 +77,29 @@ class LoraSide(torch.nn.Module):
         return out + torch.mm(low.to(out.dtype), self.up.t()).view(out.shape)
 
     def fp8_linear(self, values: torch.Tensor, scale: torch.Tensor, linear, out_dtype) -> torch.Tensor:
-        """``linear``'s FP8 GEMM on rowwise-quantized activations (values * scale = x) with the side path added."""
-        low = lora_gemm.down_projection(values, scale, self.down8, self.down_scale, out_dtype)
+        """``linear``'s FP8 GEMM on rowwise-quantized activations (values * scale = x) with the side path added;
+        ``values`` may be x_aug, x8 with the columns ``input_columns`` asked for after it."""
+        fan_in = linear.in_features
+        x8 = values[:, :fan_in]
+        low = lora_gemm.down_projection(x8, scale, self.down8, self.down_scale, out_dtype)
         if self.aug is not None:
-            x_aug = lora_k_augment.augmented_input(values, scale, low, self.t_scale, self.pad)
+            x_aug, scale = self._augmented(values, scale, low, self.t_scale, fan_in)
             return lora_k_augment.augmented_linear(x_aug, scale, self.aug, linear.bias, out_dtype)
-        return self._with_up(values, scale, linear, low, out_dtype)
+        return self._with_up(x8, scale, linear, low, out_dtype)
+
+    def input_columns(self, linears) -> int:
+        """Columns the block's quantization kernel should leave after x8 for ``linears``' folded input (x_aug's t'
+        and padding: lora_k_augment.py); 0 when they are not folded, or not this layer's group."""
+        if self.aug is None or (len(linears) > 1 and not self.shares_input(linears)):
+            return 0
+        return self.aug.input_width - self.aug.fan_in
+
+    def _augmented(self, values, scale, low, t_scale, fan_in):
+        """(x_aug, its row scales): the block's buffer with t' written into it (in place), or a copy where the block
+        did not leave the columns."""
+        if values.shape[1] == self.aug.input_width:
+            return lora_k_augment.fold_into(values, scale, low, t_scale, self.counters, fan_in), scale
+        return lora_k_augment.augmented_input(values, scale, low, t_scale, self.counters, self.aug.input_width)
 
     def shares_input(self, linears) -> bool:
         """True when ``linears`` are this layer's group, in its order: one down projection serves them all."""
@@ -94,15 +111,19 @@ class LoraSide(torch.nn.Module):
     def fp8_linears(self, values: torch.Tensor, scale: torch.Tensor, linears, out_dtype) -> list[torch.Tensor]:
         """The group's layers on the same quantized activations, with one down projection for all their A rows."""
         group = self.group
-        low = lora_gemm.down_projection(values, scale, group.down8, group.down_scale, out_dtype)
+        fan_in = linears[0].in_features
+        x8 = values[:, :fan_in]
+        low = lora_gemm.down_projection(x8, scale, group.down8, group.down_scale, out_dtype)
         sides = [linear.lora_side for linear in linears]
+        folded = next((side for side in sides if side.aug is not None), None)
         x_aug = None
-        if any(side.aug is not None for side in sides):  # one x_aug: every layer's t' columns
-            x_aug = lora_k_augment.augmented_input(values, scale, low, group.t_scale, sides[0].pad)
+        if folded is not None:  # one x_aug: every layer's t' columns
+            x_aug, scale = folded._augmented(values, scale, low, group.t_scale, fan_in)
+            x8 = x_aug[:, :fan_in]  # rows the guard rescaled are rescaled for every layer, with their scales
         return [
             lora_k_augment.augmented_linear(x_aug, scale, side.aug, linear.bias, out_dtype)
             if side.aug is not None
-            else side._with_up(values, scale, linear, low[:, start:end], out_dtype)
+            else side._with_up(x8, scale, linear, low[:, start:end], out_dtype)
             for linear, side, (start, end) in zip(linears, sides, group.columns, strict=True)
         ]
 
@@ -128,7 +149,6 @@ class LoraSide(torch.nn.Module):
         ``start``) and ``pad`` zero columns (lora_k_augment.py)."""
         width = self.up.shape[1]
         self.aug = AugmentedWeight(linear.fp8_weight_t, linear.fp8_weight_scale, extra, start, width, pad)
-        self.pad = pad
 
 
 class SharedInput:
@@ -203,6 +223,10 @@ class SidePaths:
             if all(name in self.sides and self.sides[name].down8 is not None for name in names)
         ]
         self.k_augment_choice: dict = {}
+        device = next(iter(self.sides.values())).up.device if self.sides else torch.device("cpu")
+        self.guard = torch.zeros(2, dtype=torch.int32, device=device)  # folded rows rescaled, entries clamped
+        for side in self.sides.values():
+            side.counters = self.guard
         self.augmented = self._augment() if k_augment else []
         self.filled: tuple | None = None  # the (name, scale) tuple the slots hold now
 

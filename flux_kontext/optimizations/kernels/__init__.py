@@ -95,14 +95,15 @@ def gelu_fp8(attn: torch.Tensor | None, mlp: torch.Tensor) -> tuple[torch.Tensor
     return ops().gelu_fp8(attn.contiguous() if has_attn else mlp, mlp.contiguous(), has_attn)
 
 
-def ln_mod_fp8(first, second, shift, scale, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Modulated LayerNorm of cat(first, second) (batch, tokens, C), quantized rowwise: (values, scales)."""
+def ln_mod_fp8(first, second, shift, scale, eps: float, extra: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Modulated LayerNorm of cat(first, second) (batch, tokens, C), quantized rowwise: (values, scales); with
+    ``extra``, values is (rows, C + extra), its last columns for the caller to write (LoRA's x_aug)."""
     if not _on_kernel(first):
-        return layer_norm.reference_ln_mod_fp8(first, second, shift, scale, eps)
+        return layer_norm.reference_ln_mod_fp8(first, second, shift, scale, eps, extra)
     has_second = second is not None
     first = first if first.stride(-1) == 1 else first.contiguous()
     second = (second if second.stride(-1) == 1 else second.contiguous()) if has_second else first
-    return ops().ln_mod_fp8(first, second, shift, scale, has_second, eps)
+    return ops().ln_mod_fp8(first, second, shift, scale, has_second, eps, extra)
 
 
 def qk_norm_rope(first, second, norms_first, norms_second, rotary, heads: int, eps: float):

@@ -10,13 +10,17 @@ import torch.nn.functional as F
 from flux_kontext.optimizations.kernels.e4m3 import FP8, quantize_rowwise_fp8
 
 
-def reference_ln_mod_fp8(first, second, shift, scale, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+def reference_ln_mod_fp8(first, second, shift, scale, eps: float, extra: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """LayerNorm(cat(first, second)) · (1 + scale) + shift, rounded to the input dtype, quantized rowwise:
-    (values (rows, C), scales (rows, 1)); shift and scale are (batch, C)."""
+    (values (rows, C + extra), scales (rows, 1)); shift and scale are (batch, C). ``extra`` columns after the C
+    values are left for the caller to write (LoRA's folded up projection: lora_k_augment.py); here zeros."""
     x = first if second is None else torch.cat([first, second], dim=1)
     normed = F.layer_norm(x, x.shape[-1:], eps=eps)  # diffusers' AdaLayerNormZero: no affine
     modulated = normed * (1 + scale[:, None]) + shift[:, None]
-    return quantize_rowwise_fp8(modulated.reshape(-1, x.shape[-1]))
+    values, scales = quantize_rowwise_fp8(modulated.reshape(-1, x.shape[-1]))
+    if extra:
+        values = torch.cat([values, values.new_zeros(values.shape[0], extra)], dim=1)
+    return values, scales
 
 
 def build(launch) -> dict:
@@ -34,6 +38,7 @@ def build(launch) -> dict:
         scale_ptr,
         out_ptr,
         out_scale_ptr,
+        out_stride,
         n_first,
         seq,
         n_cols,
@@ -69,13 +74,16 @@ def build(launch) -> dict:
         y = tl.where(mask, y, 0.0)
         q_scale = tl.maximum(tl.max(tl.abs(y), axis=0), 1e-12) / 448.0
         q = tl.clamp(y / q_scale, -448.0, 448.0)
-        tl.store(out_ptr + row * n_cols + cols, q.to(tl.float8e4nv), mask=mask)
+        tl.store(out_ptr + row * out_stride + cols, q.to(tl.float8e4nv), mask=mask)
         tl.store(out_scale_ptr + row, q_scale)
 
-    def launch_ln_mod_fp8(first, second, shift, scale, has_second: bool, eps: float, raw=False, num_warps=4):
+    def launch_ln_mod_fp8(
+        first, second, shift, scale, has_second: bool, eps: float, extra: int = 0, raw=False, num_warps=4
+    ):
+        """``extra``: columns left unwritten after each row's C values (the caller writes them)."""
         batch, n_first, n_cols = first.shape
         seq = n_first + (second.shape[1] if has_second else 0)
-        out = torch.empty((batch * seq, n_cols), dtype=FP8, device=first.device)
+        out = torch.empty((batch * seq, n_cols + extra), dtype=FP8, device=first.device)
         out_scale = torch.empty((batch * seq, 1), dtype=torch.float32, device=first.device)
         launch(ln_mod_fp8_kernel, raw)[(batch * seq,)](
             first,
@@ -84,6 +92,7 @@ def build(launch) -> dict:
             scale,
             out,
             out_scale,
+            out.stride(0),
             n_first,
             seq,
             n_cols,
@@ -107,7 +116,8 @@ def build(launch) -> dict:
         scale: torch.Tensor,
         has_second: bool,
         eps: float,
+        extra: int = 0,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        return launch_ln_mod_fp8(first, second, shift, scale, has_second, eps)
+        return launch_ln_mod_fp8(first, second, shift, scale, has_second, eps, extra)
 
     return {"ln_mod_fp8": ln_mod_fp8, "launch_ln_mod_fp8": launch_ln_mod_fp8}
