@@ -90,8 +90,9 @@ def test_folding_the_up_projection_into_the_wide_fp8_gemms_adds_the_same_delta(a
     stack, run = fused_with_lora(adapters, k_augment=True)
     report = stack["lora"].report().public()
     folded = report["data"]["k_augmented"]
-    assert folded == 6 and "folded into the FP8 GEMM" in report["detail"]  # single: q|k|v, MLP in; double: 2 + 2
-    assert "folded into the FP8 GEMM on 6 layers" in report["data"]["adapters"]["style"]["path"]
+    # single: q|k|v, MLP in, proj_out; double: q|k|v of both streams, MLP in and out of both
+    assert folded == 9 and "folded into the FP8 GEMM" in report["detail"]
+    assert "folded into the FP8 GEMM on 9 layers" in report["data"]["adapters"]["style"]["path"]
     _, plain = fused_with_lora(adapters)
     none = run()
     assert torch.equal(none, plain())  # without adapters: the plain GEMMs, bit for bit

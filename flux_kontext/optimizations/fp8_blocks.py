@@ -88,7 +88,7 @@ def single_block_forward(block, hidden_states, encoder_hidden_states, temb, imag
     normed, gate = block.norm(hidden_states, emb=temb)
     mlp = block.proj_mlp(normed)
     attn = block.attn(hidden_states=normed, image_rotary_emb=image_rotary_emb)
-    values, scale = kernels.gelu_fp8(attn, mlp)
+    values, scale = kernels.gelu_fp8(attn, mlp, lora_input_columns((block.proj_out,)))
     out = fp8_linear(values, scale, block.proj_out, residual.dtype).reshape(residual.shape)
     hidden_states = residual + gate.unsqueeze(1) * out
     return hidden_states[:, :text_tokens], hidden_states[:, text_tokens:]
@@ -101,7 +101,7 @@ def feed_forward(ff, hidden_states):
 
 
 def _gelu_output(ff, mlp, shape, dtype):
-    values, scale = kernels.gelu_fp8(None, mlp)
+    values, scale = kernels.gelu_fp8(None, mlp, lora_input_columns((ff.net[2],)))
     return fp8_linear(values, scale, ff.net[2], dtype).reshape(shape)
 
 
@@ -147,7 +147,8 @@ def fused_single_block_forward(block, hidden_states, encoder_hidden_states, temb
     )
     mlp, qkv = fp8_linears(values, row_scale, linears, dtype)
     qkv = qkv.view(batch, -1, attn.to_qkv.out_features)
-    values, row_scale = kernels.gelu_fp8(_attention(attn, qkv, None, image_rotary_emb, dtype), mlp)
+    extra = lora_input_columns((block.proj_out,))
+    values, row_scale = kernels.gelu_fp8(_attention(attn, qkv, None, image_rotary_emb, dtype), mlp, extra)
     out = fp8_linear(values, row_scale, block.proj_out, dtype).view(batch, -1, block.proj_out.out_features)
     hidden_states = torch.cat([encoder_hidden_states, hidden_states], dim=1) + gate.unsqueeze(1) * out
     return hidden_states[:, :text_tokens], hidden_states[:, text_tokens:]

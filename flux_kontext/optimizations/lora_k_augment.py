@@ -18,10 +18,10 @@ is rescaled by a power of two (its x8 divided, its row scale multiplied: the sam
 t'; rows that fit (all of them for ordinary adapters) pay nothing more, and what still cannot fit is clamped and
 counted (/health, per adapter).
 
-No copy of the activations: the block's quantization kernel (kernels.ln_mod_fp8 with ``extra`` columns) writes x8
-straight into x_aug's first K columns, the down projection reads them in place (a strided view), and the t' kernel
-writes the last columns (``input_columns`` tells the block how many). Where the block's input comes without those
-columns (another producer), x_aug is assembled by a copy instead (``augmented_input``).
+No copy of the activations: the block's quantization kernel (kernels.ln_mod_fp8 or kernels.gelu_fp8 with ``extra``
+columns) writes x8 straight into x_aug's first K columns, the down projection reads them in place (a strided view),
+and the t' kernel writes the last columns (``input_columns`` tells the block how many). Where the block's input
+comes without those columns (another producer), x_aug is assembled by a copy instead (``augmented_input``).
 
 W_aug is laid out once at stack apply (a copy of the base FP8 weight with R + pad more columns, zero; the base weight
 itself is never re-quantized and the layer without adapters keeps its own GEMM); a switch writes B' into W_aug's
@@ -29,10 +29,11 @@ rank columns in place: the same storage, so compiled code and CUDA graphs see no
 input (a single block's proj_mlp and to_qkv) share x_aug: both layers' t' columns, each W_aug holding zeros in the
 other's.
 
-Only where the output is wide: x_aug's t' columns cost a small write, the in-place up projection it replaces two
-passes over the bf16 output (M*N*4 bytes); the output projections (N = K) and MLP-down (N = K/5) keep lora_gemm.py's
-path. cuBLAS's FP8 GEMM needs K+R a multiple of 16; which multiple (and whether to fold at all) is measured per layer
-shape at start (``choose``).
+What it costs: x_aug's t' columns (a small write) and the GEMM's larger K; what it saves: the in-place up
+projection's two passes over the bf16 output (M*N*4 bytes) and a launch. Both depend on the shape (q|k|v and MLP in
+read K = 3072 and write 9216 / 12288 columns; proj_out and MLP out read 15360 / 12288 and write 3072), so whether
+to fold each layer shape, and x_aug's width (cuBLAS's FP8 GEMM needs K+R a multiple of 16; some multiples run
+faster), is measured at start (``choose``); what is not folded keeps lora_gemm.py's in-place path.
 
 Accuracy: t' and B' each carry e4m3's rounding (like A already does), so the adapter's delta carries about three
 FP8-sized errors instead of one; BENCHMARKS.md ("LoRA adapters") has the measured delta error against the exact one.
@@ -45,17 +46,9 @@ import torch
 from flux_kontext.optimizations.kernels.e4m3 import E4M3_MAX, FP8
 from flux_kontext.optimizations.lora_fold_input import fold_input
 
-# Candidates for folding: out_features >= this many times in_features (q|k|v: 3, MLP in: 4; the output projections
-# 1, MLP down 0.2 keep the in-place up projection: the output they would spare is narrower than x_aug).
-WIDTH_RATIO = 2
 # x_aug's width (K + R, then zero-weight padding columns) rounded up to one of these; which one (and whether to fold
 # at all) is measured per layer shape at start on the GPU (``choose``). cuBLAS's FP8 GEMM needs 16.
 K_MULTIPLES = (16, 64, 128, 256)
-
-
-def wide(linear) -> bool:
-    """Whether folding ``linear``'s up projection into its GEMM can pay (its output is much wider than its input)."""
-    return linear.out_features >= WIDTH_RATIO * linear.in_features
 
 
 def padding(fan_in: int, extra: int, multiple: int) -> int:

@@ -232,20 +232,20 @@ class SidePaths:
 
     def _augment(self) -> list[str]:
         """W_aug for the fused-block layers where folding the up projection into the GEMM measured faster
-        (lora_k_augment.choose, per input: a group's layers share one x_aug); the names of those layers."""
+        (lora_k_augment.choose, per input shape: a group's layers share one x_aug; candidates are every layer the
+        fused blocks feed: q|k|v and MLP in from ln_mod_fp8, proj_out and MLP out from gelu_fp8); their names."""
         name_of = {id(linear): name for name, linear in self._layers.items()}
         inputs: dict[tuple, list[list[tuple]]] = {}  # input shape -> [the layers reading one such input]
         grouped = set()
         for group in self.groups:
             grouped.update(map(id, group.linears))
-            if all(map(lora_k_augment.wide, group.linears)):
-                extra = group.columns[-1][1]
-                layers = zip(group.linears, group.columns, strict=True)
-                members = [(name_of[id(x)], x, extra, start) for x, (start, _) in layers]
-                inputs.setdefault(_input_key(group.linears, group.columns), []).append(members)
+            extra = group.columns[-1][1]
+            layers = zip(group.linears, group.columns, strict=True)
+            members = [(name_of[id(x)], x, extra, start) for x, (start, _) in layers]
+            inputs.setdefault(_input_key(group.linears, group.columns), []).append(members)
         for name, side in self.sides.items():
             linear = self._layers[name]
-            if side.down8 is not None and id(linear) not in grouped and lora_k_augment.wide(linear):
+            if side.down8 is not None and id(linear) not in grouped:
                 width = side.up.shape[1]
                 inputs.setdefault(_input_key([linear], [(0, width)]), []).append([(name, linear, width, 0)])
         if not inputs:
