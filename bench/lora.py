@@ -290,6 +290,7 @@ def fold_kernel_check() -> dict:
     K 3072, 64 t' columns, padded to 3200), with a few rows that need rescaling; and its time against the copy it
     replaced (x_aug = cat(x8, tail): one more pass over the FP8 activations)."""
     from flux_kontext.gpu_timing import gpu_milliseconds
+    from flux_kontext.optimizations import kernels
     from flux_kontext.optimizations.kernels.e4m3 import quantize_rowwise_fp8
     from flux_kontext.optimizations.lora_fold_input import _kernel, reference_fold_input
 
@@ -314,7 +315,23 @@ def fold_kernel_check() -> dict:
     calm = low / 30  # no row past the range
     x_aug, scale, counters = fresh()
     tail = torch.zeros(rows, width - fan_in, dtype=torch.float8_e4m3fn, device=device)
+    ops = kernels.ops()
+    rows_in = torch.randn(1, 512, 3072, device=device, generator=generator).bfloat16()
+    mod = [torch.randn(1, 3072, device=device, generator=generator).bfloat16() * 0.1 for _ in range(2)]
+    plain, _ = ops.launch_ln_mod_fp8(rows_in, rows_in, *mod, False, 1e-6)
+    wide, _ = ops.launch_ln_mod_fp8(rows_in, rows_in, *mod, False, 1e-6, extra=128)
+    attn, mlp = rows_in[0], torch.randn(512, 12288, device=device, generator=generator).bfloat16()
+    gelu_plain, _ = ops.launch_gelu_fp8(attn, mlp, True)
+    gelu_wide, _ = ops.launch_gelu_fp8(attn, mlp, True, extra=128)
+    ff_plain, _ = ops.launch_gelu_fp8(mlp, mlp, False)
+    ff_wide, _ = ops.launch_gelu_fp8(mlp, mlp, False, extra=128)
+
+    def same(a, b) -> bool:
+        return bool(torch.equal(a.view(torch.uint8), b[:, : a.shape[1]].contiguous().view(torch.uint8)))
+
     return {
+        "ln_mod_extra_columns_same_values": same(plain, wide),
+        "gelu_extra_columns_same_values": [same(gelu_plain, gelu_wide), same(ff_plain, ff_wide)],
         "counters_reference": want[2].tolist(),
         "counters_kernel": got[2].tolist(),
         "x_aug_bytes_differing": int(differ),
