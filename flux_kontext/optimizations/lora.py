@@ -85,6 +85,7 @@ class Lora(Optimization):
             slot_rank,
             shared_inputs(transformer),
             k_augment=self.settings.lora_k_augment,
+            fold_memory=fold_memory(model.hardware, next(transformer.parameters()).device),
         )
         model.graph_variants.append(self.paths.state.variant)
         self.guard = GuardCounts(self.paths.guard)
@@ -178,6 +179,8 @@ class Lora(Optimization):
 
     @contextlib.contextmanager
     def request(self, job: Job, run: RequestRun):
+        if self.applied and self.guard is not None:  # the fold guard's counts of the requests before, now back
+            self._note(fold_guard=_copy(self.guard.collect()))
         if not job.loras or not self.applied:
             yield
             return
@@ -194,12 +197,7 @@ class Lora(Optimization):
             "loaded_from_host": self.resident.loads - loads,
             "side_path": bool(active),
         }
-        self._note(
-            resident=self.resident.names,
-            loads_from_host=self.resident.loads,
-            evictions=self.resident.evictions,
-            fold_guard=_copy(self.guard.collect()),
-        )
+        self._note(resident=self.resident.names, loads_from_host=self.resident.loads, evictions=self.resident.evictions)
         if not active:
             yield
             return
@@ -233,6 +231,18 @@ def fp8_note(paths: SidePaths) -> str:
         f"{len(paths.groups)} shared by two layers, up projection folded into the FP8 GEMM (K widened by the slots' "
         f"rank) on {len(paths.augmented)} and added in place on the rest ({triton} by a Triton kernel); the others bf16"
     )
+
+
+FOLD_MARGIN = 2**30  # kept free beyond the memory plan's largest request when widened weights are laid out
+
+
+def fold_memory(hardware: Hardware, device: torch.device) -> int | None:
+    """Bytes the folded GEMMs' widened weights (W_aug) may take: what the GPU has free now beyond the memory plan's
+    headroom for its largest admitted request (and a margin); None without a plan (no limit)."""
+    if device.type != "cuda" or hardware.request_headroom is None:
+        return None
+    free, _ = torch.cuda.mem_get_info(device)
+    return max(0, free - hardware.request_headroom - FOLD_MARGIN)
 
 
 def path_note(paths: SidePaths) -> str:

@@ -26,7 +26,7 @@ import torch
 
 from flux_kontext.optimizations.kernels.e4m3 import E4M3_MAX, FP8
 
-MAX_EXPONENT = 8  # rows rescaled by at most 2^8: x8's largest value then 1.75, its smallest normal 2^-6 of it
+MAX_EXPONENT = 11
 BLOCK_M, BLOCK_K = 32, 256
 
 

@@ -200,10 +200,12 @@ class SidePaths:
         slot_rank: int,
         shared_inputs: Iterable[tuple[str, ...]] = (),
         k_augment: bool = False,
+        fold_memory: int | None = None,
     ):
         """``layers``: {layer name: (Linear, parts)}, every layer some adapter targets; ``shared_inputs``: tuples of
         layer names that read one activation tensor (grouped where every one of them is adapted and FP8);
-        ``k_augment``: fold the up projection into the wide FP8 GEMMs (lora_k_augment.py)."""
+        ``k_augment``: fold the up projection into the FP8 GEMMs where it measures faster (lora_k_augment.py), with
+        at most ``fold_memory`` bytes of widened weights (None: no limit)."""
         self.state = SideState()
         self.slot_rank = slot_rank
         self.sides: dict[str, LoraSide] = {}
@@ -223,6 +225,7 @@ class SidePaths:
             if all(name in self.sides and self.sides[name].down8 is not None for name in names)
         ]
         self.k_augment_choice: dict = {}
+        self.fold_memory = fold_memory
         device = next(iter(self.sides.values())).up.device if self.sides else torch.device("cpu")
         self.guard = torch.zeros(2, dtype=torch.int32, device=device)  # folded rows rescaled, entries clamped
         for side in self.sides.values():
@@ -252,6 +255,7 @@ class SidePaths:
             return []
         device = next(iter(self.sides.values())).up.device
         chosen, self.k_augment_choice = lora_k_augment.choose(device, set(inputs))
+        chosen = self._within_memory(inputs, chosen)
         folded = []
         for key, readers in inputs.items():
             for members in readers if chosen[key] is not None else ():
@@ -259,6 +263,36 @@ class SidePaths:
                     self.sides[name].augment(linear, extra, start, chosen[key])
                     folded.append(name)
         return folded
+
+    def _within_memory(self, inputs: dict, chosen: dict) -> dict:
+        """``chosen`` without the folds whose W_aug would not fit ``fold_memory`` (what the memory plan leaves beyond
+        its largest request), keeping those that measured the most saving per byte; says so in k_augment_choice."""
+        if self.fold_memory is None:
+            return chosen
+        by_input = self.k_augment_choice.get("by_input", {})
+
+        def cost(key) -> int:  # W_aug bytes of every layer reading an input of this shape
+            fan_in, layers = key
+            return len(inputs[key]) * sum(n for n, _ in layers) * (fan_in + sum(r for _, r in layers) + chosen[key])
+
+        def saving_per_byte(key) -> float:
+            row = by_input.get(lora_k_augment.label(key), {})
+            saved = row.get("in_place_ms", 0.0) - min(row.get("fold_ms", {0: 0.0}).values())
+            return saved * len(inputs[key]) / cost(key)
+
+        kept, used, left_out = dict(chosen), 0, []
+        for key in sorted((k for k, pad in chosen.items() if pad is not None), key=saving_per_byte, reverse=True):
+            if used + cost(key) <= self.fold_memory:
+                used += cost(key)
+            else:
+                kept[key] = None
+                left_out.append(lora_k_augment.label(key))
+        self.k_augment_choice["memory"] = {
+            "allowed_mib": round(self.fold_memory / 2**20, 1),
+            "folded_mib": round(used / 2**20, 1),
+            "not_folded_for_memory": left_out,
+        }
+        return kept
 
     @property
     def nbytes(self) -> int:
