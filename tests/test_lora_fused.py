@@ -129,6 +129,24 @@ def test_the_fold_stays_within_the_memory_the_plan_leaves(adapters, monkeypatch)
     assert torch.equal(run([("style", 1.0)]), plain([("style", 1.0)]))  # exactly the in-place path
 
 
+def test_appending_a_s_rows_to_the_weights_computes_the_in_place_path_s_delta(adapters, monkeypatch):
+    """Where the fold is not chosen, A's e4m3 rows appended to the layer's FP8 weight give its down projection from
+    the same GEMM ([y | x A^T]); the result is the in-place path's (a separate down projection), and /health says how
+    many layers run that way. Switching adapters re-quantizes A straight into the combined weight."""
+    from flux_kontext.optimizations import lora_k_augment
+
+    monkeypatch.setattr(lora_k_augment, "choose", lambda device, inputs: (dict.fromkeys(inputs), {"why": "test"}))
+    stack, run = fused_with_lora(adapters, k_augment=True)
+    data = stack["lora"].report().public()["data"]
+    assert data["k_augmented"] == 0 and data["rows_appended"] == 7  # all but the single block's shared pair
+    assert "7 with the down projection inside the GEMM" in data["adapters"]["style"]["path"]
+    _, plain = fused_with_lora(adapters)
+    none = run()
+    assert torch.equal(none, plain())
+    for choice in ([("style", 1.0)], [("light", 0.5)], [("style", 1.0), ("light", -0.7)], [("style", 1.0)]):
+        assert rel(run(choice), plain(choice)) < 1e-3, choice  # the same arithmetic, summed in another order
+
+
 def _layer(fan_in=64, fan_out=192, rank=16, seed=0):
     from flux_kontext.optimizations.kernels.e4m3 import quantize_rowwise_fp8
 

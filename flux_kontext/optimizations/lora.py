@@ -104,7 +104,12 @@ class Lora(Optimization):
         data = self._data_now(slot_rank, len(layers))
         for info in data["adapters"].values():
             info["path"] = path_note(self.paths)
-        folded = {"k_augmented": len(self.paths.augmented), "k_augment": self.paths.k_augment_choice}
+        folded = {
+            "k_augmented": len(self.paths.augmented),
+            "k_augment": self.paths.k_augment_choice,
+            "rows_appended": len(self.paths.rows_appended),
+            "rows_choice": self.paths.rows_choice,
+        }
         return Outcome.applied(
             detail + self.decisions.note(self.name),
             **data,
@@ -249,10 +254,11 @@ def path_note(paths: SidePaths) -> str:
     """Which path an adapter's layers run (every adapter runs the same: the slots are shared)."""
     fp8 = sum(side.down8 is not None for side in paths.sides.values())
     bf16 = len(paths.sides) - fp8
-    folded = len(paths.augmented)
+    folded, rows = len(paths.augmented), len(paths.rows_appended)
     return (
         f"up projection folded into the FP8 GEMM on {folded} layers (saturation guard: rows rescaled, counted in "
-        f"fold_guard), added in place after it on {fp8 - folded}, bf16 side path on {bf16}"
+        f"fold_guard), added in place after it on {fp8 - folded} ({rows} with the down projection inside the GEMM: "
+        f"A's rows appended to the weight), bf16 side path on {bf16}"
     )
 
 

@@ -58,6 +58,7 @@ class LoraSide(torch.nn.Module):
         self.group: SharedInput | None = None
         self.triton_up = False  # the fused blocks' up projection on lora_triton's kernel (measured at start)
         self.aug: AugmentedWeight | None = None  # the up projection folded into the FP8 GEMM (lora_k_augment.py)
+        self.rows: lora_gemm.RowWeight | None = None  # A's rows appended to the FP8 weight (lora_gemm.py)
         self.counters: torch.Tensor | None = None  # the fold's guard: [rows rescaled, entries clamped] (SidePaths)
         self.register_buffer("down", torch.zeros(width, linear.in_features, dtype=dtype, device=device), False)
         self.register_buffer("up", torch.zeros(linear.out_features, width, dtype=dtype, device=device), False)
@@ -81,6 +82,8 @@ class LoraSide(torch.nn.Module):
         ``values`` may be x_aug, x8 with the columns ``input_columns`` asked for after it."""
         fan_in = linear.in_features
         x8 = values[:, :fan_in]
+        if self.rows is not None:  # the down projection inside the layer's own GEMM
+            return lora_gemm.rows_linear(x8, scale, self.rows, self.up, out_dtype, self.triton_up)
         low = lora_gemm.down_projection(x8, scale, self.down8, self.down_scale, out_dtype)
         if self.aug is not None:
             x_aug, scale = self._augmented(values, scale, low, self.t_scale, fan_in)
@@ -143,6 +146,14 @@ class LoraSide(torch.nn.Module):
             self.down_scale.copy_(scales.view(1, -1))
         if self.aug is not None:
             self.aug.fill(self.up, self.t_scale)
+
+    def append_rows(self, linear) -> None:
+        """A's e4m3 rows appended to this layer's FP8 weight (lora_gemm.RowWeight): ``down8`` / ``down_scale`` become
+        views of them, so quantize_down fills the combined weight in place."""
+        self.rows = lora_gemm.RowWeight(linear.fp8_weight_t, linear.fp8_weight_scale, linear.bias, self.down.shape[0])
+        self.rows.down8.copy_(self.down8)
+        self.rows.down_scale.copy_(self.down_scale)
+        self.down8, self.down_scale = self.rows.down8, self.rows.down_scale
 
     def augment(self, linear, extra: int, start: int, pad: int) -> None:
         """Fold this layer's up projection into its FP8 GEMM: W_aug with ``extra`` t' columns per copy (its own from
@@ -231,6 +242,8 @@ class SidePaths:
         for side in self.sides.values():
             side.counters = self.guard
         self.augmented = self._augment() if k_augment else []
+        self.rows_choice: dict = {}
+        self.rows_appended = self._append_rows() if k_augment else []
         self.filled: tuple | None = None  # the (name, scale) tuple the slots hold now
 
     def _augment(self) -> list[str]:
@@ -263,6 +276,34 @@ class SidePaths:
                     self.sides[name].augment(linear, extra, start, chosen[key])
                     folded.append(name)
         return folded
+
+    def _append_rows(self) -> list[str]:
+        """A's rows appended to the weights of the fused-block layers whose up projection stays in place, where one
+        GEMM on [W8; A8] measured faster than the GEMM plus the separate down projection (lora_gemm.choose_rows) and
+        the memory fold_memory leaves allows; their names."""
+        sides = {
+            name: side
+            for name, side in self.sides.items()
+            if side.down8 is not None and side.aug is None and side.group is None
+        }
+        if not sides:
+            return []
+        shape_of = {name: (side.down.shape[1], side.up.shape[0], side.down.shape[0]) for name, side in sides.items()}
+        device = next(iter(sides.values())).up.device
+        use, self.rows_choice = lora_gemm.choose_rows(device, set(shape_of.values()))
+        chosen = [name for name in sides if use[shape_of[name]]]
+        cost = sum((n + r) * k for k, n, r in (shape_of[name] for name in chosen))
+        left = (
+            None
+            if self.fold_memory is None
+            else self.fold_memory - sum(s.aug.nbytes for s in self.sides.values() if s.aug)
+        )
+        if left is not None and cost > left:
+            self.rows_choice["memory"] = f"not appended: {cost / 2**20:.0f} MiB, {max(left, 0) / 2**20:.0f} MiB left"
+            return []
+        for name in chosen:
+            sides[name].append_rows(self._layers[name])
+        return chosen
 
     def _within_memory(self, inputs: dict, chosen: dict) -> dict:
         """``chosen`` without the folds whose W_aug would not fit ``fold_memory`` (what the memory plan leaves beyond
@@ -299,7 +340,8 @@ class SidePaths:
         """Slot memory (a group's A rows counted once: each layer's buffer is a view of its own rows), W_aug
         included."""
         buffers = sum(b.numel() * b.element_size() for side in self.sides.values() for b in side.buffers())
-        return buffers + sum(side.aug.nbytes for side in self.sides.values() if side.aug is not None)
+        widened = sum(side.aug.nbytes for side in self.sides.values() if side.aug is not None)
+        return buffers + widened + sum(side.rows.nbytes for side in self.sides.values() if side.rows is not None)
 
     @torch.no_grad()
     def fill(self, chosen: tuple[tuple[str, float], ...], weights_of: Callable[[str], dict[str, Parts]]) -> bool:
