@@ -9,11 +9,13 @@ are copied into the slots (skipped when they hold them already), the side path i
 only. At most FLUX_LORA_GPU_ADAPTERS adapters stay on the GPU (LRU); the others are copied from host memory when
 asked for.
 
-With FLUX_LORA_K_AUGMENT (on by default) the fused FP8 blocks' wide layers (q|k|v, MLP in) fold the up projection
-into their FP8 GEMM instead (lora_k_augment.py: K widened by the slots' rank, B' written into a wider copy of the
-weight at switch time), with a guard against e4m3's range (lora_fold_input.py: rows rescaled, never a silently cut
-delta; what it did is counted per adapter in /health, ``fold_guard``). Adapters at scale 0 are left out; a request
-whose adapters are all at scale 0 runs the plain forward.
+With FLUX_LORA_K_AUGMENT (on by default) the fused FP8 blocks' layers, where start-up measures it faster and the
+memory plan leaves room (``fold_memory``), fold the up projection into their FP8 GEMM instead (lora_k_augment.py: K
+widened by the slots' rank, B' written into a wider copy of the weight at switch time), with a guard against
+e4m3's range (lora_fold_input.py: rows rescaled, never a silently cut delta; what it did is counted per adapter in
+/health, ``fold_guard``); the others get A's rows appended to their weight (lora_gemm.RowWeight: the down projection
+inside their GEMM). Adapters at scale 0 are left out; a request whose adapters are all at scale 0 runs the plain
+forward.
 
 Side path, not merged weights: merging B·A into an FP8 weight means re-quantizing every adapted layer on each switch
 and keeping an unmerged copy of the base, and FP8's rounding then falls on the adapter's small delta;

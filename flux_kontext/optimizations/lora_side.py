@@ -18,8 +18,9 @@ Where the path runs: a forward hook on the Linear (every call through the module
 processor, torchao's FP8 layers; ``out + (x A^T) B^T``, which Inductor fuses into the pointwise code that reads the
 output), and ``fp8_blocks.fp8_linear`` / ``fp8_linears`` for the fused FP8 blocks, which call the GEMM on
 activations they quantized themselves: there the side path runs from those FP8 activations (lora_gemm.py), or, with
-FLUX_LORA_K_AUGMENT on the wide layers, inside their GEMM (lora_k_augment.py: a wider copy of the layer's FP8 weight,
-W_aug, allocated once here; ``fill`` writes the adapters' B' into it in place).
+FLUX_LORA_K_AUGMENT where start-up measured it faster, inside their GEMM: the up projection folded into it
+(lora_k_augment.py: a wider copy of the layer's FP8 weight, W_aug, allocated once here; ``fill`` writes the
+adapters' B' into it in place), or the down projection (lora_gemm.RowWeight: A's rows appended to the weight).
 """
 
 from __future__ import annotations
