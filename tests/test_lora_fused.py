@@ -145,6 +145,9 @@ def test_appending_a_s_rows_to_the_weights_computes_the_in_place_path_s_delta(ad
     assert torch.equal(none, plain())
     for choice in ([("style", 1.0)], [("light", 0.5)], [("style", 1.0), ("light", -0.7)], [("style", 1.0)]):
         assert rel(run(choice), plain(choice)) < 1e-3, choice  # the same arithmetic, summed in another order
+    _, compiled = fused_with_lora(adapters, compiled=True, k_augment=True)  # the strided outputs under compile
+    for choice in ([], [("style", 1.0)], [("light", 0.5)]):
+        assert rel(compiled(choice), run(choice)) < 1e-5, choice
 
 
 def _layer(fan_in=64, fan_out=192, rank=16, seed=0):
