@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterable
 
 import torch
 
-from flux_kontext.optimizations import lora_gemm, lora_k_augment
+from flux_kontext.optimizations import lora_gemm, lora_k_augment, lora_widen
 from flux_kontext.optimizations.kernels.e4m3 import FP8, quantize_rowwise_fp8
 from flux_kontext.optimizations.lora_k_augment import AugmentedWeight
 
@@ -189,12 +189,6 @@ class SharedInput:
             start += width
 
 
-def _input_key(linears, columns) -> tuple:
-    """(in_features, ((out_features, rank columns) of each layer)): what lora_k_augment.choose measures."""
-    layers = zip(linears, columns, strict=True)
-    return linears[0].in_features, tuple((x.out_features, end - start) for x, (start, end) in layers)
-
-
 def _side_hook(linear: torch.nn.Module, args: tuple, output: torch.Tensor):
     side = linear.lora_side
     if not side.enabled:
@@ -236,105 +230,16 @@ class SidePaths:
             for names in shared_inputs
             if all(name in self.sides and self.sides[name].down8 is not None for name in names)
         ]
-        self.k_augment_choice: dict = {}
-        self.fold_memory = fold_memory
         device = next(iter(self.sides.values())).up.device if self.sides else torch.device("cpu")
         self.guard = torch.zeros(2, dtype=torch.int32, device=device)  # folded rows rescaled, entries clamped
         for side in self.sides.values():
             side.counters = self.guard
-        self.augmented = self._augment() if k_augment else []
-        self.rows_choice: dict = {}
-        self.rows_appended = self._append_rows() if k_augment else []
-        self.filled: tuple | None = None  # the (name, scale) tuple the slots hold now
-
-    def _augment(self) -> list[str]:
-        """W_aug for the fused-block layers where folding the up projection into the GEMM measured faster
-        (lora_k_augment.choose, per input shape: a group's layers share one x_aug; candidates are every layer the
-        fused blocks feed: q|k|v and MLP in from ln_mod_fp8, proj_out and MLP out from gelu_fp8); their names."""
-        name_of = {id(linear): name for name, linear in self._layers.items()}
-        inputs: dict[tuple, list[list[tuple]]] = {}  # input shape -> [the layers reading one such input]
-        grouped = set()
-        for group in self.groups:
-            grouped.update(map(id, group.linears))
-            extra = group.columns[-1][1]
-            layers = zip(group.linears, group.columns, strict=True)
-            members = [(name_of[id(x)], x, extra, start) for x, (start, _) in layers]
-            inputs.setdefault(_input_key(group.linears, group.columns), []).append(members)
-        for name, side in self.sides.items():
-            linear = self._layers[name]
-            if side.down8 is not None and id(linear) not in grouped:
-                width = side.up.shape[1]
-                inputs.setdefault(_input_key([linear], [(0, width)]), []).append([(name, linear, width, 0)])
-        if not inputs:
-            return []
-        device = next(iter(self.sides.values())).up.device
-        chosen, self.k_augment_choice = lora_k_augment.choose(device, set(inputs))
-        chosen = self._within_memory(inputs, chosen)
-        folded = []
-        for key, readers in inputs.items():
-            for members in readers if chosen[key] is not None else ():
-                for name, linear, extra, start in members:
-                    self.sides[name].augment(linear, extra, start, chosen[key])
-                    folded.append(name)
-        return folded
-
-    def _append_rows(self) -> list[str]:
-        """A's rows appended to the weights of the fused-block layers whose up projection stays in place, where one
-        GEMM on [W8; A8] measured faster than the GEMM plus the separate down projection (lora_gemm.choose_rows) and
-        the memory fold_memory leaves allows; their names."""
-        sides = {
-            name: side
-            for name, side in self.sides.items()
-            if side.down8 is not None and side.aug is None and side.group is None
-        }
-        if not sides:
-            return []
-        shape_of = {name: (side.down.shape[1], side.up.shape[0], side.down.shape[0]) for name, side in sides.items()}
-        device = next(iter(sides.values())).up.device
-        use, self.rows_choice = lora_gemm.choose_rows(device, set(shape_of.values()))
-        chosen = [name for name in sides if use[shape_of[name]]]
-        cost = sum((n + r) * k for k, n, r in (shape_of[name] for name in chosen))
-        left = (
-            None
-            if self.fold_memory is None
-            else self.fold_memory - sum(s.aug.nbytes for s in self.sides.values() if s.aug)
+        widened = (
+            lora_widen.widen(self.sides, self._layers, self.groups, fold_memory) if k_augment else lora_widen.Widening()
         )
-        if left is not None and cost > left:
-            self.rows_choice["memory"] = f"not appended: {cost / 2**20:.0f} MiB, {max(left, 0) / 2**20:.0f} MiB left"
-            return []
-        for name in chosen:
-            sides[name].append_rows(self._layers[name])
-        return chosen
-
-    def _within_memory(self, inputs: dict, chosen: dict) -> dict:
-        """``chosen`` without the folds whose W_aug would not fit ``fold_memory`` (what the memory plan leaves beyond
-        its largest request), keeping those that measured the most saving per byte; says so in k_augment_choice."""
-        if self.fold_memory is None:
-            return chosen
-        by_input = self.k_augment_choice.get("by_input", {})
-
-        def cost(key) -> int:  # W_aug bytes of every layer reading an input of this shape
-            fan_in, layers = key
-            return len(inputs[key]) * sum(n for n, _ in layers) * (fan_in + sum(r for _, r in layers) + chosen[key])
-
-        def saving_per_byte(key) -> float:
-            row = by_input.get(lora_k_augment.label(key), {})
-            saved = row.get("in_place_ms", 0.0) - min(row.get("fold_ms", {0: 0.0}).values())
-            return saved * len(inputs[key]) / cost(key)
-
-        kept, used, left_out = dict(chosen), 0, []
-        for key in sorted((k for k, pad in chosen.items() if pad is not None), key=saving_per_byte, reverse=True):
-            if used + cost(key) <= self.fold_memory:
-                used += cost(key)
-            else:
-                kept[key] = None
-                left_out.append(lora_k_augment.label(key))
-        self.k_augment_choice["memory"] = {
-            "allowed_mib": round(self.fold_memory / 2**20, 1),
-            "folded_mib": round(used / 2**20, 1),
-            "not_folded_for_memory": left_out,
-        }
-        return kept
+        self.augmented, self.k_augment_choice = widened.folded, widened.fold_choice
+        self.rows_appended, self.rows_choice = widened.rows, widened.rows_choice
+        self.filled: tuple | None = None  # the (name, scale) tuple the slots hold now
 
     @property
     def nbytes(self) -> int:
