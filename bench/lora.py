@@ -22,9 +22,14 @@ q, k, v, proj_mlp, proj_out), written to files and loaded as the service loads t
    against torchao's layers (the forward hook on bf16 activations), each against bf16: the adapter's effect on the
    output, the whole output's error with and without the adapter, and the error of the effect itself.
 5. The side path's levers layer by layer (bench/lora_layers.py), at the end of the main run when time is left.
+6. ``--fold`` (alone, the fifth session's comparison): lora_fold_input's kernel against its reference on the GPU;
+   the bf16 reference; part A' (the default now: folded, no x_aug copy, the saturation guard) with a kernel table of
+   one text-to-image step with r16 against one without (torch.profiler: what the side path adds, kernel by kernel),
+   then part A (in place); in both a strong adapter (r16s: r16's B times 4) at scale 2 against bf16 + r16s at 2.
 
     python bench/lora.py --out bench/results/lora-h200-2026-12-01.json
     python bench/lora.py --check --out bench/results/lora-check-h200-2026-12-01.json
+    python bench/lora.py --fold --out bench/results/lora-h200-2026-12-01-s5b.json
     python bench/lora.py --tiny --out /tmp/lora-tiny.json   # the same flow on the CPU's tiny model (no timings)
 """
 
@@ -50,7 +55,8 @@ log = logging.getLogger("bench.lora")
 TINY = "--tiny" in sys.argv
 CHECK = "--check" in sys.argv  # only part 4
 NO_R64 = "--no-r64" in sys.argv  # skip part B (a shorter device call)
-for _flag in ("--tiny", "--check", "--no-r64"):
+FOLD = "--fold" in sys.argv  # only part 6
+for _flag in ("--tiny", "--check", "--no-r64", "--fold"):
     if _flag in sys.argv:
         sys.argv.remove(_flag)
 BASE = dict(attention="auto" if TINY else "cudnn", compile_multi_kernel=False, first_block_cache=False)
@@ -83,14 +89,14 @@ def block_targets(config) -> dict[str, tuple[int, int]]:
     return targets
 
 
-def write_adapter(config, folder: Path, name: str, rank: int, seed: int) -> str:
+def write_adapter(config, folder: Path, name: str, rank: int, seed: int, strength: float = 1.0) -> str:
     """A random adapter (A ~ N(0, 1/in), B ~ N(0, (0.06/sqrt(rank))^2): a delta of roughly a tenth of each layer's
-    output on random weights) in diffusers keys; returns 'name=path'."""
+    output on random weights; B times ``strength``) in diffusers keys; returns 'name=path'."""
     generator = torch.Generator().manual_seed(seed)
     tensors = {}
     for module, (fan_in, fan_out) in block_targets(config).items():
         down = torch.randn(rank, fan_in, generator=generator) / fan_in**0.5
-        up = torch.randn(fan_out, rank, generator=generator) * 0.06 / rank**0.5
+        up = torch.randn(fan_out, rank, generator=generator) * 0.06 * strength / rank**0.5
         tensors[f"transformer.{module}.lora_A.weight"] = down.to(torch.bfloat16)
         tensors[f"transformer.{module}.lora_B.weight"] = up.to(torch.bfloat16)
     path = folder / f"{name}.safetensors"
@@ -155,18 +161,24 @@ def reference(bench: Bench, cases: dict, loras: list[str]) -> dict[str, torch.Te
     """Part 1: bf16 + adapter, eager (then the side paths are taken off again)."""
     stack = bench.apply(["fuse_qkv", "attention", "lora"], loras=loras, lora_max_per_request=1)
     t2i = cases["text_to_image"]
-    outputs = {label: bench.step(stack, t2i, choice)[0].float() for label, choice in CHOICES.items()}
+    loaded = set(stack["lora"].adapters)
+    outputs = {
+        label: bench.step(stack, t2i, choice)[0].float()
+        for label, choice in CHOICES.items()
+        if all(name in loaded for name, _ in choice)
+    }
     stack["lora"].undo()
     bench.slots = stack.slots
     return outputs
 
 
-CHOICES = {"none": (), "r16": (("r16", 1.0),), "r64": (("r64", 1.0),)}
+CHOICES = {"none": (), "r16": (("r16", 1.0),), "r64": (("r64", 1.0),), "r16s_at_2": (("r16s", 2.0),)}
 
 
-def part_a(bench: Bench, cases: dict, loras: list[str], ref: dict, k_augment: bool = False) -> dict:
+def part_a(bench: Bench, cases: dict, loras: list[str], ref: dict, k_augment: bool = False, profile=False) -> dict:
     stack = bench.apply(ON_TOP, slots=bench.slots, loras=loras, lora_max_per_request=1, lora_k_augment=k_augment)
-    settings = f"FLUX_LORAS=r16,r16b FLUX_LORA_MAX_PER_REQUEST=1 FLUX_LORA_K_AUGMENT={str(k_augment).lower()}"
+    names = ",".join(Path(entry.split("=", 1)[1]).stem for entry in loras)
+    settings = f"FLUX_LORAS={names} FLUX_LORA_MAX_PER_REQUEST=1 FLUX_LORA_K_AUGMENT={str(k_augment).lower()}"
     part = {"settings": settings, "lora": stack["lora"].report().public()}
     for case, kwargs in cases.items():
         row = part[case] = {}
@@ -190,8 +202,24 @@ def part_a(bench: Bench, cases: dict, loras: list[str], ref: dict, k_augment: bo
         row["switch_cuda_graphs"] = counters.get("cuda_graphs")
         row["switch_lora"] = counters.get("lora")
         log.info("A (k_augment=%s) %s: %s", k_augment, case, {k: v for k, v in row.items() if not k.startswith("_")})
+        bench.result[f"A_k_augment_{k_augment}_partial"] = _public(part)
         bench.save()
+        if profile and case == "text_to_image":
+            with contextlib.suppress(Exception):  # a measurement on the side; never loses the rest
+                part["profile_text_to_image"] = kernel_table(bench, stack, kwargs)
+                bench.result[f"A_k_augment_{k_augment}_partial"] = _public(part)
+                bench.save()
     t2i = part["text_to_image"]
+    if "r16s_at_2" in ref:  # a strong adapter at scale 2: what e4m3's range does to it (the fold's guard)
+        strong = bench.step(stack, cases["text_to_image"], CHOICES["r16s_at_2"])[0].float()
+        t2i["r16s_at_2_fp8_vs_bf16_rel_error"] = rel(strong, ref["r16s_at_2"])
+        t2i["r16s_at_2_effect_bf16_rel"] = rel(ref["r16s_at_2"], ref["none"])
+        t2i["r16s_at_2_delta_fp8_vs_bf16_rel_error"] = rel(strong - t2i["_none"], ref["r16s_at_2"] - ref["none"])
+        if "_fp8_r16s" in ref:
+            t2i["r16s_at_2_vs_other_part_rel"] = rel(strong, ref["_fp8_r16s"])
+        ref.setdefault("_fp8_r16s", strong)
+        bench.step(stack, cases["text_to_image"])  # the guard's counts are read back at the next request
+        t2i["fold_guard"] = stack["lora"].report().public()["data"].get("fold_guard")
     fp8_r16 = t2i.pop("_r16")
     t2i["r16_delta_fp8_vs_bf16_rel_error"] = rel(fp8_r16 - t2i["_none"], ref["r16"] - ref["none"])
     # What that error is made of: the adapter's effect against FP8's own error (two runs' FP8 rounding noise does
@@ -203,8 +231,115 @@ def part_a(bench: Bench, cases: dict, loras: list[str], ref: dict, k_augment: bo
     ref.setdefault("_fp8_r16", fp8_r16)
     ref.setdefault("_fp8_none", t2i.pop("_none"))
     t2i.pop("_none", None)
+    bench.result.pop(f"A_k_augment_{k_augment}_partial", None)
     undo(stack)
     return part
+
+
+def _public(part: dict) -> dict:
+    return {
+        key: {k: v for k, v in value.items() if not k.startswith("_")} if isinstance(value, dict) else value
+        for key, value in part.items()
+    }
+
+
+def kernel_table(bench: Bench, stack, kwargs, steps: int = 3, top: int = 30) -> dict:
+    """GPU kernels of one step (torch.profiler, CUDA graphs replaying: their kernels are traced too), without adapter
+    and with r16, by kernel name: ms and launches per step; then the names whose time differs most (r16 - none)."""
+    import json
+    from collections import defaultdict
+
+    from torch.profiler import ProfilerActivity, profile
+
+    tables = {}
+    for label in ("none", "r16"):
+        choice = CHOICES[label]
+        bench.step(stack, kwargs, choice)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(steps):
+                bench.step(stack, kwargs, choice)
+            torch.cuda.synchronize()
+        path = Path(tempfile.mkdtemp(prefix="lora-prof-")) / "trace.json"
+        prof.export_chrome_trace(str(path))
+        per = defaultdict(lambda: [0.0, 0])
+        for event in json.loads(path.read_text()).get("traceEvents", []):
+            if event.get("cat") == "kernel":
+                per[event["name"]][0] += event.get("dur", 0) / 1000 / steps
+                per[event["name"]][1] += 1
+        tables[label] = {name: (round(ms, 4), count // steps) for name, (ms, count) in per.items()}
+    none, r16 = tables["none"], tables["r16"]
+    names = set(none) | set(r16)
+    diff = sorted(
+        ((name, round(r16.get(name, (0, 0))[0] - none.get(name, (0, 0))[0], 4)) for name in names),
+        key=lambda item: -abs(item[1]),
+    )
+    return {
+        "steps": steps,
+        "kernel_ms_per_step": {label: round(sum(ms for ms, _ in t.values()), 3) for label, t in tables.items()},
+        "launches_per_step": {label: sum(c for _, c in t.values()) for label, t in tables.items()},
+        "largest_differences": [
+            {"kernel": name[:160], "ms_diff": ms, "none": none.get(name), "r16": r16.get(name)}
+            for name, ms in diff[:top]
+        ],
+    }
+
+
+def fold_kernel_check() -> dict:
+    """lora_fold_input's Triton kernel against its reference on the GPU, at the single blocks' shape (4608 rows,
+    K 3072, 64 t' columns, padded to 3200), with a few rows that need rescaling; and its time against the copy it
+    replaced (x_aug = cat(x8, tail): one more pass over the FP8 activations)."""
+    from flux_kontext.gpu_timing import gpu_milliseconds
+    from flux_kontext.optimizations import kernels
+    from flux_kontext.optimizations.kernels.e4m3 import quantize_rowwise_fp8
+    from flux_kontext.optimizations.lora_fold_input import _kernel, reference_fold_input
+
+    device = torch.device("cuda")
+    generator = torch.Generator(device=device).manual_seed(0)
+    rows, fan_in, extra, width = 4608, 3072, 64, 3200
+    x8, sx = quantize_rowwise_fp8(torch.randn(rows, fan_in, device=device, generator=generator))
+    low = (torch.randn(rows, extra, device=device, generator=generator) * sx * 100).bfloat16()
+    low[::97] *= 30  # about 1 row in 100 past e4m3's range: rescaled
+    t_scale = torch.rand(1, extra, device=device, generator=generator)
+
+    def fresh():
+        x_aug = torch.empty(rows, width, dtype=torch.float8_e4m3fn, device=device)
+        x_aug[:, :fan_in].copy_(x8)
+        return x_aug, sx.clone(), torch.zeros(2, dtype=torch.int32, device=device)
+
+    fold = _kernel()
+    want, got = fresh(), fresh()
+    reference_fold_input(*want[:2], low, t_scale, want[2], fan_in)
+    fold(*got[:2], low, t_scale, got[2], fan_in)
+    differ = (want[0].view(torch.uint8) != got[0].view(torch.uint8)).sum()
+    calm = low / 30  # no row past the range
+    x_aug, scale, counters = fresh()
+    tail = torch.zeros(rows, width - fan_in, dtype=torch.float8_e4m3fn, device=device)
+    ops = kernels.ops()
+    rows_in = torch.randn(1, 512, 3072, device=device, generator=generator).bfloat16()
+    mod = [torch.randn(1, 3072, device=device, generator=generator).bfloat16() * 0.1 for _ in range(2)]
+    plain, _ = ops.launch_ln_mod_fp8(rows_in, rows_in, *mod, False, 1e-6)
+    wide, _ = ops.launch_ln_mod_fp8(rows_in, rows_in, *mod, False, 1e-6, extra=128)
+    attn, mlp = rows_in[0], torch.randn(512, 12288, device=device, generator=generator).bfloat16()
+    gelu_plain, _ = ops.launch_gelu_fp8(attn, mlp, True)
+    gelu_wide, _ = ops.launch_gelu_fp8(attn, mlp, True, extra=128)
+    ff_plain, _ = ops.launch_gelu_fp8(mlp, mlp, False)
+    ff_wide, _ = ops.launch_gelu_fp8(mlp, mlp, False, extra=128)
+
+    def same(a, b) -> bool:
+        return bool(torch.equal(a.view(torch.uint8), b[:, : a.shape[1]].contiguous().view(torch.uint8)))
+
+    return {
+        "ln_mod_extra_columns_same_values": same(plain, wide),
+        "gelu_extra_columns_same_values": [same(gelu_plain, gelu_wide), same(ff_plain, ff_wide)],
+        "counters_reference": want[2].tolist(),
+        "counters_kernel": got[2].tolist(),
+        "x_aug_bytes_differing": int(differ),
+        "x_aug_values_rel_error": rel(got[0].float(), want[0].float()),
+        "row_scales_equal": bool(torch.equal(want[1], got[1])),
+        "kernel_ms_no_rescale": round(gpu_milliseconds(lambda: fold(x_aug, scale, calm, t_scale, counters, fan_in)), 4),
+        "cat_copy_ms_it_replaces": round(gpu_milliseconds(lambda: torch.cat([x8, tail], dim=1)), 4),
+    }
 
 
 def part_b(bench: Bench, cases: dict, loras: list[str], ref: dict, none_ms: dict) -> dict:
@@ -298,13 +433,15 @@ def main() -> int:
         result = header()
     bench = Bench(model, hardware, out, result)
     folder = Path(tempfile.mkdtemp(prefix="lora-bench-"))
-    files = {name: write_adapter(config, folder, name, rank, seed) for name, rank, seed in ADAPTERS}
+    files = {name: write_adapter(config, folder, name, rank, seed, strength) for name, rank, seed, strength in ADAPTERS}
     result["adapter_layers"] = len(block_targets(config))
     result["seconds_setup"] = round(time.perf_counter() - start, 1)
     if CHECK:
         result["check"] = side_path_check(bench, cases, files["r16"])
         bench.save()
         return 0
+    if FOLD:
+        return fold_comparison(bench, cases, files, start)
     ref = reference(bench, cases, [files["r16"], files["r64"]])
     bench.apply(SERVING_BODY, slots=bench.slots)
     result["seconds_reference_and_fp8"] = round(time.perf_counter() - start, 1)
@@ -332,6 +469,35 @@ def main() -> int:
         result["layer_levers"] = layer_levers_here(bench)
     else:
         result["layer_levers"] = {"skipped": f"more than {SECONDS_BEFORE_LAYERS:g} s gone"}
+    result["seconds_total"] = round(time.perf_counter() - start, 1)
+    bench.save()
+    log.info("done in %.0f s", result["seconds_total"])
+    return 0
+
+
+def fold_comparison(bench: Bench, cases: dict, files: dict, start: float) -> int:
+    """Part 6: the default now (folded, guarded, no x_aug copy) against the in-place up projection, in one call."""
+    result = bench.result
+    if not TINY:
+        try:
+            result["fold_kernel_check"] = fold_kernel_check()
+        except Exception as exc:  # never loses the rest
+            log.exception("fold kernel check failed")
+            result["fold_kernel_check"] = {"failed": f"{type(exc).__name__}: {exc}"[:1000]}
+        log.info("fold kernel check: %s", result["fold_kernel_check"])
+    ref = reference(bench, cases, [files["r16"], files["r16s"]])
+    bench.apply(SERVING_BODY, slots=bench.slots)
+    result["seconds_reference_and_fp8"] = round(time.perf_counter() - start, 1)
+    bench.save()
+    adapters = [files["r16"], files["r16b"], files["r16s"]]
+    for key, k_augment in (("A_k_augment", True), ("A", False)):
+        try:
+            result[key] = part_a(bench, cases, adapters, ref, k_augment=k_augment, profile=k_augment)
+        except Exception as exc:  # never loses the rest
+            log.exception("part A (k_augment=%s) failed", k_augment)
+            result[key] = {"failed": f"{type(exc).__name__}: {exc}"[:1000]}
+        result[f"seconds_after_{key}"] = round(time.perf_counter() - start, 1)
+        bench.save()
     result["seconds_total"] = round(time.perf_counter() - start, 1)
     bench.save()
     log.info("done in %.0f s", result["seconds_total"])
@@ -376,7 +542,7 @@ def side_path_check(bench: Bench, cases: dict, lora: str) -> dict:
     return check
 
 
-ADAPTERS = (("r16", 16, 1), ("r16b", 16, 2), ("r64", 64, 3))
+ADAPTERS = (("r16", 16, 1, 1.0), ("r16b", 16, 2, 1.0), ("r64", 64, 3, 1.0), ("r16s", 16, 1, 4.0))
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -17,7 +17,7 @@ Variants (rank 16, one adapter; the single block's q|k|v part of to_qkv's side i
 - ``served``: as served before K-augmentation: ``now`` with lora_triton's kernel on the wide outputs (q|k|v, MLP in)
   and cuBLAS on the 3072-wide one (what ``lora_triton.choose`` picked).
 - ``k_aug_k16`` .. ``k_aug_k256``: the up projection folded into the wide GEMMs (lora_k_augment.py): [x8 | t']
-  against [W8 | B'] (the single block's two layers on one x_aug), each t' column written COPIES times, x_aug's width
+  against [W8 | B'] (the single block's two layers on one x_aug), t' written by lora_fold_input's kernel, x_aug's width
   padded to a multiple of 16 .. 256 (zero weights); the output projection / MLP-down as ``served``. And
   ``lora_k_augment.choose``'s own measurement of the same shapes at 4608 rows (what the service decides at start).
 Lever b (A's rows folded into the base GEMM as extra output rows) is timed as GEMMs (eager: cuBLAS calls either
@@ -85,7 +85,7 @@ class Layer:
         return self.base(values, scale) + torch.mm(self.low(values, scale), self.up.t())
 
     def folded(self, multiple: int, extra: int | None = None, start: int = 0, t_scale=None):
-        """This layer's W_aug (``extra`` t' columns per copy, its own from ``start``, x_aug padded to ``multiple``),
+        """This layer's W_aug (``extra`` t' columns, its own from ``start``, x_aug padded to ``multiple``),
         B' filled; its t' factors written into ``t_scale`` (a view of a shared one) or a new one."""
         width = self.up.shape[1]
         extra = width if extra is None else extra
@@ -93,14 +93,16 @@ class Layer:
         weight = lora_k_augment.AugmentedWeight(self.weight_t, self.weight_scale, extra, start, width, pad)
         t_scale = torch.zeros(1, width, device=self.up.device) if t_scale is None else t_scale
         weight.fill(self.up, t_scale)
-        return weight, t_scale, pad
+        return weight, t_scale, weight.input_width
 
     def k_aug(self, multiple: int):
         """A callable (values, scale) -> output on the folded GEMM, with its own x_aug."""
-        weight, t_scale, pad = self.folded(multiple)
+        weight, t_scale, width = self.folded(multiple)
+        counters = torch.zeros(2, dtype=torch.int32, device=t_scale.device)
 
         def fn(values, scale):
-            x_aug = lora_k_augment.augmented_input(values, scale, self.low(values, scale), t_scale, pad)
+            low = self.low(values, scale)
+            x_aug, scale = lora_k_augment.augmented_input(values, scale, low, t_scale, counters, width)
             return lora_k_augment.augmented_linear(x_aug, scale, weight, None, self.dtype)
 
         return fn
@@ -120,16 +122,18 @@ def folded_pair(first: Layer, second: Layer, multiple: int):
     """Two layers on one input, one x_aug: (values, scale) -> (first's output, second's output), and what went in."""
     widths = [first.up.shape[1], second.up.shape[1]]
     t_scale = torch.zeros(1, sum(widths), device=first.up.device)
-    (w1, _, pad), (w2, _, _) = (
+    (w1, _, width), (w2, _, _) = (
         first.folded(multiple, sum(widths), 0, t_scale[:, : widths[0]]),
         second.folded(multiple, sum(widths), widths[0], t_scale[:, widths[0] :]),
     )
     down8 = torch.cat([first.down8, second.down8])
     down_scale = torch.cat([first.down_scale, second.down_scale], dim=1)
 
+    counters = torch.zeros(2, dtype=torch.int32, device=t_scale.device)
+
     def fn(values, scale):
         low = lora_gemm.down_projection(values, scale, down8, down_scale, first.dtype)
-        x_aug = lora_k_augment.augmented_input(values, scale, low, t_scale, pad)
+        x_aug, scale = lora_k_augment.augmented_input(values, scale, low, t_scale, counters, width)
         return tuple(lora_k_augment.augmented_linear(x_aug, scale, w, None, first.dtype) for w in (w1, w2))
 
     fn.parts = {"weights": (w1, w2), "t_scale": t_scale, "down8": down8, "down_scale": down_scale}
@@ -292,16 +296,15 @@ def folded_accuracy(mlp: Layer, qkv: Layer, values, scale) -> dict:
             "delta_rel_error": [rel_error(f - b, e) for f, b, e in zip(folded, base, exact, strict=True)],
             "t_saturated_fraction": lora_k_augment.saturation(low, scale, parts["t_scale"]),
             "t_max_over_448": float(t.abs().max() / 448),
-            "copies": lora_k_augment.COPIES,
         }
         # The worst-case bound known at switch time (|x8| <= 448: |x8 A_r^T| <= 448 ||A_r||_1) against the product
-        # limit COPIES * 448²: the share of rank columns it would let fold (B' at 448, t' bounded by it).
+        # limit 448²: the share of rank columns it would let fold (B' at 448, t' bounded by it).
         feasible = []
         for layer in (mlp, qkv):
             a_l1 = (layer.down8.float() * layer.down_scale.t()).abs().sum(dim=1)
             b_max = (layer.up.float() / layer.weight_scale.view(-1, 1)).abs().amax(dim=0)
             bound = 448 * a_l1 * b_max
-            feasible.append(float((bound <= lora_k_augment.COPIES * 448**2).float().mean()))
+            feasible.append(float((bound <= 448**2).float().mean()))
         result["worst_case_bound_would_fold_fraction"] = feasible
         delta_share = [float(e.norm() / b.norm()) for e, b in zip(exact, base, strict=True)]
         result["delta_norm_over_base_norm"] = delta_share

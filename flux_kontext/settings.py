@@ -619,10 +619,13 @@ class LoraSettings(BaseModel):
         4, ge=1, le=256, description="Adapters kept on the GPU (least recently used evicted; all stay in host memory)."
     )
     lora_k_augment: bool = Field(
-        False,
-        description="In the fused FP8 blocks, fold the adapters' up projection into the wide GEMMs (q|k|v, MLP in) by "
-        "widening their K (one more e4m3 copy of those layers' weights on the GPU). Faster, but a strong adapter "
-        "saturates e4m3 there (lora_k_augment.py); off: the up projection added in place.",
+        True,
+        description="In the fused FP8 blocks, widen the FP8 GEMMs for the adapters' side path where start-up measured "
+        "it faster and the memory plan leaves room (a wider e4m3 copy of those layers' weights on the GPU): the up "
+        "projection folded into the GEMM by widening its K (rows whose low-rank part would not fit e4m3 are "
+        "rescaled, never cut: lora_k_augment.py, lora_fold_input.py), or A's rows appended to its N (the down "
+        "projection inside the GEMM: lora_gemm.py). Off: a separate down projection and the up projection added in "
+        "place after the GEMM.",
     )
 
     @field_validator("loras", mode="before")

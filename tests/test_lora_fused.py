@@ -67,11 +67,12 @@ def test_fused_blocks_add_the_adapter_from_their_fp8_activations_as_the_layers_h
         assert rel(effect, hook_effect) < 0.15, rel(effect, hook_effect)  # measured 5-6% here
 
 
-def test_the_fused_side_path_compiles_once_and_a_switch_between_adapters_compiles_nothing(adapters):
+@pytest.mark.parametrize("k_augment", [False, True])
+def test_the_fused_side_path_compiles_once_and_a_switch_between_adapters_compiles_nothing(adapters, k_augment):
     from flux_kontext.optimizations.compile import graphs_compiled
 
-    _, eager = fused_with_lora(adapters, seed=1)
-    _, compiled = fused_with_lora(adapters, seed=1, compiled=True)
+    _, eager = fused_with_lora(adapters, seed=1, k_augment=k_augment)
+    _, compiled = fused_with_lora(adapters, seed=1, compiled=True, k_augment=k_augment)
     choices = {"none": [], "style": [("style", 1.0)], "light": [("light", 0.5)]}
     expected = {label: eager(choice) for label, choice in choices.items()}
     compiled(choices["none"]), compiled(choices["style"])  # both variants compiled (as warm-up does)
@@ -82,22 +83,76 @@ def test_the_fused_side_path_compiles_once_and_a_switch_between_adapters_compile
 
 
 def test_folding_the_up_projection_into_the_wide_fp8_gemms_adds_the_same_delta(adapters):
-    """FLUX_LORA_K_AUGMENT: q|k|v and the MLP-in GEMMs run on [x8 | t'] and [W8 | B']; the others keep the in-place up
-    projection. The tiny test adapters are strong for e4m3's range (see the saturation test), so at small scales."""
+    """FLUX_LORA_K_AUGMENT (the default): q|k|v and the MLP-in GEMMs run on [x8 | t'] and [W8 | B']; the others keep
+    the in-place up projection. A mild and a strong use of the same adapters (the tiny test adapters at scale 2 are
+    far past what t' could hold in e4m3 without the guard) add the in-place path's delta within the same error:
+    the guard rescales rows instead of cutting their delta, and /health counts it per adapter."""
     stack, run = fused_with_lora(adapters, k_augment=True)
     report = stack["lora"].report().public()
     folded = report["data"]["k_augmented"]
-    assert folded == 6 and "folded into the FP8 GEMM" in report["detail"]  # single: q|k|v, MLP in; double: 2 + 2
+    # single: q|k|v, MLP in, proj_out; double: q|k|v of both streams, MLP in and out of both
+    assert folded == 9 and "folded into the FP8 GEMM" in report["detail"]
+    assert "folded into the FP8 GEMM on 9 layers" in report["data"]["adapters"]["style"]["path"]
     _, plain = fused_with_lora(adapters)
-    none = run()
+    hook_stack, hooks = fused_with_lora(adapters)
+    hook_stack.slots.clear_everywhere("body")  # diffusers' forwards: the adapter unquantized, from the layers' inputs
+    none, hook_none = run(), hooks()
     assert torch.equal(none, plain())  # without adapters: the plain GEMMs, bit for bit
     assert torch.equal(run([("style", 0.0)]), none)
-    for choice in ([("style", 0.02)], [("style", 0.02), ("light", -0.015)]):
+    errors, exact_errors = {}, {}
+    for label, choice in {
+        "mild": [("style", 0.02)],
+        "mild pair": [("style", 0.02), ("light", -0.015)],
+        "strong": [("style", 2.0)],
+        "strong pair": [("style", 2.0), ("light", -2.0)],
+    }.items():
         effect, in_place_effect = run(choice) - none, plain(choice) - none
         assert rel(run(choice), none) > 0.005  # the adapter does move the output
         # t' and B' in e4m3 too: about two more FP8-sized errors on the adapter's delta than the in-place path
-        assert rel(effect, in_place_effect) < 0.15, rel(effect, in_place_effect)
+        errors[label] = rel(effect, in_place_effect)
+        exact_errors[label] = rel(effect, hooks(choice) - hook_none)
+    assert max(errors.values()) < 0.15, errors
+    # Against the unquantized side path: the strong uses within the error of the mild ones (no saturation)
+    assert max(exact_errors.values()) < 0.2 and exact_errors["strong"] < 2 * exact_errors["mild"], exact_errors
+    run()  # the last request's guard counts are read back at the next request
+    guard = stack["lora"].report().public()["data"]["fold_guard"]
+    assert guard["style"]["rows_rescaled"] > 0 and guard["style"]["entries_clamped"] == 0, guard
     assert torch.equal(run(), none) and torch.equal(run([("style", 0.02)]), run([("style", 0.02)]))  # no leakage
+
+
+def test_the_fold_stays_within_the_memory_the_plan_leaves(adapters, monkeypatch):
+    """The widened weights (W_aug) only where the GPU keeps the memory plan's headroom: with no room beyond it,
+    nothing is folded (the in-place path), and /health says why."""
+    from flux_kontext.optimizations import lora
+
+    monkeypatch.setattr(lora, "fold_memory", lambda hardware, device: 0)
+    stack, run = fused_with_lora(adapters, k_augment=True)
+    data = stack["lora"].report().public()["data"]
+    assert data["k_augmented"] == 0 and data["k_augment"]["memory"]["folded_mib"] == 0
+    assert len(data["k_augment"]["memory"]["not_folded_for_memory"]) == 5  # the five input shapes of the tiny model
+    _, plain = fused_with_lora(adapters)
+    assert torch.equal(run([("style", 1.0)]), plain([("style", 1.0)]))  # exactly the in-place path
+
+
+def test_appending_a_s_rows_to_the_weights_computes_the_in_place_path_s_delta(adapters, monkeypatch):
+    """Where the fold is not chosen, A's e4m3 rows appended to the layer's FP8 weight give its down projection from
+    the same GEMM ([y | x A^T]); the result is the in-place path's (a separate down projection), and /health says how
+    many layers run that way. Switching adapters re-quantizes A straight into the combined weight."""
+    from flux_kontext.optimizations import lora_k_augment
+
+    monkeypatch.setattr(lora_k_augment, "choose", lambda device, inputs: (dict.fromkeys(inputs), {"why": "test"}))
+    stack, run = fused_with_lora(adapters, k_augment=True)
+    data = stack["lora"].report().public()["data"]
+    assert data["k_augmented"] == 0 and data["rows_appended"] == 7  # all but the single block's shared pair
+    assert "7 with the down projection inside the GEMM" in data["adapters"]["style"]["path"]
+    _, plain = fused_with_lora(adapters)
+    none = run()
+    assert torch.equal(none, plain())
+    for choice in ([("style", 1.0)], [("light", 0.5)], [("style", 1.0), ("light", -0.7)], [("style", 1.0)]):
+        assert rel(run(choice), plain(choice)) < 1e-3, choice  # the same arithmetic, summed in another order
+    _, compiled = fused_with_lora(adapters, compiled=True, k_augment=True)  # the strided outputs under compile
+    for choice in ([], [("style", 1.0)], [("light", 0.5)]):
+        assert rel(compiled(choice), run(choice)) < 1e-5, choice
 
 
 def _layer(fan_in=64, fan_out=192, rank=16, seed=0):
@@ -112,9 +167,11 @@ def _layer(fan_in=64, fan_out=192, rank=16, seed=0):
 
 
 @pytest.mark.skipif(not cpu_rowwise_fp8_gemm(), reason="this torch's CPU _scaled_mm takes per-tensor scales only")
-@pytest.mark.parametrize("strength", [1.0, 40.0])
-def test_the_folded_gemm_computes_the_low_rank_delta_unless_it_saturates_e4m3(strength):
-    """One layer: y = sx sw ([x8 | t'] @ [W8 | B']^T) against the base GEMM plus the exact (x A^T) B^T."""
+@pytest.mark.parametrize("strength", [1.0, 40.0, 1e5])
+def test_the_folded_gemm_computes_the_low_rank_delta_and_never_cuts_it_silently(strength):
+    """One layer: y = sx sw ([x8 | t'] @ [W8 | B']^T) against the base GEMM plus the exact (x A^T) B^T. At 40 times the
+    delta t' would saturate e4m3 (most of its entries): the guard rescales those rows and the delta is as exact as
+    at 1; at 1e5 (beyond the guard's 2^11) entries are clamped, and counted."""
     from flux_kontext.optimizations import lora_gemm, lora_k_augment
 
     weight_t, weight_scale, down8, down_scale, up, x8, x_scale = _layer()
@@ -124,16 +181,42 @@ def test_the_folded_gemm_computes_the_low_rank_delta_unless_it_saturates_e4m3(st
     t_scale = torch.zeros(1, rank)
     folded.fill(up, t_scale)
     low = lora_gemm.down_projection(x8, x_scale, down8, down_scale, torch.float32)
-    x_aug = lora_k_augment.augmented_input(x8, x_scale, low, t_scale, pad=16)
-    assert x_aug.shape == (x8.shape[0], x8.shape[1] + lora_k_augment.COPIES * rank + 16)  # padded: zero weights
-    out = lora_k_augment.augmented_linear(x_aug, x_scale, folded, None, torch.float32)
+    counters = torch.zeros(2, dtype=torch.int32)
+    x_aug, scale = lora_k_augment.augmented_input(x8, x_scale, low, t_scale, counters, folded.input_width)
+    assert x_aug.shape == (x8.shape[0], x8.shape[1] + rank + 16)  # padded: zero weights
+    out = lora_k_augment.augmented_linear(x_aug, scale, folded, None, torch.float32)
     base = torch._scaled_mm(x8, weight_t, scale_a=x_scale, scale_b=weight_scale, out_dtype=torch.float32)
     exact = low @ up.t()  # the same down projection, the up projection in fp32
+    rows_rescaled, clamped = counters.tolist()
     saturated = lora_k_augment.saturation(low, x_scale, t_scale)
-    if strength == 1.0:
-        assert saturated == 0 and rel(out - base, exact) < 0.06, rel(out - base, exact)  # e4m3's rounding of t', B'
-    else:  # 40 times the delta: past what one rank's term can hold in e4m3, t' is clamped and the delta cut
-        assert saturated > 0.1 and rel(out - base, exact) > 0.2
+    if strength <= 40:
+        assert rel(out - base, exact) < 0.06, rel(out - base, exact)  # e4m3's rounding of t', B' (and x8's rows)
+        assert clamped == 0
+    if strength == 40.0:
+        assert saturated > 0.1 and rows_rescaled > 0  # without the guard: clamped, the delta cut
+    if strength == 1e5:
+        assert clamped > 0  # past 2^8 more headroom: cut, but counted (/health's fold_guard)
+
+
+def test_the_fold_guard_kernel_s_reference_rescales_only_the_rows_that_need_it():
+    """lora_fold_input's arithmetic: t' in x_aug's last columns (zeros in the padding), a row whose t' exceeds e4m3
+    rescaled by the smallest power of two that fits (x8 / 2^j, its scale * 2^j: the same x), the others untouched."""
+    from flux_kontext.optimizations.kernels.e4m3 import quantize_rowwise_fp8
+    from flux_kontext.optimizations.lora_fold_input import fold_input
+
+    generator = torch.Generator().manual_seed(0)
+    x8, sx = quantize_rowwise_fp8(torch.randn(6, 64, generator=generator))
+    low = torch.randn(6, 8, generator=generator) * sx  # t = low / sx: about N(0, 1) in FP8 units
+    low[2] *= 2000  # about 3,000: needs 2^3 more
+    x_aug = torch.full((6, 80), float("nan")).to(torch.float8_e4m3fn)  # garbage where the block left the columns
+    x_aug[:, :64] = x8
+    scale, counters = sx.clone(), torch.zeros(2, dtype=torch.int32)
+    fold_input(x_aug, scale, low, torch.ones(1, 8), counters, 64)
+    assert counters.tolist() == [1, 0]
+    assert float(scale[2] / sx[2]) in (8.0, 16.0) and torch.equal(scale[[0, 1, 3, 4, 5]], sx[[0, 1, 3, 4, 5]])
+    assert torch.equal(x_aug[[0, 1, 3, 4, 5], :64].float(), x8[[0, 1, 3, 4, 5]].float())
+    assert rel(x_aug[:, :64].float() * scale, x8.float() * sx) < 1e-3  # the same activations
+    assert rel(x_aug[:, 64:72].float() * scale, low) < 0.04 and x_aug[:, 72:].float().eq(0).all()
 
 
 @pytest.mark.gpu
@@ -153,8 +236,9 @@ def test_on_the_gpu_the_folded_gemm_at_flux_widths_adds_the_delta_and_start_up_m
         folded = lora_k_augment.AugmentedWeight(weight_t, weight_scale, 48, 0, 48, pad)
         t_scale = torch.zeros(1, 48, device="cuda")
         folded.fill(up, t_scale)
-        x_aug = lora_k_augment.augmented_input(x8, x_scale, low, t_scale, pad)
-        out = lora_k_augment.augmented_linear(x_aug, x_scale, folded, None, torch.bfloat16)
+        counters = torch.zeros(2, dtype=torch.int32, device="cuda")
+        x_aug, scale = lora_k_augment.augmented_input(x8, x_scale, low, t_scale, counters, folded.input_width)
+        out = lora_k_augment.augmented_linear(x_aug, scale, folded, None, torch.bfloat16)
         assert rel(out.float() - base.float(), exact) < 0.1, multiple  # e4m3's rounding of t' and B'
     chosen, data = lora_k_augment.choose(torch.device("cuda"), {(3072, ((9216, 48),))}, rows=512)
     assert set(data["by_input"]) == {"K3072:9216x48"} and (3072, ((9216, 48),)) in chosen

@@ -72,6 +72,13 @@ def fp8_linears(values: torch.Tensor, scale: torch.Tensor, linears: tuple, out_d
     return [fp8_linear(values, scale, linear, out_dtype) for linear in linears]
 
 
+def lora_input_columns(linears: tuple) -> int:
+    """Columns the quantization kernel leaves after the activations for the LoRA side path's folded GEMM input
+    (lora_k_augment.py: x_aug written in place, no copy); 0 without an active side path there."""
+    side = getattr(linears[0], "lora_side", None)
+    return side.input_columns(linears) if side is not None and side.enabled else 0
+
+
 def single_block_forward(block, hidden_states, encoder_hidden_states, temb, image_rotary_emb=None, **kwargs):
     """FluxSingleTransformerBlock.forward with proj_out's input quantized by the GELU kernel."""
     _refuse_attention_kwargs(kwargs)
@@ -81,7 +88,7 @@ def single_block_forward(block, hidden_states, encoder_hidden_states, temb, imag
     normed, gate = block.norm(hidden_states, emb=temb)
     mlp = block.proj_mlp(normed)
     attn = block.attn(hidden_states=normed, image_rotary_emb=image_rotary_emb)
-    values, scale = kernels.gelu_fp8(attn, mlp)
+    values, scale = kernels.gelu_fp8(attn, mlp, lora_input_columns((block.proj_out,)))
     out = fp8_linear(values, scale, block.proj_out, residual.dtype).reshape(residual.shape)
     hidden_states = residual + gate.unsqueeze(1) * out
     return hidden_states[:, :text_tokens], hidden_states[:, text_tokens:]
@@ -94,7 +101,7 @@ def feed_forward(ff, hidden_states):
 
 
 def _gelu_output(ff, mlp, shape, dtype):
-    values, scale = kernels.gelu_fp8(None, mlp)
+    values, scale = kernels.gelu_fp8(None, mlp, lora_input_columns((ff.net[2],)))
     return fp8_linear(values, scale, ff.net[2], dtype).reshape(shape)
 
 
@@ -134,12 +141,16 @@ def fused_single_block_forward(block, hidden_states, encoder_hidden_states, temb
     attn, dtype = block.attn, hidden_states.dtype
     batch, text_tokens = encoder_hidden_states.shape[:2]
     shift, scale, gate = _modulation(block.norm, temb)
-    values, row_scale = kernels.ln_mod_fp8(encoder_hidden_states, hidden_states, shift, scale, block.norm.norm.eps)
-    mlp, qkv = fp8_linears(values, row_scale, (block.proj_mlp, attn.to_qkv), dtype)
+    linears, eps = (block.proj_mlp, attn.to_qkv), block.norm.norm.eps
+    values, row_scale = kernels.ln_mod_fp8(
+        encoder_hidden_states, hidden_states, shift, scale, eps, lora_input_columns(linears)
+    )
+    mlp, qkv = fp8_linears(values, row_scale, linears, dtype)
     qkv = qkv.view(batch, -1, attn.to_qkv.out_features)
-    values, row_scale = kernels.gelu_fp8(_attention(attn, qkv, None, image_rotary_emb, dtype), mlp)
+    extra = lora_input_columns((block.proj_out,))
+    values, row_scale = kernels.gelu_fp8(_attention(attn, qkv, None, image_rotary_emb, dtype), mlp, extra)
     proj_out = block.proj_out
-    if _residual_epilogue(proj_out):  # the gated residual in the GEMM's epilogue (measured at start)
+    if not extra and _residual_epilogue(proj_out):  # the gated residual in the GEMM's epilogue (measured at start)
         weights = (proj_out.fp8_weight_t, proj_out.fp8_weight_scale, proj_out.bias)
         args = (values, row_scale, *weights, encoder_hidden_states, hidden_states, gate)
         hidden_states = kernels.fp8_gemm_gated_residual(*args)
@@ -169,7 +180,7 @@ def fused_double_block_forward(block, hidden_states, encoder_hidden_states, temb
     eps = block.norm1.norm.eps
 
     def qkv(x, mod, linear):
-        values, row_scale = kernels.ln_mod_fp8(x, None, mod[0], mod[1], eps)
+        values, row_scale = kernels.ln_mod_fp8(x, None, mod[0], mod[1], eps, lora_input_columns((linear,)))
         return fp8_linear(values, row_scale, linear, dtype).view(batch, -1, linear.out_features)
 
     joint = _attention(
@@ -183,8 +194,12 @@ def fused_double_block_forward(block, hidden_states, encoder_hidden_states, temb
 
     def stream(x, attn_out, mod, ff, norm2):
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod
-        # x + gate·attn_out and the LayerNorm + modulation + FP8 of it in one kernel: the new x is written once.
-        x, values, row_scale = kernels.residual_ln_mod_fp8(x, attn_out, gate_msa, shift_mlp, scale_mlp, norm2.eps)
+        extra = lora_input_columns((ff.net[0].proj,))
+        if extra:  # LoRA's fold writes its columns after each row: the residual kernel writes whole rows
+            x = x + gate_msa.unsqueeze(1) * attn_out
+            values, row_scale = kernels.ln_mod_fp8(x, None, shift_mlp, scale_mlp, norm2.eps, extra)
+        else:  # x + gate·attn_out and the LayerNorm + modulation + FP8 of it in one kernel: the new x written once
+            x, values, row_scale = kernels.residual_ln_mod_fp8(x, attn_out, gate_msa, shift_mlp, scale_mlp, norm2.eps)
         mlp = fp8_linear(values, row_scale, ff.net[0].proj, dtype)
         return x + gate_mlp.unsqueeze(1) * _gelu_output(ff, mlp, x.shape, dtype)
 

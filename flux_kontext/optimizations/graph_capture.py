@@ -229,9 +229,9 @@ class GraphManager:
         self.backend.new_pool()  # CUDA frees a pool with its last graph: later captures need a fresh one
         self._publish()
 
-    def fail(self, reason: str) -> None:
-        """Turn graphs off for good: drop every graph, say why in the report."""
-        log.error("CUDA graphs turned off: %s", reason)
+    def fail(self, reason: str, level: int = logging.ERROR) -> None:
+        """Turn graphs off for good: drop every graph, say why in the report (and the log, at ``level``)."""
+        log.log(level, "CUDA graphs turned off: %s", reason)
         self.failure = reason
         self.clear()
         if self.on_failure is not None:

@@ -9,10 +9,13 @@ are copied into the slots (skipped when they hold them already), the side path i
 only. At most FLUX_LORA_GPU_ADAPTERS adapters stay on the GPU (LRU); the others are copied from host memory when
 asked for.
 
-With FLUX_LORA_K_AUGMENT (off by default: a strong adapter saturates e4m3 there) the fused FP8 blocks' wide layers
-(q|k|v, MLP in) fold the up projection into their FP8 GEMM instead (lora_k_augment.py: K widened by the slots'
-rank, B' written into a wider copy of the weight at switch time). Adapters at scale 0 are left out; a request whose
-adapters are all at scale 0 runs the plain forward.
+With FLUX_LORA_K_AUGMENT (on by default) the fused FP8 blocks' layers, where start-up measures it faster and the
+memory plan leaves room (``fold_memory``), fold the up projection into their FP8 GEMM instead (lora_k_augment.py: K
+widened by the slots' rank, B' written into a wider copy of the weight at switch time), with a guard against
+e4m3's range (lora_fold_input.py: rows rescaled, never a silently cut delta; what it did is counted per adapter in
+/health, ``fold_guard``); the others get A's rows appended to their weight (lora_gemm.RowWeight: the down projection
+inside their GEMM). Adapters at scale 0 are left out; a request whose adapters are all at scale 0 runs the plain
+forward.
 
 Side path, not merged weights: merging B·A into an FP8 weight means re-quantizing every adapted layer on each switch
 and keeping an unmerged copy of the base, and FP8's rounding then falls on the adapter's small delta;
@@ -33,6 +36,7 @@ import torch
 from flux_kontext.jobs import Job, JobRejected
 from flux_kontext.optimizations import lora_triton
 from flux_kontext.optimizations.lora_adapters import Adapter, AdapterError, load_adapter, sources
+from flux_kontext.optimizations.lora_fold_input import GuardCounts
 from flux_kontext.optimizations.lora_side import ResidentAdapters, SidePaths
 from flux_kontext.stack import APPLY, Decision, Hardware, Model, Optimization, Outcome, RequestRun, skip
 
@@ -53,6 +57,7 @@ class Lora(Optimization):
         self.rejected: dict[str, str] = {}
         self.paths: SidePaths | None = None
         self.resident: ResidentAdapters | None = None
+        self.guard: GuardCounts | None = None
 
     def decide(self, hardware: Hardware) -> Decision:
         if not sources(self.settings):
@@ -82,8 +87,10 @@ class Lora(Optimization):
             slot_rank,
             shared_inputs(transformer),
             k_augment=self.settings.lora_k_augment,
+            fold_memory=fold_memory(model.hardware, next(transformer.parameters()).device),
         )
         model.graph_variants.append(self.paths.state.variant)
+        self.guard = GuardCounts(self.paths.guard)
         device = next(transformer.parameters()).device
         up_kernel = self._choose_up_kernel(device)
         host = {name: adapter.weights for name, adapter in self.adapters.items()}
@@ -97,7 +104,14 @@ class Lora(Optimization):
         if self.rejected:
             detail += f"; {len(self.rejected)} rejected"
         data = self._data_now(slot_rank, len(layers))
-        folded = {"k_augmented": len(self.paths.augmented), "k_augment": self.paths.k_augment_choice}
+        for info in data["adapters"].values():
+            info["path"] = path_note(self.paths)
+        folded = {
+            "k_augmented": len(self.paths.augmented),
+            "k_augment": self.paths.k_augment_choice,
+            "rows_appended": len(self.paths.rows_appended),
+            "rows_choice": self.paths.rows_choice,
+        }
         return Outcome.applied(
             detail + self.decisions.note(self.name),
             **data,
@@ -139,12 +153,13 @@ class Lora(Optimization):
             "resident": [],
             "loads_from_host": 0,
             "evictions": 0,
+            "fold_guard": {},
         }
 
     def undo(self) -> None:
         if self.paths is not None:
             self.paths.remove()
-        self.paths = self.resident = None
+        self.paths = self.resident = self.guard = None
 
     # ----- per request ---------------------------------------------------------------------------------------
     def check(self, job: Job) -> None:
@@ -171,6 +186,8 @@ class Lora(Optimization):
 
     @contextlib.contextmanager
     def request(self, job: Job, run: RequestRun):
+        if self.applied and self.guard is not None:  # the fold guard's counts of the requests before, now back
+            self._note(fold_guard=_copy(self.guard.collect()))
         if not job.loras or not self.applied:
             yield
             return
@@ -196,6 +213,8 @@ class Lora(Optimization):
             yield
         finally:
             self.paths.state.enabled = False
+            if self.paths.augmented:  # what the fold's guard did, read back without waiting for the GPU
+                self.guard.after_request(tuple(name for name, _ in active))
 
 
 def shared_inputs(transformer) -> list[tuple[str, str]]:
@@ -219,6 +238,34 @@ def fp8_note(paths: SidePaths) -> str:
         f"{len(paths.groups)} shared by two layers, up projection folded into the FP8 GEMM (K widened by the slots' "
         f"rank) on {len(paths.augmented)} and added in place on the rest ({triton} by a Triton kernel); the others bf16"
     )
+
+
+FOLD_MARGIN = 2**30  # kept free beyond the memory plan's largest request when widened weights are laid out
+
+
+def fold_memory(hardware: Hardware, device: torch.device) -> int | None:
+    """Bytes the folded GEMMs' widened weights (W_aug) may take: what the GPU has free now beyond the memory plan's
+    headroom for its largest admitted request (and a margin); None without a plan (no limit)."""
+    if device.type != "cuda" or hardware.request_headroom is None:
+        return None
+    free, _ = torch.cuda.mem_get_info(device)
+    return max(0, free - hardware.request_headroom - FOLD_MARGIN)
+
+
+def path_note(paths: SidePaths) -> str:
+    """Which path an adapter's layers run (every adapter runs the same: the slots are shared)."""
+    fp8 = sum(side.down8 is not None for side in paths.sides.values())
+    bf16 = len(paths.sides) - fp8
+    folded, rows = len(paths.augmented), len(paths.rows_appended)
+    return (
+        f"up projection folded into the FP8 GEMM on {folded} layers (saturation guard: rows rescaled, counted in "
+        f"fold_guard), added in place after it on {fp8 - folded} ({rows} with the down projection inside the GEMM: "
+        f"A's rows appended to the weight), bf16 side path on {bf16}"
+    )
+
+
+def _copy(by_adapter: dict) -> dict:
+    return {name: dict(counts) for name, counts in by_adapter.items()}
 
 
 def _activation_dtype(transformer) -> torch.dtype:

@@ -1,34 +1,39 @@
 """K-augmentation: the LoRA side path's up projection folded into the base FP8 GEMM by widening its K by the slots'
 rank, so the wide outputs (q|k|v, the MLP's input projection) are written once, by the GEMM, instead of being read and
-written again by an in-place up projection (lora_gemm.py, lora_triton.py).
+written again by an in-place up projection (lora_gemm.py, lora_triton.py). On by default (FLUX_LORA_K_AUGMENT).
 
 With the block's rowwise FP8 activations x = sx[m] * x8 and the layer's rowwise FP8 weight W = sw[n] * W8:
 
-    y = sx[m] * sw[n] * ( x8 @ W8^T  +  t' @ B'^T ),   x_aug = [x8 | t'] (M, K+R),   W_aug = [W8 | B'] (N, K+R)
+    y = sx[m] * sw[n] * ( x8 @ W8^T  +  t' @ B'^T ),   x_aug = [x8 | t' | 0] (M, K+R+pad), W_aug = [W8 | B' | 0]
 
     t'[m, r] = e4m3( (x8 @ A^T)[m, r] / c_r )          (the down projection from the FP8 activations, as now)
     B'[n, r] = e4m3( c_r * (scale * B)[n, r] / sw[n] )  (written at switch time)
 
-so sx * sw * t' B'^T = scale * x A^T B^T. One free factor c_r per rank column decides how the product's magnitude is
-split between the two e4m3 factors. B' is known at switch time, x8 @ A^T is not (it depends on the request's
-activations), so c_r puts B''s largest entry at e4m3's largest value (448): that leaves t' all the headroom there is.
+so sx * sw * t' B'^T = scale * x A^T B^T. One free factor c_r per rank column splits the product's magnitude between
+the two e4m3 factors: c_r puts B''s largest entry at 448 / 2^B_HEADROOM (B' is known at switch time; e4m3's
+precision is the same across its normal range, so that costs B' nothing measurable) and leaves t' the rest.
+Whatever c_r, one rank's term t' * B' can hold at most 448² (the largest single term of the base GEMM's sum), and t'
+depends on the request's activations: a strong adapter or a high scale would saturate t'. lora_fold_input.py's
+guard makes that impossible up to 2^8 times more: a row whose t' would not fit is rescaled by a power of two (its
+x8 divided, its row scale multiplied: the same product), in the kernel that writes t'; rows that fit pay nothing
+more, and what still cannot fit is clamped and counted (/health, per adapter).
 
-The limit: whatever c_r, one rank's term t'[m, r] * B'[n, r] can hold at most 448², the largest single term of the
-base GEMM's own sum; a stronger adapter saturates t' (clamped at 448: the delta of those rows is cut, ``saturation``
-counts it). Each t' column is therefore written COPIES times (t' / COPIES, B' repeated), which raises the limit to
-COPIES * 448² for COPIES * R more K. A worst-case bound on t' known at switch time (|x8| <= 448, so
-|x8 A_r^T| <= 448 * ||A_r||_1) is useless here: it would refuse any realistic adapter. Since the limit depends on the
-request's activations, the fold is off by default (FLUX_LORA_K_AUGMENT): BENCHMARKS.md has what it saves and how often
-the bench's adapter saturates.
+No copy of the activations: the block's quantization kernel (kernels.ln_mod_fp8 or kernels.gelu_fp8 with ``extra``
+columns) writes x8 straight into x_aug's first K columns, the down projection reads them in place (a strided view),
+and the t' kernel writes the last columns (``input_columns`` tells the block how many). Where the block's input
+comes without those columns (another producer), x_aug is assembled by a copy instead (``augmented_input``).
 
-W_aug is laid out once at stack apply (a copy of the base FP8 weight with R more zero columns; the base weight itself
-is never re-quantized and the layer without adapters keeps its own GEMM); a switch writes B' into W_aug's last R
-columns in place: the same storage, so compiled code and CUDA graphs see nothing new. Layers that read one input (a
-single block's proj_mlp and to_qkv) share x_aug: both layers' t' columns, each W_aug holding zeros in the other's.
+W_aug is laid out once at stack apply (a copy of the base FP8 weight with R + pad more columns, zero; the base weight
+itself is never re-quantized and the layer without adapters keeps its own GEMM); a switch writes B' into W_aug's
+rank columns in place: the same storage, so compiled code and CUDA graphs see nothing new. Layers that read one
+input (a single block's proj_mlp and to_qkv) share x_aug: both layers' t' columns, each W_aug holding zeros in the
+other's.
 
-Only where the output is wide: x_aug costs one more write and read of the FP8 activations (M*K bytes), the in-place
-up projection it replaces two passes over the bf16 output (M*N*4 bytes); the output projections (N = K) and MLP-down
-(N = K/5) keep lora_gemm.py's path. cuBLAS's FP8 GEMM needs K+R a multiple of 16.
+What it costs: x_aug's t' columns (a small write) and the GEMM's larger K; what it saves: the in-place up
+projection's two passes over the bf16 output (M*N*4 bytes) and a launch. Both depend on the shape (q|k|v and MLP in
+read K = 3072 and write 9216 / 12288 columns; proj_out and MLP out read 15360 / 12288 and write 3072), so whether
+to fold each layer shape, and x_aug's width (cuBLAS's FP8 GEMM needs K+R a multiple of 16; some multiples run
+faster), is measured at start (``choose``); what is not folded keeps lora_gemm.py's in-place path.
 
 Accuracy: t' and B' each carry e4m3's rounding (like A already does), so the adapter's delta carries about three
 FP8-sized errors instead of one; BENCHMARKS.md ("LoRA adapters") has the measured delta error against the exact one.
@@ -39,43 +44,43 @@ from __future__ import annotations
 import torch
 
 from flux_kontext.optimizations.kernels.e4m3 import E4M3_MAX, FP8
+from flux_kontext.optimizations.lora_fold_input import fold_input
 
-# Candidates for folding: out_features >= this many times in_features (q|k|v: 3, MLP in: 4; the output projections
-# 1, MLP down 0.2 keep the in-place up projection: the output they would spare is narrower than x_aug).
-WIDTH_RATIO = 2
-# Each t' column written this many times (t' / COPIES in each, B' repeated): the largest rank term the GEMM can hold
-# grows from 448² to COPIES * 448² (the headroom the bench's adapter needs: BENCHMARKS.md), for COPIES * R more K.
-COPIES = 2
-# x_aug's width (K + COPIES * R, then zero-weight padding columns) rounded up to one of these; which one (and whether
-# to fold at all) is measured per layer shape at start on the GPU (``choose``). cuBLAS's FP8 GEMM needs 16.
+# B''s largest entry is put at 448 / 2^B_HEADROOM (14), which leaves t' 2^5 more room than B' at 448 would: on the
+# bench's adapter at scale 1, B' at 448 made nearly every row's t' exceed e4m3 (the guard rescaled 99.7% of the rows,
+# its kernel then rewriting x8: BENCHMARKS.md). e4m3's relative precision is the same from 2^-6 to 448, so B' loses
+# nothing measurable (its entries below 2^-6, about 0.4% of a Gaussian column, round coarser).
+B_HEADROOM = 3
+# x_aug's width (K + R, then zero-weight padding columns) rounded up to one of these; which one (and whether to fold
+# at all) is measured per layer shape at start on the GPU (``choose``). cuBLAS's FP8 GEMM needs 16.
 K_MULTIPLES = (16, 64, 128, 256)
 
 
-def wide(linear) -> bool:
-    """Whether folding ``linear``'s up projection into its GEMM can pay (its output is much wider than its input)."""
-    return linear.out_features >= WIDTH_RATIO * linear.in_features
-
-
 def padding(fan_in: int, extra: int, multiple: int) -> int:
-    """Zero-weight columns after the t' copies that make x_aug's width a multiple of ``multiple``."""
-    width = fan_in + COPIES * extra
+    """Zero-weight columns after the t' columns that make x_aug's width a multiple of ``multiple``."""
+    width = fan_in + extra
     return -width % multiple
 
 
 class AugmentedWeight:
-    """One layer's W_aug = [W8 | B' | B' ... | 0] (N, K + COPIES * extra + pad) in e4m3, its B' in ``columns`` of each
-    copy (the rest of the extra columns zero: another layer's t' on a shared input, and the padding)."""
+    """One layer's W_aug = [W8 | B' | 0] (N, K + extra + pad) in e4m3, its B' in ``columns`` (the rest of the extra
+    columns zero: another layer's t' on a shared input, and the padding)."""
 
     def __init__(
         self, weight_t: torch.Tensor, weight_scale: torch.Tensor, extra: int, start: int, width: int, pad: int = 0
     ):
         fan_in, fan_out = weight_t.shape  # weight_t: (K, N), the column-major view _scaled_mm takes
-        self.weight = torch.zeros(fan_out, fan_in + COPIES * extra + pad, dtype=FP8, device=weight_t.device)
+        self.fan_in = fan_in
+        self.weight = torch.zeros(fan_out, fan_in + extra + pad, dtype=FP8, device=weight_t.device)
         self.weight[:, :fan_in].copy_(weight_t.t())
         self.weight_t = self.weight.t()
         self.weight_scale = weight_scale  # (1, N): the base layer's, shared
-        first = fan_in + start
-        self.columns = [slice(first + c * extra, first + c * extra + width) for c in range(COPIES)]
+        self.columns = slice(fan_in + start, fan_in + start + width)
+
+    @property
+    def input_width(self) -> int:
+        """x_aug's width: K + every t' column of the input + padding."""
+        return self.weight.shape[1]
 
     @property
     def nbytes(self) -> int:
@@ -87,26 +92,27 @@ class AugmentedWeight:
         t' = x8 A^T * t_scale factor (1 / c_r) into ``t_scale`` (1, width); zero columns stay zero."""
         raw = up.float() / self.weight_scale.view(-1, 1)
         top = raw.abs().amax(dim=0)
-        factor = torch.where(top > 0, E4M3_MAX / top.clamp_min(torch.finfo(torch.float32).tiny), 0.0)
-        values = (raw * factor).clamp(-E4M3_MAX, E4M3_MAX).to(FP8)
-        for columns in self.columns:
-            self.weight[:, columns].copy_(values)
-        t_scale.copy_((top / (E4M3_MAX * COPIES)).view(1, -1))
+        largest = E4M3_MAX / 2**B_HEADROOM
+        factor = torch.where(top > 0, largest / top.clamp_min(torch.finfo(torch.float32).tiny), 0.0)
+        self.weight[:, self.columns].copy_((raw * factor).clamp(-E4M3_MAX, E4M3_MAX).to(FP8))
+        t_scale.copy_((top / largest).view(1, -1))
 
 
-def low_rank_columns(low: torch.Tensor, scale: torch.Tensor, t_scale: torch.Tensor) -> torch.Tensor:
-    """t' in e4m3 from the down projection ``low`` = x A^T (M, R) of rowwise activations x = x8 * scale: x8 A^T
-    times each column's factor (1 / (c_r * COPIES)), saturated at e4m3's largest value."""
-    return (low.float() / scale * t_scale).clamp(-E4M3_MAX, E4M3_MAX).to(FP8)
+def fold_into(x_aug: torch.Tensor, scale: torch.Tensor, low: torch.Tensor, t_scale, counters, fan_in: int):
+    """x_aug's t' columns (and zero padding) from the down projection ``low`` = x A^T (M, R), in place; rows whose
+    t' would not fit e4m3 rescaled in place (x_aug's x8 and ``scale``): lora_fold_input.py. Returns x_aug."""
+    fold_input(x_aug, scale, low, t_scale, counters, fan_in)
+    return x_aug
 
 
-def augmented_input(values, scale, low, t_scale, pad: int = 0) -> torch.Tensor:
-    """x_aug = [x8 | t' | t' ... | pad columns] (M, K + COPIES * R + pad), contiguous (one pointwise kernel under
-    compile). The padding repeats t' columns (finite values against W_aug's zero columns: they add exactly 0)."""
-    columns = low_rank_columns(low, scale, t_scale)
-    repeats = COPIES + -(-pad // columns.shape[1])
-    tail = torch.cat([columns] * repeats, dim=1)[:, : COPIES * columns.shape[1] + pad]
-    return torch.cat([values, tail], dim=1)
+def augmented_input(values, scale, low, t_scale, counters, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """x_aug (M, width) assembled by a copy of x8 ``values`` (M, K), where the block's kernel did not leave the
+    columns; with its own row scales (the guard may rescale rows): (x_aug, scale)."""
+    fan_in = values.shape[1]
+    x_aug = values.new_empty(values.shape[0], width)
+    x_aug[:, :fan_in].copy_(values)
+    scale = scale.clone()
+    return fold_into(x_aug, scale, low, t_scale, counters, fan_in), scale
 
 
 def augmented_linear(x_aug: torch.Tensor, scale: torch.Tensor, weight: AugmentedWeight, bias, out_dtype):
@@ -123,7 +129,8 @@ def augmented_linear(x_aug: torch.Tensor, scale: torch.Tensor, weight: Augmented
 
 
 def saturation(low: torch.Tensor, scale: torch.Tensor, t_scale: torch.Tensor) -> float:
-    """Fraction of t' entries clamped at 448 (the adapter's delta saturated there); for benchmarks and checks."""
+    """Fraction of t' entries beyond e4m3's range before the guard (the rows it rescales); for benchmarks and
+    checks."""
     t = low.float() / scale * t_scale
     return float((t.abs() > E4M3_MAX).float().mean())
 
@@ -132,7 +139,8 @@ def choose(device: torch.device, inputs: set[tuple[int, tuple[tuple[int, int], .
     """{input: pad columns, or None to keep the in-place up projection}, and the measurements. An input is
     (in_features, ((out_features, rank columns) of each layer reading it)). On the GPU both ways are timed at
     ``rows`` tokens: the base GEMMs plus the in-place up projections (the faster of lora_triton's kernel and cuBLAS)
-    against x_aug's write plus the widened GEMMs, for each K multiple; the fastest wins. Elsewhere (CPU): fold,
+    against x_aug's t' columns' write (the block's kernel writes x8 into x_aug anyway) plus the widened GEMMs, for
+    each K multiple; the fastest wins. Elsewhere (CPU): fold,
     padded to 16."""
     if device.type != "cuda":
         chosen = {key: padding(key[0], sum(r for _, r in key[1]), K_MULTIPLES[0]) for key in inputs}
@@ -142,15 +150,15 @@ def choose(device: torch.device, inputs: set[tuple[int, tuple[tuple[int, int], .
         try:
             row = _measure(device, rows, *key)
         except Exception as exc:  # a GEMM shape cuBLAS refuses here: keep the in-place path, and say why
-            chosen[key], data[_label(key)] = None, f"{type(exc).__name__}: {exc}"[:300]
+            chosen[key], data[label(key)] = None, f"{type(exc).__name__}: {exc}"[:300]
             continue
         fold_k, fold_ms = min(row["fold_ms"].items(), key=lambda item: item[1])
-        chosen[key] = fold_k - key[0] - COPIES * sum(r for _, r in key[1]) if fold_ms < row["in_place_ms"] else None
-        data[_label(key)] = {**row, "chosen": f"fold, K={fold_k}" if chosen[key] is not None else "in place"}
+        chosen[key] = fold_k - key[0] - sum(r for _, r in key[1]) if fold_ms < row["in_place_ms"] else None
+        data[label(key)] = {**row, "chosen": f"fold, K={fold_k}" if chosen[key] is not None else "in place"}
     return chosen, {"rows": rows, "by_input": data}
 
 
-def _label(key) -> str:
+def label(key) -> str:
     fan_in, layers = key
     return f"K{fan_in}:" + "+".join(f"{n}x{r}" for n, r in layers)
 
@@ -177,10 +185,10 @@ def _measure(device, rows: int, fan_in: int, layers) -> dict:
 
     in_place_ms = min(gpu_milliseconds(lambda k=kernel: in_place(k)) for kernel in (True, False))
     t_scale = torch.full((1, extra), 1e-3, device=device)
+    counters = torch.zeros(2, dtype=torch.int32, device=device)
     fold_ms = {}
     for multiple in K_MULTIPLES:
-        pad = padding(fan_in, extra, multiple)
-        width = fan_in + COPIES * extra + pad
+        width = fan_in + extra + padding(fan_in, extra, multiple)
         if width in fold_ms:
             continue
         wide_weights = []
@@ -188,11 +196,11 @@ def _measure(device, rows: int, fan_in: int, layers) -> dict:
             wide_weight = torch.zeros(w.shape[0], width, dtype=w.dtype, device=device)
             wide_weight[:, :fan_in].copy_(w)
             wide_weights.append((wide_weight, w_scale))
-        # x_aug's t' columns are tiny (M x R) and fused into its write under compile: timed as the one copy
-        tail = augmented_input(values, scale, low, t_scale, pad)[:, fan_in:].contiguous()
+        x_aug = torch.zeros(rows, width, dtype=FP8, device=device)
+        x_aug[:, :fan_in].copy_(values)  # as the block's kernel leaves it
 
-        def fold(tail=tail, wide_weights=wide_weights):
-            x_aug = torch.cat([values, tail], dim=1)
+        def fold(x_aug=x_aug, wide_weights=wide_weights):
+            fold_into(x_aug, scale.clone(), low, t_scale, counters, fan_in)
             for w, w_scale in wide_weights:
                 gemm(x_aug, w, w_scale)
 

@@ -18,8 +18,9 @@ Where the path runs: a forward hook on the Linear (every call through the module
 processor, torchao's FP8 layers; ``out + (x A^T) B^T``, which Inductor fuses into the pointwise code that reads the
 output), and ``fp8_blocks.fp8_linear`` / ``fp8_linears`` for the fused FP8 blocks, which call the GEMM on
 activations they quantized themselves: there the side path runs from those FP8 activations (lora_gemm.py), or, with
-FLUX_LORA_K_AUGMENT on the wide layers, inside their GEMM (lora_k_augment.py: a wider copy of the layer's FP8 weight,
-W_aug, allocated once here; ``fill`` writes the adapters' B' into it in place).
+FLUX_LORA_K_AUGMENT where start-up measured it faster, inside their GEMM: the up projection folded into it
+(lora_k_augment.py: a wider copy of the layer's FP8 weight, W_aug, allocated once here; ``fill`` writes the
+adapters' B' into it in place), or the down projection (lora_gemm.RowWeight: A's rows appended to the weight).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from collections.abc import Callable, Iterable
 
 import torch
 
-from flux_kontext.optimizations import lora_gemm, lora_k_augment
+from flux_kontext.optimizations import lora_gemm, lora_k_augment, lora_widen
 from flux_kontext.optimizations.kernels.e4m3 import FP8, quantize_rowwise_fp8
 from flux_kontext.optimizations.lora_k_augment import AugmentedWeight
 
@@ -58,7 +59,8 @@ class LoraSide(torch.nn.Module):
         self.group: SharedInput | None = None
         self.triton_up = False  # the fused blocks' up projection on lora_triton's kernel (measured at start)
         self.aug: AugmentedWeight | None = None  # the up projection folded into the FP8 GEMM (lora_k_augment.py)
-        self.pad = 0  # x_aug's padding columns (of its group's x_aug where it shares one)
+        self.rows: lora_gemm.RowWeight | None = None  # A's rows appended to the FP8 weight (lora_gemm.py)
+        self.counters: torch.Tensor | None = None  # the fold's guard: [rows rescaled, entries clamped] (SidePaths)
         self.register_buffer("down", torch.zeros(width, linear.in_features, dtype=dtype, device=device), False)
         self.register_buffer("up", torch.zeros(linear.out_features, width, dtype=dtype, device=device), False)
         fp8 = getattr(linear, "fp8_weight_t", None) is not None  # the fused FP8 blocks call this layer's GEMM
@@ -77,12 +79,31 @@ class LoraSide(torch.nn.Module):
         return out + torch.mm(low.to(out.dtype), self.up.t()).view(out.shape)
 
     def fp8_linear(self, values: torch.Tensor, scale: torch.Tensor, linear, out_dtype) -> torch.Tensor:
-        """``linear``'s FP8 GEMM on rowwise-quantized activations (values * scale = x) with the side path added."""
-        low = lora_gemm.down_projection(values, scale, self.down8, self.down_scale, out_dtype)
+        """``linear``'s FP8 GEMM on rowwise-quantized activations (values * scale = x) with the side path added;
+        ``values`` may be x_aug, x8 with the columns ``input_columns`` asked for after it."""
+        fan_in = linear.in_features
+        x8 = values[:, :fan_in]
+        if self.rows is not None:  # the down projection inside the layer's own GEMM
+            return lora_gemm.rows_linear(x8, scale, self.rows, self.up, out_dtype, self.triton_up)
+        low = lora_gemm.down_projection(x8, scale, self.down8, self.down_scale, out_dtype)
         if self.aug is not None:
-            x_aug = lora_k_augment.augmented_input(values, scale, low, self.t_scale, self.pad)
+            x_aug, scale = self._augmented(values, scale, low, self.t_scale, fan_in)
             return lora_k_augment.augmented_linear(x_aug, scale, self.aug, linear.bias, out_dtype)
-        return self._with_up(values, scale, linear, low, out_dtype)
+        return self._with_up(x8, scale, linear, low, out_dtype)
+
+    def input_columns(self, linears) -> int:
+        """Columns the block's quantization kernel should leave after x8 for ``linears``' folded input (x_aug's t'
+        and padding: lora_k_augment.py); 0 when they are not folded, or not this layer's group."""
+        if self.aug is None or (len(linears) > 1 and not self.shares_input(linears)):
+            return 0
+        return self.aug.input_width - self.aug.fan_in
+
+    def _augmented(self, values, scale, low, t_scale, fan_in):
+        """(x_aug, its row scales): the block's buffer with t' written into it (in place), or a copy where the block
+        did not leave the columns."""
+        if values.shape[1] == self.aug.input_width:
+            return lora_k_augment.fold_into(values, scale, low, t_scale, self.counters, fan_in), scale
+        return lora_k_augment.augmented_input(values, scale, low, t_scale, self.counters, self.aug.input_width)
 
     def shares_input(self, linears) -> bool:
         """True when ``linears`` are this layer's group, in its order: one down projection serves them all."""
@@ -94,15 +115,19 @@ class LoraSide(torch.nn.Module):
     def fp8_linears(self, values: torch.Tensor, scale: torch.Tensor, linears, out_dtype) -> list[torch.Tensor]:
         """The group's layers on the same quantized activations, with one down projection for all their A rows."""
         group = self.group
-        low = lora_gemm.down_projection(values, scale, group.down8, group.down_scale, out_dtype)
+        fan_in = linears[0].in_features
+        x8 = values[:, :fan_in]
+        low = lora_gemm.down_projection(x8, scale, group.down8, group.down_scale, out_dtype)
         sides = [linear.lora_side for linear in linears]
+        folded = next((side for side in sides if side.aug is not None), None)
         x_aug = None
-        if any(side.aug is not None for side in sides):  # one x_aug: every layer's t' columns
-            x_aug = lora_k_augment.augmented_input(values, scale, low, group.t_scale, sides[0].pad)
+        if folded is not None:  # one x_aug: every layer's t' columns
+            x_aug, scale = folded._augmented(values, scale, low, group.t_scale, fan_in)
+            x8 = x_aug[:, :fan_in]  # rows the guard rescaled are rescaled for every layer, with their scales
         return [
             lora_k_augment.augmented_linear(x_aug, scale, side.aug, linear.bias, out_dtype)
             if side.aug is not None
-            else side._with_up(values, scale, linear, low[:, start:end], out_dtype)
+            else side._with_up(x8, scale, linear, low[:, start:end], out_dtype)
             for linear, side, (start, end) in zip(linears, sides, group.columns, strict=True)
         ]
 
@@ -123,12 +148,19 @@ class LoraSide(torch.nn.Module):
         if self.aug is not None:
             self.aug.fill(self.up, self.t_scale)
 
+    def append_rows(self, linear) -> None:
+        """A's e4m3 rows appended to this layer's FP8 weight (lora_gemm.RowWeight): ``down8`` / ``down_scale`` become
+        views of them, so quantize_down fills the combined weight in place."""
+        self.rows = lora_gemm.RowWeight(linear.fp8_weight_t, linear.fp8_weight_scale, linear.bias, self.down.shape[0])
+        self.rows.down8.copy_(self.down8)
+        self.rows.down_scale.copy_(self.down_scale)
+        self.down8, self.down_scale = self.rows.down8, self.rows.down_scale
+
     def augment(self, linear, extra: int, start: int, pad: int) -> None:
         """Fold this layer's up projection into its FP8 GEMM: W_aug with ``extra`` t' columns per copy (its own from
         ``start``) and ``pad`` zero columns (lora_k_augment.py)."""
         width = self.up.shape[1]
         self.aug = AugmentedWeight(linear.fp8_weight_t, linear.fp8_weight_scale, extra, start, width, pad)
-        self.pad = pad
 
 
 class SharedInput:
@@ -157,12 +189,6 @@ class SharedInput:
             start += width
 
 
-def _input_key(linears, columns) -> tuple:
-    """(in_features, ((out_features, rank columns) of each layer)): what lora_k_augment.choose measures."""
-    layers = zip(linears, columns, strict=True)
-    return linears[0].in_features, tuple((x.out_features, end - start) for x, (start, end) in layers)
-
-
 def _side_hook(linear: torch.nn.Module, args: tuple, output: torch.Tensor):
     side = linear.lora_side
     if not side.enabled:
@@ -180,10 +206,12 @@ class SidePaths:
         slot_rank: int,
         shared_inputs: Iterable[tuple[str, ...]] = (),
         k_augment: bool = False,
+        fold_memory: int | None = None,
     ):
         """``layers``: {layer name: (Linear, parts)}, every layer some adapter targets; ``shared_inputs``: tuples of
         layer names that read one activation tensor (grouped where every one of them is adapted and FP8);
-        ``k_augment``: fold the up projection into the wide FP8 GEMMs (lora_k_augment.py)."""
+        ``k_augment``: fold the up projection into the FP8 GEMMs where it measures faster (lora_k_augment.py), with
+        at most ``fold_memory`` bytes of widened weights (None: no limit)."""
         self.state = SideState()
         self.slot_rank = slot_rank
         self.sides: dict[str, LoraSide] = {}
@@ -202,46 +230,24 @@ class SidePaths:
             for names in shared_inputs
             if all(name in self.sides and self.sides[name].down8 is not None for name in names)
         ]
-        self.k_augment_choice: dict = {}
-        self.augmented = self._augment() if k_augment else []
+        device = next(iter(self.sides.values())).up.device if self.sides else torch.device("cpu")
+        self.guard = torch.zeros(2, dtype=torch.int32, device=device)  # folded rows rescaled, entries clamped
+        for side in self.sides.values():
+            side.counters = self.guard
+        widened = (
+            lora_widen.widen(self.sides, self._layers, self.groups, fold_memory) if k_augment else lora_widen.Widening()
+        )
+        self.augmented, self.k_augment_choice = widened.folded, widened.fold_choice
+        self.rows_appended, self.rows_choice = widened.rows, widened.rows_choice
         self.filled: tuple | None = None  # the (name, scale) tuple the slots hold now
-
-    def _augment(self) -> list[str]:
-        """W_aug for the fused-block layers where folding the up projection into the GEMM measured faster
-        (lora_k_augment.choose, per input: a group's layers share one x_aug); the names of those layers."""
-        name_of = {id(linear): name for name, linear in self._layers.items()}
-        inputs: dict[tuple, list[list[tuple]]] = {}  # input shape -> [the layers reading one such input]
-        grouped = set()
-        for group in self.groups:
-            grouped.update(map(id, group.linears))
-            if all(map(lora_k_augment.wide, group.linears)):
-                extra = group.columns[-1][1]
-                layers = zip(group.linears, group.columns, strict=True)
-                members = [(name_of[id(x)], x, extra, start) for x, (start, _) in layers]
-                inputs.setdefault(_input_key(group.linears, group.columns), []).append(members)
-        for name, side in self.sides.items():
-            linear = self._layers[name]
-            if side.down8 is not None and id(linear) not in grouped and lora_k_augment.wide(linear):
-                width = side.up.shape[1]
-                inputs.setdefault(_input_key([linear], [(0, width)]), []).append([(name, linear, width, 0)])
-        if not inputs:
-            return []
-        device = next(iter(self.sides.values())).up.device
-        chosen, self.k_augment_choice = lora_k_augment.choose(device, set(inputs))
-        folded = []
-        for key, readers in inputs.items():
-            for members in readers if chosen[key] is not None else ():
-                for name, linear, extra, start in members:
-                    self.sides[name].augment(linear, extra, start, chosen[key])
-                    folded.append(name)
-        return folded
 
     @property
     def nbytes(self) -> int:
         """Slot memory (a group's A rows counted once: each layer's buffer is a view of its own rows), W_aug
         included."""
         buffers = sum(b.numel() * b.element_size() for side in self.sides.values() for b in side.buffers())
-        return buffers + sum(side.aug.nbytes for side in self.sides.values() if side.aug is not None)
+        widened = sum(side.aug.nbytes for side in self.sides.values() if side.aug is not None)
+        return buffers + widened + sum(side.rows.nbytes for side in self.sides.values() if side.rows is not None)
 
     @torch.no_grad()
     def fill(self, chosen: tuple[tuple[str, float], ...], weights_of: Callable[[str], dict[str, Parts]]) -> bool:

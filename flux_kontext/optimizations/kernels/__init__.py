@@ -101,25 +101,27 @@ def _on_kernel(t: torch.Tensor) -> bool:
     return t.is_cuda and t.dtype == torch.bfloat16
 
 
-def gelu_fp8(attn: torch.Tensor | None, mlp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """[attn | GELU(mlp)] quantized rowwise: values (rows, A+F), scales (rows, 1); the kernel on the GPU."""
+def gelu_fp8(attn: torch.Tensor | None, mlp: torch.Tensor, extra: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """[attn | GELU(mlp)] quantized rowwise: values (rows, A+F), scales (rows, 1); the kernel on the GPU. With
+    ``extra``, values is (rows, A+F + extra), its last columns for the caller to write (LoRA's x_aug)."""
     if attn is not None:
         attn = attn.reshape(*mlp.shape[:-1], attn.shape[-1])  # (batch, tokens, C) next to (rows, F) GEMM outputs
     if not _on_kernel(mlp):
-        values, scale = gelu.reference_gelu_fp8(attn, mlp)
+        values, scale = gelu.reference_gelu_fp8(attn, mlp, extra)
         return values.reshape(-1, values.shape[-1]), scale.reshape(-1, 1)
     has_attn = attn is not None
-    return ops().gelu_fp8(attn.contiguous() if has_attn else mlp, mlp.contiguous(), has_attn)
+    return ops().gelu_fp8(attn.contiguous() if has_attn else mlp, mlp.contiguous(), has_attn, extra)
 
 
-def ln_mod_fp8(first, second, shift, scale, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Modulated LayerNorm of cat(first, second) (batch, tokens, C), quantized rowwise: (values, scales)."""
+def ln_mod_fp8(first, second, shift, scale, eps: float, extra: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Modulated LayerNorm of cat(first, second) (batch, tokens, C), quantized rowwise: (values, scales); with
+    ``extra``, values is (rows, C + extra), its last columns for the caller to write (LoRA's x_aug)."""
     if not _on_kernel(first):
-        return layer_norm.reference_ln_mod_fp8(first, second, shift, scale, eps)
+        return layer_norm.reference_ln_mod_fp8(first, second, shift, scale, eps, extra)
     has_second = second is not None
     first = first if first.stride(-1) == 1 else first.contiguous()
     second = (second if second.stride(-1) == 1 else second.contiguous()) if has_second else first
-    return ops().ln_mod_fp8(first, second, shift, scale, has_second, eps)
+    return ops().ln_mod_fp8(first, second, shift, scale, has_second, eps, extra)
 
 
 def residual_ln_mod_fp8(x, y, gate, shift, scale, eps: float):

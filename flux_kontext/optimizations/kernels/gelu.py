@@ -31,10 +31,16 @@ GELU_A = -2.0 * math.sqrt(2.0 / math.pi) * math.log2(math.e)
 GELU_B = GELU_A * 0.044715
 
 
-def reference_gelu_fp8(attn: torch.Tensor | None, mlp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """[attn | GELU(mlp)] quantized rowwise to e4m3: (values (..., A+F), scales (..., 1) fp32)."""
+def reference_gelu_fp8(
+    attn: torch.Tensor | None, mlp: torch.Tensor, extra: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """[attn | GELU(mlp)] quantized rowwise to e4m3: (values (..., A+F), scales (..., 1) fp32); with ``extra``, values
+    has that many more columns after them for the caller to write (LoRA's x_aug: lora_k_augment.py), here zeros."""
     gelu = tanh_gelu(mlp)  # sigmoid form, rounded to mlp's dtype like the unfused path stores it
-    return quantize_rowwise_fp8(gelu if attn is None else torch.cat([attn, gelu], dim=-1))
+    values, scales = quantize_rowwise_fp8(gelu if attn is None else torch.cat([attn, gelu], dim=-1))
+    if extra:
+        values = torch.cat([values, values.new_zeros(*values.shape[:-1], extra)], dim=-1)
+    return values, scales
 
 
 def pieces(width: int) -> tuple[int, int]:
@@ -65,16 +71,18 @@ def build(launch) -> dict:
         gelu_fp8_padded_kernel,
     )
 
-    def launch_gelu_fp8(attn, mlp, has_attn: bool, num_warps=None, raw=False, fast=True, variant=None, block=None):
+    def launch_gelu_fp8(
+        attn, mlp, has_attn: bool, num_warps=None, raw=False, fast=True, variant=None, block=None, extra: int = 0
+    ):
         """``variant``: "two_pass", "split" or "padded" (None: GELU_KERNEL's choice); ``fast``: approximate exp2 /
         reciprocal (two_pass and split; False: Triton's exp2 and division, for comparisons); ``block``: the two-pass
-        kernel's tile width (None: GELU_TWO_PASS's)."""
+        kernel's tile width (None: GELU_TWO_PASS's); ``extra``: columns left unwritten after each row (the caller's)."""
         n_mlp = mlp.shape[-1]
         n_attn = attn.shape[-1] if has_attn else 0
         rows = mlp.numel() // n_mlp
         mlp2 = mlp.reshape(rows, n_mlp)
         attn2 = attn.reshape(rows, attn.shape[-1]) if has_attn else mlp2
-        out = torch.empty((rows, n_attn + n_mlp), dtype=FP8, device=mlp.device)
+        out = torch.empty((rows, n_attn + n_mlp + extra), dtype=FP8, device=mlp.device)
         scale = torch.empty((rows, 1), dtype=torch.float32, device=mlp.device)
         args = (attn2, mlp2, out, scale, n_attn, n_mlp, attn2.stride(0), mlp2.stride(0), out.stride(0))
         variant = variant or GELU_KERNEL[has_attn]
@@ -112,7 +120,9 @@ def build(launch) -> dict:
         return out, scale
 
     @triton_op("flux_kontext::gelu_fp8_rowwise", mutates_args={})
-    def gelu_fp8(attn: torch.Tensor, mlp: torch.Tensor, has_attn: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        return launch_gelu_fp8(attn, mlp, has_attn)
+    def gelu_fp8(
+        attn: torch.Tensor, mlp: torch.Tensor, has_attn: bool, extra: int = 0
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return launch_gelu_fp8(attn, mlp, has_attn, extra=extra)
 
     return {"gelu_fp8": gelu_fp8, "launch_gelu_fp8": launch_gelu_fp8}

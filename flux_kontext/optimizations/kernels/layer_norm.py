@@ -11,13 +11,17 @@ import torch.nn.functional as F
 from flux_kontext.optimizations.kernels.e4m3 import FP8, quantize_rowwise_fp8
 
 
-def reference_ln_mod_fp8(first, second, shift, scale, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+def reference_ln_mod_fp8(first, second, shift, scale, eps: float, extra: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """LayerNorm(cat(first, second)) · (1 + scale) + shift, rounded to the input dtype, quantized rowwise:
-    (values (rows, C), scales (rows, 1)); shift and scale are (batch, C)."""
+    (values (rows, C + extra), scales (rows, 1)); shift and scale are (batch, C). ``extra`` columns after the C
+    values are left for the caller to write (LoRA's folded up projection: lora_k_augment.py); here zeros."""
     x = first if second is None else torch.cat([first, second], dim=1)
     normed = F.layer_norm(x, x.shape[-1:], eps=eps)  # diffusers' AdaLayerNormZero: no affine
     modulated = normed * (1 + scale[:, None]) + shift[:, None]
-    return quantize_rowwise_fp8(modulated.reshape(-1, x.shape[-1]))
+    values, scales = quantize_rowwise_fp8(modulated.reshape(-1, x.shape[-1]))
+    if extra:
+        values = torch.cat([values, values.new_zeros(values.shape[0], extra)], dim=1)
+    return values, scales
 
 
 def reference_residual_ln_mod_fp8(x, y, gate, shift, scale, eps: float):
@@ -47,10 +51,13 @@ def build(launch) -> dict:
         values = torch.empty((n_rows, n_cols), dtype=FP8, device=device)
         return values, torch.empty((n_rows, 1), dtype=torch.float32, device=device)
 
-    def launch_ln_mod_fp8(first, second, shift, scale, has_second: bool, eps: float, raw=False, num_warps=4):
+    def launch_ln_mod_fp8(
+        first, second, shift, scale, has_second: bool, eps: float, extra: int = 0, raw=False, num_warps=4
+    ):
+        """``extra``: columns left unwritten after each row's C values (the caller writes them)."""
         batch, n_first, n_cols = first.shape
         seq = n_first + (second.shape[1] if has_second else 0)
-        out, out_scale = outputs(batch * seq, n_cols, first.device)
+        out, out_scale = outputs(batch * seq, n_cols + extra, first.device)
         launch(rows.ln_mod_fp8_kernel, raw)[(batch * seq,)](
             first,
             second,
@@ -58,6 +65,7 @@ def build(launch) -> dict:
             scale,
             out,
             out_scale,
+            out.stride(0),
             n_first,
             seq,
             n_cols,
@@ -117,8 +125,9 @@ def build(launch) -> dict:
         scale: torch.Tensor,
         has_second: bool,
         eps: float,
+        extra: int = 0,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        return launch_ln_mod_fp8(first, second, shift, scale, has_second, eps)
+        return launch_ln_mod_fp8(first, second, shift, scale, has_second, eps, extra)
 
     @triton_op("flux_kontext::residual_ln_mod_fp8", mutates_args={})
     def residual_ln_mod_fp8(

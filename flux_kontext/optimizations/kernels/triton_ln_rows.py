@@ -18,10 +18,11 @@ import triton.language as tl
 
 @triton.jit
 def modulate_quantize_store(
-    x, cols, mask, n_cols, b, row, shift_ptr, scale_ptr, shift_sb, scale_sb, out_ptr, out_scale_ptr, eps
+    x, cols, mask, n_cols, b, row, shift_ptr, scale_ptr, shift_sb, scale_sb, out_ptr, out_stride, out_scale_ptr, eps
 ):
     """LayerNorm of the fp32 row ``x`` (0 past ``n_cols``), x·(1 + scale) + shift with eager bf16's roundings, e4m3
-    with the row's scale (absmax / 448), stored at ``row``."""
+    with the row's scale (absmax / 448), stored at ``row`` (``out_stride`` apart: LoRA's fold leaves columns after
+    each row's ``n_cols`` for its own kernel)."""
     mean = tl.sum(x, axis=0) / n_cols
     centered = tl.where(mask, x - mean, 0.0)
     var = tl.sum(centered * centered, axis=0) / n_cols
@@ -35,7 +36,7 @@ def modulate_quantize_store(
     y = tl.where(mask, y, 0.0)
     q_scale = tl.maximum(tl.max(tl.abs(y), axis=0), 1e-12) / 448.0
     q = tl.clamp(y / q_scale, -448.0, 448.0)
-    tl.store(out_ptr + row * n_cols + cols, q.to(tl.float8e4nv), mask=mask)
+    tl.store(out_ptr + row * out_stride + cols, q.to(tl.float8e4nv), mask=mask)
     tl.store(out_scale_ptr + row, q_scale)
 
 
@@ -47,6 +48,7 @@ def ln_mod_fp8_kernel(
     scale_ptr,
     out_ptr,
     out_scale_ptr,
+    out_stride,
     n_first,
     seq,
     n_cols,
@@ -70,7 +72,7 @@ def ln_mod_fp8_kernel(
         x = tl.load(first_ptr + b * first_sb + s * first_ss + cols, mask=mask, other=0.0)
     x = x.to(tl.float32)
     modulate_quantize_store(
-        x, cols, mask, n_cols, b, row, shift_ptr, scale_ptr, shift_sb, scale_sb, out_ptr, out_scale_ptr, eps
+        x, cols, mask, n_cols, b, row, shift_ptr, scale_ptr, shift_sb, scale_sb, out_ptr, out_stride, out_scale_ptr, eps
     )
 
 
@@ -119,6 +121,7 @@ def residual_ln_mod_fp8_kernel(
         shift_sb,
         scale_sb,
         out_ptr,
+        n_cols,  # the residual path writes whole rows (no LoRA fold columns)
         out_scale_ptr,
         eps,
     )
