@@ -164,8 +164,13 @@ def _residual_epilogue(linear) -> bool:
     """Whether ``linear`` (a single block's proj_out) runs the FP8 GEMM with the gated residual in its epilogue:
     fused_norm_rope set it where the start-up measurement found it right and fast (gemm_residual.measure), and no
     LoRA side path is on for this layer (its path adds to the GEMM's output)."""
+    return getattr(linear, "fp8_residual_epilogue", False) and not _side_on(linear)
+
+
+def _side_on(linear) -> bool:
+    """Whether a LoRA side path is on for ``linear`` (this request's adapters target it)."""
     side = getattr(linear, "lora_side", None)
-    return getattr(linear, "fp8_residual_epilogue", False) and not (side is not None and side.enabled)
+    return side is not None and side.enabled
 
 
 def fused_double_block_forward(block, hidden_states, encoder_hidden_states, temb, image_rotary_emb=None, **kwargs):
@@ -211,9 +216,10 @@ def fused_double_block_forward(block, hidden_states, encoder_hidden_states, temb
 def _attention_outputs(attn, joint, text_tokens: int, dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """to_add_out(text rows), to_out[0](image rows) of the joint attention output (batch, tokens, C). Both layers
     rowwise FP8: the joint rows quantized in one kernel (one scale per row, so the split after it changes nothing),
-    then each layer's FP8 GEMM; otherwise the layers' own forwards (torchao quantizes each input)."""
+    then each layer's FP8 GEMM; otherwise (a layer not rowwise FP8, or a LoRA side path on either: its hooks and
+    fold work on the layer's own input) the layers' own forwards (torchao quantizes each input)."""
     to_out, to_add_out = attn.to_out[0], attn.to_add_out
-    if not (_exposed(to_out) and _exposed(to_add_out)):
+    if not (_exposed(to_out) and _exposed(to_add_out)) or _side_on(to_out) or _side_on(to_add_out):
         text, image = joint.split_with_sizes([text_tokens, joint.shape[1] - text_tokens], dim=1)
         return to_add_out(text.contiguous()), to_out(image.contiguous())
     batch, tokens, width = joint.shape
