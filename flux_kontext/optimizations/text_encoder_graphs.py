@@ -21,6 +21,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch.utils._pytree import tree_flatten, tree_map_only
 
 from flux_kontext.stack import APPLY, Decision, Hardware, Model, Optimization, Outcome, skip
 
@@ -80,25 +81,19 @@ class GraphedEncoder:
 
 
 def _cloned(outputs):
-    """The outputs with every tensor copied (a transformers ModelOutput is a dict of its non-None fields)."""
-    if isinstance(outputs, torch.Tensor):
-        return outputs.clone()
-    if isinstance(outputs, dict):
-        return type(outputs)(**{key: _cloned(value) for key, value in outputs.items()})
-    if isinstance(outputs, tuple):
-        return type(outputs)(_cloned(value) for value in outputs)
-    return outputs
+    """The outputs with every tensor copied (a transformers ModelOutput is a registered pytree node)."""
+    return tree_map_only(torch.Tensor, torch.Tensor.clone, outputs)
 
 
 def _same(a, b) -> bool:
-    """Bitwise equal outputs (tensors compared with torch.equal, containers field by field)."""
-    if isinstance(a, torch.Tensor):
-        return isinstance(b, torch.Tensor) and a.shape == b.shape and torch.equal(a, b)
-    if isinstance(a, dict):
-        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
-    if isinstance(a, tuple):
-        return isinstance(b, tuple) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
-    return a == b
+    """Bitwise equal outputs: the same structure, tensors equal by torch.equal (shapes included), the rest by ==."""
+    (leaves_a, spec_a), (leaves_b, spec_b) = tree_flatten(a), tree_flatten(b)
+    return spec_a == spec_b and all(map(_same_leaf, leaves_a, leaves_b))
+
+
+def _same_leaf(x, y) -> bool:
+    tensors = isinstance(x, torch.Tensor), isinstance(y, torch.Tensor)
+    return all(tensors) and torch.equal(x, y) if any(tensors) else x == y
 
 
 def _milliseconds(fn: Callable[[], Any], sync: Callable[[], None]) -> float:
