@@ -79,7 +79,8 @@ def test_a_call_the_graph_was_not_captured_for_runs_eager(pipe, monkeypatch):
     assert out.shape[0] == 2
     assert (t5.replays, t5.eager_calls) == (replays, eager + 1)
     pipe.text_encoder_2(ids[:1], output_hidden_states=True)  # other arguments: eager too
-    assert t5.eager_calls == eager + 2
+    pipe.text_encoder_2(ids[:1], attention_mask=torch.ones_like(ids[:1]))  # a tensor argument: eager, not an error
+    assert t5.eager_calls == eager + 3
 
 
 def test_a_graph_not_faster_than_eager_is_not_kept(pipe, monkeypatch):

@@ -51,7 +51,7 @@ class GraphedEncoder:
 
     def matches(self, input_ids, args: tuple, kwargs: dict) -> bool:
         """The call the graph was captured for: ids of shape (1, tokens) and no other inputs."""
-        if args or any(value not in (None, False) for value in kwargs.values()):
+        if args or any(value is not None and value is not False for value in kwargs.values()):
             return False
         return (
             isinstance(input_ids, torch.Tensor)
