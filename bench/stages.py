@@ -50,6 +50,7 @@ CACHE_OFF = dict(first_block_cache=True, cache_threshold=0.0)
 FULL = dict(
     fuse_qkv=True, compile=True, attention="auto", quantize="auto", cuda_graphs=False, text_encoder_graphs=False
 )
+GRAPHS = dict(cuda_graphs=True, text_encoder_graphs=True)  # stage 5's addition, kept by the rows derived from it
 # (stage, what it adds, settings, scheduler)
 STAGES = (
     ("0", "naive bf16 diffusers (eager, SDPA)", NAIVE, "euler"),
@@ -75,19 +76,19 @@ STAGES = (
     (
         "5",
         "+ CUDA graphs (per block and shape; CLIP and T5 one each)",
-        {**FULL, **CACHE_OFF, "cuda_graphs": True, "text_encoder_graphs": True},
+        {**FULL, **CACHE_OFF, **GRAPHS},
         "dpmpp_2m",
     ),
     (
         "5-bf16-attention",
         "stage 5 with FLUX_FP8_ATTENTION=off (bf16 attention)",
-        {**FULL, **CACHE_OFF, "cuda_graphs": True, "text_encoder_graphs": True, "fp8_attention": "off"},
+        {**FULL, **CACHE_OFF, **GRAPHS, "fp8_attention": "off"},
         "dpmpp_2m",
     ),
     (
         "5+cache",
         "stage 5 with the cache at the seed's 0.12 (skip rate on random weights means nothing)",
-        {**FULL, "cuda_graphs": True, "text_encoder_graphs": True, "first_block_cache": True, "cache_threshold": 0.12},
+        {**FULL, **GRAPHS, "first_block_cache": True, "cache_threshold": 0.12},
         "dpmpp_2m",
     ),
 )
