@@ -75,8 +75,7 @@ def fp8_linears(values: torch.Tensor, scale: torch.Tensor, linears: tuple, out_d
 def lora_input_columns(linears: tuple) -> int:
     """Columns the quantization kernel leaves after the activations for the LoRA side path's folded GEMM input
     (lora_k_augment.py: x_aug written in place, no copy); 0 without an active side path there."""
-    side = getattr(linears[0], "lora_side", None)
-    return side.input_columns(linears) if side is not None and side.enabled else 0
+    return linears[0].lora_side.input_columns(linears) if _side_on(linears[0]) else 0
 
 
 def single_block_forward(block, hidden_states, encoder_hidden_states, temb, image_rotary_emb=None, **kwargs):
