@@ -97,12 +97,12 @@ class Layer:
 
     def k_aug(self, multiple: int):
         """A callable (values, scale) -> output on the folded GEMM, with its own x_aug."""
-        weight, t_scale, width = self.folded(multiple)
+        weight, t_scale, _ = self.folded(multiple)
         counters = torch.zeros(2, dtype=torch.int32, device=t_scale.device)
 
         def fn(values, scale):
             low = self.low(values, scale)
-            x_aug, scale = lora_k_augment.augmented_input(values, scale, low, t_scale, counters, width)
+            x_aug, scale = lora_k_augment.augmented_input(values, scale, low, t_scale, counters, weight)
             return lora_k_augment.augmented_linear(x_aug, scale, weight, None, self.dtype)
 
         return fn
@@ -122,7 +122,7 @@ def folded_pair(first: Layer, second: Layer, multiple: int):
     """Two layers on one input, one x_aug: (values, scale) -> (first's output, second's output), and what went in."""
     widths = [first.up.shape[1], second.up.shape[1]]
     t_scale = torch.zeros(1, sum(widths), device=first.up.device)
-    (w1, _, width), (w2, _, _) = (
+    (w1, _, _), (w2, _, _) = (
         first.folded(multiple, sum(widths), 0, t_scale[:, : widths[0]]),
         second.folded(multiple, sum(widths), widths[0], t_scale[:, widths[0] :]),
     )
@@ -133,7 +133,7 @@ def folded_pair(first: Layer, second: Layer, multiple: int):
 
     def fn(values, scale):
         low = lora_gemm.down_projection(values, scale, down8, down_scale, first.dtype)
-        x_aug, scale = lora_k_augment.augmented_input(values, scale, low, t_scale, counters, width)
+        x_aug, scale = lora_k_augment.augmented_input(values, scale, low, t_scale, counters, w1)
         return tuple(lora_k_augment.augmented_linear(x_aug, scale, w, None, first.dtype) for w in (w1, w2))
 
     fn.parts = {"weights": (w1, w2), "t_scale": t_scale, "down8": down8, "down_scale": down_scale}

@@ -619,15 +619,13 @@ class LoraSettings(BaseModel):
         4, ge=1, le=256, description="Adapters kept on the GPU (least recently used evicted; all stay in host memory)."
     )
     lora_k_augment: bool = Field(
-        False,
-        description="Off by default: with the double blocks' output projections on the fused FP8 path (#18), a switch "
-        "between two adapters gave compiled output 0.5% off eager on the CPU test (tests/test_lora_fused.py, xfail), "
-        "not yet found. On: in the fused FP8 blocks, widen the FP8 GEMMs for the adapters' side path where start-up "
-        "measured it faster and the memory plan leaves room (a wider e4m3 copy of those layers' weights on the GPU):"
-        "the up projection folded into the GEMM by widening its K (rows whose low-rank part would not fit e4m3 are "
-        "rescaled, never cut: lora_k_augment.py, lora_fold_input.py), or A's rows appended to its N (the down "
-        "projection inside the GEMM: lora_gemm.py). Off: a separate down projection and the up projection added in "
-        "place after the GEMM.",
+        True,
+        description="In the fused FP8 blocks, widen the FP8 GEMMs for the adapters' side path where start-up measured "
+        "it faster and the memory plan leaves room (a wider e4m3 copy of those layers' weights on the GPU): the up "
+        "projection folded into the GEMM by widening its K (t' in copies where the padding leaves room; rows whose "
+        "low-rank part would still not fit e4m3 are rescaled, never cut: lora_k_augment.py, lora_fold_input.py), or "
+        "A's rows appended to its N (the down projection inside the GEMM: lora_gemm.py). Off: a separate down "
+        "projection and the up projection added in place after the GEMM (measured slower: BENCHMARKS.md, LoRA).",
     )
 
     @field_validator("loras", mode="before")

@@ -115,7 +115,22 @@ def test_residual_layer_norm_kernel_writes_the_gated_residual_and_the_layer_norm
     alone = kernels.ln_mod_fp8(new_x, None, shift, scale, 1e-6)
     assert torch.equal(values.view(torch.uint8), alone[0].view(torch.uint8)) and torch.equal(row_scale, alone[1])
     assert _codes_differing(values, ref_values) < 0.06  # PyTorch's LayerNorm rounds its statistics differently
-    torch.testing.assert_close(row_scale, ref_scale, rtol=1e-2, atol=0)
+    # Against PyTorch's LayerNorm of the same new x: ln_mod_fp8's tolerance. Against eager's two roundings of the
+    # residual, a row's absmax may move by one more bf16 step (measured 1.17% on one row of 8,192, 2026-12-01).
+    _, _, same_x_scale = kernels.reference_residual_ln_mod_fp8(new_x, torch.zeros_like(y), gate, shift, scale, 1e-6)
+    torch.testing.assert_close(row_scale, same_x_scale, rtol=1e-2, atol=0)
+    torch.testing.assert_close(row_scale, ref_scale, rtol=2e-2, atol=0)
+
+
+@pytest.mark.gpu
+def test_residual_layer_norm_kernel_leaves_lora_s_columns_after_each_row():
+    """With ``extra`` columns (LoRA's fold writes them), the same codes in each row's first C columns."""
+    x, y = _randn(1, 64, 3072, scale=4, seed=50), _randn(1, 64, 3072, seed=51)
+    gate, shift, scale = (_randn(1, 3072, scale=0.5, seed=s) for s in (52, 53, 54))
+    new_x, values, row_scale = kernels.residual_ln_mod_fp8(x, y, gate, shift, scale, 1e-6)
+    new_x_wide, wide, wide_scale = kernels.residual_ln_mod_fp8(x, y, gate, shift, scale, 1e-6, extra=64)
+    assert wide.shape == (64, 3072 + 64) and torch.equal(new_x_wide, new_x) and torch.equal(wide_scale, row_scale)
+    assert torch.equal(wide[:, :3072].view(torch.uint8), values.view(torch.uint8))
 
 
 @pytest.mark.gpu
@@ -177,8 +192,13 @@ def test_the_ops_compile_to_what_they_run_eagerly():
 
     eager = step(first, second, attn, mlp)
     compiled = torch.compile(step, fullgraph=True)(first, second, attn, mlp)
-    for got, want in zip(compiled, eager, strict=True):
-        assert torch.equal(got.float(), want.float())
+    names = "q k v descale ln_values ln_scale gelu_values gelu_scale new_x residual_values residual_scale rows_values"
+    differing = [
+        name
+        for name, got, want in zip([*names.split(), "rows_scale"], compiled, eager, strict=True)
+        if not torch.equal(got.float(), want.float())
+    ]
+    assert not differing, differing
 
 
 def _fp8_rows(rows, cols, seed):

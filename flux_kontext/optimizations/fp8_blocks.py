@@ -198,12 +198,12 @@ def fused_double_block_forward(block, hidden_states, encoder_hidden_states, temb
 
     def stream(x, attn_out, mod, ff, norm2):
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod
+        # x + gate·attn_out and the LayerNorm + modulation + FP8 of it in one kernel: the new x written once (with
+        # LoRA's fold, its columns left after each row)
         extra = lora_input_columns((ff.net[0].proj,))
-        if extra:  # LoRA's fold writes its columns after each row: the residual kernel writes whole rows
-            x = x + gate_msa.unsqueeze(1) * attn_out
-            values, row_scale = kernels.ln_mod_fp8(x, None, shift_mlp, scale_mlp, norm2.eps, extra)
-        else:  # x + gate·attn_out and the LayerNorm + modulation + FP8 of it in one kernel: the new x written once
-            x, values, row_scale = kernels.residual_ln_mod_fp8(x, attn_out, gate_msa, shift_mlp, scale_mlp, norm2.eps)
+        x, values, row_scale = kernels.residual_ln_mod_fp8(
+            x, attn_out, gate_msa, shift_mlp, scale_mlp, norm2.eps, extra
+        )
         mlp = fp8_linear(values, row_scale, ff.net[0].proj, dtype)
         return x + gate_mlp.unsqueeze(1) * _gelu_output(ff, mlp, x.shape, dtype)
 

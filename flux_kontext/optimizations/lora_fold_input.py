@@ -11,6 +11,11 @@ strong as the request likes (or a high scale) costs a few rows' rewrite, never a
 headroom are t's entries clamped, and counted. Rows that fit (all of them, for ordinary adapters) cost the t'
 columns' write only: the kernel reads x8 again only for the rows it rescales.
 
+Copies: where x_aug's width leaves room after t' (cuBLAS runs some K multiples faster: the chosen width often has
+spare zero columns), t' is written ``copies`` times, each copy t / copies (t_scale carries the 1 / copies: the
+caller's), and W_aug holds B' once per copy: sum over the copies of (t / copies) · B' = t · B', with ``copies`` times
+the room before a row needs the guard, in columns the GEMM reads anyway.
+
 Counters (int32, on the device, added to by every call): [rows rescaled, entries clamped]; lora.py reads them after
 each request (asynchronously) and reports them in /health per adapter.
 
@@ -36,9 +41,9 @@ def rescale_exponents(top: torch.Tensor) -> torch.Tensor:
     return need.clamp(0, MAX_EXPONENT)
 
 
-def reference_fold_input(x_aug, row_scale, low, t_scale, counters, fan_in: int) -> None:
-    """What the kernel does, in PyTorch: t' (and zeros in the padding) into x_aug[:, fan_in:], the rows whose t does
-    not fit e4m3 rescaled, the counters added to."""
+def reference_fold_input(x_aug, row_scale, low, t_scale, counters, fan_in: int, copies: int = 1) -> None:
+    """What the kernel does, in PyTorch: t' ``copies`` times (then zeros in the padding) into x_aug[:, fan_in:], the
+    rows whose t does not fit e4m3 rescaled, the counters added to."""
     extra = low.shape[1]
     t = low.float() / row_scale * t_scale
     exponent = rescale_exponents(t.abs().amax(dim=1, keepdim=True))
@@ -48,8 +53,8 @@ def reference_fold_input(x_aug, row_scale, low, t_scale, counters, fan_in: int) 
     row_scale.mul_(torch.exp2(exponent))
     t = t * factor
     clamped = t.abs() > E4M3_MAX
-    x_aug[:, fan_in : fan_in + extra] = t.clamp(-E4M3_MAX, E4M3_MAX).to(FP8)
-    x_aug[:, fan_in + extra :].zero_()
+    x_aug[:, fan_in : fan_in + copies * extra] = t.clamp(-E4M3_MAX, E4M3_MAX).to(FP8).repeat(1, copies)
+    x_aug[:, fan_in + copies * extra :].zero_()
     counters[0] += rescaled.sum().to(counters.dtype)
     counters[1] += clamped.sum().to(counters.dtype)
 
@@ -68,6 +73,7 @@ def _kernel():
         counters_ptr,
         rows,
         extra,
+        copies,
         tail,
         x_stride,
         scale_stride,
@@ -79,19 +85,22 @@ def _kernel():
         MAX_EXPONENT: tl.constexpr,
     ):
         rm = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-        rt = tl.arange(0, BLOCK_T)
+        rt = tl.arange(0, BLOCK_T)  # x_aug's columns after x8: t' copies, then padding
+        source = rt % extra  # each copy's column reads its rank column of low
+        in_copy = rt < copies * extra
         row_ok = rm < rows
         low = tl.load(
-            low_ptr + rm[:, None] * low_stride + rt[None, :], mask=row_ok[:, None] & (rt[None, :] < extra), other=0.0
+            low_ptr + rm[:, None] * low_stride + source[None, :], mask=row_ok[:, None] & in_copy[None, :], other=0.0
         ).to(tl.float32)
-        t_scale = tl.load(t_scale_ptr + rt, mask=rt < extra, other=0.0)
+        t_scale = tl.load(t_scale_ptr + source, mask=in_copy, other=0.0)
         sx = tl.load(scale_ptr + rm * scale_stride, mask=row_ok, other=1.0)
         t = low / sx[:, None] * t_scale[None, :]
         top = tl.maximum(tl.max(tl.abs(t), axis=1), 448.0)
         exponent = tl.minimum(tl.ceil(tl.log2(top / 448.0)), MAX_EXPONENT)
         factor = tl.exp2(-exponent)
         t = t * factor[:, None]
-        clamped = tl.sum(tl.sum(((tl.abs(t) > 448.0) & row_ok[:, None]).to(tl.int32), axis=1), axis=0)
+        over = (tl.abs(t) > 448.0) & row_ok[:, None] & (rt < extra)[None, :]  # counted once, not per copy
+        clamped = tl.sum(tl.sum(over.to(tl.int32), axis=1), axis=0)
         q = tl.clamp(t, -448.0, 448.0).to(tl.float8e4nv)  # padding columns: 0 (low and t_scale masked to 0)
         tl.store(x_ptr + rm[:, None] * x_stride + FAN_IN + rt[None, :], q, mask=row_ok[:, None] & (rt[None, :] < tail))
         rescale = row_ok & (exponent > 0)
@@ -108,7 +117,7 @@ def _kernel():
         if clamped > 0:
             tl.atomic_add(counters_ptr + 1, clamped)
 
-    def launch(x_aug, row_scale, low, t_scale, counters, fan_in: int) -> None:
+    def launch(x_aug, row_scale, low, t_scale, counters, fan_in: int, copies: int = 1) -> None:
         rows, width = x_aug.shape
         tail = width - fan_in
         fold_input_kernel[(triton.cdiv(rows, BLOCK_M),)](
@@ -119,6 +128,7 @@ def _kernel():
             counters,
             rows,
             low.shape[1],
+            copies,
             tail,
             x_aug.stride(0),
             row_scale.stride(0),
@@ -142,18 +152,20 @@ def fold_input(
     t_scale: torch.Tensor,
     counters: torch.Tensor,
     fan_in: int,
+    copies: int = 1,
 ) -> None:
-    """x_aug[:, fan_in:] = [t' | 0] from the down projection ``low`` (M, R) = x A^T and the columns' factors
-    ``t_scale`` (1, R); rows whose t' would not fit e4m3 rescaled in place (x_aug's x8 and ``row_scale``, (M, 1));
-    ``counters`` (2,) int32 added to: rows rescaled, entries clamped. The Triton kernel on CUDA, else the reference."""
+    """x_aug[:, fan_in:] = [t' (``copies`` times) | 0] from the down projection ``low`` (M, R) = x A^T and the
+    columns' factors ``t_scale`` (1, R); rows whose t' would not fit e4m3 rescaled in place (x_aug's x8 and
+    ``row_scale``, (M, 1)); ``counters`` (2,) int32 added to: rows rescaled, entries clamped. The Triton kernel on
+    CUDA, else the reference."""
     if x_aug.is_cuda and low.stride(1) == 1 and t_scale.is_contiguous():
-        _kernel()(x_aug, row_scale, low, t_scale, counters, fan_in)
+        _kernel()(x_aug, row_scale, low, t_scale, counters, fan_in, copies)
     else:
-        reference_fold_input(x_aug, row_scale, low, t_scale, counters, fan_in)
+        reference_fold_input(x_aug, row_scale, low, t_scale, counters, fan_in, copies)
 
 
 @fold_input.register_fake
-def _(x_aug, row_scale, low, t_scale, counters, fan_in):
+def _(x_aug, row_scale, low, t_scale, counters, fan_in, copies=1):
     return None
 
 

@@ -10,11 +10,13 @@ With the block's rowwise FP8 activations x = sx[m] * x8 and the layer's rowwise 
     B'[n, r] = e4m3( c_r * (scale * B)[n, r] / sw[n] )  (written at switch time)
 
 so sx * sw * t' B'^T = scale * x A^T B^T. One free factor c_r per rank column splits the product's magnitude between
-the two e4m3 factors: c_r puts B''s largest entry at 448 / 2^B_HEADROOM (B' is known at switch time; e4m3's
-precision is the same across its normal range, so that costs B' nothing measurable) and leaves t' the rest.
-Whatever c_r, one rank's term t' * B' can hold at most 448² (the largest single term of the base GEMM's sum), and t'
-depends on the request's activations: a strong adapter or a high scale would saturate t'. lora_fold_input.py's
-guard makes that impossible up to 2^8 times more: a row whose t' would not fit is rescaled by a power of two (its
+the two e4m3 factors; t' depends on the request's activations, B' is known at switch time, so c_r puts B''s largest
+entry at 448 (the largest c_r there is: t' as small as it can be; e4m3's precision is the same across its normal
+range, so that costs B' nothing measurable). Whatever c_r, one rank's term t' * B' can hold at most 448² (the
+largest single term of the base GEMM's sum): a strong adapter or a high scale would saturate t'. Two things make
+that rare and harmless. Where x_aug's chosen width has spare zero columns (the padding to a fast K multiple), t' is
+written in ``copies`` of t / copies (B' in each: the same sum), up to MAX_COPIES times the room, in columns the GEMM
+reads anyway. Beyond that, lora_fold_input.py's guard rescales a row whose t' would not fit by a power of two (its
 x8 divided, its row scale multiplied: the same product), in the kernel that writes t'; rows that fit pay nothing
 more, and what still cannot fit is clamped and counted (/health, per adapter).
 
@@ -46,14 +48,18 @@ import torch
 from flux_kontext.optimizations.kernels.e4m3 import E4M3_MAX, FP8
 from flux_kontext.optimizations.lora_fold_input import fold_input
 
-# B''s largest entry is put at 448 / 2^B_HEADROOM (14), which leaves t' 2^5 more room than B' at 448 would: on the
-# bench's adapter at scale 1, B' at 448 made nearly every row's t' exceed e4m3 (the guard rescaled 99.7% of the rows,
-# its kernel then rewriting x8: BENCHMARKS.md). e4m3's relative precision is the same from 2^-6 to 448, so B' loses
-# nothing measurable (its entries below 2^-6, about 0.4% of a Gaussian column, round coarser).
-B_HEADROOM = 3
+# At most this many copies of t' (each t' / copies) where x_aug's padding leaves room for them: 8 gives t' 2^3 more
+# room (the bench's random adapter, about 10% of each layer's output, needs 2^1-2^2 at B' = 448) while t' / 8 keeps
+# e4m3's normal range for all but its smallest entries.
+MAX_COPIES = 8
 # x_aug's width (K + R, then zero-weight padding columns) rounded up to one of these; which one (and whether to fold
 # at all) is measured per layer shape at start on the GPU (``choose``). cuBLAS's FP8 GEMM needs 16.
 K_MULTIPLES = (16, 64, 128, 256)
+
+
+def copies_of(extra: int, pad: int) -> int:
+    """How many copies of the ``extra`` t' columns fit in extra + pad columns (at most MAX_COPIES)."""
+    return max(1, min(MAX_COPIES, (extra + pad) // extra)) if extra else 1
 
 
 def padding(fan_in: int, extra: int, multiple: int) -> int:
@@ -63,8 +69,8 @@ def padding(fan_in: int, extra: int, multiple: int) -> int:
 
 
 class AugmentedWeight:
-    """One layer's W_aug = [W8 | B' | 0] (N, K + extra + pad) in e4m3, its B' in ``columns`` (the rest of the extra
-    columns zero: another layer's t' on a shared input, and the padding)."""
+    """One layer's W_aug = [W8 | B' ... | 0] (N, K + extra + pad) in e4m3, its B' in ``columns`` of each of the
+    ``copies`` blocks of ``extra`` columns (the rest zero: another layer's t' on a shared input, and the padding)."""
 
     def __init__(
         self, weight_t: torch.Tensor, weight_scale: torch.Tensor, extra: int, start: int, width: int, pad: int = 0
@@ -75,7 +81,9 @@ class AugmentedWeight:
         self.weight[:, :fan_in].copy_(weight_t.t())
         self.weight_t = self.weight.t()
         self.weight_scale = weight_scale  # (1, N): the base layer's, shared
-        self.columns = slice(fan_in + start, fan_in + start + width)
+        self.copies = copies_of(extra, pad)
+        first = fan_in + start
+        self.columns = [slice(first + c * extra, first + c * extra + width) for c in range(self.copies)]
 
     @property
     def input_width(self) -> int:
@@ -88,31 +96,34 @@ class AugmentedWeight:
 
     @torch.no_grad()
     def fill(self, up: torch.Tensor, t_scale: torch.Tensor) -> None:
-        """B' from ``up`` (N, width: scale * B, the slots' bf16 up projection) into W_aug, and each column's
-        t' = x8 A^T * t_scale factor (1 / c_r) into ``t_scale`` (1, width); zero columns stay zero."""
+        """B' from ``up`` (N, width: scale * B, the slots' bf16 up projection) into each copy's columns of W_aug, and
+        each column's t' = x8 A^T * t_scale factor (1 / (c_r · copies)) into ``t_scale`` (1, width); zero columns
+        stay zero."""
         raw = up.float() / self.weight_scale.view(-1, 1)
         top = raw.abs().amax(dim=0)
-        largest = E4M3_MAX / 2**B_HEADROOM
-        factor = torch.where(top > 0, largest / top.clamp_min(torch.finfo(torch.float32).tiny), 0.0)
-        self.weight[:, self.columns].copy_((raw * factor).clamp(-E4M3_MAX, E4M3_MAX).to(FP8))
-        t_scale.copy_((top / largest).view(1, -1))
+        factor = torch.where(top > 0, E4M3_MAX / top.clamp_min(torch.finfo(torch.float32).tiny), 0.0)
+        b8 = (raw * factor).clamp(-E4M3_MAX, E4M3_MAX).to(FP8)
+        for columns in self.columns:
+            self.weight[:, columns].copy_(b8)
+        t_scale.copy_((top / (E4M3_MAX * self.copies)).view(1, -1))
 
 
-def fold_into(x_aug: torch.Tensor, scale: torch.Tensor, low: torch.Tensor, t_scale, counters, fan_in: int):
-    """x_aug's t' columns (and zero padding) from the down projection ``low`` = x A^T (M, R), in place; rows whose
-    t' would not fit e4m3 rescaled in place (x_aug's x8 and ``scale``): lora_fold_input.py. Returns x_aug."""
-    fold_input(x_aug, scale, low, t_scale, counters, fan_in)
+def fold_into(x_aug, scale, low, t_scale, counters, fan_in: int, copies: int = 1) -> torch.Tensor:
+    """x_aug's t' columns (``copies`` times, then zero padding) from the down projection ``low`` = x A^T (M, R), in
+    place; rows whose t' would not fit e4m3 rescaled in place (x_aug's x8 and ``scale``): lora_fold_input.py.
+    Returns x_aug."""
+    fold_input(x_aug, scale, low, t_scale, counters, fan_in, copies)
     return x_aug
 
 
-def augmented_input(values, scale, low, t_scale, counters, width: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """x_aug (M, width) assembled by a copy of x8 ``values`` (M, K), where the block's kernel did not leave the
-    columns; with its own row scales (the guard may rescale rows): (x_aug, scale)."""
-    fan_in = values.shape[1]
-    x_aug = values.new_empty(values.shape[0], width)
+def augmented_input(values, scale, low, t_scale, counters, weight: AugmentedWeight):
+    """x_aug (M, ``weight``'s input width) assembled by a copy of x8 ``values`` (M, K), where the block's kernel did
+    not leave the columns; with its own row scales (the guard may rescale rows): (x_aug, scale)."""
+    fan_in, copies = values.shape[1], weight.copies
+    x_aug = values.new_empty(values.shape[0], weight.input_width)
     x_aug[:, :fan_in].copy_(values)
     scale = scale.clone()
-    return fold_into(x_aug, scale, low, t_scale, counters, fan_in), scale
+    return fold_into(x_aug, scale, low, t_scale, counters, fan_in, copies), scale
 
 
 def augmented_linear(x_aug: torch.Tensor, scale: torch.Tensor, weight: AugmentedWeight, bias, out_dtype):
@@ -199,8 +210,10 @@ def _measure(device, rows: int, fan_in: int, layers) -> dict:
         x_aug = torch.zeros(rows, width, dtype=FP8, device=device)
         x_aug[:, :fan_in].copy_(values)  # as the block's kernel leaves it
 
-        def fold(x_aug=x_aug, wide_weights=wide_weights):
-            fold_into(x_aug, scale.clone(), low, t_scale, counters, fan_in)
+        copies = copies_of(extra, width - fan_in - extra)
+
+        def fold(x_aug=x_aug, wide_weights=wide_weights, copies=copies):
+            fold_into(x_aug, scale.clone(), low, t_scale / copies, counters, fan_in, copies)
             for w, w_scale in wide_weights:
                 gemm(x_aug, w, w_scale)
 

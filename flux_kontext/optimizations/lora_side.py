@@ -102,8 +102,8 @@ class LoraSide(torch.nn.Module):
         """(x_aug, its row scales): the block's buffer with t' written into it (in place), or a copy where the block
         did not leave the columns."""
         if values.shape[1] == self.aug.input_width:
-            return lora_k_augment.fold_into(values, scale, low, t_scale, self.counters, fan_in), scale
-        return lora_k_augment.augmented_input(values, scale, low, t_scale, self.counters, self.aug.input_width)
+            return lora_k_augment.fold_into(values, scale, low, t_scale, self.counters, fan_in, self.aug.copies), scale
+        return lora_k_augment.augmented_input(values, scale, low, t_scale, self.counters, self.aug)
 
     def shares_input(self, linears) -> bool:
         """True when ``linears`` are this layer's group, in its order: one down projection serves them all."""

@@ -124,14 +124,14 @@ def ln_mod_fp8(first, second, shift, scale, eps: float, extra: int = 0) -> tuple
     return ops().ln_mod_fp8(first, second, shift, scale, has_second, eps, extra)
 
 
-def residual_ln_mod_fp8(x, y, gate, shift, scale, eps: float):
+def residual_ln_mod_fp8(x, y, gate, shift, scale, eps: float, extra: int = 0):
     """The gated residual x + gate·y (batch, tokens, C), then its modulated LayerNorm quantized rowwise, in one pass:
-    (new x, values, scales)."""
+    (new x, values, scales); ``extra`` as ln_mod_fp8's (LoRA's x_aug columns after each row)."""
     y = y.reshape(x.shape)  # the output projection's (rows, C) as (batch, tokens, C)
     if not _on_kernel(x):
-        return layer_norm.reference_residual_ln_mod_fp8(x, y, gate, shift, scale, eps)
+        return layer_norm.reference_residual_ln_mod_fp8(x, y, gate, shift, scale, eps, extra)
     x, y = (t if t.stride(-1) == 1 else t.contiguous() for t in (x, y))
-    return ops().residual_ln_mod_fp8(x, y, gate, shift, scale, eps)
+    return ops().residual_ln_mod_fp8(x, y, gate, shift, scale, eps, extra)
 
 
 def rows_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

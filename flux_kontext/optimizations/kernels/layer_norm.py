@@ -24,12 +24,12 @@ def reference_ln_mod_fp8(first, second, shift, scale, eps: float, extra: int = 0
     return values, scales
 
 
-def reference_residual_ln_mod_fp8(x, y, gate, shift, scale, eps: float):
+def reference_residual_ln_mod_fp8(x, y, gate, shift, scale, eps: float, extra: int = 0):
     """The gated residual x + gate·y (x, y (batch, tokens, C), gate (batch, C)) as diffusers' block computes it, then
-    reference_ln_mod_fp8 of it: (new x, values (rows, C), scales (rows, 1)). The kernel rounds x + gate·y once
+    reference_ln_mod_fp8 of it: (new x, values (rows, C + extra), scales (rows, 1)). The kernel rounds x + gate·y once
     (fp32 inside, as Inductor's fused kernel did), eager bf16 rounds the product too: at most a bf16 step apart."""
     x = x + gate.unsqueeze(1) * y
-    return (x, *reference_ln_mod_fp8(x, None, shift, scale, eps))
+    return (x, *reference_ln_mod_fp8(x, None, shift, scale, eps, extra))
 
 
 def reference_rows_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -81,10 +81,11 @@ def build(launch) -> dict:
         )
         return out, out_scale
 
-    def launch_residual_ln_mod_fp8(x, y, gate, shift, scale, eps: float, raw=False, num_warps=4):
+    def launch_residual_ln_mod_fp8(x, y, gate, shift, scale, eps: float, extra: int = 0, raw=False, num_warps=4):
+        """``extra``: as launch_ln_mod_fp8's."""
         batch, seq, n_cols = x.shape
         x_out = torch.empty((batch, seq, n_cols), dtype=x.dtype, device=x.device)
-        out, out_scale = outputs(batch * seq, n_cols, x.device)
+        out, out_scale = outputs(batch * seq, n_cols + extra, x.device)
         launch(rows.residual_ln_mod_fp8_kernel, raw)[(batch * seq,)](
             x,
             y,
@@ -94,6 +95,7 @@ def build(launch) -> dict:
             x_out,
             out,
             out_scale,
+            out.stride(0),
             seq,
             n_cols,
             x.stride(0),
@@ -131,9 +133,15 @@ def build(launch) -> dict:
 
     @triton_op("flux_kontext::residual_ln_mod_fp8", mutates_args={})
     def residual_ln_mod_fp8(
-        x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float
+        x: torch.Tensor,
+        y: torch.Tensor,
+        gate: torch.Tensor,
+        shift: torch.Tensor,
+        scale: torch.Tensor,
+        eps: float,
+        extra: int = 0,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return launch_residual_ln_mod_fp8(x, y, gate, shift, scale, eps)
+        return launch_residual_ln_mod_fp8(x, y, gate, shift, scale, eps, extra)
 
     @triton_op("flux_kontext::rows_fp8", mutates_args={})
     def rows_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

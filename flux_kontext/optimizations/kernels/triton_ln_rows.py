@@ -86,6 +86,7 @@ def residual_ln_mod_fp8_kernel(
     x_out_ptr,
     out_ptr,
     out_scale_ptr,
+    out_stride,
     seq,
     n_cols,
     x_sb,
@@ -121,7 +122,7 @@ def residual_ln_mod_fp8_kernel(
         shift_sb,
         scale_sb,
         out_ptr,
-        n_cols,  # the residual path writes whole rows (no LoRA fold columns)
+        out_stride,
         out_scale_ptr,
         eps,
     )
