@@ -100,6 +100,12 @@ def compile_strategy(reports) -> Literal["dynamic", "static", "eager"]:
     return "dynamic" if compiled.data.get("dynamic_shapes") else "static"
 
 
+def compile_cache_state(reports) -> str | None:
+    """compile's cache at this start ("hit", "cold", "process default"), or None where compile is not applied."""
+    compiled = _applied(reports, "compile")
+    return None if compiled is None else compiled.data.get("cache")
+
+
 def captured_graph_shapes(reports) -> list | None:
     """The input shapes that hold CUDA graphs now ([[batch, tokens, channels], [batch, text, width]] each), or None
     where graphs are not applied."""
@@ -167,6 +173,11 @@ class ShapeReadiness:
         entry["graphs_compiled"] += compiled
         entry["seconds"] = round(entry["seconds"] + seconds, 2)
 
+    def record_skipped(self, shape: Shape, why: str) -> None:
+        """Warm-up skipped this shape (warmup_record.py): the graphs it ran on last time were loaded by the
+        generations before it, so it is served compiled; its CUDA graphs are captured on its first request."""
+        self.warmed[shape.key] = {"graphs_compiled": 0, "seconds": 0.0, "skipped": why}
+
     def record_request(self, job: Job, result: JobResult) -> None:
         compiled = graphs_compiled_by(result)
         if not compiled:
@@ -220,6 +231,12 @@ class ShapeReadiness:
             "warmed": {key: dict(value) for key, value in self.warmed.items()},
             "compiled_after_ready": {"requests": self.requests_that_compiled, "graphs_by_shape": after_ready},
         }
+
+
+def graphs_captured_by(result: JobResult) -> int:
+    """CUDA graphs captured while the job ran (cuda_graphs' per-request counter; 0 where graphs are not applied)."""
+    counted = result.counters.get("cuda_graphs") or {}
+    return int(counted.get("captured", 0))
 
 
 def graphs_compiled_by(result: JobResult) -> int:
