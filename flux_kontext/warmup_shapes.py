@@ -12,7 +12,9 @@ whether any request compiled after ready (it should not; it is logged and counte
 FLUX_WARMUP_SHAPES=compiled (the default) runs only what compiles: the 1024² edit and text-to-image (with each
 per-request switch off) and a batch of two; every other shape is then served by those graphs without compiling,
 and its CUDA graphs are captured on its second request. A start (cold, or a restart on kept caches) is the shorter
-for it; 'all' also captures every shape's graphs before ready.
+for it; 'all' also captures every shape's graphs before ready. On a restart whose compile cache hits, the warm-up
+generations that compiled nothing when they last ran with the same key are skipped (warmup_record.py); a skipped
+shape counts as compiled (the graphs it ran on are loaded by the generations before it).
 
 With static compile, warming every shape would compile each one (tens of seconds apiece): warm-up then runs the
 1024² shapes only, and the others say "will compile". Without compile (the CPU path) one small edit checks the
