@@ -1,7 +1,9 @@
 """Start to ready, cold and again on a kept compile cache (FLUX_COMPILE_CACHE_DIR): the service started as users
 start it (uvicorn), /health polled until 200, its start-up phases, compile-cache and start-up decisions reports
 recorded (the service's log beside --out, one per start), then stopped; --starts times over the same cache
-directory. Run on the GPU:
+directory. After ready, each start sends the requests that warm-up may skip on a hit (FLUX_WARMUP_SKIP_CACHED: a
+1024² text-to-image, a 1024² edit with use_cuda_graphs and with use_dpm_solver off) and records whether any of them
+compiled (/health shapes.compiled_after_ready: it must stay at 0 requests). Run on the GPU:
 
     FLUX_MODEL=random python bench/restart.py --cache-dir /tmp/flux-cache --out bench/results/restart-<gpu>.json
 """
@@ -9,6 +11,8 @@ directory. Run on the GPU:
 from __future__ import annotations
 
 import argparse
+import base64
+import io
 import json
 import os
 import subprocess
@@ -21,6 +25,30 @@ sys.path.insert(0, str(ROOT))
 
 from flux_kontext.wait_ready import NotReady, wait_ready  # noqa: E402
 
+STEPS = 4
+
+
+def after_ready_requests(base: str) -> dict:
+    """The shapes and switches a skipped warm-up generation stood for, once each; then what compiled after ready."""
+    import httpx
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (1024, 1024), (90, 120, 150)).save(buffer, format="PNG")
+    image = base64.b64encode(buffer.getvalue()).decode()
+    requests = {
+        "text_to_image": {"prompt": "a boat", "width": 1024, "height": 1024},
+        "edit use_cuda_graphs=false": {"prompt": "make it red", "image": image, "use_cuda_graphs": False},
+        "edit use_dpm_solver=false": {"prompt": "make it red", "image": image, "use_dpm_solver": False},
+    }
+    seconds = {}
+    for name, body in requests.items():
+        start = time.monotonic()
+        response = httpx.post(f"{base}/inference", json={**body, "steps": STEPS, "seed": 1}, timeout=300)
+        seconds[name] = round(time.monotonic() - start, 2) if response.status_code == 200 else response.status_code
+    health = httpx.get(f"{base}/health", timeout=30).json()
+    return {"request_seconds": seconds, "compiled_after_ready": health["shapes"]["compiled_after_ready"]}
+
 
 def one_start(cache_dir: Path, timeout_s: float, port: int, log_path: Path) -> dict:
     env = {**os.environ, "FLUX_COMPILE_CACHE_DIR": str(cache_dir), "PYTHONUNBUFFERED": "1"}
@@ -32,6 +60,7 @@ def one_start(cache_dir: Path, timeout_s: float, port: int, log_path: Path) -> d
         try:
             health = wait_ready(f"http://127.0.0.1:{port}", process, timeout_s, poll_s=0.5)
             ready_s = time.monotonic() - started
+            after = after_ready_requests(f"http://127.0.0.1:{port}")
         except NotReady as exc:
             return {"ready": False, "why": str(exc), "log": log_path.name}
         finally:
@@ -47,6 +76,8 @@ def one_start(cache_dir: Path, timeout_s: float, port: int, log_path: Path) -> d
         "startup_decisions": (health.get("startup_decisions") or {}).get("decisions"),
         "optimization_seconds": {r["name"]: r["seconds"] for r in health["optimizations"] if r["seconds"] >= 0.05},
         "warmed": health.get("shapes", {}).get("warmed"),
+        "warmup": health.get("shapes", {}).get("warmup"),  # what warm-up ran and skipped (warmup_record.py)
+        **after,
         "log": log_path.name,
     }
 

@@ -28,10 +28,13 @@ from flux_kontext.resolution import RequestShape
 from flux_kontext.settings import Settings
 from flux_kontext.stack import Report, Stack, stack_for
 from flux_kontext.startup_decisions import DecisionCache, open_decisions
+from flux_kontext.warmup_record import WarmupRecord, generation_key, open_record
 from flux_kontext.warmup_shapes import (
     ShapeReadiness,
     captured_graph_shapes,
+    compile_cache_state,
     compile_strategy,
+    graphs_captured_by,
     graphs_compiled_by,
     vae_readiness,
     warmup_plan,
@@ -81,6 +84,9 @@ class Engine:
         self.decisions = DecisionCache(why_off="not opened yet (the model is not loaded)")
         self._stack_hardware = self.hardware.for_stack()
         self.shapes = ShapeReadiness()  # per request shape: ready before /health is 200, or not (why)
+        self.warmup_record = WarmupRecord(
+            why_off="warm-up has not run (FLUX_WARMUP=false, or not yet)"
+        )  # what it ran, skipped, and why
         self._lock = threading.Lock()
 
     @property
@@ -211,17 +217,22 @@ class Engine:
             if not undone:
                 raise
             log.exception("warm-up failed; undid %s and retrying", ", ".join(undone))
-        self._warm_up()
+        self._warm_up(retry=True)
 
-    def _warm_up(self) -> None:
+    def _warm_up(self, retry: bool = False) -> None:
         """Run every shape a request can bring (flux_kontext/warmup_shapes.py), so that compiled code exists for each
         before /health is 200; the 1024² shapes also with each per-request switch off (their compiled variants).
 
         On the GPU the 1024² edit and text-to-image run two steps (their CUDA graphs are captured here); the rest
-        one. Without compiled code (the CPU path) one small edit checks the whole path."""
+        one. Without compiled code (the CPU path) one small edit checks the whole path.
+
+        On a restart whose compile cache hits, the generations that compiled nothing when they last ran with this
+        fingerprint are skipped (warmup_record.py); ``retry``: after an undo, everything runs and nothing is kept."""
         start = time.perf_counter()
         seed = self.settings.seed_for_warmup
         self.shapes.start_warmup(compile_strategy(self.reports))
+        record = open_record(self.settings, self.decisions.key, compile_cache_state(self.reports), retry)
+        self.warmup_record = record
         plan = warmup_plan(self.settings.warmup_shapes, self.shapes.strategy)
         variants = self.stack.warmup_job_variants()  # job fields: flags switched off, adapters on, ...
         runs = 0
@@ -230,11 +241,20 @@ class Engine:
             for planned in plan:
                 if not default and not planned.all_variants:
                     continue
+                generation = generation_key(planned.shape.key, planned.steps, fields)
+                why = record.skip_reason(generation)
+                if why is not None:
+                    record.skipped(generation, why)
+                    if default:
+                        self.shapes.record_skipped(planned.shape, why)
+                    log.info("warm-up %s %s, %d step(s): skipped, %s", planned.shape.key, fields, planned.steps, why)
+                    continue
                 job_start = time.perf_counter()
                 result = self._generate(dataclasses.replace(planned.shape.job(seed, planned.steps), **fields))
                 seconds = time.perf_counter() - job_start
                 if default:
                     self.shapes.record_warmup(planned.shape, result, seconds)
+                record.ran(generation, graphs_compiled_by(result), graphs_captured_by(result), seconds)
                 log.info(
                     "warm-up %s %s, %d step(s): %.2f s, %d graph(s) compiled",
                     planned.shape.key,
@@ -244,14 +264,24 @@ class Engine:
                     graphs_compiled_by(result),
                 )
                 runs += 1
+        record.save()
         self.warmup_seconds = time.perf_counter() - start
-        log.info("warm-up: %d generations in %.1f s (%s shapes)", runs, self.warmup_seconds, self.shapes.strategy)
+        skipped = len(record.report()["skipped"])
+        log.info(
+            "warm-up: %d generations in %.1f s (%s shapes), %d skipped (%s)",
+            runs,
+            self.warmup_seconds,
+            self.shapes.strategy,
+            skipped,
+            "compiled nothing when last run with this fingerprint" if skipped else record.report()["why_not"],
+        )
 
     def shapes_report(self) -> dict:
         """/health's ``shapes``: per shape class, how each is served (warmup_shapes.Readiness), which hold CUDA
-        graphs, and where the VAE runs compiled code."""
+        graphs, where the VAE runs compiled code, and which warm-up generations ran or were skipped (``warmup``)."""
         reports = self.reports
-        return self.shapes.report(captured_graph_shapes(reports), vae_readiness(reports))
+        report = self.shapes.report(captured_graph_shapes(reports), vae_readiness(reports))
+        return {**report, "warmup": self.warmup_record.report()}
 
     # ----- generation ------------------------------------------------------------------------------
     def check(self, job: Job) -> None:

@@ -65,6 +65,14 @@ class ServiceSettings(BaseModel):
         "their CUDA graphs are captured before ready; 'minimal' only the 1024² edit and text-to-image (a first "
         "num_images above 1 then compiles). /health's 'shapes' says which are ready.",
     )
+    warmup_skip_cached: bool = Field(
+        True,
+        description="On a restart whose compile cache hits (FLUX_COMPILE_CACHE_DIR), skip the warm-up generations "
+        "that compiled no graph when they last ran with the same fingerprint (warmup/ beside decisions/: the per-"
+        "request switch variants, text-to-image after the edit); those that compiled still run (they reload the "
+        "cached graphs). A skipped shape's CUDA graphs are captured on its first request. /health shapes.warmup "
+        "says what was skipped and why.",
+    )
     max_sequence_length: int | None = Field(
         None, ge=16, le=512, description="T5 tokens; default 512 (real/random) or 64 (tiny)."
     )

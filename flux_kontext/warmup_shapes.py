@@ -12,7 +12,9 @@ whether any request compiled after ready (it should not; it is logged and counte
 FLUX_WARMUP_SHAPES=compiled (the default) runs only what compiles: the 1024² edit and text-to-image (with each
 per-request switch off) and a batch of two; every other shape is then served by those graphs without compiling,
 and its CUDA graphs are captured on its second request. A start (cold, or a restart on kept caches) is the shorter
-for it; 'all' also captures every shape's graphs before ready.
+for it; 'all' also captures every shape's graphs before ready. On a restart whose compile cache hits, the warm-up
+generations that compiled nothing when they last ran with the same key are skipped (warmup_record.py); a skipped
+shape counts as compiled (the graphs it ran on are loaded by the generations before it).
 
 With static compile, warming every shape would compile each one (tens of seconds apiece): warm-up then runs the
 1024² shapes only, and the others say "will compile". Without compile (the CPU path) one small edit checks the
@@ -100,6 +102,12 @@ def compile_strategy(reports) -> Literal["dynamic", "static", "eager"]:
     return "dynamic" if compiled.data.get("dynamic_shapes") else "static"
 
 
+def compile_cache_state(reports) -> str | None:
+    """compile's cache at this start ("hit", "cold", "process default"), or None where compile is not applied."""
+    compiled = _applied(reports, "compile")
+    return None if compiled is None else compiled.data.get("cache")
+
+
 def captured_graph_shapes(reports) -> list | None:
     """The input shapes that hold CUDA graphs now ([[batch, tokens, channels], [batch, text, width]] each), or None
     where graphs are not applied."""
@@ -167,6 +175,11 @@ class ShapeReadiness:
         entry["graphs_compiled"] += compiled
         entry["seconds"] = round(entry["seconds"] + seconds, 2)
 
+    def record_skipped(self, shape: Shape, why: str) -> None:
+        """Warm-up skipped this shape (warmup_record.py): the graphs it ran on last time were loaded by the
+        generations before it, so it is served compiled; its CUDA graphs are captured on its first request."""
+        self.warmed[shape.key] = {"graphs_compiled": 0, "seconds": 0.0, "skipped": why}
+
     def record_request(self, job: Job, result: JobResult) -> None:
         compiled = graphs_compiled_by(result)
         if not compiled:
@@ -220,6 +233,12 @@ class ShapeReadiness:
             "warmed": {key: dict(value) for key, value in self.warmed.items()},
             "compiled_after_ready": {"requests": self.requests_that_compiled, "graphs_by_shape": after_ready},
         }
+
+
+def graphs_captured_by(result: JobResult) -> int:
+    """CUDA graphs captured while the job ran (cuda_graphs' per-request counter; 0 where graphs are not applied)."""
+    counted = result.counters.get("cuda_graphs") or {}
+    return int(counted.get("captured", 0))
 
 
 def graphs_compiled_by(result: JobResult) -> int:

@@ -13,14 +13,17 @@ import json
 import logging
 import time
 import uuid
+from typing import TYPE_CHECKING
 
-import httpx
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 
 from flux_kontext.protocols.job_store import WEBHOOK_EVENTS, Delivery, JobRecord, Webhook
 from flux_kontext.request_forms import FormBody, read_form, read_inference_request
 from flux_kontext.schemas import InferenceRequest
+
+if TYPE_CHECKING:
+    import httpx
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +133,8 @@ class Webhooks:
             raise refuse("must be a string (an http(s) URL)")
         if len(url) > self.max_url_length or not url.isprintable() or " " in url:
             raise refuse(f"must be an http(s) URL of at most {self.max_url_length} printable characters, no spaces")
+        import httpx  # only once a job names a webhook (not before ready: BENCHMARKS.md, "Import time")
+
         try:
             parsed = httpx.URL(url)
         except httpx.InvalidURL as exc:
@@ -203,6 +208,8 @@ class Webhooks:
         return "v1," + base64.b64encode(digest).decode()
 
     async def _send(self, url: str, message_id: str, body: bytes, delivery: Delivery) -> None:
+        import httpx
+
         async with httpx.AsyncClient(follow_redirects=False, timeout=self.timeout_s) as client:
             for attempt in range(1, self.retries + 2):
                 if attempt > 1:
