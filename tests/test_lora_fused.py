@@ -289,3 +289,14 @@ def test_the_fold_writes_t_in_copies_where_the_padding_leaves_room_each_with_hal
         b8 = folded.weight[:, weight_t.shape[0] :].float()
         assert all(torch.equal(b8[:, c * 8 : c * 8 + 8], b8[:, :8]) for c in range(copies))
         assert b8[:, copies * 8 :].eq(0).all() and float(b8.abs().max()) == 448.0  # B' at e4m3's largest value
+
+
+def test_the_fold_width_is_the_one_with_most_copies_among_those_timed_as_fast():
+    """Start-up times each x_aug width; within a few percent of the fastest (timing noise), more t' copies win (they
+    spare the guard's rescaling, which the timing does not see); a clearly slower width never wins."""
+    from flux_kontext.optimizations.lora_k_augment import _widest_within_noise
+
+    # the single blocks' shared input: 64 t' columns after K = 3072 (measured on the H200, 2026-12-02)
+    assert _widest_within_noise({3136: 0.5577, 3200: 0.556, 3328: 0.569}, 3072, 64) == 3328  # 4 copies, +2.3%
+    assert _widest_within_noise({3136: 0.5172, 3200: 0.5412, 3328: 0.5597}, 3072, 64) == 3136  # +4.6%: slower
+    assert _widest_within_noise({3088: 0.2, 3136: 0.2}, 3072, 16) == 3136  # ties: the copies
