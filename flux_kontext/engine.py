@@ -226,8 +226,9 @@ class Engine:
         On the GPU the 1024² edit and text-to-image run two steps (their CUDA graphs are captured here); the rest
         one. Without compiled code (the CPU path) one small edit checks the whole path.
 
-        On a restart whose compile cache hits, the generations that compiled nothing when they last ran with this
-        fingerprint are skipped (warmup_record.py); ``retry``: after an undo, everything runs and nothing is kept."""
+        On a restart whose kept compiled-code caches hit, the generations that compiled nothing when they last ran
+        with this fingerprint are skipped (warmup_record.py); ``retry``: after an undo, everything runs and nothing
+        is kept."""
         start = time.perf_counter()
         seed = self.settings.seed_for_warmup
         self.shapes.start_warmup(compile_strategy(self.reports))
