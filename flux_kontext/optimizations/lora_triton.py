@@ -261,15 +261,11 @@ def _measure_down(device, rows: int, fan_in: int, rank: int) -> dict:
     }
     best = None
     for config in DOWN_CONFIGS:
-        name = f"triton_{config[0]}x{config[1]}w{config[2]}"
-        try:  # a block size this GPU's Triton cannot build is left out, with the reason
-            got = down_projection_kernel(values, scale, down8, down_scale, list(config))
-            ms = gpu_milliseconds(lambda c=config: down_projection_kernel(values, scale, down8, down_scale, list(c)))
-        except Exception as exc:
-            row[f"{name}_failed"] = f"{type(exc).__name__}: {exc}"[:300]
-            continue
+        got = down_projection_kernel(values, scale, down8, down_scale, list(config))
         error = float((got.float() - want.float()).norm() / want.float().norm())
-        row[f"{name}_ms"], row[f"{name}_error"] = round(ms, 4), error
+        ms = gpu_milliseconds(lambda c=config: down_projection_kernel(values, scale, down8, down_scale, list(c)))
+        row[f"triton_{config[0]}x{config[1]}w{config[2]}_ms"] = round(ms, 4)
+        row[f"triton_{config[0]}x{config[1]}w{config[2]}_error"] = error
         if error < AGREEMENT and (best is None or ms < best[1]):
             best = (config, ms)
     row["kernel"] = "triton" if best is not None and best[1] < row["cublas_ms"] else "cublas"
