@@ -300,25 +300,3 @@ def test_the_fold_width_is_the_one_with_most_copies_among_those_timed_as_fast():
     assert _widest_within_noise({3136: 0.5577, 3200: 0.556, 3328: 0.569}, 3072, 64) == 3328  # 4 copies, +2.3%
     assert _widest_within_noise({3136: 0.5172, 3200: 0.5412, 3328: 0.5597}, 3072, 64) == 3136  # +4.6%: slower
     assert _widest_within_noise({3088: 0.2, 3136: 0.2}, 3072, 16) == 3136  # ties: the copies
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize(("rows", "fan_in", "rank"), [(4608, 3072, 16), (4608, 3072, 64), (37, 12288, 48)])
-def test_on_the_gpu_the_triton_down_projection_matches_cublas_from_strided_fp8_activations(rows, fan_in, rank):
-    """lora_triton's down projection x8 A^T, each start-up config, against cuBLAS's rowwise-scaled FP8 GEMM on x8 as
-    the fold leaves it (a strided view of x_aug): the same fp32 sums, rounded to bf16; and the start-up choice."""
-    from flux_kontext.optimizations import lora_gemm, lora_triton
-    from flux_kontext.optimizations.kernels.e4m3 import quantize_rowwise_fp8
-
-    generator = torch.Generator(device="cuda").manual_seed(7)
-    values, scale = quantize_rowwise_fp8(torch.randn(rows, fan_in + 80, device="cuda", generator=generator))
-    values = values[:, :fan_in]
-    down8, down_scale = quantize_rowwise_fp8(torch.randn(rank, fan_in, device="cuda", generator=generator) * 0.02)
-    down_scale = down_scale.view(1, -1)
-    want = lora_gemm.down_projection(values, scale, down8, down_scale, torch.bfloat16)
-    for config in lora_triton.DOWN_CONFIGS:
-        got = lora_gemm.down_projection(values, scale, down8, down_scale, torch.bfloat16, list(config))
-        assert got.shape == (rows, rank) and rel(got.float(), want.float()) < lora_triton.AGREEMENT, config
-    data = lora_triton.choose_down(torch.device("cuda"), {(fan_in, rank)}, rows=rows)
-    row = data["by_shape"][f"K{fan_in}xR{rank}"]
-    assert row["kernel"] in ("triton", "cublas") and (row["config"] is None) == (row["kernel"] == "cublas")

@@ -93,7 +93,6 @@ class Lora(Optimization):
         self.guard = GuardCounts(self.paths.guard)
         device = next(transformer.parameters()).device
         up_kernel = self._choose_up_kernel(device)
-        down_kernel = self._choose_down_kernel(device)
         host = {name: adapter.weights for name, adapter in self.adapters.items()}
         self.resident = ResidentAdapters(host, device, self.settings.lora_gpu_adapters)
         detail = (
@@ -117,7 +116,6 @@ class Lora(Optimization):
             detail + self.decisions.note(self.name),
             **data,
             up_projection=up_kernel,
-            down_projection=down_kernel,
             decisions=self.decisions.describe(self.name),
             **folded,
         )
@@ -140,32 +138,6 @@ class Lora(Optimization):
         for side in fp8:
             cols, rank = side.up.shape
             side.triton_up = by_shape.get(f"{cols}x{rank}", {}).get("kernel") == "triton"
-        return data
-
-    def _choose_down_kernel(self, device) -> dict:
-        """Per (K, R), the fused blocks' separate down projections (folded and in-place layers, one per shared input;
-        not where A's rows are appended to the GEMM): Triton kernel or cuBLAS, by measurement."""
-        users = {}  # (K, R) -> the sides or shared inputs that run such a down projection
-        for side in self.paths.sides.values():
-            if side.down8 is None or side.rows is not None:
-                continue
-            owner = side.group if side.group is not None else side
-            users.setdefault(tuple(owner.down8.shape[::-1]), {})[id(owner)] = owner
-        if not users:
-            return {}
-        names = {f"K{fan_in}xR{rank}" for fan_in, rank in users}
-        data, _ = self.decisions.cached_or_measured(  # read back on a restart on a kept cache (startup_decisions.py)
-            self.name,
-            lambda: lora_triton.choose_down(device, set(users)),
-            "down_kernel",
-            valid=lambda kept: names <= set(kept.get("by_shape", {})),
-            keep=lambda measured: "by_shape" in measured,  # not the CPU's or a broken Triton's fallback
-        )
-        by_shape = data.get("by_shape", {})  # absent in a fallback: cuBLAS everywhere
-        for (fan_in, rank), owners in users.items():
-            config = by_shape.get(f"K{fan_in}xR{rank}", {}).get("config")
-            for owner in owners.values():
-                owner.down_config = list(config) if config else None
         return data
 
     def _data_now(self, slot_rank: int, layers: int) -> dict:
@@ -259,13 +231,10 @@ def fp8_note(paths: SidePaths) -> str:
     """What the report says about the side path's arithmetic."""
     fp8 = sum(side.down8 is not None for side in paths.sides.values())
     triton = sum(side.triton_up for side in paths.sides.values())
-    owners = {id(o): o for o in (side.group or side for side in paths.sides.values() if side.down8 is not None)}
-    down = sum(owner.down_config is not None for owner in owners.values())
     if not fp8:
         return "bf16"
     return (
-        f"{fp8} fed by the fused FP8 blocks: down projection from their FP8 activations with A in e4m3 ({down} by a "
-        "Triton kernel), "
+        f"{fp8} fed by the fused FP8 blocks: down projection from their FP8 activations with A in e4m3, "
         f"{len(paths.groups)} shared by two layers, up projection folded into the FP8 GEMM (K widened by the slots' "
         f"rank) on {len(paths.augmented)} and added in place on the rest ({triton} by a Triton kernel); the others bf16"
     )

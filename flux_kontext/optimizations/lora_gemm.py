@@ -18,7 +18,7 @@ from typing import Optional
 
 import torch
 
-from flux_kontext.optimizations.lora_triton import cublas_down_projection, down_projection_kernel, low_rank_add
+from flux_kontext.optimizations.lora_triton import low_rank_add
 
 
 @torch.library.custom_op("flux_kontext::fp8_linear_low_rank", mutates_args=())
@@ -46,13 +46,10 @@ def _(values, scale, weight_t, weight_scale, bias, low, up, out_dtype, triton_up
     return values.new_empty((values.shape[0], weight_t.shape[1]), dtype=out_dtype)
 
 
-def down_projection(values, scale, down8, down_scale, dtype, config: list[int] | None = None) -> torch.Tensor:
+def down_projection(values: torch.Tensor, scale: torch.Tensor, down8: torch.Tensor, down_scale: torch.Tensor, dtype):
     """x A^T from rowwise-quantized activations (values * scale = x) and A in e4m3 (down8 * down_scale^T = A):
-    (M, R). Memory-bound, so exact accumulation costs nothing here. With ``config`` (chosen at start where it measured
-    faster: lora_triton.choose_down) lora_triton's kernel on the GPU, else cuBLAS."""
-    if config is not None and values.is_cuda and values.stride(1) == 1 and dtype == torch.bfloat16:
-        return down_projection_kernel(values, scale, down8, down_scale, config)
-    return cublas_down_projection(values, scale, down8, down_scale, dtype)
+    (M, R). Memory-bound, so exact accumulation costs nothing here."""
+    return torch._scaled_mm(values, down8.t(), scale_a=scale, scale_b=down_scale, out_dtype=dtype)
 
 
 # ----- A's rows appended to the base weight (the layers whose up projection stays in place) ---------------------------

@@ -58,7 +58,6 @@ class LoraSide(torch.nn.Module):
         self.state = state
         self.group: SharedInput | None = None
         self.triton_up = False  # the fused blocks' up projection on lora_triton's kernel (measured at start)
-        self.down_config: list[int] | None = None  # the down projection on lora_triton's kernel (measured at start)
         self.aug: AugmentedWeight | None = None  # the up projection folded into the FP8 GEMM (lora_k_augment.py)
         self.rows: lora_gemm.RowWeight | None = None  # A's rows appended to the FP8 weight (lora_gemm.py)
         self.counters: torch.Tensor | None = None  # the fold's guard: [rows rescaled, entries clamped] (SidePaths)
@@ -86,7 +85,7 @@ class LoraSide(torch.nn.Module):
         x8 = values[:, :fan_in]
         if self.rows is not None:  # the down projection inside the layer's own GEMM
             return lora_gemm.rows_linear(x8, scale, self.rows, self.up, out_dtype, self.triton_up)
-        low = lora_gemm.down_projection(x8, scale, self.down8, self.down_scale, out_dtype, self.down_config)
+        low = lora_gemm.down_projection(x8, scale, self.down8, self.down_scale, out_dtype)
         if self.aug is not None:
             x_aug, scale = self._augmented(values, scale, low, self.t_scale, fan_in)
             return lora_k_augment.augmented_linear(x_aug, scale, self.aug, linear.bias, out_dtype)
@@ -118,7 +117,7 @@ class LoraSide(torch.nn.Module):
         group = self.group
         fan_in = linears[0].in_features
         x8 = values[:, :fan_in]
-        low = lora_gemm.down_projection(x8, scale, group.down8, group.down_scale, out_dtype, group.down_config)
+        low = lora_gemm.down_projection(x8, scale, group.down8, group.down_scale, out_dtype)
         sides = [linear.lora_side for linear in linears]
         folded = next((side for side in sides if side.aug is not None), None)
         x_aug = None
@@ -170,7 +169,6 @@ class SharedInput:
 
     def __init__(self, linears: tuple):
         self.linears = linears
-        self.down_config: list[int] | None = None  # as LoraSide.down_config, for the shared down projection
         sides = [linear.lora_side for linear in linears]
         widths = [side.down.shape[0] for side in sides]
         first = sides[0].down8
