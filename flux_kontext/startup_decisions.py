@@ -23,12 +23,13 @@ import copy
 import importlib.metadata
 import json
 import logging
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from flux_kontext.kept_files import KeptFile, write_atomically
 
 log = logging.getLogger(__name__)
 
@@ -63,12 +64,11 @@ def _plain(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str))
 
 
-class DecisionCache:
+class DecisionCache(KeptFile):
     """The decisions of one key. ``get`` / ``put`` by (name, part); ``save`` writes what was measured this start."""
 
     def __init__(self, path: Path | None = None, key: dict | None = None, why_off: str | None = None):
-        self.path, self.key = path, key or {}
-        self.why_off = why_off
+        super().__init__(path, key, why_off)
         self._stored: dict[str, dict[str, dict]] = {}
         self._found_file = False
         self._used: dict[str, str] = {}  # "name/part" -> measured_at, read back this start
@@ -77,20 +77,11 @@ class DecisionCache:
         if path is not None:
             self._read()
 
-    @property
-    def enabled(self) -> bool:
-        return self.path is not None
-
     def _read(self) -> None:
-        try:
-            content = json.loads(self.path.read_text())
-        except FileNotFoundError:
-            return
-        except (OSError, ValueError) as exc:
-            log.warning("start-up decisions: %s unreadable (%s); measuring again", self.path, exc)
-            return
-        if content.get("format") != FORMAT or content.get("key") != self.key:
-            log.warning("start-up decisions: %s belongs to another key; measuring again", self.path)
+        content, found = self.read_content(FORMAT)
+        if content is None:
+            if found != "missing":
+                log.warning("start-up decisions: %s is %s; measuring again", self.path, found)
             return
         self._found_file = True
         self._stored = content.get("decisions", {})
@@ -155,11 +146,7 @@ class DecisionCache:
         if not self.enabled or not self._dirty:
             return
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            partial = self.path.with_name(f".{self.path.name}.{os.getpid()}")
-            content = {"format": FORMAT, "key": self.key, "decisions": self._stored}
-            partial.write_text(json.dumps(content, indent=1, sort_keys=True) + "\n")
-            os.replace(partial, self.path)
+            write_atomically(self.path, {"format": FORMAT, "key": self.key, "decisions": self._stored})
             self._dirty = False
         except OSError as exc:
             log.warning("start-up decisions not kept: %s (%s)", self.path, exc)

@@ -28,11 +28,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from flux_kontext.kept_files import KeptFile, write_atomically
 
 log = logging.getLogger(__name__)
 
@@ -72,12 +73,12 @@ class Entry:
     ran_at: str
 
 
-class WarmupRecord:
+class WarmupRecord(KeptFile):
     """The record of one key: ``skip_reason`` says whether a generation may be skipped this start, ``ran`` and
     ``skipped`` note what this warm-up did, ``save`` writes it, ``report`` is /health's ``shapes.warmup``."""
 
     def __init__(self, path: Path | None = None, key: dict | None = None, why_off: str | None = None, may_skip=False):
-        self.path, self.key, self.why_off = path, key or {}, why_off
+        super().__init__(path, key, why_off)
         self.found: str = "off" if path is None else MISSING  # or: read back, unreadable (why), for another key
         self.may_skip = may_skip and path is not None
         self._stored: dict[str, Entry] = {}
@@ -90,27 +91,21 @@ class WarmupRecord:
             log.warning("warm-up record %s is %s: running every warm-up generation", self.path, self.found)
             self.may_skip = False
 
-    @property
-    def enabled(self) -> bool:
-        return self.path is not None
-
     def _read(self) -> None:
+        content, found = self.read_content(FORMAT)
+        if content is None:
+            if found != "missing":  # missing: self.found keeps its own wording
+                self.found = found
+            return
         try:
-            content = json.loads(self.path.read_text())
-            if content.get("format") != FORMAT or content.get("key") != self.key:
-                differs = sorted(k for k in self.key if (content.get("key") or {}).get(k) != self.key[k])
-                self.found = "for another key" + (f" (differs in {', '.join(differs)})" if differs else "")
-                return
             self._stored = {name: Entry(**entry) for name, entry in content["generations"].items()}
             if not all(isinstance(e.graphs_compiled, int) and isinstance(e.ran_at, str) for e in self._stored.values()):
                 raise ValueError("an entry's graphs_compiled is not a whole number")
-        except FileNotFoundError:
-            return
-        except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:
             self.found = f"unreadable ({type(exc).__name__}: {exc})"
             self._stored = {}
             return
-        self.found = "read back"
+        self.found = found
 
     def skip_reason(self, generation: str) -> str | None:
         """Why this generation may be skipped this start (None: it runs)."""
@@ -142,10 +137,7 @@ class WarmupRecord:
             "generations": {name: entry.__dict__ for name, entry in generations.items()},
         }
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            partial = self.path.with_name(f".{self.path.name}.{os.getpid()}")
-            partial.write_text(json.dumps(content, indent=1, sort_keys=True) + "\n")
-            os.replace(partial, self.path)
+            write_atomically(self.path, content)
         except OSError as exc:
             log.warning("warm-up record not kept: %s (%s)", self.path, exc)
 
