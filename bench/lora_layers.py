@@ -93,11 +93,11 @@ class Layer:
         weight = lora_k_augment.AugmentedWeight(self.weight_t, self.weight_scale, extra, start, width, pad)
         t_scale = torch.zeros(1, width, device=self.up.device) if t_scale is None else t_scale
         weight.fill(self.up, t_scale)
-        return weight, t_scale, weight.input_width
+        return weight, t_scale
 
     def k_aug(self, multiple: int):
         """A callable (values, scale) -> output on the folded GEMM, with its own x_aug."""
-        weight, t_scale, _ = self.folded(multiple)
+        weight, t_scale = self.folded(multiple)
         counters = torch.zeros(2, dtype=torch.int32, device=t_scale.device)
 
         def fn(values, scale):
@@ -122,7 +122,7 @@ def folded_pair(first: Layer, second: Layer, multiple: int):
     """Two layers on one input, one x_aug: (values, scale) -> (first's output, second's output), and what went in."""
     widths = [first.up.shape[1], second.up.shape[1]]
     t_scale = torch.zeros(1, sum(widths), device=first.up.device)
-    (w1, _, _), (w2, _, _) = (
+    (w1, _), (w2, _) = (
         first.folded(multiple, sum(widths), 0, t_scale[:, : widths[0]]),
         second.folded(multiple, sum(widths), widths[0], t_scale[:, widths[0] :]),
     )

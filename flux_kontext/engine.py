@@ -267,14 +267,15 @@ class Engine:
                 runs += 1
         record.save()
         self.warmup_seconds = time.perf_counter() - start
-        skipped = len(record.report()["skipped"])
+        report = record.report()
+        skipped = len(report["skipped"])
         log.info(
             "warm-up: %d generations in %.1f s (%s shapes), %d skipped (%s)",
             runs,
             self.warmup_seconds,
             self.shapes.strategy,
             skipped,
-            "compiled nothing when last run with this fingerprint" if skipped else record.report()["why_not"],
+            "compiled nothing when last run with this fingerprint" if skipped else report["why_not"],
         )
 
     def shapes_report(self) -> dict:

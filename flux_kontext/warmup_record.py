@@ -82,7 +82,7 @@ class WarmupRecord(KeptFile):
         self.found: str = "off" if path is None else MISSING  # or: read back, unreadable (why), for another key
         self.may_skip = may_skip and path is not None
         self._stored: dict[str, Entry] = {}
-        self._read_now: dict[str, Entry] = {}  # this warm-up's, in order
+        self._ran_now: dict[str, Entry] = {}  # this warm-up's, in order
         self._skipped: dict[str, str] = {}  # generation -> why
         self._lock = threading.Lock()  # written by warm-up, read by /health
         if path is not None:
@@ -123,14 +123,14 @@ class WarmupRecord(KeptFile):
 
     def ran(self, generation: str, graphs_compiled: int, cuda_graphs_captured: int, seconds: float) -> None:
         with self._lock:
-            self._read_now[generation] = Entry(graphs_compiled, cuda_graphs_captured, round(seconds, 2), _now())
+            self._ran_now[generation] = Entry(graphs_compiled, cuda_graphs_captured, round(seconds, 2), _now())
 
     def save(self) -> None:
         """Write what this warm-up ran over what the file held (atomically; a failure is logged, never raised)."""
-        if not self.enabled or not self._read_now:
+        if not self.enabled or not self._ran_now:
             return
         with self._lock:
-            generations = {**self._stored, **self._read_now}
+            generations = {**self._stored, **self._ran_now}
         content = {
             "format": FORMAT,
             "key": self.key,
@@ -150,7 +150,7 @@ class WarmupRecord(KeptFile):
                     "cuda_graphs_captured": e.cuda_graphs_captured,
                     "seconds": e.seconds,
                 }
-                for name, e in self._read_now.items()
+                for name, e in self._ran_now.items()
             }
             skipped = dict(self._skipped)
         return {

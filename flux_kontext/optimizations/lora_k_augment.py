@@ -108,7 +108,7 @@ class AugmentedWeight:
         t_scale.copy_((top / (E4M3_MAX * self.copies)).view(1, -1))
 
 
-def fold_into(x_aug, scale, low, t_scale, counters, fan_in: int, copies: int = 1) -> torch.Tensor:
+def fold_into(x_aug, scale, low, t_scale, counters, fan_in: int, copies: int) -> torch.Tensor:
     """x_aug's t' columns (``copies`` times, then zero padding) from the down projection ``low`` = x A^T (M, R), in
     place; rows whose t' would not fit e4m3 rescaled in place (x_aug's x8 and ``scale``): lora_fold_input.py.
     Returns x_aug."""
