@@ -76,6 +76,21 @@ class Service:
         self.draining = False  # set by drain(): readiness 503, new jobs refused, those accepted finish
         self._drained: asyncio.Event | None = None
         self._hurry: asyncio.Event | None = None
+        self._answering: set[asyncio.Task] = set()  # detached work (async jobs) a drain waits for past the GPU
+
+    def answer_in_background(self, task: asyncio.Task) -> None:
+        """A task that answers an accepted job with no HTTP connection held open (an async job: its GPU work, its
+        encoding and its record): a drain waits for it, not only for the GPU queue, so no accepted job is left
+        'running' in a record nobody will finish."""
+        self._answering.add(task)
+        task.add_done_callback(self._answering.discard)
+
+    async def _until_answered(self, timeout_s: float) -> None:
+        """Until the queue is idle and every detached answer is written, at most ``timeout_s``."""
+        deadline = time.monotonic() + timeout_s
+        await self.queue.until_idle(timeout_s)
+        if self._answering:
+            await asyncio.wait(set(self._answering), timeout=max(0.0, deadline - time.monotonic()))
 
     def _graph_evictions(self) -> int:
         reports = getattr(self.engine, "reports", [])
@@ -191,7 +206,7 @@ class Service:
         start = time.monotonic()
         log.warning("draining: %d job(s) queued or running; up to %.3g s to finish", self.queue.depth, timeout_s)
         try:
-            idle = asyncio.ensure_future(self.queue.until_idle(timeout_s))
+            idle = asyncio.ensure_future(self._until_answered(timeout_s))
             hurry = asyncio.ensure_future(self._hurry.wait())
             await asyncio.wait({idle, hurry}, return_when=asyncio.FIRST_COMPLETED)
             hurry.cancel()
@@ -203,7 +218,7 @@ class Service:
                     f"the server is shutting down: the job was stopped before it finished ({limit}); retry elsewhere",
                 )
                 log.warning("drain: %d job(s) answered 503 after %.1f s", answered, time.monotonic() - start)
-                await self.queue.until_idle(STOP_WAIT_S)
+            await self._until_answered(STOP_WAIT_S)  # the stopped job, answers still encoding; at once when none
             log.warning("drained in %.1f s", time.monotonic() - start)
         finally:
             self._drained.set()

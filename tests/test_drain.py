@@ -69,6 +69,29 @@ def test_sigterm_drains_then_exits_0_with_every_accepted_request_answered():
         assert time.monotonic() - signalled < drain_s + bound_s
 
 
+def test_drain_waits_for_an_async_job_still_encoding_after_its_gpu_work():
+    """The GPU queue turning idle is not the job answered: its encoding and record come after, off the queue."""
+    with make_client(max_queue=4) as client:
+        wait_ready(client)
+        service = client.app.state.service
+        encoder = service.encoder
+
+        class SlowEncoder:
+            def __getattr__(self, name):
+                return getattr(encoder, name)
+
+            def encode_base64(self, *args, **kwargs):
+                time.sleep(1.0)  # the queue is idle all this time
+                return encoder.encode_base64(*args, **kwargs)
+
+        service.encoder = SlowEncoder()
+        job = client.post("/v1/jobs", json=FAST).json()
+        while service.queue.depth:
+            time.sleep(0.01)
+        client.portal.call(service.drain, 10.0)
+        assert client.get(f"/v1/jobs/{job['id']}").json()["status"] == "succeeded"
+
+
 def test_drain_finishes_accepted_async_jobs_in_time_and_fails_the_rest_with_the_reason():
     with make_client(max_queue=4) as client:
         wait_ready(client)

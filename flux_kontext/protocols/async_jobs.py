@@ -105,6 +105,7 @@ class AsyncJobs:
         job.on_step = lambda done, total: loop.call_soon_threadsafe(record.step, done, total, time.monotonic())
         self.store.add(record)
         record.task = asyncio.create_task(self._run(record), name=record.id)
+        self.service.answer_in_background(record.task)
         await asyncio.sleep(0)  # one tick: the task enqueues the job (or is refused) before anything else runs
         if record.task.done() and record.status == "failed":
             self.store.drop(record)
