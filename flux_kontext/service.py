@@ -80,8 +80,9 @@ class Service:
 
     def answer_in_background(self, task: asyncio.Task) -> None:
         """A task that answers an accepted job with no HTTP connection held open (an async job: its GPU work, its
-        encoding and its record): a drain waits for it, not only for the GPU queue, so no accepted job is left
-        'running' in a record nobody will finish."""
+        encoding and its record; its webhook's delivery, retries included). A drain waits for it, not only for the
+        GPU queue, so no accepted job is left 'running' in a record nobody will finish, and no finished job's
+        webhook is cut off by the shutdown (within the drain's time)."""
         self._answering.add(task)
         task.add_done_callback(self._answering.discard)
 
@@ -89,8 +90,8 @@ class Service:
         """Until the queue is idle and every detached answer is written, at most ``timeout_s``."""
         deadline = time.monotonic() + timeout_s
         await self.queue.until_idle(timeout_s)
-        if self._answering:
-            await asyncio.wait(set(self._answering), timeout=max(0.0, deadline - time.monotonic()))
+        while self._answering and time.monotonic() < deadline:  # a finished job may start its webhook's delivery
+            await asyncio.wait(set(self._answering), timeout=deadline - time.monotonic())
 
     def _graph_evictions(self) -> int:
         reports = getattr(self.engine, "reports", [])

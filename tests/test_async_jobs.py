@@ -586,3 +586,29 @@ def test_an_async_inference_is_counted_under_the_route_that_served_it():
         response = client.post("/inference", json=SMALL, headers={"Prefer": "respond-async"})
         assert response.status_code == 202
         assert 'flux_requests_total{endpoint="/v1/jobs",status="202"} 1.0' in client.get("/metrics").text
+
+
+def test_a_drain_waits_for_a_finished_jobs_webhook_still_retrying():
+    """The job is done before the drain starts; its completed webhook, on its retry after the receiver's 500, is
+    still an answer owed: the drain returns once it is delivered, not while it waits out the backoff."""
+    receiver = Receiver()
+    receiver.statuses = [500]
+    settings = Settings(
+        model="tiny",
+        warmup=False,
+        webhook_allowed_prefixes=[f"{receiver.base}/hooks/"],
+        webhook_secret=SECRET,
+        webhook_timeout_s=5,
+    )
+    try:
+        with TestClient(create_app(settings)) as client:
+            wait_ready(client)
+            job = submit(client, {**SMALL, "webhook_url": f"{receiver.base}/hooks/drain"})
+            assert poll(client, job["id"])["status"] == "succeeded"
+            receiver.wait(1)  # the first attempt got its 500; the retry comes after the backoff
+            service = client.app.state.service
+            client.portal.call(service.drain, 10.0)
+            outcome = client.get(f"/v1/jobs/{job['id']}").json()["webhook"]["deliveries"]["completed"]
+            assert outcome["delivered"] and outcome["attempts"] == 2 and not outcome["pending"], outcome
+    finally:
+        receiver.server.shutdown()

@@ -13,6 +13,7 @@ import json
 import logging
 import time
 import uuid
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from fastapi import Request
@@ -104,7 +105,8 @@ class Webhooks:
     max_backoff_s = 8.0
     max_url_length = 2048
 
-    def __init__(self, settings):
+    def __init__(self, settings, track: Callable[[asyncio.Task], None] | None = None):
+        self.track = track  # each delivery's task, also to whoever waits for answers (the Service's drain)
         self.prefixes = list(settings.webhook_allowed_prefixes)
         self.key = settings.webhook_key if self.prefixes else b""
         self.timeout_s, self.retries = settings.webhook_timeout_s, settings.webhook_retries
@@ -179,6 +181,8 @@ class Webhooks:
         task = asyncio.create_task(self._deliver(record, event, delivery, snapshot), name=f"{record.id}-{event}")
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
+        if self.track is not None:
+            self.track(task)
 
     async def _deliver(self, record: JobRecord, event: str, delivery: Delivery, snapshot: dict | None) -> None:
         hook = record.webhook
