@@ -399,6 +399,17 @@ def verify(secret: str, headers: dict, body: bytes) -> bool:
     return any(hmac.compare_digest(f"v1,{expected}", sig) for sig in headers["webhook-signature"].split())
 
 
+def hook_settings(receiver: Receiver) -> Settings:
+    """The tiny model, no warm-up, webhooks allowed to the receiver's /hooks/ (signed with SECRET)."""
+    return Settings(
+        model="tiny",
+        warmup=False,
+        webhook_allowed_prefixes=[f"{receiver.base}/hooks/"],
+        webhook_secret=SECRET,
+        webhook_timeout_s=5,
+    )
+
+
 @pytest.fixture(scope="module")
 def hooked():
     """An app whose operator allows webhooks to the receiver's /hooks/, over the gated engine; and the receiver."""
@@ -409,13 +420,7 @@ def hooked():
         engines.append(GatedEngine(settings))
         return engines[0]
 
-    settings = Settings(
-        model="tiny",
-        warmup=False,
-        webhook_allowed_prefixes=[f"{receiver.base}/hooks/"],
-        webhook_secret=SECRET,
-        webhook_timeout_s=5,
-    )
+    settings = hook_settings(receiver)
     with TestClient(create_app(settings, factory)) as client:
         wait_ready(client)
         yield client, engines[0], receiver
@@ -593,13 +598,7 @@ def test_a_drain_waits_for_a_finished_jobs_webhook_still_retrying():
     still an answer owed: the drain returns once it is delivered, not while it waits out the backoff."""
     receiver = Receiver()
     receiver.statuses = [500]
-    settings = Settings(
-        model="tiny",
-        warmup=False,
-        webhook_allowed_prefixes=[f"{receiver.base}/hooks/"],
-        webhook_secret=SECRET,
-        webhook_timeout_s=5,
-    )
+    settings = hook_settings(receiver)
     try:
         with TestClient(create_app(settings)) as client:
             wait_ready(client)
