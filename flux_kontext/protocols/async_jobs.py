@@ -91,7 +91,7 @@ class AsyncJobs:
         self.service = service
         s = service.settings
         self.store = JobStore(s.job_result_ttl_s, s.max_kept_jobs, int(s.max_kept_job_mb * 2**20))
-        self.webhooks = Webhooks(s, track=service.answer_in_background)  # a drain waits for deliveries
+        self.webhooks = Webhooks(s, track=service.answer_in_background)
 
     async def submit(self, request: InferenceRequest, webhook: Webhook | None = None) -> JobRecord:
         """Queue a job; raises the 429/503 /inference would give, before any job id exists (and any webhook)."""

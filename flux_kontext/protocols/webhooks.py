@@ -105,12 +105,13 @@ class Webhooks:
     max_backoff_s = 8.0
     max_url_length = 2048
 
-    def __init__(self, settings, track: Callable[[asyncio.Task], None] | None = None):
-        self.track = track  # each delivery's task, also to whoever waits for answers (the Service's drain)
+    def __init__(self, settings, track: Callable[[asyncio.Task], None]):
+        # Each delivery's task goes to ``track`` (the Service's drain waits for it), which holds it while it runs: the
+        # loop keeps only weak references.
+        self.track = track
         self.prefixes = list(settings.webhook_allowed_prefixes)
         self.key = settings.webhook_key if self.prefixes else b""
         self.timeout_s, self.retries = settings.webhook_timeout_s, settings.webhook_retries
-        self.tasks: set[asyncio.Task] = set()  # deliveries in flight (held: the loop keeps only weak references)
 
     def parse(self, fields: dict, root: str) -> Webhook | None:
         """webhook_url and webhook_events as sent (JSON values or form text), or a 422 naming the field."""
@@ -179,10 +180,7 @@ class Webhooks:
         delivery = hook.deliveries[event] = Delivery()
         snapshot = record.state(hook.root, deliveries=False) if event == "start" else None  # it changes on
         task = asyncio.create_task(self._deliver(record, event, delivery, snapshot), name=f"{record.id}-{event}")
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
-        if self.track is not None:
-            self.track(task)
+        self.track(task)
 
     async def _deliver(self, record: JobRecord, event: str, delivery: Delivery, snapshot: dict | None) -> None:
         hook = record.webhook
