@@ -14,6 +14,7 @@ from typing import Literal
 from fastapi import FastAPI, Query, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
+from flux_kontext import bytecode_cache
 from flux_kontext.auth import ApiKeyMiddleware
 from flux_kontext.benchmark import BenchmarkParams, run_benchmark
 from flux_kontext.cors import add_cors
@@ -244,6 +245,7 @@ class Service:
             "load_seconds": round(engine.load_seconds, 2) if engine.load_seconds else None,
             "warmup_seconds": round(engine.warmup_seconds, 2) if engine.warmup_seconds else None,
             "startup_seconds": {k: None if v is None else round(v, 2) for k, v in engine.startup_seconds.items()},
+            "startup_bytecode": bytecode_cache.state(),
             "startup_decisions": engine.describe_decisions() if hasattr(engine, "describe_decisions") else None,
             "shapes": engine.shapes_report(),
             "parallel": self.describe_parallel(),

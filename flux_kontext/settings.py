@@ -508,13 +508,23 @@ class CompileSettings(BaseModel):
         "torch/GPU/settings fingerprint): a restart on the same fingerprint reuses the compiled code; unset: the "
         "process defaults, not kept by the service. Also holds the start-up decisions (decisions/: the FP8 layer "
         "screen, the attention kernels' timing and FP8 screen, the LoRA kernel choice), read back on a restart with "
-        "the same GPU, software, weights and settings (/health startup_decisions).",
+        "the same GPU, software, weights and settings (/health startup_decisions). Where the interpreter writes no "
+        "bytecode (PYTHONDONTWRITEBYTECODE), Python's bytecode too (bytecode/, read from the environment before "
+        "the imports: /health startup_bytecode).",
     )
     compile_dynamic: bool = Field(
         True,
         description="Compile the blocks for dynamic batch and token dimensions and the VAE for dynamic batch, height "
         "and width: one graph per part serves every size (as fast as static ones: BENCHMARKS.md, Shapes); false: "
         "one static graph per shape, each new shape compiling on its first request.",
+    )
+    compile_batch: Literal["unbacked", "specialized"] = Field(
+        "unbacked",
+        description="How the compiled blocks treat the batch (num_images, true CFG) under FLUX_COMPILE_DYNAMIC: "
+        "'unbacked' one graph per block kind for every batch size, one image included (dynamo cannot specialize "
+        "an unbacked size); 'specialized' dynamo's default, a graph for one image and another for every larger "
+        "batch: one more graph per block kind to compile at a cold start and to reload on a restart "
+        "(BENCHMARKS.md, Batch).",
     )
     compile_vae: Literal["hot", "all", "off"] = Field(
         "hot",

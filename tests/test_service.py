@@ -287,3 +287,5 @@ def test_health_reports_each_start_up_phase_in_seconds(client):
     assert all(phases[name] >= 0 for name in ("load_model", "optimize", "warm_up"))
     if phases["since_process_start"] is not None:  # Linux: from the kernel's record of the process start
         assert phases["since_process_start"] >= phases["load_model"] + phases["optimize"] + phases["warm_up"]
+    # Whether Python's bytecode is kept in the compile cache directory, and why not here (no directory set).
+    assert client.get("/health").json()["startup_bytecode"] == {"kept": False, "why": "FLUX_COMPILE_CACHE_DIR unset"}

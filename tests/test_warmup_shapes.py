@@ -183,3 +183,43 @@ def test_the_blocks_compile_once_per_block_kind_with_fa3_in_fp8_choosing_per_lay
     with stack.request(Job(prompt="a cat", seed=0)) as run:
         transformer(**transformer_inputs(transformer, torch.Generator().manual_seed(0)))
     assert run.counters["compile"] == {"graphs_compiled": 2}  # one FluxTransformerBlock, one single block graph
+
+
+def batch_request(client, num_images: int) -> dict:
+    body = {"prompt": "a boat", "width": 256, "height": 256, "steps": 1, "num_images": num_images}
+    response = client.post("/inference", json=body)
+    assert response.status_code == 200, response.text
+    assert len(response.json()["images"]) == num_images
+    return client.get("/health").json()
+
+
+@pytest.mark.parametrize(("batch", "compiles"), [("unbacked", False), ("specialized", True)])
+def test_an_unbacked_batch_serves_every_num_images_from_the_graphs_one_image_compiled(dynamo_eager, batch, compiles):
+    with compiled_app(compile_batch=batch) as client:
+        health = wait_ready(client, timeout_s=300)
+        compile_report = next(r for r in health["optimizations"] if r["name"] == "compile")
+        assert compile_report["data"]["batch"] == batch
+        assert "blocks_batch_specialized" not in compile_report["data"]
+        after = batch_request(client, 2)["shapes"]["compiled_after_ready"]
+        # Warm-up ran one image only (FLUX_WARMUP_SHAPES=minimal): a specialized batch compiles again for two.
+        assert (after["requests"] > 0) is compiles
+        assert batch_request(client, 3)["shapes"]["compiled_after_ready"] == after  # 3 runs what 2 compiled
+
+
+def test_a_block_that_guards_on_its_batch_is_compiled_with_the_batch_specialized(dynamo_eager):
+    from flux_kontext.optimizations.compile import CompiledForward
+
+    def block(hidden_states, encoder_hidden_states, temb, image_rotary_emb=None):
+        if hidden_states.shape[0] == 1:  # a guard on the batch: no unbacked size can answer it
+            return hidden_states * 2
+        return hidden_states + temb[:, None]
+
+    reasons = []
+    compiled = CompiledForward(block, {}, print, dynamic=True, unbacked_batch=True, on_batch_fallback=reasons.append)
+    one = torch.ones(1, 4, 8)
+    text, temb = torch.zeros(1, 3, 8), torch.ones(1, 8)
+    assert torch.equal(compiled(hidden_states=one, encoder_hidden_states=text, temb=temb), one * 2)
+    assert len(reasons) == 1 and "data-dependent" in reasons[0] and compiled.unbacked_batch is False
+    two = torch.ones(2, 4, 8)
+    out = compiled(hidden_states=two, encoder_hidden_states=text.expand(2, 3, 8), temb=temb.expand(2, 8))
+    assert torch.equal(out, two + 1) and len(reasons) == 1

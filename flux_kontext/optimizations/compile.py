@@ -32,6 +32,7 @@ says which directory, its fingerprint, and whether it held compiled artifacts at
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 from collections.abc import Callable
 
@@ -52,6 +53,8 @@ RECOMPILE_LIMIT = 64
 # The dimensions of a block's inputs that change between requests: batch (num_images) and tokens (the resolution,
 # plus the context image's tokens in an edit). Text tokens (max_sequence_length) and widths stay static.
 BLOCK_DYNAMIC_DIMS = {"hidden_states": (0, 1), "encoder_hidden_states": (0,), "temb": (0,), "image_rotary_emb": (0,)}
+# Of those, the batch dimensions (the rotary embedding has none: its dimension 0 is tokens).
+BLOCK_BATCH_DIMS = {"hidden_states": 0, "encoder_hidden_states": 0, "temb": 0}
 
 
 def graphs_compiled() -> int:
@@ -60,16 +63,22 @@ def graphs_compiled() -> int:
     return torch._dynamo.utils.counters["stats"]["unique_graphs"]
 
 
-def mark_dynamic_dims(kwargs: dict) -> None:
+def mark_dynamic_dims(kwargs: dict, unbacked_batch: bool = False) -> None:
     """Mark the varying dimensions of a block's keyword inputs as dynamic, so the first compile already serves
     every size. ``maybe_mark_dynamic``: a dimension of size 1 (one image) may still be specialized, never an error;
-    the next batch size then compiles once for all batch sizes above one."""
+    the next batch size then compiles once for all batch sizes above one. With ``unbacked_batch`` the batch
+    dimensions are unbacked symbols instead (``mark_unbacked``): dynamo cannot specialize them, so the first call
+    (one image) compiles the graph every batch size runs, and a batch never compiles again; the batches the inputs
+    must share are checked at run time (an assert in the compiled code, not a guard)."""
     for name, dims in BLOCK_DYNAMIC_DIMS.items():
         value = kwargs.get(name)
         for tensor in value if isinstance(value, tuple | list) else (value,):
             if isinstance(tensor, torch.Tensor):
                 for dim in dims:
-                    torch._dynamo.maybe_mark_dynamic(tensor, dim)
+                    if unbacked_batch and BLOCK_BATCH_DIMS.get(name) == dim:
+                        torch._dynamo.decorators.mark_unbacked(tensor, dim)
+                    else:
+                        torch._dynamo.maybe_mark_dynamic(tensor, dim)
 
 
 def canonical_strides(kwargs: dict) -> None:
@@ -88,25 +97,79 @@ class CompiledForward:
     (too many distinct shapes): that block then runs eager from here on, and ``on_fallback`` says so in the report.
     """
 
-    def __init__(self, eager: Callable, options: dict, on_fallback: Callable[[str], None], dynamic: bool):
+    def __init__(
+        self,
+        eager: Callable,
+        options: dict,
+        on_fallback: Callable[[str], None],
+        dynamic: bool,
+        unbacked_batch: bool = False,
+        on_batch_fallback: Callable[[str], None] | None = None,
+    ):
         self.eager = eager
         self.__wrapped__ = eager  # inspect.signature sees the block's own parameters
         self.on_fallback = on_fallback
         self.dynamic = dynamic
+        self.unbacked_batch = unbacked_batch
+        self.options = options
+        self.on_batch_fallback = on_batch_fallback  # this block's batch could not be unbacked: the reason
+        self.run = self._compiled()
+
+    def _compiled(self) -> Callable:
         # dynamic=False: a graph per shape; None: dynamo's default, with the varying dimensions marked (below).
-        self.run = torch.compile(eager, fullgraph=True, dynamic=None if dynamic else False, options=options or None)
+        traced = with_batch_bounds(self.eager) if self.unbacked_batch else self.eager
+        return torch.compile(
+            traced, fullgraph=True, dynamic=None if self.dynamic else False, options=self.options or None
+        )
 
     def __call__(self, *args, **kwargs):
         if self.run is not self.eager:  # diffusers calls the blocks with keywords
             canonical_strides(kwargs)
             if self.dynamic:
-                mark_dynamic_dims(kwargs)
+                mark_dynamic_dims(kwargs, self.unbacked_batch)
         try:
             return self.run(*args, **kwargs)
         except FailOnRecompileLimitHit as exc:  # raised before the frame runs: nothing was computed
             self.run = self.eager
             self.on_fallback(str(exc).splitlines()[0])
             return self.eager(*args, **kwargs)
+        except UNBACKED_FAILURES as exc:  # traced code guards on the batch: compile it the dynamo way instead
+            if not self.unbacked_batch:
+                raise
+            reason = str(exc).splitlines()[0]
+            log.warning("compile: this block cannot be compiled for an unbacked batch (%s); batch specialized", reason)
+            self.unbacked_batch, self.run = False, self._compiled()
+            if self.on_batch_fallback is not None:
+                self.on_batch_fallback(reason)
+            return self(*args, **unmarked(kwargs))
+
+
+# Raised while tracing when code guards on an unbacked size (nothing has run yet: the call can be traced again).
+UNBACKED_FAILURES = (torch._dynamo.exc.UserError, torch.fx.experimental.symbolic_shapes.GuardOnDataDependentSymNode)
+
+
+def with_batch_bounds(eager: Callable) -> Callable:
+    """``eager`` with what the compiler may assume of an unbacked batch: at least one image, the same in every input.
+    Without the bound a shape check such as ``batch x tokens == 1`` (torch's FP8 GEMM asks it of its rows) cannot
+    be decided, and tracing fails; the checks become asserts in the compiled code."""
+
+    @functools.wraps(eager)
+    def forward(*args, **kwargs):
+        batch = kwargs["hidden_states"].shape[0]
+        torch._check(batch >= 1)
+        for name in BLOCK_BATCH_DIMS:
+            if isinstance(kwargs.get(name), torch.Tensor):
+                torch._check(kwargs[name].shape[0] == batch)
+        return eager(*args, **kwargs)
+
+    return forward
+
+
+def unmarked(kwargs: dict) -> dict:
+    """The tensor inputs as new views: dynamo's marks (mark_unbacked) live on the tensor objects."""
+    return {
+        name: value.view(value.shape) if isinstance(value, torch.Tensor) else value for name, value in kwargs.items()
+    }
 
 
 class WithoutDuckSizing:
@@ -198,11 +261,23 @@ class Compile(Optimization):
         self._compiled_at_apply = graphs_compiled()
         transformer, vae = model.pipe.transformer, model.pipe.vae
         options, dynamic = self.inductor_options(), self.settings.compile_dynamic
+        unbacked = dynamic and self.settings.compile_batch == "unbacked"
         for block in [*transformer.transformer_blocks, *transformer.single_transformer_blocks]:
-            model.slots.set(block, "compiled", lambda inner: CompiledForward(inner, options, self._fell_back, dynamic))
+            model.slots.set(
+                block,
+                "compiled",
+                lambda inner: CompiledForward(
+                    inner, options, self._fell_back, dynamic, unbacked, self._batch_fell_back
+                ),
+            )
         vae_detail, vae_shapes = self._compile_vae(vae, options, dynamic)
         if dynamic:
             shapes = "compiled for dynamic batch and tokens: one graph per block kind serves every resolution"
+            shapes += (
+                " and every num_images (batch unbacked, FLUX_COMPILE_BATCH=unbacked)"
+                if unbacked
+                else ", one for one image and one for every larger batch (FLUX_COMPILE_BATCH=specialized)"
+            )
         else:
             shapes = "static shapes (FLUX_COMPILE_DYNAMIC=false): each new shape compiles on its first call"
         return Outcome.applied(
@@ -211,6 +286,7 @@ class Compile(Optimization):
             **caches.data(),
             startup_decisions=self.decisions.report()["decisions"],
             dynamic_shapes=dynamic,
+            batch=("unbacked" if unbacked else "specialized") if dynamic else "static",
             dynamic_dims={
                 "transformer_blocks": {name: list(dims) for name, dims in BLOCK_DYNAMIC_DIMS.items()},
                 **({"vae": ["batch", "height", "width"]} if self.settings.compile_vae == "all" else {}),
@@ -265,6 +341,12 @@ class Compile(Optimization):
         for part in self._vae_parts:
             part._compiled_call_impl = None  # what Module.compile() set: the module runs eager again
         torch._dynamo.reset()
+
+    def _batch_fell_back(self, reason: str) -> None:
+        """A block's traced code guards on its batch: it was compiled with the batch specialized instead (a graph for
+        one image and one for larger batches). Counted in the report; warm-up's batch of two compiles the second."""
+        fallen = self._data.get("blocks_batch_specialized", 0) + 1
+        self._note(blocks_batch_specialized=fallen, batch_specialized_reason=reason)
 
     def _fell_back(self, reason: str) -> None:
         """A block hit dynamo's recompile limit and runs eager from now on: count it in the report."""

@@ -43,6 +43,7 @@ CODE_SETTINGS = (
     "compile",
     "compile_multi_kernel",
     "compile_dynamic",
+    "compile_batch",
     "compile_vae",
     "fuse_qkv",
     "channels_last",

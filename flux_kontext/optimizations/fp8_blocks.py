@@ -23,6 +23,7 @@ import torch
 
 from flux_kontext.optimizations import kernels
 from flux_kontext.optimizations.attention.processor import kernel_choice
+from flux_kontext.optimizations.kernels.e4m3 import quantize_rowwise_fp8
 from flux_kontext.stack import Model, Optimization
 
 log = logging.getLogger(__name__)
@@ -110,8 +111,23 @@ def _refuse_attention_kwargs(kwargs) -> None:
 
 
 def _modulation(norm, temb):
-    """The AdaLN modulation vectors (shift, scale, gate, ...) of one norm layer, each (batch, C)."""
-    return norm.linear(norm.silu(temb)).chunk(norm.linear.out_features // norm.linear.in_features, dim=1)
+    """The AdaLN modulation vectors (shift, scale, gate, ...) of one norm layer, each (batch, C).
+
+    Where the layer is rowwise FP8 (its weight exposed), the activation is quantized here with torchao's arithmetic
+    and the GEMM called as ``fp8_linear``: torchao's own activation quantization compares each dimension with its
+    block size (``1 != batch``), a guard that specializes a compiled block to one image (or, for a batch dimension
+    compiled unbacked, fails: compile's FLUX_COMPILE_BATCH)."""
+    activation, linear = norm.silu(temb), norm.linear
+    if getattr(linear, "fp8_weight_t", None) is None:
+        out = linear(activation)
+    else:
+        # One spare row (the first, again): the GEMM's rows are then never one, where torch's FP8 GEMM cannot tell
+        # rowwise from tensorwise scales by their shape, a question compiled code with an unbacked batch cannot
+        # answer. The GEMM reads its weight once for every row: the row costs nothing measurable.
+        rows = activation.shape[0]
+        values, scale = quantize_rowwise_fp8(torch.cat([activation, activation[:1]]))
+        out = fp8_linear(values, scale, linear, activation.dtype)[:rows]
+    return out.chunk(linear.out_features // linear.in_features, dim=1)
 
 
 def _norms(attn, added: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -250,7 +266,10 @@ def _fused_attention(attn) -> bool:
 
 
 def single_block_fusable(block) -> bool:
-    return _fused_attention(block.attn) and all(expose_fp8_weight(x) for x in (block.proj_mlp, block.attn.to_qkv))
+    fusable = _fused_attention(block.attn) and all(expose_fp8_weight(x) for x in (block.proj_mlp, block.attn.to_qkv))
+    if fusable:  # the modulation: quantized by _modulation where it is rowwise FP8 (optional)
+        expose_fp8_weight(block.norm.linear)
+    return fusable
 
 
 def double_block_fusable(block) -> bool:
@@ -258,8 +277,9 @@ def double_block_fusable(block) -> bool:
     layers = (attn.to_qkv, getattr(attn, "to_added_qkv", None), block.ff.net[0].proj, block.ff_context.net[0].proj)
     gelus = all(getattr(ff.net[0], "approximate", None) == "tanh" for ff in (block.ff, block.ff_context))
     fusable = _fused_attention(attn) and gelus and all(x is not None and expose_fp8_weight(x) for x in layers)
-    if fusable:  # the output projections: fed by one quantization kernel where both are rowwise FP8 (optional)
-        for linear in (attn.to_out[0], getattr(attn, "to_add_out", None)):
+    if fusable:  # the output projections (fed by one quantization kernel) and the modulations, where rowwise FP8
+        modulations = (block.norm1.linear, block.norm1_context.linear)
+        for linear in (attn.to_out[0], getattr(attn, "to_add_out", None), *modulations):
             if linear is not None:
                 expose_fp8_weight(linear)
     return fusable

@@ -1,0 +1,153 @@
+"""One graph for every batch size, or one for one image and another for larger batches (FLUX_COMPILE_BATCH).
+
+Why (issue 11): with the batch dimension marked dynamic the dynamo way (``maybe_mark_dynamic``), a batch of one is
+specialized, and the first request with ``num_images`` 2 (or true CFG) compiles a second graph per block kind. A
+restart on a kept cache reloads both (the warm-up's batch of two spent 4.6 s reloading 3 graphs on the H200). Marked
+unbacked (``mark_unbacked``), the batch is a symbol dynamo cannot specialize: one graph serves every batch.
+
+This runs the serving engine in-process (random weights, full size, no warm-up) once per variant, each in a fresh
+process on fresh caches (cold), then again on the caches it filled (hit, as a restart):
+- the first call per shape (2 steps): wall seconds and graphs compiled, for 1024² text-to-image and edit at
+  ``num_images`` 1 and 2, and text-to-image at 4;
+- the steady state per step (``--steps`` per call; a warm-up call first, then ``--runs`` timed) at 1024², text-to-image
+  and edit at one image, text-to-image at two;
+- the steady-state images' largest difference between the variants (same seeds and weights).
+
+    FLUX_MODEL=random python bench/compile_batch.py --out bench/results/compile-batch-h200-<date>.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+VARIANTS = ("specialized", "unbacked")
+FIRST_CALLS = (("text_to_image", 1), ("edit", 1), ("text_to_image", 2), ("edit", 2), ("text_to_image", 4))
+STEADY = (("text_to_image", 1), ("edit", 1), ("text_to_image", 2))
+
+
+def job(mode: str, num_images: int, steps: int):
+    from flux_kontext.warmup_shapes import Shape
+
+    built = Shape(mode, 1024, 1024, num_images=num_images).job(seed=1, steps=steps)
+    built.cache_threshold = 0.0  # every step computes (random weights say nothing about the skip rate)
+    return built
+
+
+def timed_call(engine, mode: str, num_images: int, steps: int) -> tuple[dict, object]:
+    from flux_kontext.warmup_shapes import graphs_compiled_by
+
+    start = time.perf_counter()
+    out = engine.generate(job(mode, num_images, steps))
+    row = {
+        "call": f"{mode} x{num_images}",
+        "wall_s": round(time.perf_counter() - start, 3),
+        "ms_per_step": round(out.timings_ms["denoising"] / out.steps, 2),
+        "graphs_compiled": graphs_compiled_by(out),
+    }
+    return row, out
+
+
+def child(variant: str, phase: str, steps: int, runs: int, images: Path) -> dict:
+    """One variant in this fresh process (its caches set by the parent)."""
+    import numpy as np
+
+    from flux_kontext.engine import Engine
+    from flux_kontext.logging_setup import configure_logging
+    from flux_kontext.settings import Settings
+
+    configure_logging()
+    engine = Engine(Settings(warmup=False, compile_batch=variant))
+    engine.load()
+    if not engine.ready:
+        raise SystemExit(f"engine failed: {engine.reason}")
+    compiled = next(r for r in engine.reports if r.name == "compile")
+    result: dict = {"variant": variant, "phase": phase, "cache": compiled.data.get("cache"), "first_calls": []}
+    result["compile_batch"] = compiled.data.get("batch")
+    for mode, num_images in FIRST_CALLS:
+        row, _ = timed_call(engine, mode, num_images, 2)
+        result["first_calls"].append(row)
+        print(json.dumps(row), flush=True)
+    if phase == "hit":
+        return result
+    result["steady"] = []
+    for mode, num_images in STEADY:
+        timed_call(engine, mode, num_images, steps)  # a new step count: the CUDA graphs and solver warm up
+        rows = [timed_call(engine, mode, num_images, steps) for _ in range(runs)]
+        best = min(rows, key=lambda pair: pair[0]["ms_per_step"])
+        result["steady"].append({**best[0], "runs_ms_per_step": [row["ms_per_step"] for row, _ in rows]})
+        print(json.dumps(result["steady"][-1]), flush=True)
+        array = np.stack([np.asarray(image) for image in best[1].images])
+        np.save(images / f"{variant}-{mode}-x{num_images}.npy", array)
+    result["peak_gpu_memory_gib"] = engine.peak_memory_gib()
+    return result
+
+
+def image_differences(images: Path) -> dict:
+    import numpy as np
+
+    differences = {}
+    for mode, num_images in STEADY:
+        name = f"{mode}-x{num_images}"
+        a, b = (np.load(images / f"{variant}-{name}.npy").astype(np.int16) for variant in VARIANTS)
+        differences[name] = {"max_abs_uint8": int(np.abs(a - b).max()), "mean_abs_uint8": float(np.abs(a - b).mean())}
+    return differences
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, help="the report (required unless --child)")
+    parser.add_argument("--steps", type=int, default=14)
+    parser.add_argument("--runs", type=int, default=2)
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--child", nargs=2, metavar=("VARIANT", "PHASE"), help=argparse.SUPPRESS)
+    parser.add_argument("--images", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        result = child(*args.child, args.steps, args.runs, args.images)
+        print("RESULT " + json.dumps(result), flush=True)
+        return 0
+    if args.out is None:
+        parser.error("--out is required")
+    from bench.resolution_sweep import versions
+
+    work = Path(tempfile.mkdtemp(prefix="compile-batch-"))
+    report: dict = {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "command": " ".join(sys.argv)}
+    report["versions"], report["runs"] = versions(), []
+    for variant in args.variants.split(","):
+        env = {
+            **os.environ,
+            "TORCHINDUCTOR_CACHE_DIR": str(work / variant / "inductor"),
+            "TRITON_CACHE_DIR": str(work / variant / "triton"),
+        }
+        for phase in ("cold", "hit"):
+            command = [sys.executable, __file__, "--child", variant, phase, "--images", str(work)]
+            command += ["--steps", str(args.steps), "--runs", str(args.runs)]
+            start = time.perf_counter()
+            done = subprocess.run(command, env=env, capture_output=True, text=True)
+            lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+            run = json.loads(lines[-1][7:]) if lines else {"variant": variant, "phase": phase}
+            run["process_s"] = round(time.perf_counter() - start, 1)
+            if done.returncode:
+                run["error"] = done.stderr.strip().splitlines()[-8:]
+            report["runs"].append(run)
+            print(json.dumps(run), flush=True)
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(report, indent=1) + "\n")
+    if set(args.variants.split(",")) == set(VARIANTS) and not any("error" in run for run in report["runs"]):
+        report["image_differences"] = image_differences(work)
+    args.out.write_text(json.dumps(report, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
