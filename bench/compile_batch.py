@@ -138,7 +138,9 @@ def main() -> int:
             run = json.loads(lines[-1][7:]) if lines else {"variant": variant, "phase": phase}
             run["process_s"] = round(time.perf_counter() - start, 1)
             if done.returncode:
-                run["error"] = done.stderr.strip().splitlines()[-8:]
+                run["error"] = [line for line in done.stderr.strip().splitlines() if "Error" in line][
+                    -6:
+                ] or done.stderr.strip().splitlines()[-8:]
             report["runs"].append(run)
             print(json.dumps(run), flush=True)
             args.out.parent.mkdir(parents=True, exist_ok=True)
