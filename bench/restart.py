@@ -70,6 +70,7 @@ def one_start(cache_dir: Path, timeout_s: float, port: int, log_path: Path) -> d
         "ready": True,
         "seconds_to_ready": round(ready_s, 1),
         "startup_seconds": health.get("startup_seconds"),
+        "startup_bytecode": health.get("startup_bytecode"),  # Python bytecode kept in the cache dir (or why not)
         "compile_cache": compile_report["data"].get("cache"),
         "compile_status": compile_report["status"],
         "graphs_compiled": compile_report["data"].get("graphs_compiled"),
