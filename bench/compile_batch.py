@@ -92,6 +92,84 @@ def child(variant: str, phase: str, steps: int, runs: int, images: Path) -> dict
     return result
 
 
+class BoundedBatch:
+    """Variants of the unbacked batch, for ``--in-process``: the compiled code told the batch's upper bound (the
+    API's largest num_images: int32 indexing can then be proven), or Inductor given the real batch as its size hint
+    (``hint_override``: its kernel heuristics otherwise assume 8192)."""
+
+    @staticmethod
+    def compiled_forward(variant: str):
+        import torch
+
+        from flux_kontext.optimizations import compile as compile_module
+
+        class Forward(compile_module.CompiledForward):
+            def _compiled(self):
+                if not self.unbacked_batch or variant != "unbacked_max4":
+                    return super()._compiled()
+                bounded = compile_module.with_batch_bounds(self.eager)
+
+                def forward(*args, **kwargs):
+                    torch._check(kwargs["hidden_states"].shape[0] <= 4)
+                    return bounded(*args, **kwargs)
+
+                return torch.compile(forward, fullgraph=True, dynamic=None, options=self.options or None)
+
+            def __call__(self, *args, **kwargs):
+                if variant == "unbacked_hint" and self.unbacked_batch:
+                    for name in compile_module.BLOCK_BATCH_DIMS:
+                        value = kwargs.get(name)
+                        if isinstance(value, torch.Tensor):
+                            torch._dynamo.decorators.mark_unbacked(value, 0, hint_override=value.shape[0])
+                return super().__call__(*args, **kwargs)
+
+        return Forward
+
+
+IN_PROCESS = ("specialized", "unbacked", "unbacked_max4", "unbacked_hint")
+
+
+def in_process(steps: int, runs: int) -> dict:
+    """Every variant in one process on the same weights: the blocks' compiled slot refilled per variant (dynamo
+    reset between), then its first calls and steady state."""
+    import torch
+
+    from flux_kontext.engine import Engine
+    from flux_kontext.logging_setup import configure_logging
+    from flux_kontext.settings import Settings
+
+    configure_logging()
+    engine = Engine(Settings(warmup=False))
+    engine.load()
+    transformer = engine.model.pipe.transformer
+    blocks = [*transformer.transformer_blocks, *transformer.single_transformer_blocks]
+    compile_opt, slots = engine.stack["compile"], engine.stack.slots
+    result: dict = {"variants": []}
+    for variant in IN_PROCESS:
+        torch._dynamo.reset()
+        forward, unbacked = BoundedBatch.compiled_forward(variant), variant != "specialized"
+        options = compile_opt.inductor_options()
+        for block in blocks:
+            slots.set(
+                block, "compiled", lambda inner, f=forward, o=options, u=unbacked: f(inner, o, print, True, u, print)
+            )
+        row: dict = {"variant": variant, "first_calls": [], "steady": []}
+        try:
+            for mode, num_images in (("text_to_image", 1), ("text_to_image", 2), ("edit", 1)):
+                row["first_calls"].append(timed_call(engine, mode, num_images, 2)[0])
+            for mode, num_images in (("text_to_image", 1), ("edit", 1)):
+                timed_call(engine, mode, num_images, steps)
+                rows = [timed_call(engine, mode, num_images, steps)[0] for _ in range(runs)]
+                row["steady"].append(
+                    {**min(rows, key=lambda r: r["ms_per_step"]), "runs": [r["ms_per_step"] for r in rows]}
+                )
+        except Exception as exc:  # a variant that does not compile: recorded, the next one runs
+            row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
+        result["variants"].append(row)
+        print(json.dumps(row), flush=True)
+    return result
+
+
 def image_differences(images: Path) -> dict:
     import numpy as np
 
@@ -111,7 +189,16 @@ def main() -> int:
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--child", nargs=2, metavar=("VARIANT", "PHASE"), help=argparse.SUPPRESS)
     parser.add_argument("--images", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--in-process", action="store_true", help="the variants of IN_PROCESS in one process")
     args = parser.parse_args()
+    if args.in_process:
+        from bench.resolution_sweep import versions
+
+        report = {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "command": " ".join(sys.argv)}
+        report.update(versions=versions(), **in_process(args.steps, args.runs))
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=1) + "\n")
+        return 0
     if args.child:
         result = child(*args.child, args.steps, args.runs, args.images)
         print("RESULT " + json.dumps(result), flush=True)
