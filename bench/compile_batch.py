@@ -126,10 +126,10 @@ class BoundedBatch:
         return Forward
 
 
-IN_PROCESS = ("specialized", "unbacked", "unbacked_max4", "unbacked_hint")
+IN_PROCESS = ("specialized", "unbacked_max4", "unbacked_hint", "unbacked")
 
 
-def in_process(steps: int, runs: int) -> dict:
+def in_process(steps: int, runs: int, save) -> dict:
     """Every variant in one process on the same weights: the blocks' compiled slot refilled per variant (dynamo
     reset between), then its first calls and steady state."""
     import torch
@@ -166,6 +166,7 @@ def in_process(steps: int, runs: int) -> dict:
         except Exception as exc:  # a variant that does not compile: recorded, the next one runs
             row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
         result["variants"].append(row)
+        save(result)  # a run cut short keeps the variants it finished
         print(json.dumps(row), flush=True)
     return result
 
@@ -195,9 +196,13 @@ def main() -> int:
         from bench.resolution_sweep import versions
 
         report = {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "command": " ".join(sys.argv)}
-        report.update(versions=versions(), **in_process(args.steps, args.runs))
+        report["versions"] = versions()
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=1) + "\n")
+
+        def save(result: dict) -> None:
+            args.out.write_text(json.dumps({**report, **result}, indent=1) + "\n")
+
+        in_process(args.steps, args.runs, save)
         return 0
     if args.child:
         result = child(*args.child, args.steps, args.runs, args.images)
