@@ -524,7 +524,7 @@ class CompileSettings(BaseModel):
         "'specialized' dynamo's default, a graph for one image and another for every larger batch (warm-up "
         "compiles both); 'unbacked' one graph per block kind for every batch size (a block whose code guards on "
         "its batch falls back to 'specialized'): 4.1 s less to reload on a restart, 3 s less compile on a cold "
-        "start, but each step measured 2-5% slower on an H200 (BENCHMARKS.md, Batch), so not the default.",
+        "start, but each step measured 1.6-5% slower on an H200 (BENCHMARKS.md, Batch), so not the default.",
     )
     compile_vae: Literal["hot", "all", "off"] = Field(
         "hot",
