@@ -19,7 +19,9 @@ read later, by the settings: too late for the imports). It changes nothing unles
 Then bytecode is read from and written to ``<FLUX_COMPILE_CACHE_DIR>/bytecode`` (Python checks each file against its
 source's modification time, so an upgraded package is recompiled, never served stale), and the same goes for the
 processes this one starts (Inductor's compile workers) through the environment. ``state()`` says what was done,
-for /health's ``startup_bytecode``.
+for /health's ``startup_bytecode``. Processes sharing the directory (replicas, parallel ranks) are safe: Python
+writes each file to a temporary name and renames it. The directory is trusted as Inductor's caches beside it are:
+both hold code this process runs, so it must be writable by the service alone.
 """
 
 from __future__ import annotations
