@@ -121,10 +121,12 @@ def _fp8_tiny_transformer(seed: int):
     transformer = pipe.transformer
     transformer.fuse_qkv_projections()
     for block in transformer.single_transformer_blocks:
-        for linear in (block.proj_mlp, block.attn.to_qkv, block.proj_out):
+        for linear in (block.proj_mlp, block.attn.to_qkv, block.proj_out, block.norm.linear):
             _fake_fp8(linear)
     for block in transformer.transformer_blocks:
         for linear in (
+            block.norm1.linear,  # the modulations: quantized by the fused blocks themselves (fp8_blocks._modulation)
+            block.norm1_context.linear,
             block.attn.to_qkv,
             block.attn.to_added_qkv,
             block.attn.to_out[0],
