@@ -35,19 +35,12 @@ FIRST_CALLS = (("text_to_image", 1), ("edit", 1), ("text_to_image", 2), ("edit",
 STEADY = (("text_to_image", 1), ("edit", 1), ("text_to_image", 2))
 
 
-def job(mode: str, num_images: int, steps: int):
-    from flux_kontext.warmup_shapes import Shape
-
-    built = Shape(mode, 1024, 1024, num_images=num_images).job(seed=1, steps=steps)
-    built.cache_threshold = 0.0  # every step computes (random weights say nothing about the skip rate)
-    return built
-
-
 def timed_call(engine, mode: str, num_images: int, steps: int) -> tuple[dict, object]:
+    from bench.warmup_profile import job_for
     from flux_kontext.warmup_shapes import graphs_compiled_by
 
     start = time.perf_counter()
-    out = engine.generate(job(mode, num_images, steps))
+    out = engine.generate(job_for(mode, steps, num_images=num_images))
     row = {
         "call": f"{mode} x{num_images}",
         "wall_s": round(time.perf_counter() - start, 3),
@@ -92,38 +85,35 @@ def child(variant: str, phase: str, steps: int, runs: int, images: Path) -> dict
     return result
 
 
-class BoundedBatch:
-    """Variants of the unbacked batch, for ``--in-process``: the compiled code told the batch's upper bound (the
-    API's largest num_images: int32 indexing can then be proven), or Inductor given the real batch as its size hint
-    (``hint_override``: its kernel heuristics otherwise assume 8192)."""
+def variant_forward(variant: str):
+    """CompiledForward for one variant of the unbacked batch, for ``--in-process``: the compiled code told the batch's
+    upper bound (the API's largest num_images: int32 indexing can then be proven), or Inductor given the real batch
+    as its size hint (``hint_override``: its kernel heuristics otherwise assume 8192)."""
+    import torch
 
-    @staticmethod
-    def compiled_forward(variant: str):
-        import torch
+    from flux_kontext.optimizations import compile as compile_module
 
-        from flux_kontext.optimizations import compile as compile_module
+    class Forward(compile_module.CompiledForward):
+        def _compiled(self):
+            if not self.unbacked_batch or variant != "unbacked_max4":
+                return super()._compiled()
+            bounded = compile_module.with_batch_bounds(self.eager)
 
-        class Forward(compile_module.CompiledForward):
-            def _compiled(self):
-                if not self.unbacked_batch or variant != "unbacked_max4":
-                    return super()._compiled()
-                bounded = compile_module.with_batch_bounds(self.eager)
+            def forward(*args, **kwargs):
+                torch._check(kwargs["hidden_states"].shape[0] <= 4)
+                return bounded(*args, **kwargs)
 
-                def forward(*args, **kwargs):
-                    torch._check(kwargs["hidden_states"].shape[0] <= 4)
-                    return bounded(*args, **kwargs)
+            return torch.compile(forward, fullgraph=True, dynamic=None, options=self.options or None)
 
-                return torch.compile(forward, fullgraph=True, dynamic=None, options=self.options or None)
+        def __call__(self, *args, **kwargs):
+            if variant == "unbacked_hint" and self.unbacked_batch:
+                for name in compile_module.BLOCK_BATCH_INPUTS:
+                    value = kwargs.get(name)
+                    if isinstance(value, torch.Tensor):
+                        torch._dynamo.decorators.mark_unbacked(value, 0, hint_override=value.shape[0])
+            return super().__call__(*args, **kwargs)
 
-            def __call__(self, *args, **kwargs):
-                if variant == "unbacked_hint" and self.unbacked_batch:
-                    for name in compile_module.BLOCK_BATCH_DIMS:
-                        value = kwargs.get(name)
-                        if isinstance(value, torch.Tensor):
-                            torch._dynamo.decorators.mark_unbacked(value, 0, hint_override=value.shape[0])
-                return super().__call__(*args, **kwargs)
-
-        return Forward
+    return Forward
 
 
 IN_PROCESS = ("specialized", "unbacked_max4", "unbacked_hint", "unbacked")
@@ -147,7 +137,7 @@ def in_process(steps: int, runs: int, save) -> dict:
     result: dict = {"variants": []}
     for variant in IN_PROCESS:
         torch._dynamo.reset()
-        forward, unbacked = BoundedBatch.compiled_forward(variant), variant != "specialized"
+        forward, unbacked = variant_forward(variant), variant != "specialized"
         options = compile_opt.inductor_options()
         for block in blocks:
             slots.set(

@@ -53,8 +53,8 @@ RECOMPILE_LIMIT = 64
 # The dimensions of a block's inputs that change between requests: batch (num_images) and tokens (the resolution,
 # plus the context image's tokens in an edit). Text tokens (max_sequence_length) and widths stay static.
 BLOCK_DYNAMIC_DIMS = {"hidden_states": (0, 1), "encoder_hidden_states": (0,), "temb": (0,), "image_rotary_emb": (0,)}
-# Of those, the batch dimensions (the rotary embedding has none: its dimension 0 is tokens).
-BLOCK_BATCH_DIMS = {"hidden_states": 0, "encoder_hidden_states": 0, "temb": 0}
+# Of those, the inputs with a batch, always their dimension 0 (the rotary embedding has none: its 0 is tokens).
+BLOCK_BATCH_INPUTS = ("hidden_states", "encoder_hidden_states", "temb")
 
 
 def graphs_compiled() -> int:
@@ -75,7 +75,7 @@ def mark_dynamic_dims(kwargs: dict, unbacked_batch: bool = False) -> None:
         for tensor in value if isinstance(value, tuple | list) else (value,):
             if isinstance(tensor, torch.Tensor):
                 for dim in dims:
-                    if unbacked_batch and BLOCK_BATCH_DIMS.get(name) == dim:
+                    if unbacked_batch and dim == 0 and name in BLOCK_BATCH_INPUTS:
                         torch._dynamo.decorators.mark_unbacked(tensor, dim)
                     else:
                         torch._dynamo.maybe_mark_dynamic(tensor, dim)
@@ -157,7 +157,7 @@ def with_batch_bounds(eager: Callable) -> Callable:
     def forward(*args, **kwargs):
         batch = kwargs["hidden_states"].shape[0]
         torch._check(batch >= 1)
-        for name in BLOCK_BATCH_DIMS:
+        for name in BLOCK_BATCH_INPUTS:
             if isinstance(kwargs.get(name), torch.Tensor):
                 torch._check(kwargs[name].shape[0] == batch)
         return eager(*args, **kwargs)
