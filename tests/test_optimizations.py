@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from flux_kontext.models import build_random_pipeline
-from flux_kontext.optimizations.attention.kernels import KernelChoice, sdpa
+from flux_kontext.optimizations.attention.kernels import KernelChoice, cudnn, sdpa
 from flux_kontext.optimizations.attention.processor import install
 from flux_kontext.optimizations.low_precision_gemm import choose_format
 from flux_kontext.settings import Settings
@@ -61,6 +61,29 @@ def tiny_pipe_with_reference(seed: int):
     pipe = build_random_pipeline(tiny=True, device=torch.device("cpu"), dtype=torch.float32)
     kwargs = transformer_inputs(pipe.transformer, torch.Generator().manual_seed(seed))
     return pipe, kwargs, pipe.transformer(**kwargs)[0]
+
+
+def test_the_cudnn_kernel_traces_into_a_graph_the_compile_cache_can_keep():
+    """cuDNN attention is called as its aten op, not through ``sdpa_kernel()``: dynamo records that context manager as
+    calls to private torch functions, and AOTAutograd's cache bypasses a graph holding them, so each restart rebuilt
+    the blocks compiled for ``use_flash_attention: false`` instead of loading them."""
+    check_node_safe = pytest.importorskip("torch._functorch._aot_autograd.autograd_cache").check_node_safe
+    graphs = []
+
+    def keep(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    q = torch.randn(1, 16, 2, 64)  # (batch, tokens, heads, head_dim)
+    try:
+        torch.compile(cudnn, backend=keep, fullgraph=True)(q, q, q)
+    except NotImplementedError:  # the CPU has no cuDNN kernel: the traced graph is what this test reads
+        pass
+    assert len(graphs) == 1
+    nodes = list(graphs[0].graph.nodes)
+    assert torch.ops.aten._scaled_dot_product_cudnn_attention in [node.target for node in nodes]
+    for node in nodes:
+        check_node_safe(node)  # raises BypassAOTAutogradCache for what the cache cannot key
 
 
 @torch.inference_mode()

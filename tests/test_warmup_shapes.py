@@ -185,6 +185,48 @@ def test_the_blocks_compile_once_per_block_kind_with_fa3_in_fp8_choosing_per_lay
     assert run.counters["compile"] == {"graphs_compiled": 2}  # one FluxTransformerBlock, one single block graph
 
 
+def repeated(inputs: dict, batch: int) -> dict:
+    """The transformer's inputs with each image's rows repeated ``batch`` times (ids and flags as they are)."""
+    names = ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep", "guidance")
+    return {**inputs, **{name: inputs[name].expand(batch, *inputs[name].shape[1:]).contiguous() for name in names}}
+
+
+@torch.inference_mode()
+def test_a_batch_of_two_compiles_one_graph_per_block_kind_and_larger_batches_none(dynamo_eager):
+    """The first single block receives the double blocks' two outputs, the later ones two slices of the previous
+    block's joint output: at two images their batch strides differ, and without the joint layout the single blocks
+    compiled twice for it. The layout changes no value."""
+    transformer = FluxTransformer2DModel(**{**TINY_TRANSFORMER, "num_layers": 2, "num_single_layers": 3}).eval()
+    stack = Stack([CompileOnCpu(Settings(model="tiny"))])
+    stack.apply(SimpleNamespace(transformer=transformer, vae=None), Hardware("cuda", (9, 0)))
+    inputs = transformer_inputs(transformer, torch.Generator().manual_seed(0))
+    compiled, outputs = [], []
+    for batch in (1, 2, 3):
+        with stack.request(Job(prompt="a cat", seed=0)) as run:
+            outputs.append(transformer(**repeated(inputs, batch))[0])
+        compiled.append(run.counters.get("compile", {}).get("graphs_compiled", 0))
+    assert compiled == [2, 2, 0]  # one image: a graph per block kind; two: one more per kind; three: none
+    for output in outputs[1:]:
+        for image in output:
+            torch.testing.assert_close(image, outputs[0][0])
+
+
+def test_warm_up_runs_a_switched_off_variant_one_step_and_the_default_two(dynamo_eager):
+    """A variant (a per-request switch off) needs its compiled code, which one step reloads or compiles; its CUDA
+    graphs are captured by its first request. The default 1024² generations keep their two steps (graphs captured)."""
+    from flux_kontext.optimizations.dpm_solver import DpmSolver
+    from flux_kontext.warmup_record import generation_key
+
+    settings = Settings(model="tiny", warmup_shapes="minimal", first_block_cache=False)
+    app = create_app(settings, lambda s: Engine(s, Stack([CompileOnCpu(s), DpmSolver(s)])))
+    with TestClient(app) as client:
+        ran = wait_ready(client, timeout_s=300)["shapes"]["warmup"]["ran"]
+    off = {"flags": {"use_dpm_solver": False}}
+    assert generation_key("edit 1024x1024", 2, {"flags": {}}) in ran
+    assert generation_key("edit 1024x1024", 1, off) in ran
+    assert generation_key("edit 1024x1024", 2, off) not in ran
+
+
 def batch_request(client, num_images: int) -> dict:
     body = {"prompt": "a boat", "width": 256, "height": 256, "steps": 1, "num_images": num_images}
     response = client.post("/inference", json=body)

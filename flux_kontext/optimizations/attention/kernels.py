@@ -17,6 +17,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import torch
 import torch.nn.functional as F
 
 from flux_kontext.optimizations.attention.fp8_policy import Fp8Policy
@@ -32,10 +33,14 @@ def sdpa(q, k, v):
 
 
 def cudnn(q, k, v):
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-        return sdpa(q, k, v)
+    """SDPA's cuDNN backend, called as the aten op that ``sdpa_kernel(SDPBackend.CUDNN_ATTENTION)`` would select
+    (no log-sum-exp: inference). Not the context manager: inside a compiled block dynamo records it as calls to
+    private torch functions, and AOTAutograd's cache then bypasses the whole graph, so every restart rebuilt those
+    blocks' graphs (about 1.3 s each on an H200) instead of loading them."""
+    out = torch.ops.aten._scaled_dot_product_cudnn_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), None, False
+    )[0]
+    return out.transpose(1, 2)
 
 
 def load_fa3() -> tuple[Callable | None, str]:
