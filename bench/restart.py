@@ -2,8 +2,8 @@
 start it (uvicorn), /health polled until 200, its start-up phases, compile-cache and start-up decisions reports
 recorded (the service's log beside --out, one per start), then stopped; --starts times over the same cache
 directory. After ready, each start sends the requests that warm-up may skip on a hit (FLUX_WARMUP_SKIP_CACHED: a
-1024² text-to-image, a 1024² edit with use_cuda_graphs and with use_dpm_solver off) and records whether any of them
-compiled (/health shapes.compiled_after_ready: it must stay at 0 requests). Run on the GPU:
+1024² text-to-image, a 1024² edit with use_cuda_graphs, use_dpm_solver and use_flash_attention off) and records
+whether any of them compiled (/health shapes.compiled_after_ready: it must stay at 0 requests). Run on the GPU:
 
     FLUX_MODEL=random python bench/restart.py --cache-dir /tmp/flux-cache --out bench/results/restart-<gpu>.json
 """
@@ -40,6 +40,8 @@ def after_ready_requests(base: str) -> dict:
         "text_to_image": {"prompt": "a boat", "width": 1024, "height": 1024},
         "edit use_cuda_graphs=false": {"prompt": "make it red", "image": image, "use_cuda_graphs": False},
         "edit use_dpm_solver=false": {"prompt": "make it red", "image": image, "use_dpm_solver": False},
+        # warmed in one step: its code compiled or reloaded before ready, its CUDA graphs captured by this request
+        "edit use_flash_attention=false": {"prompt": "make it red", "image": image, "use_flash_attention": False},
     }
     seconds = {}
     for name, body in requests.items():
