@@ -25,6 +25,7 @@ def _fake_compile_and_restored_variables(monkeypatch):
     monkeypatch.setattr(torch, "compile", RecordingCompile())
     for variable in VARIABLES:  # set back (or removed) after each test
         monkeypatch.setenv(variable, "/before/the/test")
+    monkeypatch.delenv("TORCH_WARM_POOL", raising=False)  # a hit sets it: removed again after each test
 
 
 def tiny_pipe():
@@ -70,6 +71,20 @@ def test_a_second_start_on_the_same_fingerprint_reports_a_hit_once_inductor_wrot
     assert again.data["cache"] == "hit" and again.data["cache_dir"] == first.data["cache_dir"]
     assert "hit" in again.detail
     assert len(fingerprint_dirs(tmp_path)) == 1
+
+
+def test_on_a_hit_inductors_compile_workers_start_on_demand_unless_the_operator_chose(tmp_path, monkeypatch):
+    first = apply_compile(compile_cache_dir=str(tmp_path))
+    assert "compile_workers" not in first.data and "TORCH_WARM_POOL" not in os.environ  # cold: torch's default
+    artifact = Path(first.data["cache_dir"]) / "inductor" / "fxgraph" / "ab" / "entry"
+    artifact.parent.mkdir(parents=True)
+    artifact.write_bytes(b"compiled")
+    hit = apply_compile(compile_cache_dir=str(tmp_path))
+    assert hit.data["cache"] == "hit" and os.environ["TORCH_WARM_POOL"] == "0"
+    assert hit.data["compile_workers"].startswith("started when a kernel must compile")
+    monkeypatch.setenv("TORCH_WARM_POOL", "1")  # the operator's choice
+    again = apply_compile(compile_cache_dir=str(tmp_path))
+    assert os.environ["TORCH_WARM_POOL"] == "1" and "TORCH_WARM_POOL=1" in again.data["compile_workers"]
 
 
 def test_settings_that_change_the_generated_code_get_another_directory(tmp_path):

@@ -148,6 +148,7 @@ def cache_variables(monkeypatch):
     """compile_cache points Inductor's and Triton's variables at the cache directory: restored after the test."""
     for variable in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"):
         monkeypatch.setenv(variable, "/before/the/test")
+    monkeypatch.delenv("TORCH_WARM_POOL", raising=False)  # a hit sets it
 
 
 def started(settings: Settings) -> tuple[TestClient, dict]:

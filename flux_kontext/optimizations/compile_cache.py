@@ -158,6 +158,22 @@ def _write_fingerprint(directory: Path, fields: dict) -> None:
     os.replace(partial, target)
 
 
+WARM_POOL = "TORCH_WARM_POOL"  # torch: "1" (its default) starts Inductor's compile workers at the first compile
+
+
+def compile_workers_on_demand() -> str:
+    """On a hit, Inductor's compile worker processes start when a kernel must be compiled, not at the first compile.
+
+    torch starts one worker per CPU (16 on an H200 host) as soon as a graph goes to Inductor, each importing torch,
+    while a hit only loads compiled code: on an H200 a restart's warm-up took 9.9-10.0 s without them against
+    11.3-13.1 s with them (BENCHMARKS.md, ninth session). Where something does compile, the pool starts then (until
+    it is ready Inductor compiles in the process). An operator's own TORCH_WARM_POOL is left as it is."""
+    if WARM_POOL in os.environ:
+        return f"as the environment's {WARM_POOL}={os.environ[WARM_POOL]} says"
+    os.environ[WARM_POOL] = "0"  # read by torch at the first compile, which is warm-up's, after this
+    return f"started when a kernel must compile, not at the first compile ({WARM_POOL}=0: compile cache hit)"
+
+
 def point_caches_at(directory: Path) -> None:
     """Inductor and Triton write and read their caches under ``directory`` from now on (module docstring: why
     these variables are read late enough)."""
@@ -197,9 +213,10 @@ def prepare(cache_root: str | None, settings, hardware: Hardware, dtype: torch.d
         )
     point_caches_at(directory)
     cache = "hit" if hit else "cold"
+    notes = {"compile_workers": compile_workers_on_demand()} if hit else {}
     said = (
         "hit: compiled artifacts from an earlier start" if hit else "cold: the first start with these fields fills it"
     )
-    notes = {"cache_dir_not_reused": reason} if reason else {}
+    notes = {**notes, "cache_dir_not_reused": reason} if reason else notes
     detail = f"Inductor/Triton caches in {directory} ({said})" + (f"; {reason}" if reason else "")
     return CachePlan(cache, detail, str(directory), fields, notes)
