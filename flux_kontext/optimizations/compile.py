@@ -96,7 +96,9 @@ def joint_layout(kwargs: dict) -> None:
     first receives the double blocks' two separate tensors, whose batch strides differ from the slices', and dynamo
     guards on strides: the single blocks compiled a third graph for num_images >= 2 (about 3 s cold, 1 s on a
     restart). The price: one copy of the rows per step, for the first single block only (the same rows its first
-    kernel reads anyway). A batch of one needs nothing (a dimension of size 1 carries any stride: canonical_strides)."""
+    kernel reads anyway). A batch of one needs nothing (a dimension of size 1 carries any stride: canonical_strides).
+    Not with an unbacked batch: there the graph one image compiled serves the first block's two tensors at any batch,
+    and the slices' layout would compile another."""
     text, image = kwargs.get("encoder_hidden_states"), kwargs.get("hidden_states")
     if not (isinstance(text, torch.Tensor) and isinstance(image, torch.Tensor)) or text.shape[0] < 2:
         return
@@ -141,7 +143,7 @@ class CompiledForward:
 
     def __call__(self, *args, **kwargs):
         if self.run is not self.eager:  # diffusers calls the blocks with keywords
-            if self.joint_inputs:
+            if self.joint_inputs and not self.unbacked_batch:  # unbacked: batch 1's graph takes what batch 2 brings
                 joint_layout(kwargs)
             canonical_strides(kwargs)
             if self.dynamic:
