@@ -213,10 +213,11 @@ def prepare(cache_root: str | None, settings, hardware: Hardware, dtype: torch.d
         )
     point_caches_at(directory)
     cache = "hit" if hit else "cold"
-    notes = {"compile_workers": compile_workers_on_demand()} if hit else {}
     said = (
         "hit: compiled artifacts from an earlier start" if hit else "cold: the first start with these fields fills it"
     )
-    notes = {**notes, "cache_dir_not_reused": reason} if reason else notes
+    notes = {"cache_dir_not_reused": reason} if reason else {}
+    if hit:
+        notes["compile_workers"] = compile_workers_on_demand()
     detail = f"Inductor/Triton caches in {directory} ({said})" + (f"; {reason}" if reason else "")
     return CachePlan(cache, detail, str(directory), fields, notes)
