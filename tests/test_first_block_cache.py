@@ -142,3 +142,21 @@ def test_turned_off_it_reports_no_counts_and_the_calls_run_uncached():
         first, second = (transformer(**kwargs)[0] for _ in range(2))
     assert run.counters == {"first_block_cache": None} and run.ran == []
     torch.testing.assert_close(second, first, rtol=0, atol=0)
+
+
+@torch.inference_mode()
+def test_a_threshold_that_cannot_skip_reads_nothing_back_from_the_device(monkeypatch):
+    """At threshold 0 the decision is "compute" without reading the residual's change back (on a GPU, ``.item()``
+    is a synchronization per step); at a positive threshold every call after the first reads it once."""
+    transformer, kwargs = tiny_transformer_and_inputs()
+    cache = FirstBlockCacheControl(transformer, threshold=0.12)
+    reads = []
+    real_item = torch.Tensor.item
+    monkeypatch.setattr(torch.Tensor, "item", lambda self: reads.append(1) or real_item(self))
+    for threshold, expected_reads in ((0.0, 0), (0.12, 2), (0.0, 0)):
+        reads.clear()
+        with cache.request(threshold, RequestRun()):
+            for _ in range(3):
+                transformer(**kwargs)
+            assert cache.summary()["computed"] + cache.summary()["skipped"] == 3
+        assert len(reads) == expected_reads, threshold

@@ -11,6 +11,11 @@ cache, and a count of the transformer calls computed and skipped.
 Its hooks sit in diffusers' hook registry, above every forward slot (body -> compiled -> graphed): its per-step
 decision runs on the host, between graph replays and outside compiled code (no graph break). Last of the
 transformer optimizations for that reason.
+
+That decision reads a GPU value (``.item()``): one synchronization per transformer call, after which the GPU waits
+for the host to launch the next block. A request whose threshold cannot skip (0, the exact result, the stage table's
+setting) does not need it: there the decision is "compute" without looking, so nothing in the denoising loop
+synchronizes and the host queues whole steps ahead (BENCHMARKS.md, #18, "host").
 """
 
 from __future__ import annotations
@@ -40,8 +45,11 @@ class FirstBlockCacheControl:
         self._head_hook = HookRegistry.check_if_exists_or_initialize(head).get_hook(HEAD_HOOK)
         if self._head_hook is None:
             raise RuntimeError("diffusers did not install its first-block hook on transformer_blocks[0]")
+        # diffusers' decision (a bound method), or under context parallelism the whole sequence's
+        self._decide = self._head_hook._should_compute_remaining_blocks
         if reduce_sum is not None:
-            self._head_hook._should_compute_remaining_blocks = _global_decision(self._head_hook, reduce_sum)
+            self._decide = _global_decision(self._head_hook, reduce_sum)
+        self._head_hook._should_compute_remaining_blocks = self._decide
         self.transformer = transformer
         self.default_threshold = self.threshold = threshold
         self.run: RequestRun | None = None
@@ -68,6 +76,8 @@ class FirstBlockCacheControl:
         # diffusers skips when the change is not above the threshold, so at 0 an unchanged residual would still
         # skip; below zero nothing does, which is what 0 promises (the exact uncached result).
         self._head_hook.threshold = self.threshold if self.threshold > 0 else -1.0
+        # Nothing can skip at 0: decide without reading the GPU (no synchronization per step)
+        self._head_hook._should_compute_remaining_blocks = self._decide if self.threshold > 0 else _compute
         self.run = run
         self.computed = self.skipped = 0
         self.transformer._reset_stateful_cache()
@@ -79,6 +89,11 @@ class FirstBlockCacheControl:
 
     def summary(self) -> dict:
         return {"threshold": self.threshold, "computed": self.computed, "skipped": self.skipped}
+
+
+def _compute(_residual: torch.Tensor) -> bool:
+    """The decision where nothing may skip: compute the remaining blocks, without reading the residual."""
+    return True
 
 
 def _global_decision(hook, reduce_sum):
