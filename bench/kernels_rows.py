@@ -213,6 +213,10 @@ def bench_rope(before) -> dict:
         variants["before"] = lambda t, i: call(old, t, i)
     for tokens in (1, 2):
         variants[f"tokens_{tokens}"] = lambda t, i, r=tokens: call(new, t, i, rows=r)
+    for warps in (1, 2, 8):
+        variants[f"warps_{warps}"] = lambda t, i, w=warps: call(new, t, i, num_warps=w)
+    for heads, warps in ((8, 1), (8, 2), (8, 4), (4, 1), (4, 2), (2, 1)):  # head groups: no padded head
+        variants[f"heads_{heads}_{warps}w"] = lambda t, i, h=heads, w=warps: call(new, t, i, block_h=h, num_warps=w)
     row = {"bytes_mb": round((TEXT + IMAGE) * WIDTH * (3 * 2 + 2 + 2 + 1) / 1e6, 1)}
     _variants(row, variants, inputs, check)
     log.info("qk_norm_rope_fp8 (with v to e4m3): %s", row)

@@ -18,6 +18,7 @@ Used by bench/stages.py (``--profile``); GPU only.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import statistics
 import tempfile
@@ -186,20 +187,22 @@ def analyse_trace(trace: dict) -> dict:
     }
 
 
-def _generate(engine, mode: str, seed: int, scheduler: str | None = None) -> None:
+def _generate(engine, mode: str, seed: int, scheduler: str | None = None, fields: dict | None = None) -> None:
     params = BenchmarkParams(runs=1, warmup_runs=0, width=1024, height=1024, mode=mode, scheduler=scheduler)
-    engine.generate(benchmark_job(params, seed=seed))
+    engine.generate(dataclasses.replace(benchmark_job(params, seed=seed), **(fields or {})))
 
 
-def profile_generation(engine, mode: str, scheduler: str | None = None, trace_dir: Path | None = None) -> dict:
-    """One generation of ``mode`` at 1024² under the profiler; the per-step analysis (and the trace, gzip-free JSON,
-    written into ``trace_dir`` when given)."""
+def profile_generation(
+    engine, mode: str, scheduler: str | None = None, trace_dir: Path | None = None, fields: dict | None = None
+) -> dict:
+    """One generation of ``mode`` at 1024² under the profiler (``fields``: the job's, e.g. cache_threshold); the
+    per-step analysis (and the trace, gzip-free JSON, written into ``trace_dir`` when given)."""
     from torch.profiler import ProfilerActivity, profile
 
     hooks = _StepHooks(engine.model.pipe.transformer)
     try:
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            _generate(engine, mode, seed=7, scheduler=scheduler)
+            _generate(engine, mode, seed=7, scheduler=scheduler, fields=fields)
             torch.cuda.synchronize()
     finally:
         hooks.remove()

@@ -13,6 +13,9 @@ from flux_kontext.optimizations.kernels.e4m3 import FP8, quantize_per_head, quan
 # each program in one atomic max per head). bench/kernels_rows.py on H200 (BENCHMARKS.md, #18), 4,608 tokens with v to
 # e4m3, µs per launch: 138 / 151 / 202 / 264 at 1 / 2 / 4 / 8 tokens (the previous kernel: 155): one it is.
 QK_ROWS_PER_PROGRAM = 1
+# Heads per program (a power of two; None: all of them, 24 padded to 32): smaller groups leave no padded head and
+# more, smaller programs (bench/kernels_rows.py's ``heads_*`` variants).
+QK_HEADS_PER_PROGRAM = None
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -89,15 +92,16 @@ def build(launch) -> dict:
         FP8_QK: tl.constexpr,
         ROWS: tl.constexpr,
     ):
-        # ROWS tokens of one batch element per program (grid: token blocks x batch): v's per-head absmax is taken
-        # over them in registers and goes out in one atomic max per head, not one per token.
+        # ROWS tokens of one batch element and BLOCK_H of its heads per program (grid: token blocks x batch x head
+        # groups): v's per-head absmax is taken over them in registers and goes out in one atomic max per head, not
+        # one per token.
         b = tl.program_id(1).to(tl.int64)
         first_token = tl.program_id(0).to(tl.int64) * ROWS
         width = n_heads * HEAD_DIM
-        h = tl.arange(0, BLOCK_H)[:, None]
+        heads_1d = tl.program_id(2) * BLOCK_H + tl.arange(0, BLOCK_H)
+        h = heads_1d[:, None]
         d = tl.arange(0, HEAD_DIM)[None, :]
         offsets = h * HEAD_DIM + d  # (heads, head_dim) tile of one of q, k, v: contiguous loads and stores
-        heads_1d = tl.arange(0, BLOCK_H)
         v_amax = tl.zeros((BLOCK_H,), dtype=tl.float32)
         for r in tl.static_range(ROWS):
             s = first_token + r
@@ -200,6 +204,7 @@ def build(launch) -> dict:
         raw=False,
         rows=None,
         num_warps=None,
+        block_h=None,
     ):
         batch, n_first, width3 = first.shape
         head_dim = width3 // 3 // heads
@@ -208,7 +213,8 @@ def build(launch) -> dict:
         q, k, v = (torch.empty((batch, seq, heads, head_dim), dtype=qk_dtype, device=first.device) for _ in "qkv")
         v_amax = torch.zeros((batch, heads), dtype=torch.float32, device=first.device) if fp8_qk else qk_scale
         rows = rows or QK_ROWS_PER_PROGRAM
-        launch(qk_norm_rope_kernel, raw)[(triton.cdiv(seq, rows), batch)](
+        block_h = block_h or QK_HEADS_PER_PROGRAM or triton.next_power_of_2(heads)
+        launch(qk_norm_rope_kernel, raw)[(triton.cdiv(seq, rows), batch, triton.cdiv(heads, block_h))](
             first,
             second,
             wq_first,
@@ -231,7 +237,7 @@ def build(launch) -> dict:
             second.stride(1),
             eps,
             HEAD_DIM=head_dim,
-            BLOCK_H=triton.next_power_of_2(heads),
+            BLOCK_H=block_h,
             FP8_QK=fp8_qk,
             ROWS=rows,
             num_warps=num_warps or 4,
