@@ -10,7 +10,8 @@ what each agrees on: FP8 codes that differ from the earlier kernel and from the 
 
 Variants: GELU + FP8 (the two-pass kernel at several tile widths and warps, the row-in-registers kernels in two
 pieces and padded); LayerNorm + modulation + FP8 at 4 and 8 warps; RMSNorm + RoPE in FP8 with v to e4m3 at 1 and 2
-tokens per program; the double blocks' gated residual fused into the LayerNorm kernel against main's Inductor
+tokens per program, at 1 / 2 / 8 warps and in head groups of 8 / 4 / 2 heads per program (24 heads: no padded
+head); the double blocks' gated residual fused into the LayerNorm kernel against main's Inductor
 add/mul + ln_mod_fp8 (both compiled), and their joint attention output quantized once (rows_fp8) against torchao's
 quantization per stream, GEMMs included (both compiled; ``--only`` picks benches). ``best`` names each case's fastest
 variant (gelu.py's tables are set from it). Runs before
