@@ -9,15 +9,15 @@ of them, replayed; the median replay over the launches: the GPU time a graphed s
 what each agrees on: FP8 codes that differ from the earlier kernel and from the PyTorch reference, scale error.
 
 Variants: GELU + FP8 (the two-pass kernel at several tile widths and warps, the row-in-registers kernels in two
-pieces and padded); LayerNorm + modulation + FP8 at 4 and 8 warps; RMSNorm + RoPE in FP8 with v to e4m3 at 1 and 2
-tokens per program, at 1 / 2 / 8 warps and in head groups of 8 / 4 / 2 heads per program (24 heads: no padded
-head); the double blocks' gated residual fused into the LayerNorm kernel against main's Inductor
-add/mul + ln_mod_fp8 (both compiled), and their joint attention output quantized once (rows_fp8) against torchao's
-quantization per stream, GEMMs included (both compiled; ``--only`` picks benches). ``best`` names each case's fastest
-variant (gelu.py's tables are set from it). Runs before
-2026-12-01's fourth session timed one launch between CUDA events, host launch included (BENCHMARKS.md #18); that
-session's run also measured a LayerNorm kernel with several rows per program and a RoPE kernel on interleaved pairs,
-at this script's commit de10500 (not kept: BENCHMARKS.md #18).
+pieces and padded); LayerNorm + modulation + FP8 at 1 / 2 / 4 / 8 warps; RMSNorm + RoPE in FP8 with v to e4m3 at 1
+and 2 tokens per program, at 1 / 2 / 4 / 8 warps, in head groups of 8 / 4 / 2 heads per program (24 heads: no padded
+head) and with v's kernel at 1 / 2 / 8 warps; the double blocks' gated residual fused into the LayerNorm kernel (1
+to 8 warps) against main's Inductor add/mul + ln_mod_fp8 (both compiled), and their joint attention output quantized
+once (rows_fp8) against torchao's quantization per stream, GEMMs included (both compiled; rows_fp8 alone at 1 to 8
+warps; ``--only`` picks benches). ``best`` names each case's fastest variant (gelu.py's tables are set from it).
+Runs before 2026-12-01's fourth session timed one launch between CUDA events, host launch included (BENCHMARKS.md
+#18); that session's run also measured a LayerNorm kernel with several rows per program and a RoPE kernel on
+interleaved pairs, at this script's commit de10500 (not kept: BENCHMARKS.md #18).
 
     python bench/kernels_rows.py --before /tmp/kernels-main --out bench/results/kernels-rows-h200.json
 """
@@ -173,7 +173,7 @@ def bench_layer_norm(before) -> dict:
         variants = {}
         if old:
             variants["before"] = lambda f, s, sh, sc, h=has_second: old(f, s, sh, sc, h, EPS, raw=True)
-        for warps in (4, 8):
+        for warps in (1, 2, 4, 8):
             variants[f"one_row_{warps}w"] = lambda f, s, sh, sc, h=has_second, w=warps: new(
                 f, s, sh, sc, h, EPS, raw=True, num_warps=w
             )
@@ -214,8 +214,10 @@ def bench_rope(before) -> dict:
         variants["before"] = lambda t, i: call(old, t, i)
     for tokens in (1, 2):
         variants[f"tokens_{tokens}"] = lambda t, i, r=tokens: call(new, t, i, rows=r)
-    for warps in (1, 2, 8):
+    for warps in (1, 2, 4, 8):
         variants[f"warps_{warps}"] = lambda t, i, w=warps: call(new, t, i, num_warps=w)
+    for warps in (1, 2, 8):
+        variants[f"v_warps_{warps}"] = lambda t, i, w=warps: call(new, t, i, v_warps=w)
     for heads, warps in ((8, 1), (8, 2), (8, 4), (4, 1), (4, 2), (2, 1)):  # head groups: no padded head
         variants[f"heads_{heads}_{warps}w"] = lambda t, i, h=heads, w=warps: call(new, t, i, block_h=h, num_warps=w)
     row = {"bytes_mb": round((TEXT + IMAGE) * WIDTH * (3 * 2 + 2 + 2 + 1) / 1e6, 1)}
@@ -265,7 +267,7 @@ def bench_residual_layer_norm(_before) -> dict:
             }
 
         variants = {"before_inductor_add_then_ln_mod_fp8": before, "fused_op_compiled": _compiled(fused)}
-        for warps in (4, 8):
+        for warps in (1, 2, 4, 8):
             variants[f"fused_raw_{warps}w"] = lambda x, y, g, sh, sc, w=warps: ops.launch_residual_ln_mod_fp8(
                 x, y.view(x.shape), g, sh, sc, EPS, raw=True, num_warps=w
             )
@@ -331,7 +333,7 @@ def bench_attention_output(_before) -> dict:
 
     inductor_quant = _compiled(lambda j: quantize_rowwise_fp8(j.reshape(-1, WIDTH)))
     quant_variants = {"inductor_rowwise_quantization": inductor_quant}
-    for warps in (4, 8):
+    for warps in (1, 2, 4, 8):
         quant_variants[f"rows_fp8_raw_{warps}w"] = lambda j, w=warps: ops.launch_rows_fp8(
             j.reshape(-1, WIDTH), raw=True, num_warps=w
         )

@@ -16,6 +16,12 @@ QK_ROWS_PER_PROGRAM = 1
 # Heads per program (a power of two; None: all of them, 24 padded to 32): smaller groups leave no padded head and
 # more, smaller programs (bench/kernels_rows.py's ``heads_*`` variants).
 QK_HEADS_PER_PROGRAM = None
+# Warps per program: the (24 heads -> 32) x 128 tile is 4,096 values per q or k; bench/kernels_rows.py on H200
+# (2026-12-03, 4,608 tokens with v to e4m3): 66.5 / 51.6 / 64.2 / 65.0 µs at 1 / 2 / 4 / 8 warps (head groups of 8 at
+# 1 or 2 warps 52.7): two it is, codes identical to four's.
+QK_NUM_WARPS = 2
+# Warps per program of v_fp8_kernel (one token's 24 heads x 128 per program): bench/kernels_rows.py's ``v_warps_*``.
+V_NUM_WARPS = 4
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -205,6 +211,7 @@ def build(launch) -> dict:
         rows=None,
         num_warps=None,
         block_h=None,
+        v_warps=None,
     ):
         batch, n_first, width3 = first.shape
         head_dim = width3 // 3 // heads
@@ -240,7 +247,7 @@ def build(launch) -> dict:
             BLOCK_H=block_h,
             FP8_QK=fp8_qk,
             ROWS=rows,
-            num_warps=num_warps or 4,
+            num_warps=num_warps or QK_NUM_WARPS,
         )
         if not fp8_qk:
             return q, k, v
@@ -260,7 +267,7 @@ def build(launch) -> dict:
             second.stride(1),
             HEAD_DIM=head_dim,
             BLOCK_H=triton.next_power_of_2(heads),
-            num_warps=4,
+            num_warps=v_warps or V_NUM_WARPS,
         )
         return q, k, v, v_descale
 
