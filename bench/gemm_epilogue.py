@@ -9,7 +9,8 @@ that pass only where it runs within a few percent of cuBLAS: ``break_even_slowdo
 worth. Shapes (M tokens, K, N) of a 1024² step: the single blocks' proj_out (K 15,360), the double blocks' ff.net[2]
 (K 12,288) and to_out (K 3,072). Timed inside CUDA graphs as bench/kernels_rows.py does (µs per launch, median of
 replays). The run of 2026-12-01 (fifth session, commit 233a171) measured the kernel's first form, in this file then:
-the residual read by TMA from one tensor, the gate one row.
+the residual read by TMA from one tensor, the gate one row. ``start_up_decision``: what the service's start-up check
+(gemm_residual.measure) decides on the single blocks' shape, beside the same calls timed one per event pair.
 
     python bench/gemm_epilogue.py --out bench/results/gemm-epilogue-h200.json
 """
@@ -19,8 +20,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import statistics
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -113,6 +116,40 @@ def bench_shape(gemm, m, k, n, residual: bool) -> dict:
     return row
 
 
+def _serial_ms(fn, repeats: int = 10) -> float:
+    """The start-up check's timing before 2026-12-03: one call between two CUDA events (its host launch included)."""
+    fn(), fn()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return round(statistics.median(times), 4)
+
+
+def start_up_decision() -> dict:
+    """What the service's start-up check (gemm_residual.measure) decides on a single block's proj_out shape, and the
+    same two calls timed one per event pair, as the check did before."""
+    from flux_kontext.optimizations.kernels import gemm_residual
+
+    k, n, m = 15360, 3072, 4608
+    a, w, a_scale, w_scale, bias, residual, gate = _operands(m, k, n, seed=2)
+    linear = SimpleNamespace(fp8_weight_t=w.t(), fp8_weight_scale=w_scale, bias=bias)
+    decision = gemm_residual.measure(linear)
+    rows = residual.view(1, m, n)
+    first, second = rows[:, :512], rows[:, 512:]
+    decision["serial_fused_ms"] = _serial_ms(
+        lambda: gemm_residual.launch(a, a_scale, w.t(), w_scale, bias, first, second, gate)
+    )
+    decision["serial_cublas_ms"] = _serial_ms(
+        lambda: torch._scaled_mm(a, w.t(), a_scale, w_scale, bias=bias, out_dtype=torch.bfloat16, use_fast_accum=True)
+    )
+    return decision
+
+
 @torch.inference_mode()
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -136,6 +173,14 @@ def main() -> int:
             result[label] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
         log.info("%s: %s", label, result[label])
         args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+    if gemm is not None:
+        try:
+            result["start_up_decision"] = start_up_decision()
+        except Exception as exc:
+            log.exception("start-up decision failed")
+            result["start_up_decision"] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
+        log.info("start-up decision: %s", result["start_up_decision"])
         args.out.write_text(json.dumps(result, indent=2) + "\n")
     return 0
 

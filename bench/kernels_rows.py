@@ -135,7 +135,7 @@ def bench_gelu(before) -> dict:
         variants = {}
         if old:
             variants["before"] = lambda a, m, h: old(a, m, h, raw=True)
-        for block, warps in ((1024, 4), (2048, 4), (2048, 8), (4096, 8), (4096, 16)):
+        for block, warps in ((1024, 2), (1024, 4), (2048, 2), (2048, 4), (2048, 8), (4096, 8), (4096, 16)):
             variants[f"two_pass_{block}_{warps}w"] = lambda a, m, h, b=block, w=warps: new(
                 a, m, h, w, raw=True, variant="two_pass", block=b
             )
