@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import statistics
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -116,20 +115,6 @@ def bench_shape(gemm, m, k, n, residual: bool) -> dict:
     return row
 
 
-def _serial_ms(fn, repeats: int = 10) -> float:
-    """The start-up check's timing before 2026-12-03: one call between two CUDA events (its host launch included)."""
-    fn(), fn()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return round(statistics.median(times), 4)
-
-
 def start_up_decision() -> dict:
     """What the service's start-up check (gemm_residual.measure) decides on a single block's proj_out shape, and the
     same two calls timed one per event pair, as the check did before."""
@@ -141,12 +126,14 @@ def start_up_decision() -> dict:
     decision = gemm_residual.measure(linear)
     rows = residual.view(1, m, n)
     first, second = rows[:, :512], rows[:, 512:]
-    decision["serial_fused_ms"] = _serial_ms(
-        lambda: gemm_residual.launch(a, a_scale, w.t(), w_scale, bias, first, second, gate)
-    )
-    decision["serial_cublas_ms"] = _serial_ms(
-        lambda: torch._scaled_mm(a, w.t(), a_scale, w_scale, bias=bias, out_dtype=torch.bfloat16, use_fast_accum=True)
-    )
+    serial = {  # one call per event pair: the check's timing before 2026-12-03 (its host launch included)
+        "serial_fused_ms": lambda: gemm_residual.launch(a, a_scale, w.t(), w_scale, bias, first, second, gate),
+        "serial_cublas_ms": lambda: torch._scaled_mm(
+            a, w.t(), a_scale, w_scale, bias=bias, out_dtype=torch.bfloat16, use_fast_accum=True
+        ),
+    }
+    for key, fn in serial.items():
+        decision[key] = round(gemm_residual._ms(fn, repeats=10, calls=1), 4)
     return decision
 
 

@@ -137,8 +137,8 @@ def _ms(fn, repeats: int = 5, calls: int = 10) -> float:
     """Milliseconds per call of ``fn()`` on the GPU: the median over ``repeats`` of ``calls`` back-to-back calls
     between two CUDA events, after two untimed calls (compiles, first choices). Back to back, the GPU never waits for
     the host's next launch (the blocks run under CUDA graphs or ahead of the GPU): one call per event pair timed the
-    Triton launcher's Python too (0.47-0.50 ms against 0.33 for cuBLAS on H200, where the kernel took 0.33 in a
-    graph: bench/gemm_epilogue.py, BENCHMARKS.md #18)."""
+    Triton launcher's Python too (on H200, 0.44 ms one per pair against 0.355 back to back, where the kernel took
+    0.34 in a graph: bench/gemm_epilogue.py, BENCHMARKS.md #18)."""
     fn(), fn()
     times = []
     for _ in range(repeats):

@@ -20,7 +20,8 @@ QK_HEADS_PER_PROGRAM = None
 # (2026-12-03, 4,608 tokens with v to e4m3): 66.5 / 51.6 / 64.2 / 65.0 µs at 1 / 2 / 4 / 8 warps (head groups of 8 at
 # 1 or 2 warps 52.7): two it is, codes identical to four's.
 QK_NUM_WARPS = 2
-# Warps per program of v_fp8_kernel (one token's 24 heads x 128 per program): bench/kernels_rows.py's ``v_warps_*``.
+# Warps per program of v_fp8_kernel (one token's 24 heads x 128 per program): bench/kernels_rows.py's ``v_warps_*``
+# on H200 (2026-12-03), with the kernel above at 2 warps: 52.3 / 51.7 / 51.5 / 51.4 µs at 1 / 2 / 4 / 8, the same.
 V_NUM_WARPS = 4
 
 
